@@ -199,28 +199,40 @@ def advantages(rewards, group_size, scale="group"):
     return a.view(-1)
 
 
-def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
-                ref_logp=None, beta=0.0, max_completion_length=None, num_items=None):
-    """PPO-clip with asymmetric clipping, optional k3 KL to a reference, and TRL's reductions.
-    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. -> scalar loss.
-    num_items (dapo): trained tokens in the whole global batch / world size, so that the gradient
-    average over ranks is the exact global token mean."""
+def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0):
+    """PPO-clip with asymmetric clipping, plus beta times the k3 estimate of KL to a reference, per token
+    (elementwise: any shape, A broadcast against logp)."""
     ratio = torch.exp(logp - old_logp)
-    A = advantages[:, None]
     per_tok = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
     if beta != 0.0:
         d = ref_logp - logp
         per_tok = per_tok + beta * (torch.exp(d) - d - 1)                            # k3 estimator
-    m = mask.to(per_tok.dtype)
-    if loss_type == "grpo":
-        return ((per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    if loss_type == "bnpo":
-        return (per_tok * m).sum() / m.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
-        return (per_tok * m).sum() / (m.shape[0] * (max_completion_length or m.shape[1]))
-    if loss_type == "dapo":
-        return (per_tok * m).sum() / (num_items if num_items is not None else m.sum().clamp(min=1))
+    return per_tok
+
+
+def loss_weights(mask, loss_type="dapo", max_completion_length=None, num_items=None):
+    """TRL's four reductions, each a weighted sum over tokens: loss = sum(per_tok * w). mask [B, T] -> w [B, T].
+    num_items (dapo): trained tokens in the whole global batch / world size, so that the gradient
+    average over ranks is the exact global token mean."""
+    m = mask if mask.is_floating_point() else mask.float()
+    if loss_type == "grpo":     # mean over each sequence's tokens, then over sequences
+        return m / m.sum(-1, keepdim=True).clamp(min=1) / m.shape[0]
+    if loss_type == "bnpo":     # mean over the batch's tokens
+        return m / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":  # a constant: sequences x the longest allowed completion
+        return m / (m.shape[0] * (max_completion_length or m.shape[1]))
+    if loss_type == "dapo":     # mean over the global batch's tokens
+        return m / (num_items if num_items is not None else m.sum().clamp(min=1))
     raise ValueError(f"--loss-type: unknown {loss_type!r}; use grpo, bnpo, dr_grpo or dapo")
+
+
+def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
+                ref_logp=None, beta=0.0, max_completion_length=None, num_items=None):
+    """The GRPO loss written out whole. logp, old_logp, ref_logp, mask: [B, T]; advantages: [B].
+    -> scalar. (update() computes the same sum chunk by chunk inside the fused kernel.)"""
+    per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low, eps_high, ref_logp, beta)
+    w = loss_weights(mask, loss_type, max_completion_length, num_items).to(per_tok.dtype)
+    return (per_tok * w).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -371,25 +383,30 @@ def update(policy, ref, opt, samples, args, world, filler):
     for epoch in range(args.ppo_epochs):
         n_mb = max(1, math.ceil(len(samples) / args.micro_batch))
         for mb in micro_batches(policy, samples, args.micro_batch, filler):
-            logp, m, ent = M.token_logprobs(policy, [s["seq"] for s in mb], [s["images"] for s in mb],
-                                            [s["mask"] for s in mb], args.temperature, entropy=True)
-            Lb = logp.shape[1]
-            old = torch.zeros_like(logp)
-            for b, s in enumerate(mb):  # the stored behaviour log-probs; none stored -> on-policy
-                old[b, Lb - len(s["seq"]):] = s["old"].to(logp.device) if s["old"] is not None else logp[b, Lb - len(s["seq"]):].detach()
-            A = torch.tensor([s["adv"] for s in mb], device=logp.device)
+            seqs, images, masks = [s["seq"] for s in mb], [s["images"] for s in mb], [s["mask"] for s in mb]
+            L, dev = max(len(q) for q in seqs), policy.device
+            # the stored behaviour log-probs [B, L]; a sample with none is on-policy: old = logp.detach()
+            on_policy = torch.tensor([s["old"] is None for s in mb], device=dev)
+            old = M.left_pad([s["old"] if s["old"] is not None else [] for s in mb], L, dev)
+            A = torch.tensor([s["adv"] for s in mb], device=dev)
             ref_lp = None
             if ref is not None:
                 with torch.no_grad():
-                    ref_lp, _ = M.token_logprobs(ref, [s["seq"] for s in mb], [s["images"] for s in mb],
-                                                 [s["mask"] for s in mb], args.temperature)
-            loss = policy_loss(logp, old, A, m, args.loss_type, args.eps_low, args.eps_high, ref_lp, args.beta,
-                               max_completion_length=L_max, num_items=num_items)
+                    ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
+            w = loss_weights(M.left_pad(masks, L, dev), args.loss_type, L_max, num_items)
             if args.loss_type != "dapo":
-                loss = loss / n_mb  # gradient accumulation: the mean over micro-batches, as TRL does
+                w = w / n_mb  # gradient accumulation: the mean over micro-batches, as TRL does
+
+            def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at (b, t), fused in
+                o = torch.where(on_policy[b], lp.detach(), old[b, t])
+                r = ref_lp[b, t] if ref_lp is not None else None
+                return token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta) * w[b, t]
+            loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
+                                                  entropy=True, token_loss=per_token)
             bad += not bool(torch.isfinite(loss))
             loss.backward()
-            with torch.no_grad():  # diagnostics over trained tokens
+            with torch.no_grad():  # diagnostics over trained tokens (logp is detached)
+                old = torch.where(on_policy[:, None], logp, old)
                 ratio = torch.exp(logp - old)
                 clipped = ((ratio < 1 - args.eps_low) & (A[:, None] < 0)) | ((ratio > 1 + args.eps_high) & (A[:, None] > 0))
                 d = (ref_lp if ref_lp is not None else old) - logp

@@ -344,16 +344,27 @@ def output_weight(policy):
     return policy.model.lm_head.weight
 
 
-def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=False):
+def left_pad(rows, L, device, fill=0.0):
+    """B lists of per-token values -> [B, L] float tensor, right-aligned like collate's left padding."""
+    out = torch.full((len(rows), L), fill, device=device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, L - len(r):] = torch.as_tensor(r, dtype=torch.float, device=device)
+    return out
+
+
+def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=False, token_loss=None):
     """Per-token log-probs of the trained tokens of whole trajectories, one forward pass.
     masks: B lists of 0/1 (1 = a token the policy sampled). -> logp [B, L] float32, mask [B, L] float
     (left-padded like collate), and entropy [B, L] when asked. Only the hidden states that predict a trained
-    token go through the output layer (fused_logprobs): the [B, L, V] logits are never formed."""
+    token go through the output layer (fused_logprobs): the [B, L, V] logits are never formed.
+    token_loss: optional fn(lp [c], b [c], t [c]) -> per-token losses [c] of the trained tokens at rows b,
+    positions t of the [B, L] layout, summed into the training loss. Given, the loss is fused into the
+    kernel (its gradient is formed in the forward pass: no second pass over the logits in backward) and
+    the result is (loss, logp, mask[, entropy]) with loss differentiable and logp detached."""
     batch = collate(policy, seqs, image_lists)
     B, L = batch["input_ids"].shape
-    m = torch.zeros(B, L, device=policy.device)
-    for b, mk in enumerate(masks):
-        m[b, L - len(mk):] = torch.tensor(mk, dtype=torch.float, device=policy.device)
+    m = left_pad(masks, L, policy.device)
     h, _, _ = forward(policy, batch)
     # hidden at position t predicts token t+1: shift the mask left by one to pick the predicting states
     pick = m[:, 1:].bool()                                                 # [B, L-1]
@@ -361,15 +372,19 @@ def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=Fa
     targets = batch["input_ids"][:, 1:][pick]                              # [N]
     w = output_weight(policy)
     w = w.to(torch.bfloat16) if policy.amp else w  # under autocast the GEMMs run in bf16; grads reach fp32 w
-    res = fused_logprobs(hs.to(w.dtype), w, targets, temperature, entropy=entropy)
-    lp, ent = res if entropy else (res, None)
-    logp = torch.zeros(B, L, device=policy.device)
-    logp[:, 1:][pick] = lp
-    if not entropy:
-        return logp, m
-    ents = torch.zeros(B, L, device=policy.device)
-    ents[:, 1:][pick] = ent
-    return logp, m, ents
+    loss_fn = None
+    if token_loss is not None:
+        bi, ti = pick.nonzero(as_tuple=True)   # the N trained tokens in hs's order: row b, position t + 1
+        loss_fn = lambda lp, rows: token_loss(lp, bi[rows], ti[rows] + 1)
+    res = fused_logprobs(hs.to(w.dtype), w, targets, temperature, entropy=entropy, loss_fn=loss_fn)
+    res = res if isinstance(res, tuple) else (res,)
+    loss, res = (res[0], res[1:]) if loss_fn else (None, res)
+    def spread(x):   # [N] -> [B, L], zero where no token is trained
+        full = torch.zeros(B, L, device=policy.device)
+        full[:, 1:][pick] = x
+        return full
+    out = (spread(res[0]), m) + ((spread(res[1]),) if entropy else ())
+    return ((loss,) + out) if loss_fn else out
 
 
 # -----------------------------------------------------------------------------
@@ -412,6 +427,8 @@ def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=Fa
 #   log-probs are fixed before the forward), the forward computes each chunk's g right after its
 #   logp, forms dz at once and accumulates dh and dW: 6 N H V, no recomputation. The backward only
 #   scales them by the (scalar) upstream gradient of the loss.
+#   Training uses this mode: grpo.update (the PPO-clip and KL terms) and sft.py (the NLL) pass their
+#   per-token loss to token_logprobs; old-policy and reference log-probs take the forward-only path.
 #
 # The entropy is returned detached (no gradient flows through it): it is for logging.
 _CPU_BUDGET_BYTES = 256 * 2**20   # one [rows, V] fp32 logits buffer on CPU (the PyTorch path adds a scratch

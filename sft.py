@@ -446,12 +446,12 @@ def train(args):
                                   float(sum(len(t["seq"]) for b in batches for t in b))])
         nll = 0.0
         for b in batches:
-            logp, m = M.token_logprobs(policy, [t["seq"] for t in b],
-                                       [[M.encode_image(policy, v) for v in t["views"]] for t in b],
-                                       [t["mask"] for t in b])                    # [B, L] each
-            loss = -(logp * m).sum()
-            (loss * world / n_tok).backward()
-            nll += loss.item()
+            # the mean negative log-likelihood, fused into the log-prob kernel (model.token_logprobs)
+            loss, logp, m = M.token_logprobs(policy, [t["seq"] for t in b],
+                                             [[M.encode_image(policy, v) for v in t["views"]] for t in b],
+                                             [t["mask"] for t in b], token_loss=lambda lp, i, j: -lp * world / n_tok)
+            loss.backward()
+            nll += -float((logp * m).sum())
         G.allreduce_grads(policy.model)
         gn = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
         if math.isfinite(gn):

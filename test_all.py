@@ -927,6 +927,42 @@ def test_policy_loss_hand_worked_clipping():
     assert float(G.policy_loss(lp, old, torch.tensor([-1.0]), m, "bnpo", 0.2, 0.28)) == pytest.approx(math.exp(0.4))
 
 
+def test_fused_grpo_loss_equals_the_loss_written_out(policy):
+    # update() sums token_loss x loss_weights inside the fused kernel, chunk by chunk, with the gradient
+    # formed in the forward pass; the loss and every parameter's gradient must equal policy_loss (checked
+    # against TRL's formulas above) on token_logprobs' plain log-probs. Off-policy and on-policy rows, KL on.
+    eps = [T.new_episode(policy, r, max_turns=1, max_turn_tokens=10) for r in D.synthetic(3, seed=5)]
+    for i, ep in enumerate(eps):
+        ep["gen"] = torch.Generator().manual_seed(30 + i)
+    T.rollout(policy, eps)
+    seqs, masks = [e["seq"] for e in eps], [e["mask"] for e in eps]
+    imgs = [T.episode_images(policy, e) for e in eps]
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        lp0, m = M.token_logprobs(policy, seqs, imgs, masks)
+    old = (lp0 + 0.5 * (torch.rand(lp0.shape, generator=g) - 0.5)) * m    # ratios 0.78 to 1.28
+    ref = (lp0 + 0.2 * (torch.rand(lp0.shape, generator=g) - 0.5)) * m
+    A = torch.tensor([1.0, -0.7, 0.4])
+    on_policy = torch.tensor([False, True, False])
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        logp, m = M.token_logprobs(policy, seqs, imgs, masks)
+        o = torch.where(on_policy[:, None], logp.detach(), old)
+        want = G.policy_loss(logp, o, A, m, lt, 0.2, 0.28, ref, 0.04, max_completion_length=40, num_items=7.5)
+        want_grads = torch.autograd.grad(want, params)
+        w = G.loss_weights(m, lt, 40, 7.5)
+
+        def per_token(lp, b, t):
+            return G.token_loss(lp, torch.where(on_policy[b], lp.detach(), old[b, t]), A[b], 0.2, 0.28,
+                                ref[b, t], 0.04) * w[b, t]
+        got, logp2, _ = M.token_logprobs(policy, seqs, imgs, masks, token_loss=per_token)
+        got_grads = torch.autograd.grad(got, params)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-7), lt
+        assert torch.allclose(logp2, logp.detach(), atol=1e-6)
+        for a, b in zip(got_grads, want_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), lt
+
+
 def test_gradient_only_through_sampled_tokens():
     g = torch.Generator().manual_seed(2)
     logp = (-torch.rand(3, 6, generator=g)).requires_grad_()
@@ -1944,18 +1980,18 @@ def test_sft_torchrun_two_processes_equal_one(tmp_path):
 
 
 def test_grpo_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
-    real = G.policy_loss
+    real = G.token_loss
     calls = {"n": 0}
 
-    def nan_sometimes(*a, **k):  # the first step's loss is NaN, the rest are fine
+    def nan_sometimes(*a, **k):  # the first call's loss is NaN (so step 1's), the rest are fine
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] == 1 else loss
-    monkeypatch.setattr(G, "policy_loss", nan_sometimes)
+    monkeypatch.setattr(G, "token_loss", nan_sometimes)
     G.main(GRPO_TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
     rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["skipped"] for r in rows] == [True, False]          # skipped and logged, then training goes on
-    monkeypatch.setattr(G, "policy_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    monkeypatch.setattr(G, "token_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="non-finite"):
         G.main(GRPO_TINY + ["--steps", "5", "--max-nan", "2", "--out", str(tmp_path / "b")])
     assert len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 2
