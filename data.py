@@ -14,7 +14,7 @@ each square is a 3 px smudge; in a zoom on the named cell's centre it is a block
 names the place, so finding it is a text-to-coordinates mapping the model can memorise, and reading the
 colour needs the zoom. (A random tiny model learns colours quickly but not where things are in an image:
 with a ring to find instead, place words stayed at chance after 1400 steps.) Measured with the demo's
-defaults: 11% tools off (chance 12.5%), 64% after SFT with the zoom tool.
+defaults (README): 10% tools off (chance 12.5%), 71.5% after SFT, 88.5% after GRPO, with the zoom tool.
 """
 import json
 import os

@@ -325,7 +325,7 @@ def get_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
-    optim_args(p, lr=3e-4, warmup=5, schedule="constant")
+    optim_args(p, lr=5e-4, warmup=5, schedule="constant")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (7B: weights + Adam > one GPU)")
     # evaluation, checkpoints
     p.add_argument("--eval-every", type=int, default=0)
@@ -478,9 +478,14 @@ def plot(metrics_path, png):
         print0("no plot: `pip install matplotlib` to get curves.png")
         return
     rows = [json.loads(l) for l in open(metrics_path)]
+    steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in ("reward", "accuracy", "tool_use"):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+        v = np.array([r[k] for r in rows], dtype=float)
+        line, = ax.plot(steps, v, alpha=0.3)      # each step: a few prompts, so noisy
+        w = min(10, len(v))                       # and its running mean over the last w steps
+        mean = np.convolve(v, np.ones(w), "full")[:len(v)] / np.minimum(np.arange(1, len(v) + 1), w)
+        ax.plot(steps, mean, color=line.get_color(), label=f"{k} ({w}-step mean)")
     ax.set_xlabel("GRPO step")
     ax.legend()
     ax.grid(alpha=0.3)

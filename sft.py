@@ -4,6 +4,9 @@ ViLaSR's reflective rejection sampling that makes the data of the next SFT round
 
 CPU demo (tiny model, synthetic demonstrations; saves runs/sft, where `python grpo.py` starts):
     python sft.py
+The demo's demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places the
+demonstrator usually answers from the first look, without zooming. SFT copies that habit (greedy, it never
+zooms there and guesses); GRPO's reward is what teaches it to look there too.
 1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data):
     python sft.py --convert-vlir vlir/train.json --to vlir/traj.jsonl --view-max-pixels 1003520
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl --view-max-pixels 1003520 \
@@ -145,12 +148,18 @@ def zoom_call(box, image_index=0):
     return "<tool_call>" + json.dumps({"name": "zoom_in", "arguments": args}) + "</tool_call>"
 
 
-def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, half=4):
+LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrator often skips the zoom
+
+
+def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, half=4, lazy=0.0):
     """A short demonstration for one synthetic record: zoom on the named cell's square (a box of 2*half
     view pixels around it, each side jittered by up to `noise`; the square is 3 view pixels wide, so the
     box always holds it), then answer the colour, named once. With probability `correct` the first zoom
     is off (shifted just enough that the square is out of it, still overlapping the right box) and a
-    second zoom on image 0 refines it: a self-correction that the reflective filter recognises."""
+    second zoom on image 0 refines it: a self-correction that the reflective filter recognises.
+    With probability `lazy`, on the LAZY_PLACES, the demonstrator answers from the first look without
+    zooming (the answer is still the record's): imperfect demonstrations whose habit SFT copies (it
+    guesses there) and GRPO's reward does not reward."""
     W, H = D.load_images(record)[0].size
     vh, vw = T.smart_resize(H, W, min_pixels=T.DEFAULTS["view_min_pixels"], max_pixels=view_max_pixels)
     x1, y1, x2, y2 = record["bbox"]
@@ -159,6 +168,8 @@ def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, hal
     box = [max(round(cx - half + j[0]), 0), max(round(cy - half + j[1]), 0),
            min(round(cx + half + j[2]), vw), min(round(cy + half + j[3]), vh)]
     place = record["question"].split(" at the ")[-1].rstrip("?")
+    if lazy and place in LAZY_PLACES and rng.random() < lazy:
+        return [f"<think>I can see the square.</think><answer>{record['answer']}</answer>"]
     turns = [f"<think>Zoom in on the {place}.</think>"]
     if rng.random() < correct:  # shift just far enough that the square (1.5 view px half side) is out
         dx, dy = [(1, 0), (-1, 0), (0, 1), (0, -1)][rng.integers(4)]
@@ -175,12 +186,12 @@ def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, hal
     return turns
 
 
-def demonstrations(n, seed=0, noise=2, correct=0.2, view_max_pixels=112 * 112):
+def demonstrations(n, seed=0, noise=2, correct=0.2, view_max_pixels=112 * 112, lazy=0.0):
     """n demonstrations on data.dataset("synthetic", "train", n): items (record, turns, where) whose turns
     are made from the record when it is replayed (its image is drawn once, then). Reproducible from seed."""
     records = D.dataset("synthetic", "train", n=n, seed=seed)
     return [(r, partial(demo_turns, rng=np.random.default_rng([seed, i, 1]), noise=noise, correct=correct,
-                        view_max_pixels=view_max_pixels), f"demo {r['id']}") for i, r in enumerate(records)]
+                        view_max_pixels=view_max_pixels, lazy=lazy), f"demo {r['id']}") for i, r in enumerate(records)]
 
 
 # -----------------------------------------------------------------------------
@@ -355,11 +366,12 @@ def epoch_batches(lengths, batch_size, seed, epoch):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    G.common_args(p, model="tiny", out=G.DEMO_SFT, steps=1000)
+    G.common_args(p, model="tiny", out=G.DEMO_SFT, steps=2400)
     # synthetic demonstrations (--data synthetic)
     p.add_argument("--n-items", type=int, default=512, help="synthetic items to make demonstrations of (or to sample, --reflect)")
     p.add_argument("--demo-noise", type=int, default=2, help="jitter of each side of a demo's box, view pixels")
     p.add_argument("--demo-correct", type=float, default=0.1, help="share of demos whose first zoom is off, then refined")
+    p.add_argument("--demo-lazy", type=float, default=0.7, help="share of demos on sft.LAZY_PLACES that answer without zooming")
     # optimisation
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, per process")
@@ -380,8 +392,8 @@ def get_args(argv=None):
     for k in ("steps", "n_items", "batch_size", "grad_accum", "samples"):
         if getattr(args, k) < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1")
-    if not 0 <= args.demo_correct <= 1 or args.demo_noise < 0:
-        raise SystemExit("--demo-correct must be in [0, 1] and --demo-noise >= 0")
+    if not (0 <= args.demo_correct <= 1 and 0 <= args.demo_lazy <= 1) or args.demo_noise < 0:
+        raise SystemExit("--demo-correct and --demo-lazy must be in [0, 1] and --demo-noise >= 0")
     return args
 
 
@@ -392,7 +404,8 @@ def train(args):
                     freeze_vision=args.freeze_vision, train=True)
     # the data: each rank replays its share of the trajectories once, and trains on those
     if args.data == "synthetic":
-        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels)
+        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
+                               args.demo_lazy)
     else:
         try:
             items = load_trajectories(args.data)

@@ -1806,6 +1806,25 @@ def test_sft_demos_right_and_readable_in_their_last_zoom(policy):
     assert 2 <= n_corr <= 10
 
 
+def test_sft_lazy_demos_skip_the_zoom_only_on_their_places(policy):
+    # --demo-lazy p: on sft.LAZY_PLACES a demo answers from the first look with probability p (the record's
+    # answer, no call); elsewhere, and with p = 0, every demo zooms
+    recs = D.synthetic(150, seed=23)
+    place = lambda r: r["question"].split(" at the ")[-1].rstrip("?")
+    lazy_recs = [r for r in recs if place(r) in sft.LAZY_PLACES]
+    assert len(lazy_recs) >= 20
+    zooms = lambda t: any("<tool_call>" in x for x in t)
+    skipped = [not zooms(sft.demo_turns(r, np.random.default_rng(i), lazy=0.7)) for i, r in enumerate(lazy_recs)]
+    n = len(skipped)   # binomial(n, 0.7): mean 0.7 n, sd sqrt(0.21 n); allow 4 sd
+    assert abs(sum(skipped) - 0.7 * n) <= 4 * math.sqrt(0.21 * n), (sum(skipped), n)
+    assert all(zooms(sft.demo_turns(r, np.random.default_rng(i), lazy=1.0)) for i, r in enumerate(recs)
+               if place(r) not in sft.LAZY_PLACES)
+    assert all(zooms(sft.demo_turns(r, np.random.default_rng(i), lazy=0.0)) for i, r in enumerate(lazy_recs))
+    turns = sft.demo_turns(lazy_recs[0], np.random.default_rng(0), lazy=1.0)
+    ep, err = sft.rebuild(policy, lazy_recs[0], turns, ["zoom_in"], CFG)
+    assert err is None and ep["calls"] == [] and len(turns) == 1  # rebuild checked the answer against the record
+
+
 def test_sft_reflective_filter_keeps_and_rejects():
     rec = dict(id="r", question="q", answer="red", type="text")
 
