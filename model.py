@@ -344,12 +344,11 @@ def output_weight(policy):
     return policy.model.lm_head.weight
 
 
-def left_pad(rows, L, device, fill=0.0):
+def left_pad(rows, L, device):
     """B lists of per-token values -> [B, L] float tensor, right-aligned like collate's left padding."""
-    out = torch.full((len(rows), L), fill, device=device)
+    out = torch.zeros(len(rows), L, device=device)
     for b, r in enumerate(rows):
-        if len(r):
-            out[b, L - len(r):] = torch.as_tensor(r, dtype=torch.float, device=device)
+        out[b, L - len(r):] = torch.as_tensor(r, dtype=torch.float, device=device)
     return out
 
 
