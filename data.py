@@ -1,12 +1,13 @@
 """
-data.py: datasets. lookagain's JSONL record format, its loader and validator, and the synthetic
-"look again" task that the CPU demo and the tests train on.
+data.py: datasets. lookagain's JSONL record format, its loader and validator, the synthetic "look again"
+task that the CPU demo and the tests train on, and the benchmark loaders (V*, HR-Bench, TextVQA, DocVQA,
+MathVista, ScienceQA-IMG in their published layouts, local files: nothing is downloaded) that eval.py uses.
 
 A record (one JSON object per line):
     {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths,
      "question": "...", "answer": "red" or ["ten", "10"], "type": "text",
      "options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
-type is one of TYPES; it picks the scorer in rewards.py.
+type is one of rewards.TYPES; it picks the scorer.
 
 The synthetic task: a large image (896 px) with a small coloured square (24 px) near the centre of each
 cell of a 3x3 grid: "What colour is the square at the top left?" In the 112 px view the model gets first,
@@ -16,14 +17,22 @@ colour needs the zoom. (A random tiny model learns colours quickly but not where
 with a ring to find instead, place words stayed at chance after 1400 steps.) Measured with the demo's
 defaults (README): 10% tools off (chance 12.5%), 71.5% after SFT, 88.5% after GRPO, with the zoom tool.
 """
+import base64
+import binascii
+import csv
+import hashlib
+import io
 import json
 import os
+import random
+import re
 from functools import partial
 
 import numpy as np
 from PIL import Image
 
-TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")
+from rewards import TYPES
+
 COLOURS = {"red": (230, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 230), "yellow": (240, 220, 30),
            "magenta": (220, 40, 220), "cyan": (30, 220, 220), "orange": (250, 140, 20), "purple": (120, 40, 170)}
 QUESTION = "What colour is the square at the {place}?"
@@ -188,3 +197,302 @@ def dataset(spec, split="train", n=None, seed=0):
         return synthetic(n or (2000 if split == "train" else 200), seed=seed if split == "train" else 10_000 + seed)
     recs = load_jsonl(spec)
     return recs[:n] if n else recs
+
+
+# -----------------------------------------------------------------------------
+# loaders: a benchmark in its published layout -> lookagain records (data.py's format, plus `category`
+# where the benchmark has one and `source`, the file and row it came from, for error messages)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _image(path, where, bad):
+    """The image path if the file exists, else a bad row (None)."""
+    if os.path.isfile(path):
+        return path
+    problem(bad, f"{where}: image {path} not found", FileNotFoundError)
+    return None
+
+
+def shuffle_options(options, correct, seed, key):
+    """Options in a seeded order (V*'s JSON lists the correct option first: unshuffled, "A" is always right).
+    The order depends only on (seed, key), never on the other items. -> (options, answer letter)."""
+    order = list(range(len(options)))
+    random.Random(f"{seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
+    return [options[k] for k in order], chr(65 + order.index(correct))
+
+
+def _union_xywh(boxes):
+    """V*'s target boxes ([x, y, w, h], one per target object) -> the [x1, y1, x2, y2] box around them all:
+    the region a model must see to answer (both objects, for a relative-position question)."""
+    boxes = [b for b in boxes or [] if isinstance(b, list) and len(b) == 4
+             and all(isinstance(v, (int, float)) for v in b) and b[2] > 0 and b[3] > 0]
+    if not boxes:
+        return None
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
+
+
+VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
+
+
+def load_vstar(path, shuffle_seed=0, bad=None):
+    """V* Bench: the folder with direct_attributes/ and relative_position/, each holding <name>.jpg and
+    <name>.json ({"question", "options" (the correct one first), "target_object", "bbox": [[x, y, w, h]]}),
+    or its test_questions.jsonl ({"image", "text" with "(A) ..." option lines, "category", "question_id",
+    "label"}). Options are shuffled with `shuffle_seed`."""
+    if os.path.isfile(path):
+        return _load_vstar_jsonl(path, shuffle_seed, bad)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (give the V* folder or its test_questions.jsonl)")
+    cats = [c for c in VSTAR_CATEGORIES if os.path.isdir(os.path.join(path, c))]
+    if not cats:
+        if os.path.isfile(os.path.join(path, "test_questions.jsonl")):
+            return _load_vstar_jsonl(os.path.join(path, "test_questions.jsonl"), shuffle_seed, bad)
+        raise FileNotFoundError(f"{path}: no {' or '.join(VSTAR_CATEGORIES)} folder and no test_questions.jsonl")
+    out = []
+    for cat in cats:
+        folder = os.path.join(path, cat)
+        files = sorted(os.listdir(folder))
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            where, stem = os.path.join(folder, name), name[:-len(".json")]
+            try:
+                ann = _read_json(where)
+            except ValueError as e:
+                problem(bad, str(e))
+                continue
+            imgs = [f for f in files if os.path.splitext(f)[0] == stem and not f.endswith(".json")]
+            opts = ann.get("options") if isinstance(ann, dict) else None
+            if not imgs:
+                problem(bad, f"{where}: no image {stem}.* next to it", FileNotFoundError)
+            elif not isinstance(ann.get("question"), str) or not (isinstance(opts, list) and len(opts) >= 2):
+                problem(bad, f"{where}: needs a 'question' and at least two 'options'")
+            else:
+                options, letter = shuffle_options([str(o) for o in opts], 0, shuffle_seed, f"{cat}/{stem}")
+                r = dict(id=f"vstar-{cat}-{stem}", image=os.path.join(folder, imgs[0]), question=ann["question"],
+                         answer=letter, type="multiple_choice", options=options, category=cat, source=where)
+                box = _union_xywh(ann.get("bbox"))
+                if box:
+                    r["bbox"] = box
+                out.append(r)
+    return out
+
+
+def _load_vstar_jsonl(path, shuffle_seed, bad):
+    folder, out = os.path.dirname(os.path.abspath(path)), []
+    for where, q in jsonl_rows(path, bad):
+        if not isinstance(q, dict) or not all(isinstance(q.get(k), str) for k in ("image", "text", "label")):
+            problem(bad, f"{where}: needs 'image', 'text' and 'label' strings")
+            continue
+        text, label, rel, cat = q["text"], q["label"].strip().upper(), q["image"], q.get("category")
+        options, question = [], []
+        for s in text.split("\n"):
+            m = re.match(r"\s*\(([A-Z])\)\s*(.*)", s)
+            if m:
+                options.append(m.group(2).strip())
+            elif not options and s.strip() and not s.lower().startswith("answer with"):
+                question.append(s.strip())
+        if len(options) < 2 or not "A" <= label <= chr(64 + len(options)):
+            problem(bad, f"{where}: label {label!r} is not one of the {len(options)} '(A) ...' options in 'text'")
+            continue
+        img = _image(os.path.join(folder, rel), where, bad)
+        if img is None:
+            continue
+        stem = os.path.splitext(rel)[0]
+        options, letter = shuffle_options(options, ord(label) - 65, shuffle_seed, stem)
+        r = dict(id=f"vstar-{stem.replace('/', '-')}", image=img, question=" ".join(question), answer=letter,
+                 type="multiple_choice", options=options, category=cat or os.path.dirname(stem), source=where)
+        side = os.path.splitext(img)[0] + ".json"  # the per-image JSON, when present, has the target boxes
+        if os.path.isfile(side):
+            box = _union_xywh(_read_json(side).get("bbox"))
+            if box:
+                r["bbox"] = box
+        out.append(r)
+    return out
+
+
+HRBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "category", "cycle_category", "image")
+
+
+def load_hrbench(path, bad=None):
+    """HR-Bench 4K/8K: a TSV with index, question, A, B, C, D, answer (a letter), category (single/cross),
+    cycle_category (which rotation of the options) and image (base64 JPEG; as in VLMEvalKit's TSVs, a short
+    image field is the index of the row whose image it reuses). A record's image is a function that decodes
+    the JPEG bytes when an episode needs them (data.load_images calls it), so no 8K image stays decoded."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    csv.field_size_limit(2 ** 31 - 1)  # a base64 8K image is tens of MB in one field
+    rows, by_index, opened = [], {}, {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; HR-Bench's TSV has "
+                             f"{', '.join(HRBENCH_COLUMNS)}, C, D")
+        for row in reader:  # one pass; only the compressed bytes of each distinct image are kept
+            s = (row.pop("image") or "").strip()
+            if len(s) > 64:
+                key = hashlib.blake2b(s.encode(), digest_size=16).digest()
+                try:
+                    if key not in opened:
+                        raw = base64.b64decode(s, validate=True)
+                        Image.open(io.BytesIO(raw))  # reads the header only: is it an image at all?
+                        opened[key] = partial(_open_bytes, raw)
+                    by_index[row["index"]] = opened[key]
+                except (binascii.Error, ValueError):
+                    by_index[row["index"]] = "image is not valid base64"
+                except OSError:
+                    by_index[row["index"]] = "image is base64 of no image format PIL can read"
+                s = row["index"]
+            rows.append((f"{path}:{reader.line_num}", row, s))
+    stem, out = os.path.splitext(os.path.basename(path))[0], []
+    for where, row, key in rows:
+        img = by_index.get(key, f"image field {key[:20]!r} is neither base64 nor the index of a row")
+        options = [row[c] for c in "ABCD" if row.get(c)]
+        answer = (row["answer"] or "").strip().upper()
+        if isinstance(img, str):
+            problem(bad, f"{where}: {img}")
+        elif not row["question"] or len(options) < 2 or len(answer) != 1 or not "A" <= answer <= chr(64 + len(options)):
+            problem(bad, f"{where}: needs a question, options A-D and an answer letter (got {answer!r})")
+        else:
+            out.append(dict(id=f"{stem}-{row['index']}", image=img, question=row["question"], answer=answer,
+                            type="multiple_choice", options=options, category=row["category"],
+                            cycle_category=row["cycle_category"], source=where))
+    return out
+
+
+def _open_bytes(raw):
+    return Image.open(io.BytesIO(raw))
+
+
+def _load_answer_list(path, bad, name, kind, image_of, id_key):
+    """TextVQA and DocVQA share a layout: {"data": [{"question", <image>, "answers": [...], <id>}]}."""
+    js = _read_json(path)
+    if not isinstance(js, dict) or not isinstance(js.get("data"), list):
+        raise ValueError(f"{path}: expected an object with a 'data' list (the official {name} layout)")
+    out = []
+    for n, q in enumerate(js["data"]):
+        where = f"{path}: data[{n}]"
+        img = image_of(q) if isinstance(q, dict) else None
+        if img is None or not isinstance(q.get("question"), str):
+            problem(bad, f"{where}: needs a 'question' and its image")
+        elif not (isinstance(q.get("answers"), list) and q["answers"]
+                  and all(isinstance(a, str) for a in q["answers"])):
+            problem(bad, f"{where}: no 'answers' ({name}'s test split has none: evaluate on val)")
+        elif _image(img, where, bad):
+            out.append(dict(id=f"{name.lower()}-{q.get(id_key, n)}", image=img, question=q["question"],
+                            answer=q["answers"], type=kind, source=where))
+    return out
+
+
+def load_textvqa(path, images=None, bad=None):
+    """TextVQA: the official JSON ({"data": [{"question", "image_id", "answers": [10 strings], "question_id"}]})
+    and its image folder (<image_id>.jpg; default: train_images/ next to the JSON, else the JSON's folder).
+    Scored by VQA accuracy over the 10 answers."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root = images or (os.path.join(folder, "train_images") if os.path.isdir(os.path.join(folder, "train_images"))
+                      else folder)
+    return _load_answer_list(path, bad, "TextVQA", "vqa", lambda q: os.path.join(root, f"{q['image_id']}.jpg")
+                             if "image_id" in q else None, "question_id")
+
+
+def load_docvqa(path, images=None, bad=None):
+    """DocVQA: the official JSON ({"data": [{"questionId", "question", "image": "documents/x.png",
+    "answers"}]}); images relative to the JSON's folder (or --images). Scored by ANLS."""
+    root = images or os.path.dirname(os.path.abspath(path))
+    return _load_answer_list(path, bad, "DocVQA", "anls", lambda q: os.path.join(root, q["image"])
+                             if isinstance(q.get("image"), str) else None, "questionId")
+
+
+def load_mathvista(path, images=None, bad=None):
+    """MathVista testmini: its JSON, {pid: {"question", "image": "images/1.jpg", "choices", "unit",
+    "precision", "answer", "question_type", "answer_type", "metadata": {"category", ...}}} (a list of the same
+    objects works too); images relative to the JSON's folder (or --images). Scored by rewards.mathvista_score:
+    choices mapped to their text, integers by int(float()), floats rounded to the precision."""
+    js = _read_json(path)
+    problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
+    if problems is None:
+        raise ValueError(f"{path}: expected MathVista's {{pid: problem}} object or a list of problems")
+    root = images or os.path.dirname(os.path.abspath(path))
+    out = []
+    for key, p in problems:
+        pid = str(p.get("pid", key)) if isinstance(p, dict) else str(key)
+        where = f"{path}: pid {pid}"
+        if not isinstance(p, dict) or not isinstance(p.get("question"), str) or not isinstance(p.get("image"), str):
+            problem(bad, f"{where}: needs 'question' and 'image'")
+            continue
+        if p.get("answer") in (None, ""):
+            problem(bad, f"{where}: no 'answer' (MathVista's test split has none: evaluate on testmini)")
+            continue
+        img = _image(os.path.join(root, p["image"]), where, bad)
+        if img is None:
+            continue
+        q = p["question"] + (f" (Unit: {p['unit']})" if p.get("unit") else "")
+        r = dict(id=f"mathvista-{pid}", image=img, question=q, answer=str(p["answer"]), type="mathvista",
+                 answer_type=p.get("answer_type"), precision=p.get("precision"),
+                 question_type=p.get("question_type"), category=(p.get("metadata") or {}).get("category"), source=where)
+        if p.get("choices"):
+            r["options"] = [str(c) for c in p["choices"]]
+        out.append(r)
+    return out
+
+
+def load_scienceqa(path, images=None, split="test", bad=None):
+    """ScienceQA-IMG: problems.json ({pid: {"question", "choices", "answer": index, "hint", "image":
+    "image.png" or null, "subject", "split", ...}}) and its images folder (images/<split>/<pid>/image.png;
+    default: images/ next to problems.json). Only problems of `split` with an image. Multiple choice by
+    option index; category = subject (natural / social / language science, as the paper reports)."""
+    js = _read_json(path)
+    if not isinstance(js, dict):
+        raise ValueError(f"{path}: expected ScienceQA's {{pid: problem}} object")
+    root = images or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    out = []
+    for pid, p in js.items():
+        if not isinstance(p, dict) or p.get("split") != split or not p.get("image"):
+            continue
+        where = f"{path}: pid {pid}"
+        choices, ans = p.get("choices"), p.get("answer")
+        if not isinstance(p.get("question"), str) or not isinstance(choices, list) or len(choices) < 2:
+            problem(bad, f"{where}: needs 'question' and at least two 'choices'")
+        elif isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+            problem(bad, f"{where}: 'answer' must be the index of a choice, got {ans!r}")
+        else:
+            img = _image(os.path.join(root, split, str(pid), p["image"]), where, bad)
+            if img:
+                q = (f"Context: {p['hint']}\n" if p.get("hint") else "") + p["question"]
+                out.append(dict(id=f"scienceqa-{pid}", image=img, question=q, answer=chr(65 + ans),
+                                type="multiple_choice", options=[str(c) for c in choices],
+                                category=p.get("subject"), source=where))
+    return out
+
+
+BENCHES = ("vstar", "hrbench", "textvqa", "docvqa", "mathvista", "scienceqa", "jsonl")
+
+
+def load_benchmark(bench, path, images=None, split="test", shuffle_seed=0, bad=None):
+    """--bench -> records. bad: None to stop at the first bad row, or a list that collects them (--skip-bad)."""
+    if bench == "vstar":
+        return load_vstar(path, shuffle_seed, bad)
+    if bench == "hrbench":
+        return load_hrbench(path, bad)
+    if bench == "textvqa":
+        return load_textvqa(path, images, bad)
+    if bench == "docvqa":
+        return load_docvqa(path, images, bad)
+    if bench == "mathvista":
+        return load_mathvista(path, images, bad)
+    if bench == "scienceqa":
+        return load_scienceqa(path, images, split, bad)
+    if bench == "jsonl":
+        return load_jsonl(path, bad)
+    raise ValueError(f"unknown --bench {bench!r}; known: {', '.join(BENCHES)}")

@@ -13,8 +13,8 @@ CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs
 
 One step: this rank's prompts -> G trajectories each through tools.rollout -> rewards (rewards.py preset)
 -> group advantages -> optional forced rethinking and SSR -> PPO-clip updates over micro-batches ->
-one JSONL line in <out>/metrics.jsonl. Shared training plumbing (flags, torchrun setup, lr schedule,
-checkpoints) lives here too; sft.py and eval.py import it.
+one JSONL line in <out>/metrics.jsonl. The run around it (flags, torchrun, load, optimizer, resume, lr,
+metrics file, checkpoints) is common.py's, shared with sft.py.
 """
 import argparse
 import json
@@ -26,7 +26,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import common as C
 import data as D
 import model as M
 import replay
@@ -34,117 +36,7 @@ import rewards as R
 import tools as T
 
 # -----------------------------------------------------------------------------
-# shared plumbing: flags, processes, schedule, checkpoints, logs (sft.py and eval.py use these too
-
-DEMO_SFT = "runs/sft"  # where `python sft.py` saves the demo's cold start
-
-
-def common_args(p, model="tiny", out="runs/x", steps=10):
-    """The flags sft.py, grpo.py and eval.py share."""
-    # what to run on
-    p.add_argument("--model", default=model, help="'tiny', a hub id, or a checkpoint folder")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
-    p.add_argument("--out", default=out, help="the run folder")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    # the environment
-    p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, default=112 * 112, help="pixel budget of the first look at each image")
-    p.add_argument("--crop-max-pixels", type=int, default=112 * 112, help="pixel budget of a zoom")
-    p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
-    p.add_argument("--max-turns", type=int, default=4)
-    p.add_argument("--max-images", type=int, default=6)
-    p.add_argument("--max-turn-tokens", type=int, default=96)
-    p.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per trajectory")
-    # the model
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--freeze-vision", action="store_true")
-    return p
-
-
-def optim_args(p, lr, warmup, schedule):
-    """AdamW and its schedule: the flags sft.py and grpo.py share (with their own defaults)."""
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
-    p.add_argument("--grad-clip", type=float, default=1.0)
-
-
-def parse_tools(s):
-    tools = [] if s in ("none", "") else s.split(",")
-    unknown = [t for t in tools if t not in T.TOOLS]
-    if unknown:
-        raise SystemExit(f"--tools: unknown tool(s) {unknown}; available: {', '.join(T.TOOLS)}, or none")
-    return tools
-
-
-def episode_cfg(args):
-    return dict(view_max_pixels=args.view_max_pixels, crop_max_pixels=args.crop_max_pixels,
-                zoom_window=args.zoom_window, max_turns=args.max_turns, max_images=args.max_images,
-                max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
-
-
-def setup(args):
-    """Start torch.distributed when run under torchrun (gloo on CPU, NCCL on GPU). -> (rank, world, device)"""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda":
-        torch.cuda.set_device(local)
-        dev = f"cuda:{local}"
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    return rank, world, torch.device(dev)
-
-
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
-
-
-def all_sum(x, device="cpu"):
-    """Sum a float (or a list of floats) over ranks."""
-    t = torch.tensor(x, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def lr_at(step, base, warmup, total, schedule):
-    """Linear warmup, then cosine to 0 or constant."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def log_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def save_checkpoint(policy, path, trainer_state, rank=0):
-    """A Hugging Face folder (model, tokenizer, image processor) plus the trainer state for --resume.
-    Call it on every rank: a sharded model is gathered to rank 0 first (a collective), and each rank
-    keeps its own shard of the optimizer state (resume on the same number of processes)."""
-    if policy.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            M.save(policy, path, state_dict=full)
-        dist.barrier()
-        torch.save(trainer_state, os.path.join(path, f"trainer_rank{rank}.pt"))
-    elif rank == 0:
-        M.save(policy, path)
-        torch.save(trainer_state, os.path.join(path, "trainer.pt"))
-
-
-def load_trainer_state(path, policy, rank):
-    return torch.load(os.path.join(path, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"),
-                      weights_only=False)
+# micro-batches (sharded ranks in lockstep)
 
 
 def micro_batches(policy, samples, size, filler):
@@ -156,28 +48,6 @@ def micro_batches(policy, samples, size, filler):
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         mbs += [[dict(filler, mask=[0] * len(filler["mask"]), old=None, adv=0.0)]] * (int(n) - len(mbs))
     return mbs
-
-
-def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
-def allreduce_grads(model):
-    """Data parallel by hand: average every gradient over ranks (what DDP does, minus the bucketing and
-    the overlap with backward)."""
-    if not dist.is_initialized():
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:  # a rank with nothing to train on still joins every collective
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +168,7 @@ def forced_rethinking(policy, groups, scores, args, rng):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(p, model=None, out="runs/grpo", steps=40)
+    C.add_common_flags(p, model=None, out=C.DEMO_GRPO, steps=40)
     # rollouts
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all ranks")
     p.add_argument("--group-size", type=int, default=8, help="G trajectories per prompt")
@@ -325,7 +195,7 @@ def get_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
-    optim_args(p, lr=5e-4, warmup=5, schedule="constant")
+    C.add_optim_flags(p, lr=5e-4, warmup=5, schedule="constant")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (7B: weights + Adam > one GPU)")
     # evaluation, checkpoints
     p.add_argument("--eval-every", type=int, default=0)
@@ -335,8 +205,8 @@ def get_args(argv=None):
     p.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
     args = p.parse_args(argv)
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
-        args.model = DEMO_SFT if os.path.isdir(DEMO_SFT) else "tiny"
-    args.tools = parse_tools(args.tools)
+        args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
+    args.tools = C.parse_tools(args.tools)
     if args.preset not in R.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; known: {', '.join(R.PRESETS)}")
     try:
@@ -376,7 +246,7 @@ def update(policy, ref, opt, samples, args, world, filler):
     """PPO-clip over micro-batches, `--ppo-epochs` times, gradients accumulated then averaged over ranks.
     -> dict of update metrics, or None when the loss was not finite (the step is skipped)."""
     n_tok = sum(sum(s["mask"]) for s in samples)
-    num_items = all_sum(float(n_tok)) / world  # dapo: global trained tokens / world size
+    num_items = C.all_sum(float(n_tok)) / world  # dapo: global trained tokens / world size
     L_max = max((len(s["seq"]) for s in samples), default=1)
     stats = dict(loss=0.0, clip=0.0, kl=0.0, entropy=0.0, tokens=0.0)
     gn, bad = 0.0, 0
@@ -416,10 +286,10 @@ def update(policy, ref, opt, samples, args, world, filler):
                 stats["tokens"] += float(m.sum())
                 stats["loss"] += float(loss)
         if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
-            allreduce_grads(policy.model)
+            C.allreduce_grads(policy.model)
         gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        if all_sum(float(bad)) > 0 or not math.isfinite(gn):  # decided together: every rank skips
+        if C.all_sum(float(bad)) > 0 or not math.isfinite(gn):  # decided together: every rank skips
             opt.zero_grad(set_to_none=True)
             return None
         opt.step()
@@ -463,9 +333,19 @@ def step_metrics(groups, scores, samples, batch, up):
     m["replayed"] = (sum(s.get("replayed", False) for s in batch), len(batch))
     cov = [c for c in (R.coverage(T.trajectory(ep), ep["record"])[0] for ep in eps) if c is not None]
     m["coverage_iou"] = (sum(cov), len(cov))
-    for k, v in (up or {}).items():
+    for k, v in (up or {}).items():  # per rank: (v, 1) averages them over ranks
         m[k] = (v, 1)
     return m
+
+
+def heldout_eval(policy, records, args, cfg):
+    """--eval-every: greedy rollouts on the held-out records (sharded over ranks by common.run_episodes).
+    -> {eval_accuracy, eval_tool_use, eval_calls_per_item}"""
+    def finish(ep, record):
+        return R.accuracy("".join(ep["turns"]), record)[0], any(c["ok"] for c in ep["calls"]), len(ep["calls"])
+    done, _ = C.run_episodes(policy, records, args.tools, cfg, finish, seed=args.seed, desc="eval", progress=False)
+    acc, used, calls = (sum(v) / len(done) for v in zip(*done.values()))
+    return dict(eval_accuracy=acc, eval_tool_use=used, eval_calls_per_item=calls)
 
 
 def plot(metrics_path, png):
@@ -475,7 +355,7 @@ def plot(metrics_path, png):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print0("no plot: `pip install matplotlib` to get curves.png")
+        C.print0("no plot: `pip install matplotlib` to get curves.png")
         return
     rows = [json.loads(l) for l in open(metrics_path)]
     steps = [r["step"] for r in rows]
@@ -491,12 +371,12 @@ def plot(metrics_path, png):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    print0(f"curves: {png}")
+    C.print0(f"curves: {png}")
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup(args)
+    rank, world, device = C.setup(args)
     # everything a user can get wrong is checked before any work starts
     if args.prompts % world:
         raise SystemExit(f"--prompts {args.prompts} does not divide by the world size {world}")
@@ -505,45 +385,28 @@ def main(argv=None):
     n_roll = args.prompts // world * args.group_size
     update_size = args.update_size or max(1, n_roll // 2)
     if args.rethink and args.preset != "vl_rethinker":
-        print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
+        C.print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
     records = D.dataset(args.data, "train", seed=args.seed)
     if not records:
         raise SystemExit(f"--data {args.data}: empty dataset")
     heldout = D.dataset(args.data, "test", n=args.eval_n, seed=args.seed) if args.eval_every else None
-    cfg = episode_cfg(args)
+    cfg = C.episode_cfg(args)
 
-    policy = M.load(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
-                    freeze_vision=args.freeze_vision, train=True)
     ref = None
-    if args.beta:
-        ref = M.load(args.model, seed=args.seed, device=device)
+    if args.beta:  # the KL reference: the initial policy, frozen
+        ref = C.load_policy(args.model, seed=args.seed, device=device)
         ref.model.requires_grad_(False).eval()
-    if args.fsdp:  # before the optimizer: it must hold the sharded parameters
-        M.shard(policy)
-        if ref is not None:
-            M.shard(ref)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    store = replay.new_store(update_size) if args.ssr else None  # VL-Rethinker: half a rollout buffer
-    start, nan_run = 0, 0
-    if args.resume:
-        st = load_trainer_state(args.resume, policy, rank)
-        opt.load_state_dict(st["optimizer"])
-        start, store, nan_run = st["step"], st["store"], st["nan_run"]
-        set_rng_state(st["rng"])
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({**vars(args), "world": world}, f, indent=1)
-    print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "
-           f"{args.prompts} prompts x {args.group_size} per step, tools {args.tools}, preset {args.preset}")
+    policy, opt, state = C.start_run(args, rank, device, shard=args.fsdp)
+    if args.fsdp and ref is not None:
+        M.shard(ref)
+    C.write_config(args, rank, world=world)
+    start, nan_run = state["step"], state.get("nan_run", 0)
+    store = state.get("store", replay.new_store(update_size) if args.ssr else None)  # VL-Rethinker: half a rollout
+    C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "
+             f"{args.prompts} prompts x {args.group_size} per step, tools {args.tools}, preset {args.preset}")
 
-    from tqdm import tqdm
     for step in tqdm(range(start, args.steps), disable=rank != 0, desc="grpo", initial=start, total=args.steps):
-        lr = lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = C.set_lr(opt, step, args)
         # SSR and rethinking draw from per-step generators: a function of (seed, step, rank) only
         nprng = np.random.default_rng([args.seed, step, rank])
         pyrng = random.Random(f"{args.seed}-{step}-{rank}")
@@ -554,7 +417,7 @@ def main(argv=None):
         groups = [T.new_group(policy, records[i], args.tools, args.group_size, **cfg) for _, i in idx]
         for (j, _), g in zip(idx, groups):  # each trajectory's own seed: (seed, step, global prompt, member)
             for k, ep in enumerate(g):
-                ep["gen"] = torch.Generator(device=device).manual_seed(hash((args.seed, step, j, k)) % 2**62)
+                T.seed_episode(ep, device, args.seed, step, j, k)
         T.rollout(policy, [ep for g in groups for ep in g], args.temperature, args.top_p,
                   max_turn_tokens=args.max_turn_tokens)
         t1 = time.time()
@@ -576,40 +439,26 @@ def main(argv=None):
         # 4. the update
         policy.model.train()
         up = None
-        if all_sum(float(len(batch))) > 0:
+        if C.all_sum(float(len(batch))) > 0:
             up = update(policy, ref, opt, batch, args, world, samples[0])
         t3 = time.time()
         nan_run = nan_run + 1 if up is None and batch else 0
-        # 5. metrics: summed over ranks, one JSONL line per step
-        m = step_metrics(groups, scores, samples, batch, up)
-        keys = sorted(m)
-        tot = all_sum([v for k in keys for v in m[k]])
-        row = {"step": step + 1, "lr": lr}
-        row.update({k: (tot[2 * i] / tot[2 * i + 1] if tot[2 * i + 1] else None) for i, k in enumerate(keys)})
-        if up is not None:  # update stats are per rank: report their mean
-            row.update({k: tot[2 * keys.index(k)] / world for k in up})
-        row.update(skipped=up is None, rethinks_kept=all_sum(float(n_rethink)),
-                   tokens_per_s=all_sum(float(sum(ep["n_sampled"] for g in groups for ep in g))) / max(t1 - t0, 1e-9),
+        # 5. metrics: means over every rank's episodes (update stats: the mean over ranks), one JSONL line
+        row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(step_metrics(groups, scores, samples, batch, up)))
+        row.update(skipped=up is None, rethinks_kept=C.all_sum(float(n_rethink)),
+                   tokens_per_s=C.all_sum(float(sum(ep["n_sampled"] for g in groups for ep in g))) / max(t1 - t0, 1e-9),
                    time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            import eval as E  # eval.py imports this file's plumbing: import it lazily
-            summary, _ = E.evaluate(policy, heldout, args.tools, cfg, greedy=True, seed=args.seed, desc="eval")
-            row.update({f"eval_{k}": summary[k] for k in ("accuracy", "tool_use", "calls_per_item") if k in summary})
-        if rank == 0:
-            log_jsonl(metrics_path, row)
+            row.update(heldout_eval(policy, heldout, args, cfg))
+        C.log_metrics(args, rank, row)
         if nan_run >= args.max_nan:
             raise SystemExit(f"stopping: {nan_run} steps in a row had a non-finite loss or gradient (lr {lr:g})")
-        last = step + 1 == args.steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            state = dict(optimizer=opt.state_dict(), step=step + 1, store=store, nan_run=nan_run, rng=rng_state())
-            save_checkpoint(policy, os.path.join(args.out, f"step{step + 1}") if not last else args.out, state, rank)
-            if dist.is_initialized():
-                dist.barrier()
-    print0(f"done: {args.out} (metrics in {metrics_path})")
-    if rank == 0 and os.path.exists(metrics_path):
+        C.save_run(args, policy, opt, step, rank, store=store, nan_run=nan_run)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    C.print0(f"done: {args.out} (metrics in {metrics_path})")
+    if rank == 0:
         plot(metrics_path, os.path.join(args.out, "curves.png"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    C.teardown()
 
 
 if __name__ == "__main__":

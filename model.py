@@ -2,8 +2,9 @@
 model.py: the policy. Loading a Qwen2.5-VL, turning episodes into model inputs, batched sampling of the
 next assistant turn, and per-token log-probs of sampled tokens (through the fused kernel).
 
-    policy = load("tiny")                              # random ~2M-param Qwen2.5-VL, built locally
-    policy = load("Qwen/Qwen2.5-VL-3B-Instruct")       # or a local folder / a lookagain checkpoint
+    policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
+    policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
+(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in.)
 
 A sequence, everywhere in lookagain, is the list of token ids of one whole conversation, with the images
 inline: each image is `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>`, n = grid_t*grid_h*grid_w
@@ -34,32 +35,16 @@ TINY_ADDED = ["<think>", "</think>", "<answer>", "</answer>", "<tool_response>",
 # loading
 
 
-def tiny_corpus():
-    """Text the tiny tokenizer's BPE merges are learned from: the chat scaffolding, the tool calls and the
-    synthetic task's words, so that a tiny model's sequences stay short. Any text still encodes (bytes)."""
-    import tools  # the system prompts come from there; imported here to keep model.py importable alone
-    from data import COLOURS, PLACES
-    lines = [tools.system_prompt(ts, compact) for ts in (tools.TOOLS, ["zoom_in"], ["zoom_point"],
-                                                         ["draw_box", "draw_line"], []) for compact in (False, True)]
-    lines += [f"Image {i} ({w}x{h}), a zoom of image {j}." for i in range(10) for j in range(3)
-              for w, h in [(112, 112), (224, 224), (56, 84)]]
-    lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
-    lines += [f"What colour is the square at the {p}? <think>Zoom in on the {p}.</think><answer>{c}</answer>"
-              for c in COLOURS for p in PLACES]
-    lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
-              "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
-    return lines * 4
-
-
-def tiny_tokenizer(vocab_size=2048):
+def tiny_tokenizer(corpus, vocab_size=2048):
     """A byte-level BPE tokenizer with Qwen's special tokens, trained (deterministically, in ~0.1 s) on
-    tiny_corpus(). Byte-level means any unicode string round-trips."""
+    `corpus` (lines of text: common.tiny_corpus, the text the environment writes, so that a tiny model's
+    sequences stay short). Byte-level means any unicode string round-trips."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tiny_corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL})
     tok.add_tokens(ADDED + TINY_ADDED)
@@ -87,10 +72,11 @@ def tiny_config(tok):
 
 
 def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixels=None,
-         grad_ckpt=False, freeze_vision=False, train=False):
+         grad_ckpt=False, freeze_vision=False, train=False, corpus=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids.
-    name: "tiny" (random, built here, same seed -> same weights), a hub id, or a local folder (a lookagain
-    checkpoint is a plain Hugging Face folder). On GPU: bf16 weights for inference; for training
+    name: "tiny" (random, built here, same seed -> same weights; its tokenizer is trained on `corpus`,
+    which common.load_policy supplies), a hub id, or a local folder (a lookagain checkpoint is a plain
+    Hugging Face folder). On GPU: bf16 weights for inference; for training
     (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
     resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
     min/max_pixels: the image processor's budget for one image (the view the model gets of image 0; tools
@@ -99,7 +85,9 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
     if name == "tiny":
-        tok = tiny_tokenizer()
+        if not corpus:
+            raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
+        tok = tiny_tokenizer(corpus)
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok))
         improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 28 * 28, max_pixels=max_pixels or 112 * 112)

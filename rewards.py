@@ -14,7 +14,7 @@ a reason, and the work on huge strings is bounded. A malformed *record* (unknown
 non-numeric ground truth) is a user error and raises ValueError.
 
 The trajectory handed over by the rollout loop (tools.py):
-  traj = {"turns": [assistant turn texts], "calls": [{"name", "arguments", "ok", "error", "region"}, ...],
+  traj = {"turns": [assistant turn texts], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}, ...],
           "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
 Standard library + numpy only.
 """
@@ -373,15 +373,16 @@ def mathvista_score(pred, record):
     return float(pred == answer)
 
 
-SCORED_TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")
+# the record types, each picking its scorer below (data.py validates records against this list)
+TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")
 
 
 def accuracy(pred_text, record):
     """Score a model output against a record: (value in [0, 1], reason). The answer is final_answer()
     of the text (multiple choice: extract_choice). Raises ValueError only for a malformed record."""
     kind = record.get("type")
-    if kind not in SCORED_TYPES:
-        raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(SCORED_TYPES)}")
+    if kind not in TYPES:
+        raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
     if "answer" not in record:
         raise ValueError(f"record {record.get('id')!r} has no 'answer'")
     gold = record["answer"]
@@ -543,8 +544,8 @@ def r_region_iou(traj, record, acc):
 
 def coverage(traj, record):
     """Where the model looked (VLM-R3's analysis of accuracy against localisation): over the successful
-    zoom calls (zoom_in, zoom_point; their `region` is in original pixels, so a zoom on a zoom counts where
-    it really looked), the best zoom by IoU with the record's ground-truth bbox, ties broken by how much
+    zoom calls (call["zoom"], set by tools.execute from its table; their `region` is in original pixels, so a
+    zoom on a zoom counts where it really looked), the best zoom by IoU with the record's ground-truth bbox, ties broken by how much
     of the ground truth it holds. -> (IoU, share of the gt area inside that zoom); (None, None) for a
     record without bbox; (0.0, 0.0) when no zoom succeeded. Not a reward term: eval.py bins accuracy by
     it and grpo.py logs its mean."""
@@ -555,7 +556,7 @@ def coverage(traj, record):
         raise ValueError(f"record bbox {record['bbox']!r} is not [x1, y1, x2, y2] with positive area")
     best = (0.0, 0.0)
     for c in _calls(traj):
-        b = _box(c.get("region")) if c.get("ok") and str(c.get("name") or "").startswith("zoom") else None
+        b = _box(c.get("region")) if c.get("ok") and c.get("zoom") else None
         if b is not None:
             w = max(0.0, min(b[2], gt[2]) - max(b[0], gt[0]))
             h = max(0.0, min(b[3], gt[3]) - max(b[1], gt[1]))

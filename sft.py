@@ -44,11 +44,11 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
+import common as C
 import data as D
-import grpo as G
 import model as M
 import rewards as R
 import tools as T
@@ -103,7 +103,6 @@ def prepare(policy, items, tools, cfg, rank=0, world=1):
     good ones as what training needs: the token ids, the loss mask, and the images the model sees (views,
     as PIL images: 3 bytes a pixel, ~70 KB a demo; the originals are not kept).
     -> (kept: list of dict(seq, mask, views), rejected: every rank's list of (reason, "where: message"))"""
-    from tqdm import tqdm
     kept, rejected = [], []
     for i in tqdm(range(rank, len(items), world), desc="replaying", disable=rank != 0, leave=False):
         record, turns, where = items[i]
@@ -117,25 +116,21 @@ def prepare(policy, items, tools, cfg, rank=0, world=1):
             rejected.append((err[0], f"{where}: {err[1]}"))
         else:
             kept.append(dict(seq=ep["seq"], mask=ep["mask"], views=[v["img"] for v in ep["images"]]))
-    if dist.is_initialized():
-        parts = [None] * world
-        dist.all_gather_object(parts, rejected)
-        rejected = [r for p in parts for r in p]
-    return kept, rejected
+    return kept, [r for part in C.gather(rejected) for r in part]
 
 
 def report_rejected(rejected, n_total, path=None):
     if not rejected:
         return
     counts = Counter(r for r, _ in rejected)
-    G.print0(f"rejected {len(rejected)} of {n_total} trajectories: "
+    C.print0(f"rejected {len(rejected)} of {n_total} trajectories: "
              + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     for _, msg in rejected[:5]:
-        G.print0("  " + msg)
+        C.print0("  " + msg)
     if path and int(os.environ.get("RANK", 0)) == 0:
         with open(path, "w") as f:
             f.writelines(f"{r}\t{m}\n" for r, m in rejected)
-        G.print0(f"  (all of them in {path})")
+        C.print0(f"  (all of them in {path})")
 
 
 # -----------------------------------------------------------------------------
@@ -144,8 +139,7 @@ def report_rejected(rejected, n_total, path=None):
 
 
 def zoom_call(box, image_index=0):
-    args = {"image_index": image_index, "bbox_2d": [int(v) for v in box]}
-    return "<tool_call>" + json.dumps({"name": "zoom_in", "arguments": args}) + "</tool_call>"
+    return T.render_call("zoom_in", {"image_index": image_index, "bbox_2d": [int(v) for v in box]})
 
 
 LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrator often skips the zoom
@@ -302,13 +296,13 @@ def reflective(calls):
     for c in calls:
         if not c.get("ok"):
             continue
-        if c["name"] in ("zoom_in", "zoom_point"):
+        if c["zoom"]:
             if any(0 < R.iou(c["region"], z) < 1 for z in zooms):
                 return True
             zooms.append(c["region"])
-        elif c["name"] in ("draw_box", "draw_line"):
-            for op in c["arguments"]["boxes" if c["name"] == "draw_box" else "lines"]:
-                xy = op.get("bbox_2d") or op["start_point_2d"] + op["end_point_2d"]
+        elif "ops" in T.TOOLS[c["name"]]:  # a drawing: its operations' coordinates, by label
+            for op in c["arguments"][T.TOOLS[c["name"]]["ops"]]:
+                xy = [op[k] for k in sorted(op) if k != "label"]
                 if op["label"] and drawn.setdefault(op["label"], xy) != xy:
                     return True
     return False
@@ -327,27 +321,19 @@ def judge(traj, record):
     return None
 
 
-def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, indices=None, chunk=8, rank=0):
-    """Roll out `samples` trajectories per record and keep the correct, well-formed, reflective ones. Sample k
-    of record j (indices[j]: its index in the whole dataset) has its own generator, so what is kept does not
-    depend on batching or on the number of processes.
+def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, batch_size=32):
+    """Roll out `samples` trajectories per record (common.run_episodes: each its own generator, sharded
+    over ranks, merged) and keep the correct, well-formed, reflective ones.
     -> (kept: trajectory records (record + "turns"), counts: Counter of "kept" and each rejection reason)"""
-    from tqdm import tqdm
-    indices = list(range(len(records))) if indices is None else list(indices)
+    def finish(ep, record):
+        return judge(T.trajectory(ep), record), ep["turns"]
+    done, _ = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy=False, temperature=temperature,
+                             seed=seed, batch_size=batch_size, desc="reflect")
     kept, counts = [], Counter()
-    for i in tqdm(range(0, len(records), chunk), desc="reflect", disable=rank != 0):
-        eps = []
-        for j, r in zip(indices[i:i + chunk], records[i:i + chunk]):
-            group = T.new_group(policy, r, tools, samples, **cfg)  # the image is loaded once per record
-            for k, ep in enumerate(group):
-                ep["gen"] = torch.Generator(device=policy.device).manual_seed(hash((seed, j, k)) % 2**62)
-            eps += group
-        T.rollout(policy, eps, temperature=temperature)
-        for ep in eps:
-            why = judge(T.trajectory(ep), ep["record"])
-            counts[why or "kept"] += 1
-            if why is None:
-                kept.append({**ep["record"], "turns": ep["turns"]})
+    for (i, _), (why, turns) in sorted(done.items()):
+        counts[why or "kept"] += 1
+        if why is None:
+            kept.append({**records[i], "turns": turns})
     return kept, counts
 
 
@@ -366,7 +352,7 @@ def epoch_batches(lengths, batch_size, seed, epoch):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    G.common_args(p, model="tiny", out=G.DEMO_SFT, steps=2400)
+    C.add_common_flags(p, model="tiny", out=C.DEMO_SFT, steps=2400)
     # synthetic demonstrations (--data synthetic)
     p.add_argument("--n-items", type=int, default=512, help="synthetic items to make demonstrations of (or to sample, --reflect)")
     p.add_argument("--demo-noise", type=int, default=2, help="jitter of each side of a demo's box, view pixels")
@@ -375,7 +361,7 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, per process")
-    G.optim_args(p, lr=3e-3, warmup=10, schedule="cosine")
+    C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
     # checkpoints
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
     p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
@@ -388,7 +374,7 @@ def get_args(argv=None):
     p.add_argument("--vlir-min-pixels", type=int, default=3136)
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect or --convert-vlir")
     args = p.parse_args(argv)
-    args.tools = G.parse_tools(args.tools)
+    args.tools = C.parse_tools(args.tools)
     for k in ("steps", "n_items", "batch_size", "grad_accum", "samples"):
         if getattr(args, k) < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1")
@@ -398,10 +384,9 @@ def get_args(argv=None):
 
 
 def train(args):
-    rank, world, device = G.setup(args)
-    cfg = G.episode_cfg(args)
-    policy = M.load(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
-                    freeze_vision=args.freeze_vision, train=True)
+    rank, world, device = C.setup(args)
+    cfg = C.episode_cfg(args)
+    policy, opt, state = C.start_run(args, rank, device)
     # the data: each rank replays its share of the trajectories once, and trains on those
     if args.data == "synthetic":
         items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
@@ -412,13 +397,13 @@ def train(args):
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--data: {e}") from None
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
-    os.makedirs(args.out, exist_ok=True)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
-    n_kept = int(G.all_sum([len(data)])[0])
+    n_kept = int(C.all_sum([len(data)])[0])
     if n_kept == 0:
         raise SystemExit(f"--data {args.data}: no usable trajectory left ({len(rejected)} rejected, reasons above)")
-    if n_kept < world or (dist.is_initialized() and G.all_sum([float(not data)])[0]):
+    if n_kept < world or C.all_sum([float(not data)])[0]:
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
+    C.write_config(args, rank, world=world, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
     n_batches = math.ceil(len(data) / args.batch_size)
 
@@ -427,35 +412,18 @@ def train(args):
         epoch, k = divmod(j, n_batches)
         return epoch_batches(lengths, args.batch_size, args.seed * 1000 + rank, epoch)[k]
 
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        st = torch.load(os.path.join(args.resume, "trainer.pt"), weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        start = st["step"]
-        G.set_rng_state(st["rng"])
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
-        if not args.resume and os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run in an old folder starts a fresh log
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({**vars(args), "world": world, "trajectories": n_kept, "rejected": len(rejected)}, f, indent=1)
-    G.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
+    start = state["step"]
+    C.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
              f"{lengths.mean():.0f} tokens), {world} process(es) x {args.grad_accum} x {args.batch_size} per step")
-
-    from tqdm import tqdm
     policy.model.train()
     bar = tqdm(range(start, args.steps), disable=rank != 0, desc="sft", initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
-        lr = G.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = C.set_lr(opt, step, args)
         batches = [[data[i] for i in my_batch(step * args.grad_accum + a)] for a in range(args.grad_accum)]
         # the loss is the mean over every trained token of the step (all ranks, all micro-batches): each rank
         # divides its sum by (global tokens / world), and the gradient average over ranks does the rest
-        n_tok, n_seq = G.all_sum([float(sum(sum(t["mask"]) for b in batches for t in b)),
+        n_tok, n_seq = C.all_sum([float(sum(sum(t["mask"]) for b in batches for t in b)),
                                   float(sum(len(t["seq"]) for b in batches for t in b))])
         nll = 0.0
         for b in batches:
@@ -465,55 +433,42 @@ def train(args):
                                              [t["mask"] for t in b], token_loss=lambda lp, i, j: -lp * world / n_tok)
             loss.backward()
             nll += -float((logp * m).sum())
-        G.allreduce_grads(policy.model)
+        C.allreduce_grads(policy.model)
+        params = [p for g in opt.param_groups for p in g["params"]]
         gn = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
         if math.isfinite(gn):
             opt.step()
         else:
-            G.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
+            C.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        row = dict(step=step + 1, loss=G.all_sum([nll])[0] / n_tok, tokens=int(n_tok), seq_tokens=int(n_seq),
+        row = dict(step=step + 1, loss=C.all_sum([nll])[0] / n_tok, tokens=int(n_tok), seq_tokens=int(n_seq),
                    lr=lr, grad_norm=gn, tokens_per_s=n_seq / dt, time=dt)
+        C.log_metrics(args, rank, row)
         if rank == 0:
-            G.log_jsonl(metrics_path, row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
-        last = step + 1 == args.steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            state = dict(optimizer=opt.state_dict(), step=step + 1, rng=G.rng_state())
-            if rank == 0:
-                G.save_checkpoint(policy, args.out if last else os.path.join(args.out, f"step{step + 1}"), state)
-            if dist.is_initialized():
-                dist.barrier()
+        C.save_run(args, policy, opt, step, rank)
     report_rejected(rejected, len(items))  # again at the end, where it is seen
-    G.print0(f"done: {args.out} (metrics in {metrics_path}); GRPO starts from it with --model {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    C.print0(f"done: {args.out} (metrics in {args.out}/metrics.jsonl); GRPO starts from it with --model {args.out}")
+    C.teardown()
 
 
 def reflect_main(args):
-    rank, world, device = G.setup(args)
+    rank, world, device = C.setup(args)
     if not args.to:
         raise SystemExit("--reflect needs --to OUT.jsonl, where the kept trajectories go")
     try:
         records = D.dataset(args.data, "train", n=args.n_items, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data: {e}") from None
-    policy = M.load(args.model, seed=args.seed, device=device)
-    policy.model.eval()
-    kept, counts = reflect(policy, records[rank::world], args.tools, G.episode_cfg(args), args.samples,
-                           args.temperature, args.seed, range(rank, len(records), world), rank=rank)
-    if dist.is_initialized():
-        parts = [None] * world
-        dist.all_gather_object(parts, (kept, counts))
-        kept, counts = [t for k, _ in parts for t in k], sum((c for _, c in parts), Counter())
+    policy = C.load_policy(args.model, seed=args.seed, device=device)
+    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed)
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
-    G.print0(f"reflect: kept {counts['kept']} of {total} trajectories ({args.samples} per item, {len(records)} items)"
+    C.print0(f"reflect: kept {counts['kept']} of {total} trajectories ({args.samples} per item, {len(records)} items)"
              f" -> {args.to}; rejected: " + (", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "kept") or "none"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    C.teardown()
     return kept, counts
 
 

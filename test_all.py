@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common as C
 import data as D
 import eval as E
 import grpo as G
@@ -43,7 +44,7 @@ from rewards import (PRESETS, accuracy, anls, choice_score, extract_answer, extr
 @pytest.fixture(scope="session")
 def policy():
     torch.set_num_threads(2)
-    return M.load("tiny", seed=0, device="cpu")
+    return C.load_policy("tiny", seed=0, device="cpu")
 
 
 def blank_episode(w=1000, h=800, tools=("zoom_in", "zoom_point", "draw_box", "draw_line"), **cfg):
@@ -54,10 +55,228 @@ def blank_episode(w=1000, h=800, tools=("zoom_in", "zoom_point", "draw_box", "dr
                 images=[T.make_view([img], 0, (0, 0, w, h), (w // 2, h // 2))])
 
 
-# ---- geometry: crops, zooms, drawings ----
+
+# ---- data: records, the synthetic task, benchmark loaders (data.py)
+#      python -m pytest -q test_all.py -k test_data_
 
 
-def test_smart_resize_rules():
+def test_data_synthetic_target_legible_only_after_zoom():
+    """Measure the target square's footprint (pixels within colour distance 60 of its colour, near it) at
+    full resolution, in the 112 px view and in an 8-view-pixel zoom on it."""
+    for rec in D.synthetic(10, seed=7):
+        img = D.load_images(rec)[0]
+        col = np.array(D.COLOURS[rec["answer"]], float)
+
+        def footprint(a, box, pad):  # box in this image's pixels, widened by pad
+            a = np.asarray(a).astype(float)
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            sub = a[max(y1 - pad, 0):y2 + pad, max(x1 - pad, 0):x2 + pad]
+            return int((np.linalg.norm(sub - col, axis=-1) < 60).sum())
+
+        assert footprint(img, rec["bbox"], 4) >= 24 * 24                     # a 24 px block
+        s = 112 / img.width
+        view = img.resize((112, 112), Image.BICUBIC)
+        assert footprint(view, [v * s for v in rec["bbox"]], 2) <= 9          # at most a 3x3 px smudge
+        cx, cy = (rec["bbox"][0] + rec["bbox"][2]) / 2 * s, (rec["bbox"][1] + rec["bbox"][3]) / 2 * s
+        ep = dict(cfg=T.DEFAULTS, originals=[img], images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
+        z = T.zoom_in(ep, 0, [cx - 4, cy - 4, cx + 4, cy + 4], T.DEFAULTS)
+        assert footprint(z["img"], [0, 0, 112, 112], 0) >= 30 * 30              # a 30+ px block in the zoom
+
+
+def test_data_synthetic_reproducible_and_balanced():
+    a, b = D.synthetic(40, seed=0), D.synthetic(40, seed=0)
+    assert [r["answer"] for r in a] == [r["answer"] for r in b]
+    assert np.array_equal(np.asarray(D.load_images(a[3])[0]), np.asarray(D.load_images(b[3])[0]))
+    answers = [r["answer"] for r in D.synthetic(400, seed=1)]
+    counts = [answers.count(c) for c in D.COLOURS]
+    assert min(counts) > 25 and max(counts) < 75  # 8 colours, 50 each expected
+
+
+def test_data_jsonl_roundtrip_and_errors(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    D.write_jsonl(D.synthetic(2, seed=0), path)
+    recs = D.load_jsonl(path)
+    assert len(recs) == 2 and os.path.isabs(recs[0]["image"][0]) and recs[0]["bbox"]
+    assert D.load_images(recs[0])[0].size == (896, 896)
+    bad = [('{"question": "q", "answer": "a"}', "'image'"),
+           ('{"image": "images/syn0-0.png", "answer": "a"}', "'question'"),
+           ('{"image": "images/syn0-0.png", "question": "q", "answer": 3}', "'answer'"),
+           ('{"image": "images/none.png", "question": "q", "answer": "a"}', "not found"),
+           ('{"image": "images/syn0-0.png", "question": "q", "answer": "a", "type": "essay"}', "unknown type"),
+           ('{"image": "images/syn0-0.png", "question": "q", "answer": "a", "bbox": [5, 5, 1, 1]}', "'bbox'"),
+           ('not json', "invalid JSON")]
+    for line, err in bad:
+        p = str(tmp_path / "bad.jsonl")
+        with open(p, "w") as f:
+            f.write(open(path).readline() + line + "\n")
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            D.load_jsonl(p)
+        assert "bad.jsonl:2" in str(e.value) and err in str(e.value), str(e.value)
+    open(tmp_path / "images" / "broken.png", "wb").write(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        D.load_images({"id": "r1", "image": [str(tmp_path / "images" / "broken.png")]})
+
+
+# Every expected value below was worked out by hand from the official definitions (comments show the
+# arithmetic); none is copied from the code's own output.
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _img(path=None, size=(8, 6), colour=(200, 30, 30)):
+    """A tiny image, saved when a path is given (format from the extension)."""
+    im = Image.new("RGB", size, colour)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        im.save(path)
+    return im
+
+
+def _b64(im):
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_data_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
+    root = tmp_path / "vstar_bench"
+    _img(str(root / "direct_attributes" / "sa_1.jpg"))
+    _img(str(root / "relative_position" / "sa_2.jpg"))
+    (root / "direct_attributes" / "sa_1.json").write_text(json.dumps(dict(
+        question="What is the color of the cup?", options=["red", "blue", "green", "white"],
+        target_object=["cup"], bbox=[[10, 20, 30, 40]])))
+    (root / "relative_position" / "sa_2.json").write_text(json.dumps(dict(
+        question="Is the cup on the left or right of the dog?", options=["left", "right"],
+        target_object=["cup", "dog"], bbox=[[0, 0, 10, 10], [50, 60, 10, 20]])))
+    recs = D.load_benchmark("vstar", str(root))
+    assert [r["id"] for r in recs] == ["vstar-direct_attributes-sa_1", "vstar-relative_position-sa_2"]
+    assert [r["category"] for r in recs] == ["direct_attributes", "relative_position"]
+    # [x, y, w, h] boxes -> the [x1, y1, x2, y2] box around all targets
+    assert recs[0]["bbox"] == [10, 20, 40, 60] and recs[1]["bbox"] == [0, 0, 60, 80]
+    for r, right in zip(recs, ["red", "left"]):  # the letter follows the correct option wherever it lands
+        assert r["type"] == "multiple_choice" and r["options"][ord(r["answer"]) - 65] == right
+        assert R.accuracy(f"<answer>{r['answer']}</answer>", r)[0] == 1.0
+    # seeded: the same seed gives the same order, other seeds other orders (not always "A")
+    assert D.load_benchmark("vstar", str(root)) == recs
+    letters = {D.load_benchmark("vstar", str(root), shuffle_seed=s)[0]["answer"] for s in range(12)}
+    assert len(letters) > 1
+    # the same questions from test_questions.jsonl: same ids, same shuffled options, bbox from the side JSON
+    text = ("What is the color of the cup?\n(A) red\n(B) blue\n(C) green\n(D) white\n"
+            "Answer with the option's letter from the given choices directly.")
+    (root / "test_questions.jsonl").write_text(json.dumps(dict(
+        image="direct_attributes/sa_1.jpg", text=text, category="direct_attributes", question_id=0, label="A")) + "\n")
+    (j,) = D.load_benchmark("vstar", str(root / "test_questions.jsonl"))
+    assert j["question"] == "What is the color of the cup?"
+    assert {k: j[k] for k in ("id", "options", "answer", "bbox", "category")} == \
+        {k: recs[0][k] for k in ("id", "options", "answer", "bbox", "category")}
+    # a JSON without its image: an error naming the file, or counted and skipped
+    os.remove(root / "relative_position" / "sa_2.jpg")
+    with pytest.raises(FileNotFoundError, match="sa_2.json"):
+        D.load_benchmark("vstar", str(root))
+    bad = []
+    assert len(D.load_benchmark("vstar", str(root), bad=bad)) == 1 and len(bad) == 1 and "sa_2.json" in bad[0]
+
+
+def test_data_hrbench_loader_base64_reference_and_corrupt_rows(tmp_path):
+    path = tmp_path / "hr_bench_4k.tsv"
+    cols = ["index", "question", "A", "B", "C", "D", "answer", "category", "cycle_category", "image"]
+    img = _b64(_img(size=(16, 12)))
+    rows = [["0", "What colour is the sign?", "red", "blue", "green", "white", "A", "single", "cycle1", img],
+            # the next rotation, reusing row 0's image by its index
+            ["1", "What colour is the sign?", "blue", "green", "white", "red", "D", "single", "cycle2", "0"],
+            ["2", "Which is left?", "car", "bus", "tree", "dog", "B", "cross", "cycle1", "!" * 100],  # not base64
+            ["3", "Which is left?", "bus", "tree", "dog", "car", "A", "cross", "cycle2",
+             base64.b64encode(b"not an image" * 10).decode()]]  # base64, but of no image
+    path.write_text("\n".join("\t".join(r) for r in [cols] + rows) + "\n")
+    with pytest.raises(ValueError, match=r"hr_bench_4k.tsv:4: image is not valid base64"):
+        D.load_benchmark("hrbench", str(path))
+    bad = []
+    recs = D.load_benchmark("hrbench", str(path), bad=bad)
+    assert len(recs) == 2 and len(bad) == 2 and ":4:" in bad[0] and ":5: image is base64 of no image" in bad[1]
+    a, b = recs
+    assert a["id"] == "hr_bench_4k-0" and a["options"] == ["red", "blue", "green", "white"] and a["answer"] == "A"
+    assert b["options"][3] == "red" and b["answer"] == "D"  # the rotation moved the answer with its option
+    assert (a["category"], a["cycle_category"], b["cycle_category"]) == ("single", "cycle1", "cycle2")
+    assert D.load_images(a)[0].size == (16, 12) and D.load_images(b)[0].size == (16, 12)
+    assert callable(a["image"]) and a["image"] is b["image"]  # decoded on demand, from one copy of the bytes
+    with pytest.raises(ValueError, match="missing column"):
+        (tmp_path / "x.tsv").write_text("index\tquestion\n0\tq\n")
+        D.load_benchmark("hrbench", str(tmp_path / "x.tsv"))
+
+
+def test_data_textvqa_and_docvqa_loaders(tmp_path):
+    _img(str(tmp_path / "train_images" / "abc.jpg"))
+    answers = ["coca cola"] * 7 + ["coke"] * 3
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(dict(dataset_name="textvqa", data=[
+        dict(question="what brand?", image_id="abc", answers=answers, question_id=7, image_classes=["Bottle"]),
+        dict(question="what year?", image_id="missing", answers=["1999"] * 10, question_id=8)])))
+    with pytest.raises(FileNotFoundError, match=r"data\[1\]: image .*missing.jpg not found"):
+        D.load_benchmark("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"))
+    bad = []
+    (r,) = D.load_benchmark("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"), bad=bad)
+    assert len(bad) == 1 and r["id"] == "textvqa-7" and r["type"] == "vqa" and r["answer"] == answers
+    assert R.accuracy("<answer>Coca-Cola</answer>", r)[0] == 1.0
+    assert R.accuracy("<answer>coke</answer>", r)[0] == pytest.approx(0.9)  # 3 of 10: VQA accuracy
+    _img(str(tmp_path / "documents" / "d1.png"))
+    (tmp_path / "val_v1.0.json").write_text(json.dumps(dict(dataset_name="docvqa", dataset_split="val", data=[
+        dict(questionId=49153, question="What is the date?", image="documents/d1.png", answers=["1/8/93"], docId=1),
+        dict(questionId=49154, question="Who signed?", image="documents/d1.png")])))  # test split: no answers
+    with pytest.raises(ValueError, match=r"val_v1.0.json: data\[1\]: no 'answers'"):
+        D.load_benchmark("docvqa", str(tmp_path / "val_v1.0.json"))
+    (r,) = D.load_benchmark("docvqa", str(tmp_path / "val_v1.0.json"), bad=[])
+    assert r["id"] == "docvqa-49153" and r["type"] == "anls" and os.path.isfile(r["image"])
+    assert R.accuracy("<answer>1/8/93</answer>", r)[0] == 1.0
+
+
+def test_data_mathvista_and_scienceqa_loaders(tmp_path):
+    _img(str(tmp_path / "images" / "1.jpg"))
+    _img(str(tmp_path / "images" / "2.jpg"))
+    meta = dict(category="math-targeted-vqa", task="geometry problem solving", split="testmini")
+    (tmp_path / "testmini.json").write_text(json.dumps({
+        "1": dict(pid="1", question="Which is larger?", image="images/1.jpg", choices=["3", "4"], unit=None,
+                  precision=None, answer="4", question_type="multi_choice", answer_type="text", metadata=meta),
+        "2": dict(pid="2", question="How long is AB?", image="images/2.jpg", choices=None, unit="cm",
+                  precision=1.0, answer="1.5", question_type="free_form", answer_type="float", metadata=meta)}))
+    a, b = D.load_benchmark("mathvista", str(tmp_path / "testmini.json"))
+    assert a["options"] == ["3", "4"] and a["type"] == "mathvista" and a["category"] == "math-targeted-vqa"
+    assert R.accuracy("<answer>B</answer>", a)[0] == 1.0 and R.accuracy("<answer>A</answer>", a)[0] == 0.0
+    assert b["question"] == "How long is AB? (Unit: cm)" and "options" not in b
+    assert R.accuracy("<answer>1.54</answer>", b)[0] == 1.0  # rounded to the precision
+    sq = tmp_path / "scienceqa"
+    _img(str(sq / "images" / "test" / "10" / "image.png"))
+    (sq / "problems.json").write_text(json.dumps({
+        "10": dict(question="Which is a mammal?", choices=["frog", "trout", "whale"], answer=2, hint="Look.",
+                   image="image.png", split="test", subject="natural science"),
+        "11": dict(question="No image here?", choices=["a", "b"], answer=0, hint="", image=None, split="test"),
+        "12": dict(question="Train item", choices=["a", "b"], answer=0, hint="", image="image.png", split="train")}))
+    (r,) = D.load_benchmark("scienceqa", str(sq / "problems.json"))
+    assert r["id"] == "scienceqa-10" and r["answer"] == "C" and r["options"][2] == "whale"
+    assert r["question"] == "Context: Look.\nWhich is a mammal?" and r["category"] == "natural science"
+    assert R.accuracy("<answer>C</answer>", r)[0] == 1.0
+
+
+def test_data_jsonl_loader_and_skip_bad(tmp_path):
+    path = str(tmp_path / "set.jsonl")
+    recs = [dict(id=f"q{i}", image=_img(), question="What colour?", answer="red", type="text") for i in range(2)]
+    D.write_jsonl(recs, path)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(id="q2", image="images/q0.png", question="No answer?")) + "\n")
+    with pytest.raises(ValueError, match=r"set.jsonl:3: 'answer'"):
+        D.load_benchmark("jsonl", path)
+    bad = []
+    got = D.load_benchmark("jsonl", path, bad=bad)
+    assert [r["id"] for r in got] == ["q0", "q1"] and len(bad) == 1 and "set.jsonl:3" in bad[0]
+    assert all(os.path.isabs(p) for r in got for p in r["image"])
+
+# aggregation rules, on hand-worked cases
+
+
+# ---- tools: geometry, tool-call parsing, episodes and the rollout loop (tools.py)
+#      python -m pytest -q test_all.py -k test_tools_
+
+
+def test_tools_smart_resize_rules():
     # 1000x800 into 112*112 px: beta = sqrt(800000 / 12544) = 7.986; floor(800/7.986/28)*28 = 84, floor(1000/7.986/28)*28 = 112
     assert T.smart_resize(800, 1000, max_pixels=112 * 112) == (84, 112)
     assert T.smart_resize(10, 10, min_pixels=28 * 28) == (28, 28)
@@ -67,7 +286,7 @@ def test_smart_resize_rules():
         T.smart_resize(1, 300)
 
 
-def test_adaptive_zoom_factor():
+def test_tools_adaptive_zoom_factor():
     # VLM-R3: 2.0 below r = 0.125, 1.0 from r = 0.5, linear between: r = 0.3125 is half way -> 1.5
     assert T.zoom_scale(10, 100) == 2.0
     assert T.zoom_scale(12.5, 100) == 2.0
@@ -76,7 +295,7 @@ def test_adaptive_zoom_factor():
     assert T.zoom_scale(90, 100) == 1.0
 
 
-def test_zoom_on_zoom_maps_to_original_pixels():
+def test_tools_zoom_on_zoom_maps_to_original_pixels():
     ep = blank_episode()  # original 1000x800, view 500x400: one view pixel = two original pixels
     v1 = T.zoom_in(ep, 0, [100, 50, 200, 150], ep["cfg"])
     assert v1["box"] == pytest.approx((200, 100, 400, 300))
@@ -88,7 +307,7 @@ def test_zoom_on_zoom_maps_to_original_pixels():
     assert v2["box"] == pytest.approx((250, 200, 350, 300))
 
 
-def test_zoom_clamps_and_grows_tiny_boxes():
+def test_tools_zoom_clamps_and_grows_tiny_boxes():
     ep = blank_episode()
     v = T.zoom_in(ep, 0, [450, 350, 600, 500], ep["cfg"])  # half outside: clamped to the 500x400 view
     assert v["box"] == pytest.approx((900, 700, 1000, 800))
@@ -101,7 +320,7 @@ def test_zoom_clamps_and_grows_tiny_boxes():
             T.zoom_in(ep, 0, bad, ep["cfg"])
 
 
-def test_zoom_point_window_at_border():
+def test_tools_zoom_point_window_at_border():
     ep = blank_episode(zoom_window=400)
     v = T.zoom_point(ep, 0, [10, 390], ep["cfg"])          # original (20, 780): window shifted inside
     assert v["box"] == pytest.approx((0, 400, 400, 800))
@@ -114,7 +333,7 @@ def test_zoom_point_window_at_border():
         T.zoom_point(ep, 0, [501, 10], ep["cfg"])
 
 
-def test_zoom_reads_original_pixels():
+def test_tools_zoom_reads_original_pixels():
     # a 2x2 checkerboard of 1 px cells is grey in the half-size view but sharp in a 2x zoom
     arr = np.zeros((200, 200, 3), np.uint8)
     arr[::2, ::2] = arr[1::2, 1::2] = 255
@@ -129,7 +348,7 @@ def test_zoom_reads_original_pixels():
     assert z[4:52, 4:52].std() > 50                         # the zoom shows it again (bicubic 2x: 67 vs 188)
 
 
-def test_draw_box_pixels_source_unchanged_and_accumulation():
+def test_tools_draw_box_pixels_source_unchanged_and_accumulation():
     ep = blank_episode()
     before = np.asarray(ep["images"][0]["img"]).copy()
     v = T.draw_box(ep, 0, [dict(bbox_2d=[100, 100, 200, 180], label="")], ep["cfg"])
@@ -157,10 +376,7 @@ def test_draw_box_pixels_source_unchanged_and_accumulation():
     assert tuple(np.asarray(z["img"])[z["img"].size[1] // 2, zx + 1]) == (255, 0, 0)
 
 
-# ---- tool-call parsing: strict, never raises ----
-
-
-def test_parse_valid_and_each_error():
+def test_tools_parse_valid_and_each_error():
     tools = ["zoom_in", "zoom_point"]
     ok = '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1, 2, 3, 4]}}</tool_call>'
     assert T.parse_call(ok, tools) == ("zoom_in", {"image_index": 0, "bbox_2d": [1.0, 2.0, 3.0, 4.0]}, None)
@@ -180,7 +396,7 @@ def test_parse_valid_and_each_error():
         assert args is None and err in e, (text, e)
 
 
-def test_execute_errors_are_observations():
+def test_tools_execute_errors_are_observations():
     ep = blank_episode()
     for text, err in [
         ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 3, "bbox_2d": [1, 2, 30, 40]}}</tool_call>', "out of range"),
@@ -193,7 +409,7 @@ def test_execute_errors_are_observations():
         assert view is None and not call["ok"] and obs.startswith("Error:") and err in obs, obs
 
 
-def test_fuzz_tool_calls_never_raise():
+def test_tools_fuzz_tool_calls_never_raise():
     rng = random.Random(0)
     good = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 20, 200, 300]}}
     pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', '"zoom_in"', '"name"',
@@ -224,10 +440,48 @@ def test_fuzz_tool_calls_never_raise():
     assert 0 < n_ok < len(texts)
 
 
-# ---- model inputs, sampling and log-probs ----
+def test_tools_rollout_with_scripted_tool_call(policy):
+    recs = D.synthetic(3, seed=3)
+    eps = [T.new_episode(policy, r, max_turns=3, max_turn_tokens=24, max_tokens=64) for r in recs]
+    prompt_len = len(eps[0]["seq"])
+    call = '<think>the ring</think><tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [30, 30, 80, 80]}}</tool_call>'
+    T.advance(policy, eps[0], M.ids(policy, call), reason="stop")
+    assert eps[0]["calls"][0]["ok"] and len(eps[0]["images"]) == 2
+    assert eps[0]["calls"][0]["region"] == pytest.approx([240, 240, 640, 640])  # 896/112 = 8 px per view px
+    for i, ep in enumerate(eps):
+        T.seed_episode(ep, "cpu", i)
+    T.rollout(policy, eps)
+    for ep in eps:
+        assert ep["stop"] in ("answer", "max_turns", "max_images", "repeat", "no_action", "max_tokens", "invalid_token")
+        assert len(ep["seq"]) == len(ep["mask"]) == len(ep["logp"])
+        assert len(ep["images"]) == 1 + sum(c["ok"] for c in ep["calls"])
+        assert sum(ep["mask"]) == ep["n_sampled"] and ep["n_sampled"] <= 64 + 24
+        assert ep["mask"][:prompt_len] == [0] * prompt_len
+    # the mask covers exactly the sampled tokens: rebuild what the mask says from the turns
+    ep = eps[0]
+    trained = [t for t, m in zip(ep["seq"], ep["mask"]) if m]
+    assert trained[:len(M.ids(policy, call))] == M.ids(policy, call)
+    obs = M.ids(policy, "<tool_response>")
+    assert all(m == 0 for t, m in zip(ep["seq"], ep["mask"]) if t in obs or t == policy.image_pad)
 
 
-def test_mrope_positions_match_transformers(policy):
+def test_tools_samples_do_not_depend_on_the_batch(policy):
+    recs = D.synthetic(3, seed=8)
+    def run(records):
+        eps = [T.new_episode(policy, r, max_turns=1, max_turn_tokens=12) for r in records]
+        for ep in eps:
+            T.seed_episode(ep, "cpu", int(ep["record"]["id"].split("-")[1]))
+        T.rollout(policy, eps)
+        return {ep["record"]["id"]: ep["seq"] for ep in eps}
+    together, alone = run(recs), run(recs[1:2])
+    assert alone[recs[1]["id"]] == together[recs[1]["id"]]
+
+
+# ---- model: model inputs, sampling, log-probs, loading and checkpoints (model.py)
+#      python -m pytest -q test_all.py -k test_model_
+
+
+def test_model_mrope_positions_match_transformers(policy):
     eps = [T.new_episode(policy, r) for r in D.synthetic(2, seed=1)]
     T.advance(policy, eps[0], M.ids(policy, '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, '
                                             '"bbox_2d": [0, 0, 50, 60]}}</tool_call>'), reason="stop")
@@ -240,7 +494,7 @@ def test_mrope_positions_match_transformers(policy):
     assert torch.equal(ref[:, keep], batch["position_ids"][:, keep])
 
 
-def test_image_tokens_and_pixel_split(policy):
+def test_model_image_tokens_and_pixel_split(policy):
     ep = T.new_episode(policy, D.synthetic(1, seed=2)[0], view_max_pixels=168 * 112)
     T.advance(policy, ep, M.ids(policy, '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, '
                                         '"bbox_2d": [0, 0, 20, 100]}}</tool_call>'), reason="stop")
@@ -268,35 +522,10 @@ def test_image_tokens_and_pixel_split(policy):
         assert torch.equal(part, alone)
 
 
-def test_rollout_with_scripted_tool_call(policy):
-    recs = D.synthetic(3, seed=3)
-    eps = [T.new_episode(policy, r, max_turns=3, max_turn_tokens=24, max_tokens=64) for r in recs]
-    prompt_len = len(eps[0]["seq"])
-    call = '<think>the ring</think><tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [30, 30, 80, 80]}}</tool_call>'
-    T.advance(policy, eps[0], M.ids(policy, call), reason="stop")
-    assert eps[0]["calls"][0]["ok"] and len(eps[0]["images"]) == 2
-    assert eps[0]["calls"][0]["region"] == pytest.approx([240, 240, 640, 640])  # 896/112 = 8 px per view px
-    for i, ep in enumerate(eps):
-        ep["gen"] = torch.Generator().manual_seed(i)
-    T.rollout(policy, eps)
-    for ep in eps:
-        assert ep["stop"] in ("answer", "max_turns", "max_images", "repeat", "no_action", "max_tokens", "invalid_token")
-        assert len(ep["seq"]) == len(ep["mask"]) == len(ep["logp"])
-        assert len(ep["images"]) == 1 + sum(c["ok"] for c in ep["calls"])
-        assert sum(ep["mask"]) == ep["n_sampled"] and ep["n_sampled"] <= 64 + 24
-        assert ep["mask"][:prompt_len] == [0] * prompt_len
-    # the mask covers exactly the sampled tokens: rebuild what the mask says from the turns
-    ep = eps[0]
-    trained = [t for t, m in zip(ep["seq"], ep["mask"]) if m]
-    assert trained[:len(M.ids(policy, call))] == M.ids(policy, call)
-    obs = M.ids(policy, "<tool_response>")
-    assert all(m == 0 for t, m in zip(ep["seq"], ep["mask"]) if t in obs or t == policy.image_pad)
-
-
-def test_recomputed_logprobs_equal_sampling_logprobs(policy):
+def test_model_recomputed_logprobs_equal_sampling_logprobs(policy):
     eps = [T.new_episode(policy, r, max_turns=2, max_turn_tokens=20) for r in D.synthetic(3, seed=4)]
     for i, ep in enumerate(eps):
-        ep["gen"] = torch.Generator().manual_seed(10 + i)
+        T.seed_episode(ep, "cpu", 10 + i)
     T.rollout(policy, eps, temperature=0.7)
     logp, mask = M.token_logprobs(policy, [e["seq"] for e in eps], [T.episode_images(policy, e) for e in eps],
                                   [e["mask"] for e in eps], temperature=0.7)
@@ -308,105 +537,46 @@ def test_recomputed_logprobs_equal_sampling_logprobs(policy):
         assert mask[b].sum() == m.sum()
 
 
-def test_same_seed_same_model():
-    a, b = M.load("tiny", seed=5), M.load("tiny", seed=5)
+def test_model_same_seed_same_model():
+    a, b = C.load_policy("tiny", seed=5), C.load_policy("tiny", seed=5)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
     assert a.tok.get_vocab() == b.tok.get_vocab()
-    c = M.load("tiny", seed=6)
+    c = C.load_policy("tiny", seed=6)
     assert not torch.equal(a.model.lm_head.weight, c.model.lm_head.weight)
 
 
-def test_tokenizer_special_tokens_and_roundtrip(policy):
+def test_model_tokenizer_special_tokens_and_roundtrip(policy):
     for t in M.SPECIAL + M.ADDED:
         assert len(M.ids(policy, t)) == 1, t
     s = 'héllo 😀 <tool_call>{"a": [1, 2]}</tool_call>'
     assert policy.tok.decode(M.ids(policy, s)) == s
 
 
-def test_checkpoint_roundtrip(policy, tmp_path):
+def test_model_checkpoint_roundtrip(policy, tmp_path):
     M.save(policy, str(tmp_path))
-    p2 = M.load(str(tmp_path), device="cpu")
+    p2 = C.load_policy(str(tmp_path), device="cpu")
     x = torch.tensor([M.ids(policy, "<|im_start|>user\nWhat colour?")])
     with torch.no_grad():
         assert torch.allclose(policy.model(input_ids=x).logits, p2.model(input_ids=x).logits, atol=1e-5)
     assert p2.tok.get_vocab() == policy.tok.get_vocab()
     with pytest.raises(FileNotFoundError):
-        M.load(str(tmp_path / "nope"))
+        C.load_policy(str(tmp_path / "nope"))
 
 
-# ---- data ----
-
-
-def test_synthetic_target_legible_only_after_zoom():
-    """Measure the target square's footprint (pixels within colour distance 60 of its colour, near it) at
-    full resolution, in the 112 px view and in an 8-view-pixel zoom on it."""
-    for rec in D.synthetic(10, seed=7):
-        img = D.load_images(rec)[0]
-        col = np.array(D.COLOURS[rec["answer"]], float)
-
-        def footprint(a, box, pad):  # box in this image's pixels, widened by pad
-            a = np.asarray(a).astype(float)
-            x1, y1, x2, y2 = (int(round(v)) for v in box)
-            sub = a[max(y1 - pad, 0):y2 + pad, max(x1 - pad, 0):x2 + pad]
-            return int((np.linalg.norm(sub - col, axis=-1) < 60).sum())
-
-        assert footprint(img, rec["bbox"], 4) >= 24 * 24                     # a 24 px block
-        s = 112 / img.width
-        view = img.resize((112, 112), Image.BICUBIC)
-        assert footprint(view, [v * s for v in rec["bbox"]], 2) <= 9          # at most a 3x3 px smudge
-        cx, cy = (rec["bbox"][0] + rec["bbox"][2]) / 2 * s, (rec["bbox"][1] + rec["bbox"][3]) / 2 * s
-        ep = dict(cfg=T.DEFAULTS, originals=[img], images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
-        z = T.zoom_in(ep, 0, [cx - 4, cy - 4, cx + 4, cy + 4], T.DEFAULTS)
-        assert footprint(z["img"], [0, 0, 112, 112], 0) >= 30 * 30              # a 30+ px block in the zoom
-
-
-def test_synthetic_reproducible_and_balanced():
-    a, b = D.synthetic(40, seed=0), D.synthetic(40, seed=0)
-    assert [r["answer"] for r in a] == [r["answer"] for r in b]
-    assert np.array_equal(np.asarray(D.load_images(a[3])[0]), np.asarray(D.load_images(b[3])[0]))
-    answers = [r["answer"] for r in D.synthetic(400, seed=1)]
-    counts = [answers.count(c) for c in D.COLOURS]
-    assert min(counts) > 25 and max(counts) < 75  # 8 colours, 50 each expected
-
-
-def test_jsonl_roundtrip_and_errors(tmp_path):
-    path = str(tmp_path / "d.jsonl")
-    D.write_jsonl(D.synthetic(2, seed=0), path)
-    recs = D.load_jsonl(path)
-    assert len(recs) == 2 and os.path.isabs(recs[0]["image"][0]) and recs[0]["bbox"]
-    assert D.load_images(recs[0])[0].size == (896, 896)
-    bad = [('{"question": "q", "answer": "a"}', "'image'"),
-           ('{"image": "images/syn0-0.png", "answer": "a"}', "'question'"),
-           ('{"image": "images/syn0-0.png", "question": "q", "answer": 3}', "'answer'"),
-           ('{"image": "images/none.png", "question": "q", "answer": "a"}', "not found"),
-           ('{"image": "images/syn0-0.png", "question": "q", "answer": "a", "type": "essay"}', "unknown type"),
-           ('{"image": "images/syn0-0.png", "question": "q", "answer": "a", "bbox": [5, 5, 1, 1]}', "'bbox'"),
-           ('not json', "invalid JSON")]
-    for line, err in bad:
-        p = str(tmp_path / "bad.jsonl")
-        with open(p, "w") as f:
-            f.write(open(path).readline() + line + "\n")
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
-            D.load_jsonl(p)
-        assert "bad.jsonl:2" in str(e.value) and err in str(e.value), str(e.value)
-    open(tmp_path / "images" / "broken.png", "wb").write(b"not a png")
-    with pytest.raises(ValueError, match="broken.png"):
-        D.load_images({"id": "r1", "image": [str(tmp_path / "images" / "broken.png")]})
-
-
-# ---- rewards ----
-# Every expected value below was worked out by hand from the official definitions (comments show the
-# arithmetic); none is copied from the code's own output.
+# ---- rewards: answer extraction, scorers, reward terms (rewards.py)
+#      python -m pytest -q test_all.py -k test_rewards_
 
 
 RW_OPTS = ["cat", "dog", "bird", "fish"]
+
+
 RW_MC = {"id": 1, "question": "which?", "type": "multiple_choice", "options": RW_OPTS, "answer": "B"}
 
 
 def _rw_call(ok=True, region=(0, 0, 10, 10), name="zoom_in"):
     return {"name": name, "arguments": {}, "ok": ok, "error": None if ok else "bad box",
-            "region": list(region) if region else None}
+            "region": list(region) if region else None, "zoom": T.TOOLS[name]["zoom"]}
 
 
 def _rw_traj(turns, calls=(), rethinks=0, stop="answer"):
@@ -418,7 +588,7 @@ RW_GOOD = _rw_traj(["<think>look at it</think><tool_call>{\"name\": \"zoom_in\"}
              "<think>it is a dog</think><answer>B</answer>"], [_rw_call()])
 
 
-def test_extract_answer():
+def test_rewards_extract_answer():
     assert extract_answer("<think>x</think><answer> B </answer>") == "B"
     assert extract_answer("<answer>A</answer> no wait <answer>C</answer>") == "C"
     assert extract_answer("<answer>A</answer> \\boxed{C}") == "A"  # the tag wins over \boxed
@@ -433,7 +603,7 @@ def test_extract_answer():
     assert extract_answer("<answer></answer>") == ""
 
 
-def test_final_answer_fallback():
+def test_rewards_final_answer_fallback():
     assert final_answer("<think>hmm</think> Paris ") == "Paris"  # bare text after the thinking
     assert final_answer("<think>still thinking about Paris") is None  # cut off inside <think>
     assert final_answer("<think>a</think><tool_call>{}</tool_call>") is None  # only a tool call
@@ -449,11 +619,11 @@ def test_final_answer_fallback():
     ("<think>maybe A</think>I pick (D) fish", "D"),
     ("E", None), ("", None), ("a horse", None), ("(A) or (B)", None), ("<answer>A", "A"),
 ])
-def test_extract_choice(text, want):
+def test_rewards_extract_choice(text, want):
     assert extract_choice(text, RW_OPTS) == want
 
 
-def test_choice_score():
+def test_rewards_choice_score():
     assert choice_score("(B) dog", "B", RW_OPTS) == 1.0
     assert choice_score("B", "dog", RW_OPTS) == 1.0  # gold given as the option text
     assert choice_score("C", "B", RW_OPTS) == 0.0
@@ -461,14 +631,14 @@ def test_choice_score():
         choice_score("B", "horse", RW_OPTS)  # a bad record is a user error
 
 
-def test_levenshtein():
+def test_rewards_levenshtein():
     assert levenshtein("kitten", "sitting") == 3
     assert levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
     # cut to 3 chars: lev("abc", "abd") = 1, plus 2 cut chars of the first string = 3 >= true distance 3
     assert levenshtein("abcxy", "abd", max_chars=3) == 3
 
 
-def test_vqa_normalize():
+def test_rewards_vqa_normalize():
     assert vqa_normalize("The Cat.") == "cat"  # lowercase, article, period
     assert vqa_normalize("two") == "2" and vqa_normalize("None") == "0"  # number words
     assert vqa_normalize("coca-cola") == "coca cola"  # glued punctuation becomes a space
@@ -481,7 +651,7 @@ def test_vqa_normalize():
     assert vqa_normalize("." * 40 + "x") == "." * 8 + "x"
 
 
-def test_vqa_score_leave_one_out():
+def test_rewards_vqa_score_leave_one_out():
     ten = ["cat"] * 2 + ["dog"] * 8
     # leave out a cat (2 subsets): 1 match -> 1/3; leave out a dog (8 subsets): 2 -> 2/3; (2/3 + 16/3) / 10
     assert vqa_score("cat", ten) == pytest.approx(0.6)
@@ -497,7 +667,7 @@ def test_vqa_score_leave_one_out():
     assert vqa_score("cat", "Cat") == 1.0  # one answer: exact match after normalisation
 
 
-def test_anls():
+def test_rewards_anls():
     assert anls("Hello  World ", ["hello world"]) == 1.0  # lowercase, strip, collapsed spaces
     assert anls("ac", ["ab"]) == 0.5  # NL = 1/2 exactly: q = 0.5 is kept (official `q < 0.5` -> 0)
     assert anls("axy", ["abc"]) == 0.0  # NL = 2/3 -> q = 1/3 < 0.5
@@ -507,7 +677,7 @@ def test_anls():
     assert anls("x" * 100000, ["abc"]) == 0.0  # huge prediction, bounded work
 
 
-def test_soft_score():
+def test_rewards_soft_score():
     assert soft_score("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(1.0)
     # lev(cap, cat) = 1 -> 2/3, three times; lev(cap, dog) = 3 -> 0
     assert soft_score("cap", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(2 / 3)
@@ -515,7 +685,7 @@ def test_soft_score():
     assert soft_score("hallo", ["hello", "hello"]) == pytest.approx(2 * 0.8 / 3)  # 1 - 1/5 twice
 
 
-def test_mra():
+def test_rewards_mra():
     assert mra("10", 10) == 1.0
     assert mra("15", 10) == pytest.approx(0.1)  # rel err 0.5 <= 1 - 0.5 only (1 - 0.55 < 0.5)
     assert mra("5", 10) == pytest.approx(0.1)
@@ -530,7 +700,7 @@ def test_mra():
         mra("3", "many")
 
 
-def test_number_score():
+def test_rewards_number_score():
     assert number_score("12", "12.0") == 1.0
     assert number_score("12.5", 12) == 0.0
     assert number_score("1,234", 1234) == 1.0
@@ -542,7 +712,7 @@ def test_number_score():
     assert number_score("none", 0) == 0.0  # EvalAI maps none -> 0 for VQA, but it is no count
 
 
-def test_mathvista_score():
+def test_rewards_mathvista_score():
     mc = {"answer": "4", "options": ["3", "4", "5"]}
     assert mathvista_score("B", mc) == 1.0  # letter -> option text "4"
     assert mathvista_score("(B) four", mc) == 1.0  # "(B)" pattern
@@ -559,7 +729,7 @@ def test_mathvista_score():
     assert mathvista_score("[1, 2]", {"answer": "[1, 2]", "answer_type": "list"}) == 1.0
 
 
-def test_accuracy_dispatch():
+def test_rewards_accuracy_dispatch():
     assert accuracy("<answer>(B) dog</answer>", RW_MC)[0] == 1.0
     assert accuracy("<answer>dog</answer>", {**RW_MC, "answer": "dog"})[0] == 1.0
     assert accuracy("<answer>C</answer>", RW_MC)[0] == 0.0
@@ -573,7 +743,7 @@ def test_accuracy_dispatch():
     assert v == 0.0 and "no answer" in why
 
 
-def test_accuracy_bad_records_raise():
+def test_rewards_accuracy_bad_records_raise():
     with pytest.raises(ValueError, match="unknown record type"):
         accuracy("<answer>x</answer>", {"type": "essay", "answer": "x"})
     with pytest.raises(ValueError):
@@ -584,7 +754,7 @@ def test_accuracy_bad_records_raise():
         accuracy("", {"type": "vqa"})
 
 
-def test_reward_format_terms():
+def test_rewards_format_terms():
     assert r_format_r3(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_format_r3(_rw_traj(["<answer>B</answer> and more"]), RW_MC, 1.0)[0] == 0.0
     assert r_format_r3(_rw_traj(["B</answer>"]), RW_MC, 1.0)[0] == 0.0
@@ -600,7 +770,7 @@ def test_reward_format_terms():
     assert r_format_deepeyes(_rw_traj(["<think>x</think><answer>B"]), RW_MC, 1.0)[0] == -1.0
 
 
-def test_reward_tool_terms():
+def test_rewards_tool_terms():
     calls = [_rw_call(), _rw_call(ok=False), _rw_call(), _rw_call()]
     assert r_tool_success(_rw_traj(["x"], calls), RW_MC, 0.0)[0] == 0.75
     assert r_tool_success(_rw_traj(["x"]), RW_MC, 1.0)[0] == 0.0  # none attempted
@@ -609,7 +779,7 @@ def test_reward_tool_terms():
     assert r_tool_bonus(_rw_traj(["x"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0  # no successful call
 
 
-def test_reward_region_terms():
+def test_rewards_region_terms():
     assert r_region_valid(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_region_valid(RW_GOOD, RW_MC, 0.0)[0] == 0.0  # only when correct
     assert r_region_valid(_rw_traj(["x"]), RW_MC, 1.0)[0] == 0.0  # at least one box
@@ -624,7 +794,7 @@ def test_reward_region_terms():
         r_region_iou(t, {**RW_MC, "bbox": [5, 5, 1, 1]}, 1.0)
 
 
-def test_reward_length_term():
+def test_rewards_length_term():
     # segments: "look at it" (10 chars) and "it is a dog" (11 chars): min(0.1, 0.01 x 10)
     assert r_length(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(0.1)
     t = _rw_traj(["<think>abcdefghij</think><tool_call>{}</tool_call>", "<think>abcde</think><answer>B</answer>"])
@@ -634,7 +804,7 @@ def test_reward_length_term():
     assert r_length(_rw_traj(["<think>abc</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.03)
 
 
-def test_reward_rethink_term():
+def test_rewards_rethink_term():
     ok = ["<think>x</think><answer>B</answer>"]
     assert r_rethink(_rw_traj(ok), RW_MC, 1.0)[0] == 1.0
     assert r_rethink(_rw_traj(ok, rethinks=1), RW_MC, 1.0)[0] == 1.1
@@ -648,7 +818,7 @@ def test_reward_rethink_term():
     assert r_rethink(_rw_traj(["await waiting awaited " * 3 + "<answer>B</answer>"]), RW_MC, 1.0)[0] == 1.0
 
 
-def test_reward_vilasr_term():
+def test_rewards_vilasr_term():
     assert r_vilasr(RW_GOOD, RW_MC, 1.0)[0] == 1.0  # 0.5 x 1 + 0.5 x 1
     assert r_vilasr(RW_GOOD, RW_MC, 0.0)[0] == 0.0  # gated
     assert r_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.5
@@ -656,7 +826,7 @@ def test_reward_vilasr_term():
     assert r_vilasr(RW_GOOD, RW_MC, 0.6, beta=0.7)[0] == 0.0
 
 
-def test_reward_presets():
+def test_rewards_presets():
     total, comp, why = reward(RW_GOOD, RW_MC, "vlm_r3")
     assert total == pytest.approx(1 + 0.5 + 0.5 + 0.1)  # acc + format + valid boxes + length
     assert set(comp) == {"accuracy", "format_r3", "region_valid", "length"} and set(why) == set(comp)
@@ -674,7 +844,7 @@ def test_reward_presets():
     assert comp["tool_success"] == 0.5
 
 
-def test_reward_weights_override():
+def test_rewards_weights_override():
     assert reward(RW_GOOD, RW_MC, "vlm_r3", weights={"length": 0.0})[0] == pytest.approx(2.0)
     rec = {**RW_MC, "bbox": [0, 0, 20, 10]}  # the call looked at [0,0,10,10]: IoU 1/2
     assert reward(RW_GOOD, rec, "vlm_r3", weights={"region_iou": 2.0})[0] == pytest.approx(2.1 + 1.0)
@@ -714,7 +884,39 @@ def test_rewards_fuzz_never_raises():
     assert reward({}, RW_MC, "vlm_r3")[0] == 0.0  # no turns at all
 
 
-# ---- replay (SSR) ----
+def test_rewards_coverage_hand_computed_boxes():
+    rec = dict(bbox=[100, 100, 200, 200])
+
+    def zoom(region, ok=True, name="zoom_in"):
+        return dict(name=name, arguments={}, ok=ok, error=None, region=region, zoom=T.TOOLS[name]["zoom"])
+    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), rec) == (1.0, 1.0)
+    # [0,0,200,200]: IoU 10000/40000 = 0.25, gt wholly inside; [150,150,250,250]: IoU 2500/17500, inside 0.25
+    assert R.coverage(dict(calls=[zoom([150, 150, 250, 250]), zoom([0, 0, 200, 200])]), rec) == (0.25, 1.0)
+    # equal IoU 0.5: [100,100,150,200] holds half of the gt, [100,100,200,300] all of it: the tie goes to it
+    assert R.coverage(dict(calls=[zoom([100, 100, 150, 200]), zoom([100, 100, 200, 300])]), rec) == (0.5, 1.0)
+    # failed zooms and drawings do not count as looking
+    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200], ok=False),
+                                  zoom([100, 100, 200, 200], name="draw_box")]), rec) == (0.0, 0.0)
+    assert R.coverage(dict(calls=[]), rec) == (0.0, 0.0)
+    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), {}) == (None, None)
+    # a zoom on a zoom, measured in original pixels: 1000x800 image, the model's view 500x400
+    img = Image.new("RGB", (1000, 800), (128, 128, 128))
+    ep = dict(tools=["zoom_in"], cfg=dict(T.DEFAULTS), originals=[img], calls=[],
+              images=[T.make_view([img], 0, (0, 0, 1000, 800), (500, 400))])
+    call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [0, 0, 250, 200]}}
+    c1, v1, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
+    ep["images"].append(v1)
+    w, h = v1["img"].size
+    call = {"name": "zoom_in", "arguments": {"image_index": 1, "bbox_2d": [w / 2, h / 2, w, h]}}
+    c2, _, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
+    assert c1["region"] == [0, 0, 500, 400] and c2["region"] == pytest.approx([250, 200, 500, 400])
+    # gt = the bottom-right quarter of the first zoom: the second zoom is exactly it; the first has IoU 1/4
+    assert R.coverage(dict(calls=[c1, c2]), dict(bbox=[250, 200, 500, 400])) == pytest.approx((1.0, 1.0))
+    assert R.coverage(dict(calls=[c1]), dict(bbox=[250, 200, 500, 400])) == pytest.approx((0.25, 1.0))
+
+
+# ---- replay: Selective Sample Replay (replay.py)
+#      python -m pytest -q test_all.py -k test_replay_
 
 
 def _mk(advs, group="g", start=0):
@@ -728,11 +930,13 @@ def _chi2(counts, probs, n):
 
 # chi-square critical values at p = 0.001 (tables): a wrong law fails, a right one passes (fixed seeds)
 CHI2_999 = {2: 13.816, 4: 18.467}
+
+
 ADVS = [0.5, -1.0, 1.5, 0.0, 2.0, -0.25]  # id 3 has zero advantage
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
-def test_ssr_draws_proportional_to_abs_adv_pow_alpha(alpha):
+def test_replay_ssr_draws_proportional_to_abs_adv_pow_alpha(alpha):
     # hand formula: P(i) = |A_i|^alpha / sum_j |A_j|^alpha over the non-zero ones
     w = {0: 0.5 ** alpha, 1: 1.0, 2: 1.5 ** alpha, 4: 2.0 ** alpha, 5: 0.25 ** alpha}
     probs = {i: v / sum(w.values()) for i, v in w.items()}
@@ -750,7 +954,7 @@ def test_ssr_draws_proportional_to_abs_adv_pow_alpha(alpha):
         assert abs(counts[i] / n - p) < 4 * (p * (1 - p) / n) ** 0.5
 
 
-def test_store_fill_proportional_to_abs_adv_plus_1e4():
+def test_replay_store_fill_proportional_to_abs_adv_plus_1e4():
     store = new_store(3)
     store["items"].extend([{"id": 0, "adv": 0.1}, {"id": 1, "adv": -0.3}, {"id": 2, "adv": 0.6}])
     w = {0: 0.1001, 1: 0.3001, 2: 0.6001}
@@ -764,7 +968,7 @@ def test_store_fill_proportional_to_abs_adv_plus_1e4():
     assert [s["id"] for s in store["items"]] == [0, 1, 2]  # zero-advantage samples are never stored
 
 
-def test_fill_takes_whole_store_passes_first():
+def test_replay_fill_takes_whole_store_passes_first():
     store = new_store(3)
     store["items"].extend([{"id": 0, "adv": 1.0}, {"id": 1, "adv": 1.0}, {"id": 2, "adv": 1e-3}])
     for seed in range(20):  # need 7 from 3: two full passes + 1 weighted draw -> each id at least twice
@@ -772,13 +976,13 @@ def test_fill_takes_whole_store_passes_first():
         assert sum(c.values()) == 7 and min(c[0], c[1], c[2]) >= 2
 
 
-def test_zero_advantage_never_chosen():
+def test_replay_zero_advantage_never_chosen():
     samples = _mk([0.0, 1e-9, -1e-7, 0.7])  # all but id 3 are ~zero under eps = 1e-6
     batch = ssr(samples, new_store(10), 50, rng=np.random.default_rng(0))
     assert len(batch) == 50 and {s["id"] for s in batch} == {3}
 
 
-def test_store_capacity_eviction_persistence_and_fill_from_earlier_steps():
+def test_replay_store_capacity_eviction_persistence_and_fill_from_earlier_steps():
     rng, store = np.random.default_rng(0), new_store(3)
     ssr(_mk([1.0, 2.0, 0.0, 3.0, 4.0, 5.0]), store, 2, rng=rng)
     assert [s["id"] for s in store["items"]] == [3, 4, 5]  # 5 non-zero in, capacity 3: ids 0 and 1 evicted
@@ -796,14 +1000,14 @@ def test_store_capacity_eviction_persistence_and_fill_from_earlier_steps():
     assert {s["id"] for s in batch} <= {5, 10, 11}
 
 
-def test_first_step_never_replays_itself():
+def test_replay_first_step_never_replays_itself():
     store = new_store(10)
     batch = ssr(_mk([1.0, -1.0]), store, 6, rng=np.random.default_rng(0))  # empty store: repeats of current
     assert len(batch) == 6 and not any(s["replayed"] for s in batch)
     assert len(store["items"]) == 2
 
 
-def test_fixed_output_size():
+def test_replay_fixed_output_size():
     rng = np.random.default_rng(0)
     assert ssr([], new_store(4), 8, rng=rng) == []  # nothing now, nothing stored: caller skips
     assert ssr(_mk([0.0, 0.0]), new_store(4), 8, rng=rng) == []
@@ -814,7 +1018,7 @@ def test_fixed_output_size():
     assert len(ssr(_mk([1.0, 2.0]), new_store(4), 5)) == 5  # default rng
 
 
-def test_samples_moved_to_cpu_and_keys_kept():
+def test_replay_samples_moved_to_cpu_and_keys_kept():
     seq = torch.arange(5)
     logp = torch.randn(5, requires_grad=True) * 2  # non-leaf with a graph: must be detached in the store
     img = {"pixels": torch.ones(4, 3, requires_grad=True) * 1, "grid": torch.tensor([1, 2, 2]), "n": 1}
@@ -831,7 +1035,7 @@ def test_samples_moved_to_cpu_and_keys_kept():
     assert replayed["replayed"] is True and "replayed" not in store["items"][0]
 
 
-def test_drop_zero_groups_and_share():
+def test_replay_drop_zero_groups_and_share():
     samples = (_mk([0.0, 0.0, 0.0], "a") + _mk([0.5, -0.5, 0.0], "b", 3)
                + _mk([1e-8, -1e-8], "c", 6) + _mk([0.3], "d", 8))
     assert [s["id"] for s in nonzero(samples)] == [3, 4, 8]
@@ -841,7 +1045,7 @@ def test_drop_zero_groups_and_share():
     assert nonzero_group_share([]) == 0.0 and drop_zero_groups([]) == []
 
 
-def test_bad_arguments():
+def test_replay_bad_arguments():
     with pytest.raises(ValueError, match="capacity"):
         new_store(0)
     with pytest.raises(ValueError, match="size"):
@@ -850,7 +1054,8 @@ def test_bad_arguments():
         ssr(_mk([1.0]), new_store(2), 2, alpha=-1.0)
 
 
-# ---- grpo ----
+# ---- grpo: advantages, the loss against TRL's formulas, the loop, rethinking (grpo.py)
+#      python -m pytest -q test_all.py -k test_grpo_
 
 
 def _ref_advantages(rewards, g, scale):
@@ -888,7 +1093,7 @@ def _ref_loss(logp, old, adv, mask, loss_type, el, eh, ref=None, beta=0.0, max_l
     return sum(map(sum, per)) / (num_items if num_items is not None else tok)
 
 
-def test_advantages_against_trl_formula():
+def test_grpo_advantages_against_trl_formula():
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(12, generator=g).tolist()
     rewards[4:8] = [0.5] * 4                                  # a group with zero variance
@@ -900,7 +1105,7 @@ def test_advantages_against_trl_formula():
     assert G.advantages([1.0, 0.0], 2, "group").tolist() == pytest.approx([0.70700, -0.70700], abs=1e-4)
 
 
-def test_policy_loss_every_type_against_trl_reference():
+def test_grpo_policy_loss_every_type_against_trl_reference():
     g = torch.Generator().manual_seed(1)
     B, T_ = 5, 7
     logp = -torch.rand(B, T_, generator=g, dtype=torch.float64) * 3
@@ -920,20 +1125,20 @@ def test_policy_loss_every_type_against_trl_reference():
             assert float(got) == pytest.approx(want, rel=1e-9), (lt, beta)
 
 
-def test_policy_loss_hand_worked_clipping():
+def test_grpo_policy_loss_hand_worked_clipping():
     # one token: ratio e^0.4 = 1.4918; A = +1 -> clipped at 1.28 -> loss -1.28; A = -1 -> max(-1.4918, -1.28) -> 1.4918
     lp, old, m = torch.tensor([[0.4]]), torch.tensor([[0.0]]), torch.ones(1, 1)
     assert float(G.policy_loss(lp, old, torch.tensor([1.0]), m, "bnpo", 0.2, 0.28)) == pytest.approx(-1.28)
     assert float(G.policy_loss(lp, old, torch.tensor([-1.0]), m, "bnpo", 0.2, 0.28)) == pytest.approx(math.exp(0.4))
 
 
-def test_fused_grpo_loss_equals_the_loss_written_out(policy):
+def test_grpo_fused_grpo_loss_equals_the_loss_written_out(policy):
     # update() sums token_loss x loss_weights inside the fused kernel, chunk by chunk, with the gradient
     # formed in the forward pass; the loss and every parameter's gradient must equal policy_loss (checked
     # against TRL's formulas above) on token_logprobs' plain log-probs. Off-policy and on-policy rows, KL on.
     eps = [T.new_episode(policy, r, max_turns=1, max_turn_tokens=10) for r in D.synthetic(3, seed=5)]
     for i, ep in enumerate(eps):
-        ep["gen"] = torch.Generator().manual_seed(30 + i)
+        T.seed_episode(ep, "cpu", 30 + i)
     T.rollout(policy, eps)
     seqs, masks = [e["seq"] for e in eps], [e["mask"] for e in eps]
     imgs = [T.episode_images(policy, e) for e in eps]
@@ -963,7 +1168,7 @@ def test_fused_grpo_loss_equals_the_loss_written_out(policy):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), lt
 
 
-def test_gradient_only_through_sampled_tokens():
+def test_grpo_gradient_only_through_sampled_tokens():
     g = torch.Generator().manual_seed(2)
     logp = (-torch.rand(3, 6, generator=g)).requires_grad_()
     old = logp.detach() + 0.1 * torch.randn(3, 6, generator=g)
@@ -976,18 +1181,6 @@ def test_gradient_only_through_sampled_tokens():
         poked = logp.detach().clone()
         poked[mask == 0] += 5.0                               # change only masked positions
         assert float(G.policy_loss(poked, old, adv, mask, lt)) == pytest.approx(loss.item(), abs=1e-7)
-
-
-def test_samples_do_not_depend_on_the_batch(policy):
-    recs = D.synthetic(3, seed=8)
-    def run(records):
-        eps = [T.new_episode(policy, r, max_turns=1, max_turn_tokens=12) for r in records]
-        for ep in eps:
-            ep["gen"] = torch.Generator().manual_seed(int(ep["record"]["id"].split("-")[1]))
-        T.rollout(policy, eps)
-        return {ep["record"]["id"]: ep["seq"] for ep in eps}
-    together, alone = run(recs), run(recs[1:2])
-    assert alone[recs[1]["id"]] == together[recs[1]["id"]]
 
 
 GRPO_TINY = ["--model", "tiny", "--data", "synthetic", "--prompts", "2", "--group-size", "2", "--device", "cpu",
@@ -1007,7 +1200,7 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
               "grad_norm", "lr", "tokens_per_s", "time_rollout", "time_scoring", "time_update", "turns", "images"):
         assert k in rows[0], k
     assert rows[0]["nonzero_groups"] > 0 and not rows[0]["skipped"]
-    after, before = M.load(str(tmp_path), device="cpu").model.state_dict(), M.load("tiny", seed=0).model.state_dict()
+    after, before = C.load_policy(str(tmp_path), device="cpu").model.state_dict(), C.load_policy("tiny", seed=0).model.state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -1028,7 +1221,7 @@ def test_grpo_resume_equals_straight_run(tmp_path):
                 assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6) if isinstance(x[k], float) else x[k] == y[k], k
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
+def test_grpo_torchrun_two_processes_equal_one(tmp_path):
     """Data parallel (replicas, gradients averaged) and FSDP2 (sharded) on 2 CPU processes, each against
     one process on the same global batch: same weights after a step, same metrics."""
     args = GRPO_TINY + ["--steps", "1"]
@@ -1037,7 +1230,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         r = subprocess.run([*launcher, "grpo.py", *args, *extra, "--out", str(tmp_path / name)], env=env,
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
-        return M.load(str(tmp_path / name), device="cpu").model.state_dict(), \
+        return C.load_policy(str(tmp_path / name), device="cpu").model.state_dict(), \
             json.loads(open(tmp_path / name / "metrics.jsonl").readline())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     w1, r1 = run("one", [sys.executable])
@@ -1072,7 +1265,7 @@ def _answered(policy, answer, seed=9):
     return ep
 
 
-def test_rethink_episode_truncates_and_masks_the_trigger(policy):
+def test_grpo_rethink_episode_truncates_and_masks_the_trigger(policy):
     ep = _answered(policy, "red")
     before = list(ep["seq"])
     rng = random.Random(0)
@@ -1087,7 +1280,7 @@ def test_rethink_episode_truncates_and_masks_the_trigger(policy):
     assert sum(kept["mask"]) == sum(ep["mask"])                 # the trigger is not trained
 
 
-def test_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
+def test_grpo_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
     rec = D.synthetic(1, seed=9)[0]
     group = [_answered(policy, "nope") for _ in range(4)]
     args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, max_turn_tokens=8,
@@ -1105,365 +1298,26 @@ def test_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
     assert scores[0][0][0] == pytest.approx(1.1)                  # VL-Rethinker: correct after a rethink
 
 
-# ---- eval ----
+def test_grpo_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
+    real = G.token_loss
+    calls = {"n": 0}
+
+    def nan_sometimes(*a, **k):  # the first call's loss is NaN (so step 1's), the rest are fine
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 1 else loss
+    monkeypatch.setattr(G, "token_loss", nan_sometimes)
+    G.main(GRPO_TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows] == [True, False]          # skipped and logged, then training goes on
+    monkeypatch.setattr(G, "token_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite"):
+        G.main(GRPO_TINY + ["--steps", "5", "--max-nan", "2", "--out", str(tmp_path / "b")])
+    assert len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 2
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _img(path=None, size=(8, 6), colour=(200, 30, 30)):
-    """A tiny image, saved when a path is given (format from the extension)."""
-    im = Image.new("RGB", size, colour)
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        im.save(path)
-    return im
-
-
-def _b64(im):
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _sample(score, used_tool=False, n_calls=0, n_failed=0, stop="answer", n_zooms=0, inside=None, iou=None):
-    return dict(score=score, used_tool=used_tool, n_calls=n_calls, n_failed=n_failed, stop=stop, n_zooms=n_zooms,
-                coverage_inside=inside, coverage_iou=iou)
-
-
-def _item(scores, category=None, cycle=None, **kw):
-    """A hand-made item as evaluate() returns it: sample 0 at the top level, the others in other_samples."""
-    ss = [_sample(s, **kw) for s in scores]
-    it = dict(ss[0], category=category, scores=scores, pass_rate=sum(scores) / len(scores),
-              n_correct=sum(s >= R.CORRECT for s in scores), type="multiple_choice")
-    if cycle is not None:
-        it["cycle_category"] = cycle
-    if len(ss) > 1:
-        it["other_samples"] = ss[1:]
-    return it
-
-# loaders, each on a tiny sample in the benchmark's published layout
-
-
-def test_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
-    root = tmp_path / "vstar_bench"
-    _img(str(root / "direct_attributes" / "sa_1.jpg"))
-    _img(str(root / "relative_position" / "sa_2.jpg"))
-    (root / "direct_attributes" / "sa_1.json").write_text(json.dumps(dict(
-        question="What is the color of the cup?", options=["red", "blue", "green", "white"],
-        target_object=["cup"], bbox=[[10, 20, 30, 40]])))
-    (root / "relative_position" / "sa_2.json").write_text(json.dumps(dict(
-        question="Is the cup on the left or right of the dog?", options=["left", "right"],
-        target_object=["cup", "dog"], bbox=[[0, 0, 10, 10], [50, 60, 10, 20]])))
-    recs = E.load("vstar", str(root))
-    assert [r["id"] for r in recs] == ["vstar-direct_attributes-sa_1", "vstar-relative_position-sa_2"]
-    assert [r["category"] for r in recs] == ["direct_attributes", "relative_position"]
-    # [x, y, w, h] boxes -> the [x1, y1, x2, y2] box around all targets
-    assert recs[0]["bbox"] == [10, 20, 40, 60] and recs[1]["bbox"] == [0, 0, 60, 80]
-    for r, right in zip(recs, ["red", "left"]):  # the letter follows the correct option wherever it lands
-        assert r["type"] == "multiple_choice" and r["options"][ord(r["answer"]) - 65] == right
-        assert R.accuracy(f"<answer>{r['answer']}</answer>", r)[0] == 1.0
-    # seeded: the same seed gives the same order, other seeds other orders (not always "A")
-    assert E.load("vstar", str(root)) == recs
-    letters = {E.load("vstar", str(root), shuffle_seed=s)[0]["answer"] for s in range(12)}
-    assert len(letters) > 1
-    # the same questions from test_questions.jsonl: same ids, same shuffled options, bbox from the side JSON
-    text = ("What is the color of the cup?\n(A) red\n(B) blue\n(C) green\n(D) white\n"
-            "Answer with the option's letter from the given choices directly.")
-    (root / "test_questions.jsonl").write_text(json.dumps(dict(
-        image="direct_attributes/sa_1.jpg", text=text, category="direct_attributes", question_id=0, label="A")) + "\n")
-    (j,) = E.load("vstar", str(root / "test_questions.jsonl"))
-    assert j["question"] == "What is the color of the cup?"
-    assert {k: j[k] for k in ("id", "options", "answer", "bbox", "category")} == \
-        {k: recs[0][k] for k in ("id", "options", "answer", "bbox", "category")}
-    # a JSON without its image: an error naming the file, or counted and skipped
-    os.remove(root / "relative_position" / "sa_2.jpg")
-    with pytest.raises(FileNotFoundError, match="sa_2.json"):
-        E.load("vstar", str(root))
-    bad = []
-    assert len(E.load("vstar", str(root), bad=bad)) == 1 and len(bad) == 1 and "sa_2.json" in bad[0]
-
-
-def test_hrbench_loader_base64_reference_and_corrupt_rows(tmp_path):
-    path = tmp_path / "hr_bench_4k.tsv"
-    cols = ["index", "question", "A", "B", "C", "D", "answer", "category", "cycle_category", "image"]
-    img = _b64(_img(size=(16, 12)))
-    rows = [["0", "What colour is the sign?", "red", "blue", "green", "white", "A", "single", "cycle1", img],
-            # the next rotation, reusing row 0's image by its index
-            ["1", "What colour is the sign?", "blue", "green", "white", "red", "D", "single", "cycle2", "0"],
-            ["2", "Which is left?", "car", "bus", "tree", "dog", "B", "cross", "cycle1", "!" * 100],  # not base64
-            ["3", "Which is left?", "bus", "tree", "dog", "car", "A", "cross", "cycle2",
-             base64.b64encode(b"not an image" * 10).decode()]]  # base64, but of no image
-    path.write_text("\n".join("\t".join(r) for r in [cols] + rows) + "\n")
-    with pytest.raises(ValueError, match=r"hr_bench_4k.tsv:4: image is not valid base64"):
-        E.load("hrbench", str(path))
-    bad = []
-    recs = E.load("hrbench", str(path), bad=bad)
-    assert len(recs) == 2 and len(bad) == 2 and ":4:" in bad[0] and ":5: image is base64 of no image" in bad[1]
-    a, b = recs
-    assert a["id"] == "hr_bench_4k-0" and a["options"] == ["red", "blue", "green", "white"] and a["answer"] == "A"
-    assert b["options"][3] == "red" and b["answer"] == "D"  # the rotation moved the answer with its option
-    assert (a["category"], a["cycle_category"], b["cycle_category"]) == ("single", "cycle1", "cycle2")
-    assert D.load_images(a)[0].size == (16, 12) and D.load_images(b)[0].size == (16, 12)
-    assert callable(a["image"]) and a["image"] is b["image"]  # decoded on demand, from one copy of the bytes
-    with pytest.raises(ValueError, match="missing column"):
-        (tmp_path / "x.tsv").write_text("index\tquestion\n0\tq\n")
-        E.load("hrbench", str(tmp_path / "x.tsv"))
-
-
-def test_textvqa_and_docvqa_loaders(tmp_path):
-    _img(str(tmp_path / "train_images" / "abc.jpg"))
-    answers = ["coca cola"] * 7 + ["coke"] * 3
-    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(dict(dataset_name="textvqa", data=[
-        dict(question="what brand?", image_id="abc", answers=answers, question_id=7, image_classes=["Bottle"]),
-        dict(question="what year?", image_id="missing", answers=["1999"] * 10, question_id=8)])))
-    with pytest.raises(FileNotFoundError, match=r"data\[1\]: image .*missing.jpg not found"):
-        E.load("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"))
-    bad = []
-    (r,) = E.load("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"), bad=bad)
-    assert len(bad) == 1 and r["id"] == "textvqa-7" and r["type"] == "vqa" and r["answer"] == answers
-    assert R.accuracy("<answer>Coca-Cola</answer>", r)[0] == 1.0
-    assert R.accuracy("<answer>coke</answer>", r)[0] == pytest.approx(0.9)  # 3 of 10: VQA accuracy
-    _img(str(tmp_path / "documents" / "d1.png"))
-    (tmp_path / "val_v1.0.json").write_text(json.dumps(dict(dataset_name="docvqa", dataset_split="val", data=[
-        dict(questionId=49153, question="What is the date?", image="documents/d1.png", answers=["1/8/93"], docId=1),
-        dict(questionId=49154, question="Who signed?", image="documents/d1.png")])))  # test split: no answers
-    with pytest.raises(ValueError, match=r"val_v1.0.json: data\[1\]: no 'answers'"):
-        E.load("docvqa", str(tmp_path / "val_v1.0.json"))
-    (r,) = E.load("docvqa", str(tmp_path / "val_v1.0.json"), bad=[])
-    assert r["id"] == "docvqa-49153" and r["type"] == "anls" and os.path.isfile(r["image"])
-    assert R.accuracy("<answer>1/8/93</answer>", r)[0] == 1.0
-
-
-def test_mathvista_and_scienceqa_loaders(tmp_path):
-    _img(str(tmp_path / "images" / "1.jpg"))
-    _img(str(tmp_path / "images" / "2.jpg"))
-    meta = dict(category="math-targeted-vqa", task="geometry problem solving", split="testmini")
-    (tmp_path / "testmini.json").write_text(json.dumps({
-        "1": dict(pid="1", question="Which is larger?", image="images/1.jpg", choices=["3", "4"], unit=None,
-                  precision=None, answer="4", question_type="multi_choice", answer_type="text", metadata=meta),
-        "2": dict(pid="2", question="How long is AB?", image="images/2.jpg", choices=None, unit="cm",
-                  precision=1.0, answer="1.5", question_type="free_form", answer_type="float", metadata=meta)}))
-    a, b = E.load("mathvista", str(tmp_path / "testmini.json"))
-    assert a["options"] == ["3", "4"] and a["type"] == "mathvista" and a["category"] == "math-targeted-vqa"
-    assert R.accuracy("<answer>B</answer>", a)[0] == 1.0 and R.accuracy("<answer>A</answer>", a)[0] == 0.0
-    assert b["question"] == "How long is AB? (Unit: cm)" and "options" not in b
-    assert R.accuracy("<answer>1.54</answer>", b)[0] == 1.0  # rounded to the precision
-    sq = tmp_path / "scienceqa"
-    _img(str(sq / "images" / "test" / "10" / "image.png"))
-    (sq / "problems.json").write_text(json.dumps({
-        "10": dict(question="Which is a mammal?", choices=["frog", "trout", "whale"], answer=2, hint="Look.",
-                   image="image.png", split="test", subject="natural science"),
-        "11": dict(question="No image here?", choices=["a", "b"], answer=0, hint="", image=None, split="test"),
-        "12": dict(question="Train item", choices=["a", "b"], answer=0, hint="", image="image.png", split="train")}))
-    (r,) = E.load("scienceqa", str(sq / "problems.json"))
-    assert r["id"] == "scienceqa-10" and r["answer"] == "C" and r["options"][2] == "whale"
-    assert r["question"] == "Context: Look.\nWhich is a mammal?" and r["category"] == "natural science"
-    assert R.accuracy("<answer>C</answer>", r)[0] == 1.0
-
-
-def test_jsonl_loader_and_skip_bad(tmp_path):
-    path = str(tmp_path / "set.jsonl")
-    recs = [dict(id=f"q{i}", image=_img(), question="What colour?", answer="red", type="text") for i in range(2)]
-    D.write_jsonl(recs, path)
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(id="q2", image="images/q0.png", question="No answer?")) + "\n")
-    with pytest.raises(ValueError, match=r"set.jsonl:3: 'answer'"):
-        E.load("jsonl", path)
-    bad = []
-    got = E.load("jsonl", path, bad=bad)
-    assert [r["id"] for r in got] == ["q0", "q1"] and len(bad) == 1 and "set.jsonl:3" in bad[0]
-    assert all(os.path.isabs(p) for r in got for p in r["image"])
-
-# aggregation rules, on hand-worked cases
-
-
-def test_hrbench_averages_within_rotation_then_over_rotations():
-    items = [_item([1.0], "single", "c1"), _item([1.0], "single", "c1"), _item([0.0], "cross", "c1"),
-             _item([1.0], "cross", "c1"), _item([0.0], "single", "c2"), _item([1.0], "cross", "c2")]
-    overall, per = E.aggregate(items, "hrbench")
-    # c1: 3/4 = 0.75 (single 1.0, cross 0.5); c2: 1/2 = 0.5 (single 0.0, cross 1.0)
-    assert overall == pytest.approx((0.75 + 0.5) / 2)  # 0.625, not the micro 4/6
-    assert per == pytest.approx({"single": (1.0 + 0.0) / 2, "cross": (0.5 + 1.0) / 2})
-
-
-def test_vstar_micro_overall_and_per_category():
-    items = [_item([1.0], "direct_attributes"), _item([1.0], "direct_attributes"),
-             _item([0.0], "direct_attributes"), _item([0.0], "relative_position")]
-    overall, per = E.aggregate(items, "vstar")
-    assert overall == 0.5  # micro: 2 of 4 (the macro mean would be 1/3)
-    assert per == pytest.approx({"direct_attributes": 2 / 3, "relative_position": 0.0})
-
-
-def test_pass_at_k_unbiased_estimator():
-    assert E.pass_at_k(4, 2, 1) == 0.5
-    assert E.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
-    assert E.pass_at_k(4, 2, 4) == 1.0 and E.pass_at_k(4, 0, 3) == 0.0
-    assert E.pass_at_k(5, 1, 2) == pytest.approx(0.4)  # 1 - C(4,2)/C(5,2) = 1 - 6/10
-    with pytest.raises(ValueError):
-        E.pass_at_k(2, 1, 3)
-    s = E.summarize([_item([1, 0, 1, 0]), _item([0, 0, 0, 1])], samples=4)
-    assert s["avg@k"] == s["accuracy"] == pytest.approx((0.5 + 0.25) / 2)
-    assert s["pass@k"]["1"] == pytest.approx((0.5 + 0.25) / 2)
-    assert s["pass@k"]["2"] == pytest.approx((5 / 6 + (1 - 3 / 6)) / 2)  # second: 1 - C(3,2)/C(4,2)
-    assert s["pass@k"]["4"] == 1.0 and set(s["pass@k"]) == {"1", "2", "4"}
-
-
-def test_tool_statistics():
-    items = [_item([1.0], used_tool=True, n_calls=2, n_failed=1), _item([0.0], used_tool=True, n_calls=1),
-             _item([1.0]), dict(_item([0.0]), error="x.tsv:3: unreadable")]
-    s = E.summarize(items)
-    assert (s["items"], s["skipped"]) == (3, 1)
-    assert s["tool_use"] == pytest.approx(2 / 3) and s["calls_per_item"] == 1.0
-    assert s["failed_calls_per_item"] == pytest.approx(1 / 3) and s["failed_call_share"] == pytest.approx(1 / 3)
-    assert (s["acc_with_tool_use"], s["n_with_tool_use"], s["acc_without_tool_use"]) == (0.5, 2, 1.0)
-
-# where the model looks
-
-
-def test_coverage_hand_computed_boxes():
-    rec = dict(bbox=[100, 100, 200, 200])
-
-    def zoom(region, ok=True, name="zoom_in"):
-        return dict(name=name, arguments={}, ok=ok, error=None, region=region)
-    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), rec) == (1.0, 1.0)
-    # [0,0,200,200]: IoU 10000/40000 = 0.25, gt wholly inside; [150,150,250,250]: IoU 2500/17500, inside 0.25
-    assert R.coverage(dict(calls=[zoom([150, 150, 250, 250]), zoom([0, 0, 200, 200])]), rec) == (0.25, 1.0)
-    # equal IoU 0.5: [100,100,150,200] holds half of the gt, [100,100,200,300] all of it: the tie goes to it
-    assert R.coverage(dict(calls=[zoom([100, 100, 150, 200]), zoom([100, 100, 200, 300])]), rec) == (0.5, 1.0)
-    # failed zooms and drawings do not count as looking
-    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200], ok=False),
-                                  zoom([100, 100, 200, 200], name="draw_box")]), rec) == (0.0, 0.0)
-    assert R.coverage(dict(calls=[]), rec) == (0.0, 0.0)
-    assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), {}) == (None, None)
-    # a zoom on a zoom, measured in original pixels: 1000x800 image, the model's view 500x400
-    img = Image.new("RGB", (1000, 800), (128, 128, 128))
-    ep = dict(tools=["zoom_in"], cfg=dict(T.DEFAULTS), originals=[img], calls=[],
-              images=[T.make_view([img], 0, (0, 0, 1000, 800), (500, 400))])
-    call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [0, 0, 250, 200]}}
-    c1, v1, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
-    ep["images"].append(v1)
-    w, h = v1["img"].size
-    call = {"name": "zoom_in", "arguments": {"image_index": 1, "bbox_2d": [w / 2, h / 2, w, h]}}
-    c2, _, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
-    assert c1["region"] == [0, 0, 500, 400] and c2["region"] == pytest.approx([250, 200, 500, 400])
-    # gt = the bottom-right quarter of the first zoom: the second zoom is exactly it; the first has IoU 1/4
-    assert R.coverage(dict(calls=[c1, c2]), dict(bbox=[250, 200, 500, 400])) == pytest.approx((1.0, 1.0))
-    assert R.coverage(dict(calls=[c1]), dict(bbox=[250, 200, 500, 400])) == pytest.approx((0.25, 1.0))
-
-
-def test_accuracy_binned_by_coverage():
-    items = [_item([0.0], n_zooms=0, inside=0.0, iou=0.0),        # no zoom
-             _item([0.0], n_zooms=1, inside=0.0, iou=0.0),        # zoomed elsewhere
-             _item([1.0], n_zooms=1, inside=0.25, iou=0.1),
-             _item([1.0], n_zooms=2, inside=0.75, iou=0.5),
-             _item([1.0], n_zooms=1, inside=1.0, iou=0.9), _item([0.0], n_zooms=1, inside=1.0, iou=0.5),
-             _item([1.0])]                                         # no bbox: not binned
-    s = E.summarize(items)
-    bins = s["coverage"]["bins"]
-    assert {b: (d["n"], d["accuracy"]) for b, d in bins.items()} == {
-        "no zoom": (1, 0.0), "zoom missed gt": (1, 0.0), "gt <50% in zoom": (1, 1.0),
-        "gt 50-99% in zoom": (1, 1.0), "gt all in zoom": (2, 0.5)}
-    assert s["coverage"]["mean_iou"] == pytest.approx((0.0 + 0.1 + 0.5 + 0.9 + 0.5) / 5)  # zoomed only
-    table = E.results_table({"zoom_in": dict(s, seconds=1.0)})
-    assert "| acc. if gt all in zoom (n) | 50.0 (2) |" in table and "| accuracy | 57.1 |" in table
-
-# hard-example mining
-
-
-def test_write_subset_keeps_items_at_or_below_pass_rate(tmp_path):
-    png = str(tmp_path / "src" / "p.png")
-    _img(png)
-    records = [dict(id=f"s{i}", image=_img(), question="What colour?", answer="red", type="text", bbox=[0, 0, 4, 4])
-               for i in range(3)] + [dict(id="p", image=[png], question="What colour?", answer="red", type="text")]
-    items = [dict(idx=0, pass_rate=0.0), dict(idx=1, pass_rate=0.5), dict(idx=2, pass_rate=0.625),
-             dict(idx=3, pass_rate=0.25), dict(idx=4, error="unreadable")]
-    out = str(tmp_path / "hard" / "train.jsonl")
-    assert E.write_subset(items, records + [None], out, keep_below=0.5) == (3, 4)
-    got = D.load_jsonl(out)
-    assert [r["id"] for r in got] == ["s0", "s1", "p"]
-    assert os.path.isfile(str(tmp_path / "hard" / "images" / "s0.png"))  # in-memory images saved next to it
-    assert got[2]["image"] == [png]  # path images referenced, not copied
-    assert got[0]["bbox"] == [0, 0, 4, 4] and got[0]["answer"] == "red"
-
-# the rollout: batching, tools off, bad images, 2 processes = 1 process
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny-model rollouts run ~10x faster on one thread than on two when the CPU is shared, and the
-    2-process run below uses one thread per process: compare like with like."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _cfg(*extra):
-    return G.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]))
-
-
-def test_evaluate_greedy_is_batch_invariant_and_tools_off(policy, one_thread):
-    recs = D.synthetic(3, seed=10_000)
-    s4, it4 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=4, progress=False)
-    s1, it1 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=1, progress=False)
-    assert [i["turns"] for i in it4] == [i["turns"] for i in it1]
-    assert {"accuracy", "tool_use", "calls_per_item", "per_category"} <= set(s4) and s4["items"] == 3
-    s0, it0 = E.evaluate(policy, recs, [], _cfg(), progress=False)  # the tools-off baseline
-    assert s0["items"] == 3 and all(not i["used_tool"] for i in it0)
-    with pytest.raises(ValueError, match="identical"):
-        E.evaluate(policy, recs, [], _cfg(), samples=2, greedy=True)
-
-
-def test_evaluate_unreadable_image_stops_or_is_skipped(policy, tmp_path, one_thread):
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    recs = D.synthetic(1, seed=10_000) + [dict(id="b", image=[str(broken)], question="q?", answer="red",
-                                               type="text", source="bench.tsv:7")]
-    with pytest.raises(ValueError, match="bench.tsv:7"):
-        E.evaluate(policy, recs, [], _cfg(), progress=False)
-    s, items = E.evaluate(policy, recs, [], _cfg(), skip_bad=True, progress=False)
-    assert (s["items"], s["skipped"]) == (1, 1) and "bench.tsv:7" in items[1]["error"]
-
-
-def test_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
-    """2 processes (torchrun, gloo) sampling 2 answers per item give exactly the 1-process result."""
-    flags = ["--model", "tiny", "--data", "synthetic", "--limit", "3", "--samples", "2", "--batch-size", "2",
-             "--max-turn-tokens", "24", "--max-tokens", "48", "--device", "cpu", "--out", str(tmp_path / "ev")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "eval.py", *flags], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(line) for line in open(tmp_path / "ev" / "items.jsonl")]
-    results = json.load(open(tmp_path / "ev" / "results.json"))
-    assert results["settings"]["world_size"] == 2 and results["settings"]["samples"] == 2
-    s, items = E.evaluate(policy, D.synthetic(3, seed=10_000), ["zoom_in"], G.episode_cfg(E.get_args(flags)),
-                          samples=2, greedy=False, temperature=1.0, seed=0, batch_size=2, progress=False)
-    assert [{k: v for k, v in line.items() if k != "setting"} for line in lines] == json.loads(json.dumps(items))
-    sharded = {k: v for k, v in results["runs"]["zoom_in"].items() if k not in ("seconds", "tools", "system_prompt", "model")}
-    assert sharded == json.loads(json.dumps({k: v for k, v in s.items() if k != "seconds"}))
-    assert all(len(line["other_samples"]) == 1 for line in lines)
-
-
-def test_score_episode_of_a_scripted_zoom(policy):
-    """A real tool call through the episode: the zoom's region (original pixels) lands in coverage."""
-    rec = D.synthetic(1, seed=10_000)[0]
-    ep = T.new_episode(policy, rec, ["zoom_in"], **_cfg())
-    box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
-    call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": box}}
-    turn = f"<think>Zoom in.</think><tool_call>{json.dumps(call)}</tool_call>"
-    T.advance(policy, ep, M.ids(policy, turn), reason="stop")
-    T.advance(policy, ep, M.ids(policy, f"<think>I see it.</think><answer>{rec['answer']}</answer>"), reason="stop")
-    t = E.score_episode(ep, rec)
-    assert (t["score"], t["prediction"], t["stop"]) == (1.0, rec["answer"], "answer")
-    assert (t["n_calls"], t["n_failed"], t["n_zooms"], t["used_tool"]) == (1, 0, 1, True)
-    # the 24 px square's box is grown to Qwen's 28 px minimum around its centre: IoU 24^2 / 28^2, all inside
-    assert t["coverage_iou"] == pytest.approx(24 * 24 / (28 * 28), abs=1e-3) and t["coverage_inside"] == 1.0
-    s = E.summarize([dict(t, scores=[1.0], pass_rate=1.0, n_correct=1)])
-    assert s["tool_use"] == 1.0 and s["calls_per_item"] == 1.0 and s["acc_with_tool_use"] == 1.0
-
-
-# ---- fused log-prob kernel ----
+# ---- kernel: the fused log-prob kernel (model.fused_logprobs)
+#      python -m pytest -q test_all.py -k test_kernel_
 
 
 def _rel(out, ref):
@@ -1509,7 +1363,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("N,H,V,T,chunk,dtype,w_std,tol", CASES)
-def test_fused_logprobs_values_and_grads(N, H, V, T, chunk, dtype, w_std, tol):
+def test_kernel_fused_logprobs_values_and_grads(N, H, V, T, chunk, dtype, w_std, tol):
     hidden, weight, targets, upstream = _data(N, H, V, dtype, w_std)
     logp = fused_logprobs(hidden, weight, targets, T, chunk_size=chunk, impl="torch")
     assert logp.dtype == torch.float32 and logp.shape == (N,)
@@ -1523,7 +1377,7 @@ def test_fused_logprobs_values_and_grads(N, H, V, T, chunk, dtype, w_std, tol):
 
 
 @pytest.mark.parametrize("w_std", [0.02, 1.0])
-def test_fused_logprobs_entropy(w_std):
+def test_kernel_fused_logprobs_entropy(w_std):
     hidden, weight, targets, upstream = _data(33, 48, 2000, w_std=w_std)
     logp, ent = fused_logprobs(hidden, weight, targets, 0.8, entropy=True, chunk_size=10, impl="torch")
     ref_logp, ref_ent = _reference(hidden, weight, targets, 0.8)
@@ -1535,7 +1389,7 @@ def test_fused_logprobs_entropy(w_std):
     assert _rel(dh, ref_dh) < 1e-4 and _rel(dW, ref_dW) < 1e-4
 
 
-def test_fused_logprobs_one_input_requires_grad():
+def test_kernel_fused_logprobs_one_input_requires_grad():
     hidden, weight, targets, upstream = _data(20, 16, 300)
     ref_dh, ref_dW = _reference_grads(hidden, weight, targets, 1.0, upstream)
     logp = fused_logprobs(hidden, weight.detach(), targets, chunk_size=6, impl="torch")
@@ -1546,7 +1400,7 @@ def test_fused_logprobs_one_input_requires_grad():
     assert _rel(dW, ref_dW) < 1e-4
 
 
-def test_fused_logprobs_noncontiguous_and_retain_graph():
+def test_kernel_fused_logprobs_noncontiguous_and_retain_graph():
     hidden, weight, targets, upstream = _data(24, 16, 700)
     hidden_t = hidden.detach().T.contiguous().T.requires_grad_()   # same values, column-major
     ref_dh, ref_dW = _reference_grads(hidden, weight, targets, 1.0, upstream)
@@ -1560,7 +1414,7 @@ def test_fused_logprobs_noncontiguous_and_retain_graph():
         loss.backward()
 
 
-def test_fused_logprobs_forward_only():
+def test_kernel_fused_logprobs_forward_only():
     hidden, weight, targets, _ = _data(30, 16, 900)
     ref_logp, ref_ent = _reference(hidden, weight, targets, 1.2)
     with torch.no_grad():   # old-policy / reference log-probs
@@ -1580,7 +1434,7 @@ def _grpo_token_loss(logp, old, ref, adv, weight, eps=0.2, beta=0.04):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_logprobs_loss_fn(dtype, tol):
+def test_kernel_fused_logprobs_loss_fn(dtype, tol):
     N, H, V, T = 41, 32, 1100, 0.9
     hidden, weight, targets, _ = _data(N, H, V, dtype)
     g = torch.Generator().manual_seed(1)
@@ -1609,7 +1463,7 @@ def test_fused_logprobs_loss_fn(dtype, tol):
     assert loss_ng.grad_fn is None and _rel(loss_ng, loss64) < tol and ent.shape == (N,)
 
 
-def test_chunk_rows(monkeypatch):
+def test_kernel_chunk_rows(monkeypatch):
     V = 151936
 
     def check(N, budget, rows):   # one [rows, V] fp32 buffer fits the budget, in as few equal chunks as can
@@ -1646,7 +1500,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("entropy", [False, True])
-def test_never_more_than_one_chunk_of_logits(entropy):
+def test_kernel_never_more_than_one_chunk_of_logits(entropy):
     N, H, V, rows = 64, 16, 3000, 16
     hidden, weight, targets, upstream = _data(N, H, V)
     with _LargestTensor() as mode:
@@ -1659,7 +1513,7 @@ def test_never_more_than_one_chunk_of_logits(entropy):
     assert mode.largest >= N * V
 
 
-def test_triton_impl_needs_interpreter_on_cpu(monkeypatch):
+def test_kernel_triton_impl_needs_interpreter_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     hidden, weight, targets, _ = _data(4, 8, 50)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -1704,7 +1558,7 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_under_interpreter():
+def test_kernel_triton_kernels_under_interpreter():
     here = os.path.dirname(os.path.abspath(__file__))
     script = _TRITON_SCRIPT.format(module=fused_logprobs.__module__,
                                    test_module=os.path.splitext(os.path.basename(__file__))[0])
@@ -1713,9 +1567,74 @@ def test_triton_kernels_under_interpreter():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
-# ---- sft ----
 # sft.py: replayed trajectories, the loss mask, demonstrations, VLIR conversion, reflective rejection
 # sampling, training (loss falls, resume is exact, 2 processes = 1), bad input.  python -m pytest -q test_sft.py
+
+
+# ---- run: the training-run skeleton and the layout of the code (common.py)
+#      python -m pytest -q test_all.py -k test_run_
+
+
+def test_run_no_script_imports_another():
+    """grpo.py, sft.py, eval.py and bench.py share plumbing through common.py only; model.py stands below the
+    environment (it imports neither tools.py nor data.py)."""
+    import ast
+    scripts = {"grpo", "sft", "eval", "bench"}
+    core = scripts | {"common", "model", "tools", "data", "rewards", "replay"}
+    imports = {}
+    for name in core:
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        imports[name] = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imports[name] |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    for name in core:
+        assert not imports[name] & scripts, (name, imports[name] & scripts)
+    assert not imports["model"] & {"tools", "data", "common"}
+    assert not imports["rewards"] & core  # the scorers stand alone
+
+
+def test_run_a_new_tool_is_one_row_of_the_table(policy, monkeypatch):
+    """A crop tool added to tools.TOOLS alone is offered in the system prompt, runs, and counts as a zoom
+    everywhere a zoom counts: coverage, eval's zoom count, the reflective filter."""
+    def crop(ep, image_index, bbox_2d, cfg):  # a plain crop at the crop budget, no adaptive zoom
+        return T.zoom_in(ep, image_index, bbox_2d, cfg)
+    monkeypatch.setitem(T.TOOLS, "crop", dict(run=crop, zoom=True, doc="Crop a region.",
+                                              params={"image_index": T.INDEX, "bbox_2d": ("box", "The region.")}))
+    assert '"name": "crop"' in T.system_prompt(["crop"])
+    rec = D.synthetic(1, seed=10_000)[0]
+    ep = T.new_episode(policy, rec, ["crop"])
+    box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
+    for b in (box, [box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1]):
+        T.advance(policy, ep, M.ids(policy, "<think>look</think>" + T.render_call("crop", {"image_index": 0, "bbox_2d": b})),
+                  reason="stop")
+    T.advance(policy, ep, M.ids(policy, f"<answer>{rec['answer']}</answer>"), reason="stop")
+    assert [c["ok"] for c in ep["calls"]] == [True, True] and ep["stop"] == "answer"
+    # the 24 px square's box is grown to Qwen's 28 px minimum around its centre: IoU 24^2 / 28^2
+    assert R.coverage(T.trajectory(ep), rec)[0] == pytest.approx(24 * 24 / (28 * 28), abs=1e-3)
+    assert E.score_episode(ep, rec)["n_zooms"] == 2 and sft.reflective(ep["calls"])
+
+
+def test_run_metrics_fresh_for_a_new_run_one_run_after_a_resume(tmp_path):
+    """A new run into an old folder starts a fresh metrics.jsonl; a resume into its own folder keeps the rows
+    up to the checkpoint's step (dropping a line torn by a kill), so the log reads as one run. The run's
+    settings go to run.json, never over the checkpoint's config.json."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    G.main(GRPO_TINY + ["--steps", "2", "--out", str(a)])
+    G.main(GRPO_TINY + ["--steps", "2", "--out", str(a)])
+    assert [json.loads(l)["step"] for l in open(a / "metrics.jsonl")] == [1, 2]
+    G.main(GRPO_TINY + ["--steps", "4", "--save-every", "2", "--out", str(b)])
+    straight = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "rew')  # killed mid-line
+    G.main(GRPO_TINY + ["--steps", "4", "--resume", str(b / "step2"), "--out", str(b)])
+    rows = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in straight])
+    assert json.load(open(b / "run.json"))["resume"] == str(b / "step2")
+    assert json.load(open(b / "config.json"))["model_type"] == "qwen2_5_vl"
+
+
+# ---- sft: replayed trajectories, demonstrations, VLIR, reflective rejection sampling, training (sft.py)
+#      python -m pytest -q test_all.py -k test_sft_
 
 
 CFG = {**T.DEFAULTS, "max_turns": 4, "max_images": 6, "max_turn_tokens": 96, "max_tokens": 256}
@@ -1830,15 +1749,16 @@ def test_sft_reflective_filter_keeps_and_rejects():
 
     def zoom(region):
         return dict(name="zoom_in", arguments={"image_index": 0, "bbox_2d": [0, 0, 1, 1]}, ok=region is not None,
-                    error=None if region else "degenerate box", region=region)
+                    error=None if region else "degenerate box", region=region, zoom=True)
 
     def draw(label, box):
         return dict(name="draw_box", arguments={"image_index": 0, "boxes": [{"bbox_2d": box, "label": label}]},
-                    ok=True, error=None, region=[0, 0, 100, 100])
+                    ok=True, error=None, region=[0, 0, 100, 100], zoom=False)
 
     def line(label, p, q):
         return dict(name="draw_line", arguments={"image_index": 0, "lines": [
-            {"start_point_2d": p, "end_point_2d": q, "label": label}]}, ok=True, error=None, region=[0, 0, 100, 100])
+            {"start_point_2d": p, "end_point_2d": q, "label": label}]}, ok=True, error=None, region=[0, 0, 100, 100],
+                    zoom=False)
 
     def traj(calls, last="<think>It is red.</think><answer>red</answer>", stop="answer"):
         return dict(turns=["<think>look</think><tool_call>...</tool_call>"] * len(calls) + [last], calls=calls, stop=stop)
@@ -1962,15 +1882,15 @@ def test_sft_loss_falls_on_a_tiny_set(tmp_path):
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     # <out> is a Hugging Face folder that grpo.py and eval.py start from
-    p = M.load(str(out), device="cpu")
-    assert os.path.isfile(out / "trainer.pt") and p.tok.get_vocab() == M.load("tiny").tok.get_vocab()
+    p = C.load_policy(str(out), device="cpu")
+    assert os.path.isfile(out / "trainer.pt") and p.tok.get_vocab() == C.load_policy("tiny").tok.get_vocab()
 
 
 def test_sft_resume_continues_exactly(tmp_path):
     common = ["--n-items", "4", "--batch-size", "2", "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
     sft.main(common + ["--out", str(tmp_path / "a"), "--save-every", "2"])
     sft.main(common + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "step2")])
-    a, b = M.load(str(tmp_path / "a"), device="cpu"), M.load(str(tmp_path / "b"), device="cpu")
+    a, b = C.load_policy(str(tmp_path / "a"), device="cpu"), C.load_policy(str(tmp_path / "b"), device="cpu")
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
     rows = [json.loads(s) for s in open(tmp_path / "b" / "metrics.jsonl")]
@@ -1993,24 +1913,183 @@ def test_sft_torchrun_two_processes_equal_one(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     # Adam's first steps are ~lr x sign(gradient): an element whose gradient is rounding noise may flip, so
     # compare the weights element-wise and allow a handful of such elements
-    w1, w2 = (M.load(str(tmp_path / n), device="cpu").model.state_dict() for n in ("one", "two"))
+    w1, w2 = (C.load_policy(str(tmp_path / n), device="cpu").model.state_dict() for n in ("one", "two"))
     far = sum(int(((w1[k] - w2[k]).abs() > 1e-5).sum()) for k in w1)
     assert far <= 1e-4 * sum(w.numel() for w in w1.values()), far
 
 
-def test_grpo_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
-    real = G.token_loss
-    calls = {"n": 0}
+# ---- eval: aggregation, pass@k, where the model looked, mining, the harness (eval.py)
+#      python -m pytest -q test_all.py -k test_eval_
 
-    def nan_sometimes(*a, **k):  # the first call's loss is NaN (so step 1's), the rest are fine
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 1 else loss
-    monkeypatch.setattr(G, "token_loss", nan_sometimes)
-    G.main(GRPO_TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
-    rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
-    assert [r["skipped"] for r in rows] == [True, False]          # skipped and logged, then training goes on
-    monkeypatch.setattr(G, "token_loss", lambda *a, **k: real(*a, **k) * float("nan"))
-    with pytest.raises(SystemExit, match="non-finite"):
-        G.main(GRPO_TINY + ["--steps", "5", "--max-nan", "2", "--out", str(tmp_path / "b")])
-    assert len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 2
+
+def _sample(score, used_tool=False, n_calls=0, n_failed=0, stop="answer", n_zooms=0, inside=None, iou=None):
+    return dict(score=score, used_tool=used_tool, n_calls=n_calls, n_failed=n_failed, stop=stop, n_zooms=n_zooms,
+                coverage_inside=inside, coverage_iou=iou)
+
+
+def _item(scores, category=None, cycle=None, **kw):
+    """A hand-made item as evaluate() returns it: sample 0 at the top level, the others in other_samples."""
+    ss = [_sample(s, **kw) for s in scores]
+    it = dict(ss[0], category=category, scores=scores, pass_rate=sum(scores) / len(scores),
+              n_correct=sum(s >= R.CORRECT for s in scores), type="multiple_choice")
+    if cycle is not None:
+        it["cycle_category"] = cycle
+    if len(ss) > 1:
+        it["other_samples"] = ss[1:]
+    return it
+
+# loaders, each on a tiny sample in the benchmark's published layout
+
+
+def test_eval_hrbench_averages_within_rotation_then_over_rotations():
+    items = [_item([1.0], "single", "c1"), _item([1.0], "single", "c1"), _item([0.0], "cross", "c1"),
+             _item([1.0], "cross", "c1"), _item([0.0], "single", "c2"), _item([1.0], "cross", "c2")]
+    overall, per = E.aggregate(items, "hrbench")
+    # c1: 3/4 = 0.75 (single 1.0, cross 0.5); c2: 1/2 = 0.5 (single 0.0, cross 1.0)
+    assert overall == pytest.approx((0.75 + 0.5) / 2)  # 0.625, not the micro 4/6
+    assert per == pytest.approx({"single": (1.0 + 0.0) / 2, "cross": (0.5 + 1.0) / 2})
+
+
+def test_eval_vstar_micro_overall_and_per_category():
+    items = [_item([1.0], "direct_attributes"), _item([1.0], "direct_attributes"),
+             _item([0.0], "direct_attributes"), _item([0.0], "relative_position")]
+    overall, per = E.aggregate(items, "vstar")
+    assert overall == 0.5  # micro: 2 of 4 (the macro mean would be 1/3)
+    assert per == pytest.approx({"direct_attributes": 2 / 3, "relative_position": 0.0})
+
+
+def test_eval_pass_at_k_unbiased_estimator():
+    assert E.pass_at_k(4, 2, 1) == 0.5
+    assert E.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert E.pass_at_k(4, 2, 4) == 1.0 and E.pass_at_k(4, 0, 3) == 0.0
+    assert E.pass_at_k(5, 1, 2) == pytest.approx(0.4)  # 1 - C(4,2)/C(5,2) = 1 - 6/10
+    with pytest.raises(ValueError):
+        E.pass_at_k(2, 1, 3)
+    s = E.summarize([_item([1, 0, 1, 0]), _item([0, 0, 0, 1])], samples=4)
+    assert s["avg@k"] == s["accuracy"] == pytest.approx((0.5 + 0.25) / 2)
+    assert s["pass@k"]["1"] == pytest.approx((0.5 + 0.25) / 2)
+    assert s["pass@k"]["2"] == pytest.approx((5 / 6 + (1 - 3 / 6)) / 2)  # second: 1 - C(3,2)/C(4,2)
+    assert s["pass@k"]["4"] == 1.0 and set(s["pass@k"]) == {"1", "2", "4"}
+
+
+def test_eval_tool_statistics():
+    items = [_item([1.0], used_tool=True, n_calls=2, n_failed=1), _item([0.0], used_tool=True, n_calls=1),
+             _item([1.0]), dict(_item([0.0]), error="x.tsv:3: unreadable")]
+    s = E.summarize(items)
+    assert (s["items"], s["skipped"]) == (3, 1)
+    assert s["tool_use"] == pytest.approx(2 / 3) and s["calls_per_item"] == 1.0
+    assert s["failed_calls_per_item"] == pytest.approx(1 / 3) and s["failed_call_share"] == pytest.approx(1 / 3)
+    assert (s["acc_with_tool_use"], s["n_with_tool_use"], s["acc_without_tool_use"]) == (0.5, 2, 1.0)
+
+# where the model looks
+
+
+def test_eval_accuracy_binned_by_coverage():
+    items = [_item([0.0], n_zooms=0, inside=0.0, iou=0.0),        # no zoom
+             _item([0.0], n_zooms=1, inside=0.0, iou=0.0),        # zoomed elsewhere
+             _item([1.0], n_zooms=1, inside=0.25, iou=0.1),
+             _item([1.0], n_zooms=2, inside=0.75, iou=0.5),
+             _item([1.0], n_zooms=1, inside=1.0, iou=0.9), _item([0.0], n_zooms=1, inside=1.0, iou=0.5),
+             _item([1.0])]                                         # no bbox: not binned
+    s = E.summarize(items)
+    bins = s["coverage"]["bins"]
+    assert {b: (d["n"], d["accuracy"]) for b, d in bins.items()} == {
+        "no zoom": (1, 0.0), "zoom missed gt": (1, 0.0), "gt <50% in zoom": (1, 1.0),
+        "gt 50-99% in zoom": (1, 1.0), "gt all in zoom": (2, 0.5)}
+    assert s["coverage"]["mean_iou"] == pytest.approx((0.0 + 0.1 + 0.5 + 0.9 + 0.5) / 5)  # zoomed only
+    table = E.results_table({"zoom_in": dict(s, seconds=1.0)})
+    assert "| acc. if gt all in zoom (n) | 50.0 (2) |" in table and "| accuracy | 57.1 |" in table
+
+# hard-example mining
+
+
+def test_eval_write_subset_keeps_items_at_or_below_pass_rate(tmp_path):
+    png = str(tmp_path / "src" / "p.png")
+    _img(png)
+    records = [dict(id=f"s{i}", image=_img(), question="What colour?", answer="red", type="text", bbox=[0, 0, 4, 4])
+               for i in range(3)] + [dict(id="p", image=[png], question="What colour?", answer="red", type="text")]
+    items = [dict(idx=0, pass_rate=0.0), dict(idx=1, pass_rate=0.5), dict(idx=2, pass_rate=0.625),
+             dict(idx=3, pass_rate=0.25), dict(idx=4, error="unreadable")]
+    out = str(tmp_path / "hard" / "train.jsonl")
+    assert E.write_subset(items, records + [None], out, keep_below=0.5) == (3, 4)
+    got = D.load_jsonl(out)
+    assert [r["id"] for r in got] == ["s0", "s1", "p"]
+    assert os.path.isfile(str(tmp_path / "hard" / "images" / "s0.png"))  # in-memory images saved next to it
+    assert got[2]["image"] == [png]  # path images referenced, not copied
+    assert got[0]["bbox"] == [0, 0, 4, 4] and got[0]["answer"] == "red"
+
+# the rollout: batching, tools off, bad images, 2 processes = 1 process
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model rollouts run ~10x faster on one thread than on two when the CPU is shared, and the
+    2-process run below uses one thread per process: compare like with like."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(*extra):
+    return C.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]))
+
+
+def test_eval_evaluate_greedy_is_batch_invariant_and_tools_off(policy, one_thread):
+    recs = D.synthetic(3, seed=10_000)
+    s4, it4 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=4, progress=False)
+    s1, it1 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=1, progress=False)
+    assert [i["turns"] for i in it4] == [i["turns"] for i in it1]
+    assert {"accuracy", "tool_use", "calls_per_item", "per_category"} <= set(s4) and s4["items"] == 3
+    s0, it0 = E.evaluate(policy, recs, [], _cfg(), progress=False)  # the tools-off baseline
+    assert s0["items"] == 3 and all(not i["used_tool"] for i in it0)
+    with pytest.raises(ValueError, match="identical"):
+        E.evaluate(policy, recs, [], _cfg(), samples=2, greedy=True)
+
+
+def test_eval_evaluate_unreadable_image_stops_or_is_skipped(policy, tmp_path, one_thread):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    recs = D.synthetic(1, seed=10_000) + [dict(id="b", image=[str(broken)], question="q?", answer="red",
+                                               type="text", source="bench.tsv:7")]
+    with pytest.raises(ValueError, match="bench.tsv:7"):
+        E.evaluate(policy, recs, [], _cfg(), progress=False)
+    s, items = E.evaluate(policy, recs, [], _cfg(), skip_bad=True, progress=False)
+    assert (s["items"], s["skipped"]) == (1, 1) and "bench.tsv:7" in items[1]["error"]
+
+
+def test_eval_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
+    """2 processes (torchrun, gloo) sampling 2 answers per item give exactly the 1-process result."""
+    flags = ["--model", "tiny", "--data", "synthetic", "--limit", "3", "--samples", "2", "--batch-size", "2",
+             "--max-turn-tokens", "24", "--max-tokens", "48", "--device", "cpu", "--out", str(tmp_path / "ev")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "eval.py", *flags], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in open(tmp_path / "ev" / "items.jsonl")]
+    results = json.load(open(tmp_path / "ev" / "results.json"))
+    assert results["settings"]["world_size"] == 2 and results["settings"]["samples"] == 2
+    s, items = E.evaluate(policy, D.synthetic(3, seed=10_000), ["zoom_in"], C.episode_cfg(E.get_args(flags)),
+                          samples=2, greedy=False, temperature=1.0, seed=0, batch_size=2, progress=False)
+    assert [{k: v for k, v in line.items() if k != "setting"} for line in lines] == json.loads(json.dumps(items))
+    sharded = {k: v for k, v in results["runs"]["zoom_in"].items() if k not in ("seconds", "tools", "system_prompt", "model")}
+    assert sharded == json.loads(json.dumps({k: v for k, v in s.items() if k != "seconds"}))
+    assert all(len(line["other_samples"]) == 1 for line in lines)
+
+
+def test_eval_score_episode_of_a_scripted_zoom(policy):
+    """A real tool call through the episode: the zoom's region (original pixels) lands in coverage."""
+    rec = D.synthetic(1, seed=10_000)[0]
+    ep = T.new_episode(policy, rec, ["zoom_in"], **_cfg())
+    box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
+    call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": box}}
+    turn = f"<think>Zoom in.</think><tool_call>{json.dumps(call)}</tool_call>"
+    T.advance(policy, ep, M.ids(policy, turn), reason="stop")
+    T.advance(policy, ep, M.ids(policy, f"<think>I see it.</think><answer>{rec['answer']}</answer>"), reason="stop")
+    t = E.score_episode(ep, rec)
+    assert (t["score"], t["prediction"], t["stop"]) == (1.0, rec["answer"], "answer")
+    assert (t["n_calls"], t["n_failed"], t["n_zooms"], t["used_tool"]) == (1, 0, 1, True)
+    # the 24 px square's box is grown to Qwen's 28 px minimum around its centre: IoU 24^2 / 28^2, all inside
+    assert t["coverage_iou"] == pytest.approx(24 * 24 / (28 * 28), abs=1e-3) and t["coverage_inside"] == 1.0
+    s = E.summarize([dict(t, scores=[1.0], pass_rate=1.0, n_correct=1)])
+    assert s["tool_use"] == 1.0 and s["calls_per_item"] == 1.0 and s["acc_with_tool_use"] == 1.0

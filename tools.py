@@ -15,6 +15,8 @@ Conventions (SPEC section 3):
 import json
 import math
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import model as M
@@ -107,134 +109,11 @@ def make_view(originals, src, box, size, annots=None):
 
 
 # -----------------------------------------------------------------------------
-# the tools: one spec table serves the system prompt's JSON schemas and the argument checks
-
-INDEX = ("integer", "Index of the image to use: 0 is the question's image, each tool result is the next.")
-TOOLS = {
-    "zoom_in": ("Crop a region of an image and see it at higher resolution.",
-                {"image_index": INDEX,
-                 "bbox_2d": ("box", "The region [x1, y1, x2, y2] in pixels of that image as you see it.")}),
-    "zoom_point": ("See a fixed-size window around a point of an image at higher resolution.",
-                   {"image_index": INDEX,
-                    "point_2d": ("point", "The centre [x, y] in pixels of that image as you see it.")}),
-    "draw_box": ("Draw labelled boxes on a copy of an image.",
-                 {"image_index": INDEX,
-                  "boxes": ("boxes", "A list of {\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"...\"}.")}),
-    "draw_line": ("Draw labelled auxiliary lines on a copy of an image.",
-                  {"image_index": INDEX,
-                   "lines": ("lines", "A list of {\"start_point_2d\": [x, y], \"end_point_2d\": [x, y], "
-                                      "\"label\": \"...\"}.")}),
-}
-JSON_TYPES = {"integer": {"type": "integer"}, "box": {"type": "array", "items": {"type": "number"}},
-              "point": {"type": "array", "items": {"type": "number"}},
-              "boxes": {"type": "array", "items": {"type": "object"}},
-              "lines": {"type": "array", "items": {"type": "object"}}}
-
-
-def system_prompt(tools, compact=False):
-    """Qwen2.5's function-calling system prompt listing the enabled tools, plus the answer format.
-    compact: one line per tool instead of JSON schemas, for toy models (model.load sets policy.toy):
-    a random 2M-parameter model did not learn to copy a word from the question into its answer behind
-    the ~300-token Qwen tool prompt in 300 steps, and learned it in 100 without it."""
-    s = ("You are a helpful assistant. Think inside <think></think>, then either call a tool or give the "
-         "final answer inside <answer></answer>.")
-    if not tools:
-        return s
-    if compact:
-        return s + " Tools: " + "; ".join(f"{n}({', '.join(TOOLS[n][1])})" for n in tools) + "."
-    s += ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-          "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-    for name in tools:
-        desc, params = TOOLS[name]
-        props = {k: {**JSON_TYPES[t], "description": d} for k, (t, d) in params.items()}
-        schema = {"type": "function", "function": {"name": name, "description": desc, "parameters": {
-            "type": "object", "properties": props, "required": list(params)}}}
-        s += "\n" + json.dumps(schema)
-    return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-                "\"arguments\": <args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you "
-                "see it.")
-
-
-def question_text(record):
-    """The user's text: the question, then lettered options for multiple choice."""
-    q = record["question"]
-    if record.get("options"):
-        q += "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(record["options"]))
-    return q
+# the tools: each a function (episode, its arguments, cfg) -> the new image (a view)
 
 
 class ToolError(Exception):
     pass
-
-
-def _number(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ToolError(f"{what} must be a number, got {json.dumps(v)[:40]}")
-    return float(v)
-
-
-def _check(kind, v, what):
-    """Validate one argument by its spec type; returns it normalised."""
-    if kind == "integer":
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-            raise ToolError(f"{what} must be an integer")
-        return int(v)
-    if kind in ("box", "point"):
-        n = 4 if kind == "box" else 2
-        if not isinstance(v, list) or len(v) != n:
-            raise ToolError(f"{what} must be a list of {n} numbers")
-        return [_number(x, what) for x in v]
-    if kind in ("boxes", "lines"):  # several drawing operations in one call (ViLaSR)
-        keys = {"boxes": {"bbox_2d": "box", "label": "string"},
-                "lines": {"start_point_2d": "point", "end_point_2d": "point", "label": "string"}}[kind]
-        if not isinstance(v, list) or not 1 <= len(v) <= 16:
-            raise ToolError(f"{what} must be a list of 1 to 16 objects")
-        out = []
-        for i, op in enumerate(v):
-            if not isinstance(op, dict) or set(op) != set(keys):
-                raise ToolError(f"{what}[{i}] must have exactly the keys {sorted(keys)}")
-            out.append({k: (_check(t, op[k], f"{what}[{i}].{k}") if t != "string" else _label(op[k]))
-                        for k, t in keys.items()})
-        return out
-    raise AssertionError(kind)
-
-
-def _label(v):
-    if not isinstance(v, str) or len(v) > 64:
-        raise ToolError("label must be a string of at most 64 characters")
-    return v
-
-
-def parse_call(text, tools):
-    """Strict parsing of the first <tool_call>...</tool_call> in an assistant turn.
-    -> (name, arguments, None) or (name or None, None, error message). Never raises, never evals."""
-    start = text.find("<tool_call>")
-    end = text.find("</tool_call>", start + 1)
-    if start < 0:
-        return None, None, "no <tool_call>"
-    if end < 0:
-        return None, None, "unclosed <tool_call>"
-    try:
-        call = json.loads(text[start + len("<tool_call>"):end])
-    except (ValueError, RecursionError) as e:
-        return None, None, f"invalid JSON in tool call ({str(e)[:60]})"
-    if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
-        return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
-    name, args = call["name"], call["arguments"]
-    if not isinstance(name, str) or name not in tools:
-        return None, None, f"unknown tool {json.dumps(name)[:40]}; available: {', '.join(tools)}"
-    params = TOOLS[name][1]
-    if not isinstance(args, dict):
-        return name, None, "arguments must be an object"
-    if set(args) != set(params):
-        missing, extra = set(params) - set(args), set(args) - set(params)
-        return name, None, (f"missing argument(s) {sorted(missing)}" if missing
-                            else f"unexpected argument(s) {sorted(extra)[:5]}")
-    try:
-        return name, {k: _check(t, args[k], k) for k, (t, _) in params.items()}, None
-    except ToolError as e:
-        return name, None, str(e)
 
 
 def _clamped_box(view, box):
@@ -309,24 +188,161 @@ def draw_line(ep, image_index, lines, cfg):
     return _draw(ep, image_index, lines, "line")
 
 
-RUN = {"zoom_in": zoom_in, "zoom_point": zoom_point, "draw_box": draw_box, "draw_line": draw_line}
+# -----------------------------------------------------------------------------
+# what a tool is, said once: adding a tool is a function above and a row here (and its test)
+#   doc, params (name -> (type, description)): the system prompt's JSON schema and the argument checks
+#   run: the function; zoom: its result is a zoom of a region (coverage credit, `region` = that region)
+#   ops (drawings): the argument holding the drawing operations, each with a "label"
+
+INDEX = ("integer", "Index of the image to use: 0 is the question's image, each tool result is the next.")
+TOOLS = {
+    "zoom_in": dict(run=zoom_in, zoom=True, doc="Crop a region of an image and see it at higher resolution.",
+                    params={"image_index": INDEX,
+                            "bbox_2d": ("box", "The region [x1, y1, x2, y2] in pixels of that image as you see it.")}),
+    "zoom_point": dict(run=zoom_point, zoom=True,
+                       doc="See a fixed-size window around a point of an image at higher resolution.",
+                       params={"image_index": INDEX,
+                               "point_2d": ("point", "The centre [x, y] in pixels of that image as you see it.")}),
+    "draw_box": dict(run=draw_box, zoom=False, ops="boxes", doc="Draw labelled boxes on a copy of an image.",
+                     params={"image_index": INDEX,
+                             "boxes": ("boxes", "A list of {\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"...\"}.")}),
+    "draw_line": dict(run=draw_line, zoom=False, ops="lines", doc="Draw labelled auxiliary lines on a copy of an image.",
+                      params={"image_index": INDEX,
+                              "lines": ("lines", "A list of {\"start_point_2d\": [x, y], \"end_point_2d\": [x, y], "
+                                                 "\"label\": \"...\"}.")}),
+}
+JSON_TYPES = {"integer": {"type": "integer"}, "box": {"type": "array", "items": {"type": "number"}},
+              "point": {"type": "array", "items": {"type": "number"}},
+              "boxes": {"type": "array", "items": {"type": "object"}},
+              "lines": {"type": "array", "items": {"type": "object"}}}
+
+
+def system_prompt(tools, compact=False):
+    """Qwen2.5's function-calling system prompt listing the enabled tools, plus the answer format.
+    compact: one line per tool instead of JSON schemas, for toy models (model.load sets policy.toy):
+    a random 2M-parameter model did not learn to copy a word from the question into its answer behind
+    the ~300-token Qwen tool prompt in 300 steps, and learned it in 100 without it."""
+    s = ("You are a helpful assistant. Think inside <think></think>, then either call a tool or give the "
+         "final answer inside <answer></answer>.")
+    if not tools:
+        return s
+    if compact:
+        return s + " Tools: " + "; ".join(f"{n}({', '.join(TOOLS[n]['params'])})" for n in tools) + "."
+    s += ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+          "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+    for name in tools:
+        params = TOOLS[name]["params"]
+        props = {k: {**JSON_TYPES[t], "description": d} for k, (t, d) in params.items()}
+        schema = {"type": "function", "function": {"name": name, "description": TOOLS[name]["doc"], "parameters": {
+            "type": "object", "properties": props, "required": list(params)}}}
+        s += "\n" + json.dumps(schema)
+    return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                "\"arguments\": <args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you "
+                "see it.")
+
+
+def question_text(record):
+    """The user's text: the question, then lettered options for multiple choice."""
+    q = record["question"]
+    if record.get("options"):
+        q += "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(record["options"]))
+    return q
+
+
+def _number(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ToolError(f"{what} must be a number, got {json.dumps(v)[:40]}")
+    return float(v)
+
+
+def _check(kind, v, what):
+    """Validate one argument by its spec type; returns it normalised."""
+    if kind == "integer":
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise ToolError(f"{what} must be an integer")
+        return int(v)
+    if kind in ("box", "point"):
+        n = 4 if kind == "box" else 2
+        if not isinstance(v, list) or len(v) != n:
+            raise ToolError(f"{what} must be a list of {n} numbers")
+        return [_number(x, what) for x in v]
+    if kind in ("boxes", "lines"):  # several drawing operations in one call (ViLaSR)
+        keys = {"boxes": {"bbox_2d": "box", "label": "string"},
+                "lines": {"start_point_2d": "point", "end_point_2d": "point", "label": "string"}}[kind]
+        if not isinstance(v, list) or not 1 <= len(v) <= 16:
+            raise ToolError(f"{what} must be a list of 1 to 16 objects")
+        out = []
+        for i, op in enumerate(v):
+            if not isinstance(op, dict) or set(op) != set(keys):
+                raise ToolError(f"{what}[{i}] must have exactly the keys {sorted(keys)}")
+            out.append({k: (_check(t, op[k], f"{what}[{i}].{k}") if t != "string" else _label(op[k]))
+                        for k, t in keys.items()})
+        return out
+    raise AssertionError(kind)
+
+
+def _label(v):
+    if not isinstance(v, str) or len(v) > 64:
+        raise ToolError("label must be a string of at most 64 characters")
+    return v
+
+
+def parse_call(text, tools):
+    """Strict parsing of the first <tool_call>...</tool_call> in an assistant turn.
+    -> (name, arguments, None) or (name or None, None, error message). Never raises, never evals."""
+    start = text.find("<tool_call>")
+    end = text.find("</tool_call>", start + 1)
+    if start < 0:
+        return None, None, "no <tool_call>"
+    if end < 0:
+        return None, None, "unclosed <tool_call>"
+    try:
+        call = json.loads(text[start + len("<tool_call>"):end])
+    except (ValueError, RecursionError) as e:
+        return None, None, f"invalid JSON in tool call ({str(e)[:60]})"
+    if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
+        return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
+    name, args = call["name"], call["arguments"]
+    if not isinstance(name, str) or name not in tools:
+        return None, None, f"unknown tool {json.dumps(name)[:40]}; available: {', '.join(tools)}"
+    params = TOOLS[name]["params"]
+    if not isinstance(args, dict):
+        return name, None, "arguments must be an object"
+    if set(args) != set(params):
+        missing, extra = set(params) - set(args), set(args) - set(params)
+        return name, None, (f"missing argument(s) {sorted(missing)}" if missing
+                            else f"unexpected argument(s) {sorted(extra)[:5]}")
+    try:
+        return name, {k: _check(t, args[k], k) for k, (t, _) in params.items()}, None
+    except ToolError as e:
+        return name, None, str(e)
+
+
+
+RESULT = "Image {i} ({w}x{h}), from image {j}."  # the observation of a successful call
+
+
+def render_call(name, arguments):
+    """A tool call as the policy writes it (the demonstrations and converters of sft.py write them so too)."""
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
 
 
 def execute(ep, text, cfg):
     """Parse and run the tool call in an assistant turn. -> (call record, new view or None, observation).
-    The call record is what rewards.py reads: name, arguments, ok, error, and the region (original pixels)
-    the call looked at."""
+    The call record is what rewards.py reads: name, arguments, ok, error, zoom (the tool zooms), and the
+    region (original pixels) the call looked at: the zoomed region, or the whole image it drew on."""
     name, args, err = parse_call(text, ep["tools"])
-    call = dict(name=name, arguments=args, ok=False, error=err, region=None)
+    call = dict(name=name, arguments=args, ok=False, error=err, region=None, zoom=bool(name and TOOLS[name]["zoom"]))
     if err is None:
         try:
             if not 0 <= args["image_index"] < len(ep["images"]):
                 raise ToolError(f"image_index {args['image_index']} out of range: images are 0..{len(ep['images']) - 1}")
-            view = RUN[name](ep, **args, cfg=cfg)
-            call.update(ok=True, region=[round(v, 2) for v in view["box"]] if name.startswith("zoom") else
-                        [round(v, 2) for v in ep["images"][args["image_index"]]["box"]])
+            view = TOOLS[name]["run"](ep, **args, cfg=cfg)
+            region = view["box"] if call["zoom"] else ep["images"][args["image_index"]]["box"]
+            call.update(ok=True, region=[round(v, 2) for v in region])
             w, h = view["img"].size
-            return call, view, f"Image {len(ep['images'])} ({w}x{h}), from image {args['image_index']}."
+            return call, view, RESULT.format(i=len(ep["images"]), w=w, h=h, j=args["image_index"])
         except ToolError as e:
             call["error"] = err = str(e)
     return call, None, f"Error: {err}"
@@ -428,10 +444,16 @@ def _stop(ep, why):
     ep["truncated"] = why in ("max_turns", "max_images", "max_tokens")
 
 
+def seed_episode(ep, device, *key):
+    """Give an episode its own generator, seeded from `key` (ints >= 0, e.g. (seed, step, prompt, member)) alone:
+    its samples then do not depend on the other episodes of its batch, nor on how work is split over ranks."""
+    ep["gen"] = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None):
     """The multi-turn loop: sample the next turn of every active episode in one batch, run the tools,
     repeat until every episode has stopped. Episodes are updated in place and returned. An episode's
-    ep["gen"] (a torch.Generator, set by the caller) makes its samples independent of the batch."""
+    ep["gen"] (seed_episode) makes its samples independent of the batch."""
     # the per-turn cap: the same on every rank (sharded ranks step together, even with no episodes)
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
     while True:

@@ -1,0 +1,331 @@
+"""
+common.py: the plumbing that sft.py, grpo.py and eval.py share, and nothing more (no script imports another).
+
+Read top to bottom:
+  1. flags         the options every script takes (model, data, environment) and the optimiser's
+  2. processes     torchrun setup, print0, sums and gathers over ranks
+  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text)
+  4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
+                             by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
+  5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
+                   AdamW, resume, run.json, a fresh metrics.jsonl), set_lr, log_metrics, save_run
+Nothing here is run as a script.
+"""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+import model as M
+import tools as T
+
+DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sft.py` and `python grpo.py` save
+
+# -----------------------------------------------------------------------------
+# 1. flags
+
+
+def add_common_flags(p, model="tiny", out="runs/x", steps=10):
+    """The flags sft.py, grpo.py and eval.py share."""
+    # what to run on
+    p.add_argument("--model", default=model, help="'tiny', a hub id, or a checkpoint folder")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
+    p.add_argument("--out", default=out, help="the run folder")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    # the environment
+    p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
+    p.add_argument("--view-max-pixels", type=int, default=112 * 112, help="pixel budget of the first look at each image")
+    p.add_argument("--crop-max-pixels", type=int, default=112 * 112, help="pixel budget of a zoom")
+    p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
+    p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--max-images", type=int, default=6)
+    p.add_argument("--max-turn-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per trajectory")
+    # the model
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--freeze-vision", action="store_true")
+    return p
+
+
+def add_optim_flags(p, lr, warmup, schedule):
+    """AdamW and its schedule: the flags sft.py and grpo.py share (with their own defaults)."""
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
+    p.add_argument("--grad-clip", type=float, default=1.0)
+
+
+def parse_tools(s):
+    tools = [] if s in ("none", "") else s.split(",")
+    unknown = [t for t in tools if t not in T.TOOLS]
+    if unknown:
+        raise SystemExit(f"--tools: unknown tool(s) {unknown}; available: {', '.join(T.TOOLS)}, or none")
+    return tools
+
+
+def episode_cfg(args):
+    """The episode's settings (tools.DEFAULTS' keys) from the flags."""
+    return dict(view_max_pixels=args.view_max_pixels, crop_max_pixels=args.crop_max_pixels,
+                zoom_window=args.zoom_window, max_turns=args.max_turns, max_images=args.max_images,
+                max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
+
+# -----------------------------------------------------------------------------
+# 2. processes
+
+
+def setup(args):
+    """Start torch.distributed when run under torchrun (gloo on CPU, NCCL on GPU). -> (rank, world, device)"""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda":
+        torch.cuda.set_device(local)
+        dev = f"cuda:{local}"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return rank, world, torch.device(dev)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def all_sum(x, device="cpu"):
+    """Sum a float (or a list of floats) over ranks."""
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather(obj):
+    """Every rank's `obj` (anything picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def mean_over_ranks(pairs):
+    """{name: (sum, count)} of this rank -> {name: sum over ranks / count over ranks, None where no count}."""
+    names = sorted(pairs)
+    sums = all_sum([float(pairs[n][0]) for n in names])
+    counts = all_sum([float(pairs[n][1]) for n in names])
+    return {n: (s / c if c else None) for n, s, c in zip(names, sums, counts)}
+
+# -----------------------------------------------------------------------------
+# 3. the policy
+
+
+def tiny_corpus():
+    """The text the tiny tokenizer's BPE merges are learned from, made by the code that writes it into
+    episodes (system prompts, tool results, the synthetic task's questions and answers), so it cannot drift
+    from what the model reads. Any other text still encodes (byte-level BPE), in more tokens."""
+    lines = [T.system_prompt(ts, compact) for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"],
+                                                     ["draw_box", "draw_line"], []) for compact in (False, True)]
+    lines += [T.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
+              for w, h in [(112, 112), (224, 224), (56, 84)]]
+    lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
+    lines += [f"{D.QUESTION.format(place=p)} <think>Zoom in on the {p}.</think><answer>{c}</answer>"
+              for c in D.COLOURS for p in D.PLACES]
+    lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
+              "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
+    return lines * 4
+
+
+def load_policy(name="tiny", **kw):
+    """model.load(name, ...), the one way scripts and tests load a policy."""
+    return M.load(name, corpus=tiny_corpus() if name == "tiny" else None, **kw)
+
+# -----------------------------------------------------------------------------
+# 4. rolling out a whole dataset, sharded over ranks
+
+
+def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
+                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True):
+    """Roll out every record `samples` times (tools=[]: tools off) and reduce each finished episode with
+    finish(episode, record) -> a small picklable result. Sample j of item i draws from its own generator,
+    seeded from (seed, i, j) (tools.seed_episode). The episodes (i, j), in that order, are cut into fixed
+    batches of batch_size and batch b runs on rank b % world, so a sharded run computes exactly the batches
+    of an unsharded one (padding included) and returns the same results bit for bit.
+    A record whose image cannot be read, or that finish() rejects with ValueError (a malformed record):
+    ValueError naming it, or with skip_bad an entry in `errors`.
+    -> (results {(i, j): finish(...)}, errors {i: message}), merged on every rank."""
+    if greedy and samples > 1:
+        raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    episodes = [(i, j) for i in range(len(records)) for j in range(samples)]
+    batches = [episodes[b:b + batch_size] for b in range(0, len(episodes), batch_size)]
+    mine = range(rank, len(batches), world)
+    training = policy.model.training
+    policy.model.eval()
+    done, errors = {}, {}
+
+    def bad(i, e):
+        msg = f"{records[i].get('source', records[i].get('id'))}: {e}"
+        if not skip_bad:
+            raise ValueError(msg) from None
+        errors[i] = msg
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, disable=rank != 0 or not progress)
+    for b in mine:
+        eps = []
+        for i in dict.fromkeys(i for i, _ in batches[b]):  # the items of this batch, in order
+            js = [j for ii, j in batches[b] if ii == i]
+            if i in errors:
+                continue
+            try:  # an item's samples share one loaded and encoded image
+                group = T.new_group(policy, records[i], tools, len(js), **cfg)
+            except (OSError, ValueError) as e:  # an unreadable image (data.load_images says which)
+                bad(i, e)
+                continue
+            for j, ep in zip(js, group):
+                if not greedy:
+                    T.seed_episode(ep, policy.device, seed, i, j)
+                eps.append((i, j, ep))
+        T.rollout(policy, [ep for _, _, ep in eps], temperature=temperature, top_p=top_p, greedy=greedy)
+        for i, j, ep in eps:
+            try:
+                done[(i, j)] = finish(ep, records[i])
+            except ValueError as e:  # a malformed record (e.g. an answer that is none of the options)
+                bad(i, e)
+        bar.update(len(batches[b]))
+    bar.close()
+    policy.model.train(training)
+    if world > 1:  # merge on every rank (gloo on CPU, NCCL on GPU), so every rank returns the same result
+        parts = gather((done, errors))
+        done, errors = {}, {}
+        for d, e in parts:
+            done.update(d)
+            errors.update(e)
+    return done, errors
+
+# -----------------------------------------------------------------------------
+# 5. the training-run skeleton (sft.py and grpo.py)
+#
+#   policy, opt, state = start_run(args, rank, device)     # state: {"step": 0} or the resumed trainer state
+#   for step in range(state["step"], args.steps):
+#       lr = set_lr(opt, step, args)
+#       ... the step ...
+#       log_metrics(args, rank, row)
+#       save_run(args, policy, opt, step, rank, **what else to resume)
+
+
+def start_run(args, rank, device, shard=False):
+    """Load the policy for training (from --resume when given; FSDP2-sharded with shard=True), AdamW over
+    its trainable parameters, and for a resumed run the optimizer, RNG and trainer state. The run folder
+    gets a fresh metrics.jsonl for a new run; a resumed run keeps the rows up to its step (a resume into its
+    own folder then reads as one run, step by step, and a torn last line from a kill is dropped).
+    -> (policy, optimizer, state with at least "step")."""
+    policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
+                         freeze_vision=args.freeze_vision, train=True)
+    if shard:  # before the optimizer: it must hold the sharded parameters
+        M.shard(policy)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    state = dict(step=0)
+    if args.resume:
+        name = f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"
+        state = torch.load(os.path.join(args.resume, name), weights_only=False)
+        opt.load_state_dict(state.pop("optimizer"))
+        rng = state.pop("rng")
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:
+        rows = []
+        if state["step"] and os.path.exists(path):
+            for line in open(path):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line torn by a kill
+                    continue
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= state["step"])
+    return policy, opt, state
+
+
+def write_config(args, rank, **extra):
+    """The run's settings (every flag, and what the run adds) as <out>/run.json, beside the checkpoint's own
+    config.json (which this never touches)."""
+    if rank == 0:
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump({**vars(args), **extra}, f, indent=1)
+
+
+def lr_at(step, base, warmup, total, schedule):
+    """Linear warmup, then cosine to 0 or constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def set_lr(opt, step, args):
+    lr = lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def allreduce_grads(model):
+    """Data parallel by hand: average every gradient over ranks (what DDP does, minus the bucketing and
+    the overlap with backward)."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # a rank with nothing to train on still joins every collective
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+def log_metrics(args, rank, row):
+    """One JSONL line per step in <out>/metrics.jsonl (rank 0)."""
+    if rank == 0:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save_run(args, policy, opt, step, rank, **state):
+    """After step `step` (0-based): every --save-every steps a checkpoint <out>/step<N>, at the last step
+    <out> itself. A checkpoint is a Hugging Face folder (model, tokenizer, image processor) plus the trainer
+    state for --resume (optimizer, step, RNG, and `state`). Called on every rank: a sharded model is
+    gathered to rank 0 first (a collective) and each rank keeps its own shard of the optimizer state
+    (resume on the same number of processes)."""
+    n, last = step + 1, step + 1 == args.steps
+    if not (last or (args.save_every and n % args.save_every == 0)):
+        return
+    path = args.out if last else os.path.join(args.out, f"step{n}")
+    trainer = dict(state, optimizer=opt.state_dict(), step=n,
+                   rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+    if policy.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            M.save(policy, path, state_dict=full)
+        dist.barrier()
+        torch.save(trainer, os.path.join(path, f"trainer_rank{rank}.pt"))
+    elif rank == 0:
+        M.save(policy, path)
+        torch.save(trainer, os.path.join(path, "trainer.pt"))
+    if dist.is_initialized():
+        dist.barrier()
