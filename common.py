@@ -11,6 +11,7 @@ Read top to bottom:
                    AdamW, resume, run.json, a fresh metrics.jsonl), set_lr, log_metrics, save_run
 Nothing here is run as a script.
 """
+import argparse
 import json
 import math
 import os
@@ -62,6 +63,29 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
+
+
+def in_range(kind, lo, hi):
+    """An argparse type: kind(value), within [lo, hi] (else an error that names the flag and the range)."""
+    def parse(s):
+        v = kind(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{s} is outside [{lo}, {hi}]")
+        return v
+    return parse
+
+
+def add_filter_flags(p):
+    """The sampler's filters after the temperature, in transformers' order (model.draw); the log-probs
+    trained on stay those of the temperature alone. grpo.py, eval.py and sft.py --reflect take them."""
+    p.add_argument("--top-k", type=in_range(int, 0, math.inf), default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=in_range(float, 0, 1), default=1.0, help="then among the likeliest with this mass (1: off)")
+    p.add_argument("--min-p", type=in_range(float, 0, 1), default=0.0,
+                   help="then drop tokens below min-p x the top probability (0: off)")
+
+
+def filters(args):
+    return dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
 
 
 def parse_tools(s):
@@ -158,7 +182,7 @@ def load_policy(name="tiny", **kw):
 
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
-                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True):
+                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0):
     """Roll out every record `samples` times (tools=[]: tools off) and reduce each finished episode with
     finish(episode, record) -> a small picklable result. Sample j of item i draws from its own generator,
     seeded from (seed, i, j) (tools.seed_episode). The episodes (i, j), in that order, are cut into fixed
@@ -198,7 +222,8 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
                 if not greedy:
                     T.seed_episode(ep, policy.device, seed, i, j)
                 eps.append((i, j, ep))
-        T.rollout(policy, [ep for _, _, ep in eps], temperature=temperature, top_p=top_p, greedy=greedy)
+        T.rollout(policy, [ep for _, _, ep in eps], temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
+                  min_p=min_p)
         for i, j, ep in eps:
             try:
                 done[(i, j)] = finish(ep, records[i])

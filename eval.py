@@ -152,7 +152,7 @@ def score_episode(ep, record):
 
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
-             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True):
+             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
     """Roll out every record `samples` times with the tools (tools=[]: the tools-off baseline) and the
     episode cfg (common.episode_cfg: pixel budgets and limits), score, aggregate. The rollouts are
     common.run_episodes': seeded per sample, sharded over ranks by fixed batches, merged on every rank.
@@ -162,7 +162,7 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
     scorer rejects, is skipped (counted), not fatal."""
     t0 = time.time()
     done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
-                                  top_p, seed, batch_size, desc, skip_bad, progress)
+                                  top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
     items = []
     for i, r in enumerate(records):
         item = dict(idx=i, id=r.get("id"), category=r.get("category"), question=r["question"],
@@ -261,7 +261,7 @@ def get_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
     p.add_argument("--temperature", type=float, default=None,
                    help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    C.add_filter_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per rollout call")
     # what to run and write
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
@@ -316,7 +316,7 @@ def main():
         if device.type == "cpu" and sum(p.numel() for p in policy.model.parameters()) < 50e6:
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy,
-                                  temperature=args.temperature if not greedy else 1.0, top_p=args.top_p,
+                                  temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   seed=args.seed, batch_size=args.batch_size, desc=f"{label}",
                                   bench=bench, skip_bad=args.skip_bad)
         # rows the loader skipped (--skip-bad) count with the items evaluate() skipped
@@ -326,7 +326,8 @@ def main():
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         table = (f"{name} on {bench or 'synthetic'} ({args.data}), {len(records)} items, "
-                 f"{'greedy' if greedy else f'{args.samples} samples at T={args.temperature}, top-p {args.top_p}'}, "
+                 f"{'greedy' if greedy else f'{args.samples} samples at T={args.temperature}'}"
+                 f"{'' if greedy else f', top-k {args.top_k}, top-p {args.top_p}, min-p {args.min_p}'}, "
                  f"view {cfg['view_max_pixels']} px, zoom {cfg['crop_max_pixels']} px, seed {args.seed}\n\n"
                  + results_table(runs))
         subset = None
@@ -338,7 +339,7 @@ def main():
         settings_out = dict(
             model=args.model, model_loaded=name, bench=bench or "synthetic", data=args.data, images=args.images,
             split=args.split, limit=args.limit, n_items=len(records), seed=args.seed, shuffle_seed=args.shuffle_seed,
-            samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, top_p=args.top_p,
+            samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, **C.filters(args),
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
             pixels=dict(view_min_pixels=T.DEFAULTS["view_min_pixels"], view_max_pixels=cfg["view_max_pixels"],
                         crop_min_pixels=T.DEFAULTS["crop_min_pixels"], crop_max_pixels=cfg["crop_max_pixels"],

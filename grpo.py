@@ -152,7 +152,7 @@ def forced_rethinking(policy, groups, scores, args, rng):
                 todo.append((gi, ei, rethink_episode(policy, ep, correct, rng.random() < args.rethink_truncate, rng)))
     if not todo and not M.lockstep(policy):
         return 0
-    T.rollout(policy, [t[2] for t in todo], args.temperature, args.top_p, max_turn_tokens=args.max_turn_tokens)
+    T.rollout(policy, [t[2] for t in todo], args.temperature, max_turn_tokens=args.max_turn_tokens, **C.filters(args))
     kept = {}
     for gi, ei, ep in todo:
         total, comp, _ = R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)
@@ -173,7 +173,7 @@ def get_args(argv=None):
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all ranks")
     p.add_argument("--group-size", type=int, default=8, help="G trajectories per prompt")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    C.add_filter_flags(p)
     # rewards and advantages
     p.add_argument("--preset", default="vlm_r3", help=f"reward preset: {', '.join(R.PRESETS)}")
     p.add_argument("--weights", default=None, help='override reward weights, JSON: \'{"accuracy": 1, "length": 0}\'')
@@ -418,8 +418,8 @@ def main(argv=None):
         for (j, _), g in zip(idx, groups):  # each trajectory's own seed: (seed, step, global prompt, member)
             for k, ep in enumerate(g):
                 T.seed_episode(ep, device, args.seed, step, j, k)
-        T.rollout(policy, [ep for g in groups for ep in g], args.temperature, args.top_p,
-                  max_turn_tokens=args.max_turn_tokens)
+        T.rollout(policy, [ep for g in groups for ep in g], args.temperature, max_turn_tokens=args.max_turn_tokens,
+                  **C.filters(args))
         t1 = time.time()
         # 2. rewards (and forced rethinking, which rolls out again)
         scores = [[R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)[:2] for ep in g] for g in groups]

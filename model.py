@@ -14,12 +14,13 @@ from decoded text: sampled ids go into the sequence as they were sampled.
 Nothing here is run as a script; `python grpo.py`, `python sft.py` and `python eval.py` use it.
 """
 import os
+from collections import Counter
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
 # Qwen2.5's special tokens, in Qwen's order. The tiny tokenizer carries them too so that every code path
@@ -51,28 +52,29 @@ def tiny_tokenizer(corpus, vocab_size=2048):
     return tok
 
 
-def tiny_config(tok):
+def tiny_config(tok, vision=None, text=None):
     """A Qwen2.5-VL with the real architecture (windowed ViT, 2x2 patch merger, M-RoPE decoder) at toy
-    width: ~2.5M parameters, most of them the embedding."""
+    width: ~2.5M parameters, most of them the embedding. vision, text: fields to override (other widths:
+    bench.py's random-3b, the tests' real-architecture model)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     head_dim = 32  # hidden / heads; M-RoPE splits its 16 frequencies into (t, h, w) = (4, 6, 6)
     return Qwen2_5_VLConfig(
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           out_hidden_size=192, fullatt_block_indexes=[1]),
-        text_config=dict(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=192 // head_dim, num_key_value_heads=2,
-                         max_position_embeddings=8192, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                              mrope_section=[4, 6, 6])),
+        vision_config=dict(dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                                spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                out_hidden_size=192, fullatt_block_indexes=[1]), **(vision or {})),
+        text_config=dict(dict(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=192 // head_dim, num_key_value_heads=2,
+                              max_position_embeddings=8192, bos_token_id=ids["<|endoftext|>"],
+                              eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                   mrope_section=[4, 6, 6])), **(text or {})),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
 
 
 def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixels=None,
-         grad_ckpt=False, freeze_vision=False, train=False, corpus=None):
+         grad_ckpt=False, freeze_vision=False, train=False, corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids.
     name: "tiny" (random, built here, same seed -> same weights; its tokenizer is trained on `corpus`,
     which common.load_policy supplies), a hub id, or a local folder (a lookagain checkpoint is a plain
@@ -80,7 +82,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
     (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
     resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
     min/max_pixels: the image processor's budget for one image (the view the model gets of image 0; tools
-    pass each image already resized to a multiple of 28, so this is only the default budget)."""
+    pass each image already resized to a multiple of 28, so this is only the default budget).
+    arch: for "tiny", dict(vision=..., text=...) fields that replace tiny_config's (a random model of other widths)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
@@ -89,7 +92,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
             raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
         tok = tiny_tokenizer(corpus)
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok))
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
         improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 28 * 28, max_pixels=max_pixels or 112 * 112)
     else:
         if os.path.sep in name and not os.path.isdir(name):
@@ -109,6 +112,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
     sid = tok.convert_tokens_to_ids
     return SimpleNamespace(
         name=name, model=model, tok=tok, improc=improc, device=device, amp=amp, captured=captured, sharded=False,
+        stats=Counter(),  # sample()'s work: prefill_tokens (tokens prefilled), decode_rows (rows x decode steps)
         # a toy model (the tiny demo) gets the compact system prompt: see tools.system_prompt
         toy=sum(p.numel() for p in model.parameters()) < 50e6,
         merge=model.config.vision_config.spatial_merge_size,
@@ -176,15 +180,16 @@ def observation_ids(policy, text, image_enc=None):
 # batching: sequences -> model inputs
 
 
-def mrope_positions(seq, grids, policy):
+def mrope_positions(seq, grids, policy, start=0):
     """Qwen2.5-VL's 3-D rotary positions (t, h, w) for one sequence, over the whole interleaved
     conversation: text tokens count up by one on all three axes; an image's tokens sit on a grid
     (t0, h0 + row, w0 + col) starting at the running position, and the text after it resumes at
-    max(position) + 1. seq: [L] ids, grids: [n_images, 3]. -> [3, L] long."""
-    seq = torch.as_tensor(seq)
+    max(position) + 1. seq: [L] ids, grids: [n_images, 3]; start: the first token's position (a
+    continuation: the position after what is already cached). -> [3, L] long."""
+    seq = torch.as_tensor(seq, dtype=torch.long)
     pos = torch.empty(3, len(seq), dtype=torch.long)
     is_img = (seq == policy.image_pad).tolist()
-    i, nxt, k = 0, 0, 0
+    i, nxt, k = 0, start, 0
     while i < len(seq):
         if not is_img[i]:
             pos[:, i] = nxt
@@ -198,11 +203,12 @@ def mrope_positions(seq, grids, policy):
     return pos
 
 
-def collate(policy, seqs, image_lists):
+def collate(policy, seqs, image_lists, starts=None):
     """Left-pad a batch. seqs: B lists of ids; image_lists: B lists of encoded images (in order of
-    appearance). -> dict of model inputs: input_ids, attention_mask [B, L]; position_ids [3, B, L];
-    pixel_values [sum patches, D] and image_grid_thw [n_images, 3] concatenated row by row, so the model's
-    split by grid.prod(-1) gives each image back its own patches."""
+    appearance); starts: B first positions (continuations; default 0). -> dict of model inputs: input_ids,
+    attention_mask [B, L]; position_ids [3, B, L]; pixel_values [sum patches, D] and image_grid_thw
+    [n_images, 3] concatenated row by row, so the model's split by grid.prod(-1) gives each image back
+    its own patches."""
     L = max(len(s) for s in seqs)
     B = len(seqs)
     input_ids = torch.full((B, L), policy.pad, dtype=torch.long)
@@ -210,10 +216,10 @@ def collate(policy, seqs, image_lists):
     pos = torch.ones(3, B, L, dtype=torch.long)  # padding positions are never attended to
     pixels, grids = [], []
     for b, (s, imgs) in enumerate(zip(seqs, image_lists)):
-        input_ids[b, L - len(s):] = torch.tensor(s)
+        input_ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
         attn[b, L - len(s):] = 1
         g = torch.stack([e["grid"] for e in imgs]) if imgs else torch.zeros(0, 3, dtype=torch.long)
-        pos[:, b, L - len(s):] = mrope_positions(s, g, policy)
+        pos[:, b, L - len(s):] = mrope_positions(s, g, policy, starts[b] if starts else 0)
         pixels += [e["pixels"] for e in imgs]
         grids += [e["grid"] for e in imgs]
     d = policy.device
@@ -257,70 +263,162 @@ def any_rank(flag, policy):
 
 # -----------------------------------------------------------------------------
 # sampling the next assistant turn, for many episodes at once
+#
+# A row's KV cache outlives the call: sample() returns it and takes it back next time (tools.rollout keeps
+# it across an episode's tool turns), so a call prefills only what is new in a row: the prompt at the first
+# turn (once for identical rows: a GRPO group), then the last sampled token, the tool's observation and its
+# image. Between calls a row's cache is its own tensors, without padding. A call stacks them right-aligned
+# (left-padded, masked) and forwards each row's new tokens on top, right-aligned too: the 2-D attention mask
+# then has zeros in the middle, and M-RoPE positions go on from the row's own next position. A row that
+# has finished its turn leaves the batch at once.
+
+
+def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, generators=None):
+    """The next token of each row and its log-prob, log softmax(logits / temperature): what training
+    recomputes (the filters shape what is drawn, not the log-prob, as in TRL). The filters, in the order of
+    transformers' generate, after the temperature: top-k (0: off; ties with the k-th kept), top-p (the
+    likeliest tokens whose mass reaches top_p, of what top-k left), min-p (0: off; tokens with at least
+    min_p x the top probability). logits [B, V] float32; generators: one per row (or None: the global
+    RNG). -> tokens [B], logps [B]"""
+    lp = torch.log_softmax(logits / temperature, dim=-1)                  # [B, V]
+    if greedy:
+        tok = lp.argmax(-1)
+    else:
+        probs = lp.exp()
+        drop = torch.zeros_like(probs, dtype=torch.bool)                  # [B, V] the tokens filtered out
+        if top_k:
+            drop |= lp < lp.topk(min(top_k, lp.shape[-1]), -1).values[:, -1:]
+        if top_p < 1.0:  # sorted ascending, drop the tokens whose cumulative mass stays within 1 - top_p
+            sp, si = probs.masked_fill(drop, 0).sort(-1)
+            low = (sp / sp.sum(-1, keepdim=True)).cumsum(-1) <= 1 - top_p
+            low[:, -1] = False                                            # the top token always stays
+            drop |= low.scatter(-1, si, low)
+        if min_p:
+            p = probs.masked_fill(drop, 0)
+            drop |= p < min_p * p.amax(-1, keepdim=True)
+        probs = probs.masked_fill(drop, 0)                                # multinomial renormalises
+        tok = (torch.multinomial(probs, 1).squeeze(1) if generators is None else
+               torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]))
+    return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _stack(caches, device):
+    """Rows' caches ((n, next position, [(K, V) [heads, n, head_dim] per layer]), or None) -> one
+    DynamicCache [B, heads, Lc, head_dim], each row right-aligned, and its attention mask [B, Lc]."""
+    have = [c for c in caches if c]
+    if not have:
+        return None, None
+    B, Lc = len(caches), max(c[0] for c in have)
+    attn = torch.zeros(B, Lc, dtype=torch.long, device=device)
+    layers = [tuple(t.new_zeros(B, t.shape[0], Lc, t.shape[2]) for t in kv) for kv in have[0][2]]
+    for b, c in enumerate(caches):
+        if c:
+            attn[b, Lc - c[0]:] = 1
+            for (K, V), (k, v) in zip(layers, c[2]):
+                K[b, :, Lc - c[0]:], V[b, :, Lc - c[0]:] = k, v
+    return DynamicCache(ddp_cache_data=layers), attn
+
+
+def _row_cache(past, attn, i, nxt):
+    """Row i of a batch cache as its own tensors, padding dropped: (n, next position, [(K, V)])."""
+    cols = attn[i].nonzero().squeeze(1)
+    return len(cols), int(nxt[i]), [(layer.keys[i][:, cols], layer.values[i][:, cols]) for layer in past.layers]
+
+
+def _keep_rows(past, attn, idx):
+    """The batch rows idx (repeats allowed) of the cache, in place, and of its mask, without the leading
+    columns none of them uses. -> the mask"""
+    attn = attn[idx]
+    start = int(attn.any(0).long().argmax())
+    for layer in past.layers:
+        layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
+    return attn[:, start:]
 
 
 @torch.no_grad()
-def sample(policy, seqs, image_lists, max_new_tokens=256, temperature=1.0, top_p=1.0, greedy=False,
-           stop_strings=("</tool_call>", "</answer>"), generators=None):
-    """Sample one assistant turn per sequence (each ends with the assistant header).
-    A row stops at <|im_end|>/<|endoftext|>, at the first stop string, after max_new_tokens, or at a
-    vision placeholder token (not kept).
-    -> list of (new_ids, logps, reason) with reason in {"eos", "stop", "length", "invalid"}; logps are
-    log softmax(logits / temperature) of the sampled ids: the same quantity training recomputes.
+def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+           min_p=0.0, greedy=False, stop_strings=("</tool_call>", "</answer>"), generators=None):
+    """Sample one assistant turn per sequence (each ends with the assistant header, or is a turn to go on).
+    A row stops at <|im_end|>/<|endoftext|>, at the first stop string (sought in a rolling tail of its
+    text: each new token is decoded once), after max_new_tokens, or at a vision placeholder token (not
+    kept). Sampling: draw(). caches: None (the uncached path: each row's whole sequence is prefilled and
+    nothing is kept), or per row None (new) or the cache this returned for it last time, its sequence
+    having only grown at the end since (then only the new tokens are prefilled).
     generators: one torch.Generator per row (or None for the global RNG): a row's draws then depend on
     its own seed only, not on which other rows share the batch, so results do not depend on batching
-    or on how items are sharded over processes."""
-    B = len(seqs)
-    batch = collate(policy, seqs, image_lists)
-    _, past, logits = forward(policy, batch, use_cache=True)              # logits [B, V]
-    next_pos = batch["position_ids"][:, :, -1].max(0).values + 1          # [B]: text resumes at max + 1
-    attn = batch["attention_mask"]
-    out = [[] for _ in range(B)]
-    logps = [[] for _ in range(B)]
-    reason = [None] * B
-    for step in range(max_new_tokens):
-        lp = torch.log_softmax(logits / temperature, dim=-1)             # [B, V]
-        if greedy:
-            tok = lp.argmax(-1)
-        else:
-            probs = lp.exp()
-            if top_p < 1.0:  # nucleus: keep the smallest set whose mass reaches top_p
-                sp, si = probs.sort(-1, descending=True)
-                drop = sp.cumsum(-1) - sp > top_p
-                probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0))
-            gens = generators or [None] * B
-            # draw only for rows still going: a finished row's generator must not advance
-            tok = torch.cat([torch.multinomial(probs[b], 1, generator=gens[b]) if reason[b] is None
-                             else torch.zeros(1, dtype=torch.long, device=probs.device) for b in range(B)])
-        tlp = lp.gather(-1, tok[:, None]).squeeze(-1)
-        for b in range(B):
-            if reason[b] is not None:
-                continue
-            t = int(tok[b])
-            if t in policy.forbidden:
-                reason[b] = "invalid"
-                continue
-            out[b].append(t)
-            logps[b].append(float(tlp[b]))
-            if t in policy.eos:
-                reason[b] = "eos"
-            elif any(s in policy.tok.decode(out[b][-8:]) for s in stop_strings):
-                reason[b] = "stop"
-            elif len(out[b]) >= max_new_tokens:
-                reason[b] = "length"
-        done = all(r is not None for r in reason)
-        if lockstep(policy):  # a sharded rank that is done keeps stepping (on pads) until all are
-            done = not any_rank(not done, policy)
-        if done:
+    or on how items are sharded over processes.
+    -> list of (new_ids, logps, reason, cache) with reason in {"eos", "stop", "length", "invalid"}; logps
+    are log softmax(logits / temperature) of the sampled ids; cache holds the row's sequence and new_ids
+    but the last (not yet forwarded), or None on the uncached path."""
+    B, keep = len(seqs), caches is not None
+    caches = caches if keep else [None] * B
+
+    def standin():  # a sharded rank with no rows left runs as many forward passes as the others
+        forward(policy, collate(policy, [[policy.pad]], [[]]))
+    if B:  # identical rows (a GRPO group at its first turn: same ids, images and cache) are prefilled once
+        keys = [(tuple(s), tuple(map(id, ims)), id(c)) if keep else b
+                for b, (s, ims, c) in enumerate(zip(seqs, image_lists, caches))]
+        first = {}
+        for b, k in enumerate(keys):
+            first.setdefault(k, b)
+        u = list(first.values())
+        blocks = [seqs[b][caches[b][0]:] if caches[b] else seqs[b] for b in u]       # what each row adds
+        news = [image_lists[b][len(image_lists[b]) - blk.count(policy.vision_start):] for b, blk in zip(u, blocks)]
+        batch = collate(policy, blocks, news, [caches[b][1] if caches[b] else 0 for b in u])
+        past, attn = _stack([caches[b] for b in u], policy.device)
+        if past is not None:
+            batch["attention_mask"] = torch.cat([attn, batch["attention_mask"]], 1)
+        policy.stats["prefill_tokens"] += sum(map(len, blocks))
+        _, past, logits = forward(policy, batch, past, use_cache=True)              # logits [U, V]
+        attn, nxt = batch["attention_mask"], batch["position_ids"][:, :, -1].max(0).values + 1
+        if len(u) < B:  # copy each unique row to the rows that share it
+            pos = {k: i for i, k in enumerate(first)}
+            idx = [pos[k] for k in keys]
+            attn, logits, nxt = _keep_rows(past, attn, idx), logits[idx], nxt[idx]
+    else:
+        standin()
+    caches = None  # (the batch cache holds them now)
+    out, logps, reason, kept = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B, [None] * B
+    tails, width, pieces = [""] * B, max(map(len, stop_strings), default=1) - 1, {}
+    gens = generators or [None] * B
+    rows = list(range(B))  # the rows of the batch: those still sampling
+    while True:
+        if rows:
+            tok, tlp = draw(logits, temperature, top_k, top_p, min_p, greedy, [gens[b] for b in rows])
+            for b, t, lp in zip(rows, tok.tolist(), tlp.tolist()):
+                if t in policy.forbidden:
+                    reason[b] = "invalid"
+                    continue
+                out[b].append(t)
+                logps[b].append(lp)
+                if t not in pieces:
+                    pieces[t] = policy.tok.decode([t])
+                text = tails[b] + pieces[t]
+                tails[b] = text[max(0, len(text) - width):]  # where a stop string ending later can begin
+                if t in policy.eos:
+                    reason[b] = "eos"
+                elif any(s in text for s in stop_strings):
+                    reason[b] = "stop"
+                elif len(out[b]) >= max_new_tokens:
+                    reason[b] = "length"
+            going = [i for i, b in enumerate(rows) if reason[b] is None]
+            if len(going) < len(rows):  # finished rows leave the batch, their cache kept for their next turn
+                for i, b in enumerate(rows):
+                    if keep and reason[b] is not None:
+                        kept[b] = _row_cache(past, attn, i, nxt)
+                attn = _keep_rows(past, attn, going)
+                tok, nxt, rows = tok[going], nxt[going], [rows[i] for i in going]
+        if not (any_rank(bool(rows), policy) if lockstep(policy) else rows):
             break
-        # finished rows keep decoding a pad in lockstep (simplest batched cache); their output is frozen
-        tok = torch.where(torch.tensor([r is None for r in reason], device=tok.device), tok, policy.pad)
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
-        pos = next_pos.view(1, B, 1).expand(3, B, 1)
-        _, past, logits = forward(policy, dict(input_ids=tok[:, None], attention_mask=attn, position_ids=pos),
-                                  past=past, use_cache=True)
-        next_pos = next_pos + 1
-    return [(o, l, r or "length") for o, l, r in zip(out, logps, reason)]
+        if not rows:
+            standin()
+            continue
+        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
+        policy.stats["decode_rows"] += len(rows)
+        _, past, logits = forward(policy, dict(input_ids=tok[:, None], attention_mask=attn,
+                                               position_ids=nxt.view(1, -1, 1).expand(3, -1, 1)), past, use_cache=True)
+        nxt = nxt + 1
+    return list(zip(out, logps, reason, kept))
 
 
 # -----------------------------------------------------------------------------

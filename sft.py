@@ -321,14 +321,14 @@ def judge(traj, record):
     return None
 
 
-def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, batch_size=32):
+def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, batch_size=32, **filters):
     """Roll out `samples` trajectories per record (common.run_episodes: each its own generator, sharded
     over ranks, merged) and keep the correct, well-formed, reflective ones.
     -> (kept: trajectory records (record + "turns"), counts: Counter of "kept" and each rejection reason)"""
     def finish(ep, record):
         return judge(T.trajectory(ep), record), ep["turns"]
     done, _ = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy=False, temperature=temperature,
-                             seed=seed, batch_size=batch_size, desc="reflect")
+                             seed=seed, batch_size=batch_size, desc="reflect", **filters)
     kept, counts = [], Counter()
     for (i, _), (why, turns) in sorted(done.items()):
         counts[why or "kept"] += 1
@@ -369,6 +369,7 @@ def get_args(argv=None):
     p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
     p.add_argument("--temperature", type=float, default=1.0, help="--reflect: sampling temperature")
+    C.add_filter_flags(p)
     p.add_argument("--convert-vlir", default=None, metavar="IN", help="convert a VLM-R3 VLIR file to a trajectory JSONL (--to)")
     p.add_argument("--vlir-max-pixels", type=int, default=1605632, help="the pixel budget VLIR's boxes were drawn in")
     p.add_argument("--vlir-min-pixels", type=int, default=3136)
@@ -462,7 +463,8 @@ def reflect_main(args):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data: {e}") from None
     policy = C.load_policy(args.model, seed=args.seed, device=device)
-    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed)
+    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed,
+                           **C.filters(args))
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())

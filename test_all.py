@@ -477,6 +477,96 @@ def test_tools_samples_do_not_depend_on_the_batch(policy):
     assert alone[recs[1]["id"]] == together[recs[1]["id"]]
 
 
+def scripted_zooms(monkeypatch, policy, stop="7", calls=3, log=None):
+    """Multi-turn trajectories with tool images from any model, a random one included: model.sample is
+    wrapped so that each sampled turn ends at the first `stop` (random text stops at different points)
+    and, in the episode's first `calls` turns, gets a zoom_in call appended (its box moves with the
+    image count, so no call repeats, and its width with the sequence, so the crops differ in size). The
+    sampled ids stay as sampled, so the engine's cache of them stays valid; the appended ids get NaN
+    log-probs (not sampled). log: a list that receives, per call, (lengths of the sequences passed in,
+    tokens drawn)."""
+    real = M.sample
+
+    def sample(pol, seqs, *a, **k):
+        outs = real(pol, seqs, *a, **dict(k, stop_strings=(stop,)))
+        if log is not None:
+            log.append(([len(s) for s in seqs], [len(o[0]) + (o[2] == "invalid") for o in outs]))
+        res = []
+        for s, (ids, lps, reason, cache) in zip(seqs, outs):
+            n = s.count(policy.vision_start)
+            if reason in ("stop", "length") and n <= calls:
+                box = [8 * n, 8, 8 * n + 16 + 24 * (sum(s) % 3), 48]
+                call = M.ids(policy, T.render_call("zoom_in", {"image_index": 0, "bbox_2d": box}))
+                ids, lps, reason = ids + call, lps + [math.nan] * len(call), "stop"
+            res.append((ids, lps, reason, cache))
+        return res
+    monkeypatch.setattr(M, "sample", sample)
+
+
+def zoom_episodes(policy, groups=((0, 2), (1, 1), (2, 2)), **cfg):
+    """Episodes of several synthetic records: (record seed, group size) -> a GRPO-style group each (copies
+    share the prompt and its encoded image), each episode with its own generator."""
+    eps = []
+    for seed, g in groups:
+        eps += T.new_group(policy, D.synthetic(1, seed=seed)[0], ["zoom_in"], g,
+                           **{"max_turns": 4, "max_turn_tokens": 16, "max_tokens": 400, **cfg})
+    for i, ep in enumerate(eps):
+        T.seed_episode(ep, "cpu", 7, i)
+    return eps
+
+
+# Qwen2.5-VL-3B's config fields that shape the computation (head_dim 128, GQA 16:2, M-RoPE sections
+# [16, 24, 24] at theta 1e6, a windowed ViT with head_dim 80, window 112 and full attention in some
+# blocks), at 2 decoder layers, vision depth 2 and narrow widths
+REAL_ARCH = dict(vision=dict(depth=2, hidden_size=160, intermediate_size=320, num_heads=2, out_hidden_size=512,
+                             window_size=112, fullatt_block_indexes=[1]),
+                 text=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, rms_norm_eps=1e-6,
+                           rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
+
+
+@pytest.mark.parametrize("arch", [None, REAL_ARCH], ids=["tiny", "real_architecture"])
+def test_tools_cached_rollout_equals_uncached(policy, arch, monkeypatch):
+    """Keeping each episode's cache across its tool turns (and sharing a group's prompt) samples exactly
+    what prefilling every turn's whole conversation again samples: greedy token for token, and sampled
+    (per-episode generators) too, with the same log-probs; multi-turn, tool images, rows of different lengths."""
+    pol = policy if arch is None else C.load_policy("tiny", seed=1, device="cpu", arch=arch)
+    scripted_zooms(monkeypatch, pol)
+    for greedy in (True, False):
+        runs = [T.rollout(pol, zoom_episodes(pol), greedy=greedy, reuse_cache=r) for r in (True, False)]
+        for a, b in zip(*runs):
+            assert a["seq"] == b["seq"] and a["stop"] == b["stop"]
+            assert np.allclose(a["logp"], b["logp"], atol=1e-5, equal_nan=True)
+        assert all(len(ep["images"]) == 4 for ep in runs[0])  # three tool turns, each with its image
+        assert len({len(ep["seq"]) for ep in runs[0]}) > 2    # episodes of different lengths
+        assert greedy or len({ep["n_sampled"] for ep in runs[0]}) > 2   # (sampled: turns of different lengths too)
+
+
+def test_tools_group_prompt_prefilled_once_finished_rows_leave_the_batch(policy, monkeypatch):
+    """Every pass through the decoder, counted by a hook: a group's prompt is prefilled once, the next turn
+    prefills only the new tokens (last sampled token, tool call, observation, image), and each decode step
+    forwards only the rows still sampling."""
+    passes, log = [], []   # (rows, new tokens) of each decoder pass; model.sample's calls
+    hook = policy.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: passes.append(tuple(k["inputs_embeds"].shape[:2])), with_kwargs=True)
+    scripted_zooms(monkeypatch, policy, calls=1, log=log)
+    try:
+        T.rollout(policy, zoom_episodes(policy, groups=((0, 4), (1, 1)), max_turns=2))
+    finally:
+        hook.remove()
+    (lens1, n1), (lens2, n2) = log
+    assert passes[0] == (2, max(lens1))   # the group's prompt and the other one, once each
+
+    def decode_rows(n):  # a row that draws m tokens is forwarded after each of its first m - 1 draws
+        return [r for r in (sum(k < m - 1 for m in n) for k in range(max(n))) if r]
+    k = 1 + len(decode_rows(n1))
+    assert [r for r, L in passes[1:k]] == decode_rows(n1) and all(L == 1 for _, L in passes[1:k])
+    # turn 2: each row's sequence now, minus what its cache holds (the prompt, all its sampled tokens but the last)
+    blocks = [s2 - (s1 + m - 1) for s1, m, s2 in zip(lens1, n1, lens2)]
+    assert passes[k] == (5, max(blocks)) and max(blocks) < min(lens1) < min(lens2)
+    assert [r for r, _ in passes[k + 1:]] == decode_rows(n2)
+
+
 # ---- model: model inputs, sampling, log-probs, loading and checkpoints (model.py)
 #      python -m pytest -q test_all.py -k test_model_
 
@@ -522,19 +612,59 @@ def test_model_image_tokens_and_pixel_split(policy):
         assert torch.equal(part, alone)
 
 
-def test_model_recomputed_logprobs_equal_sampling_logprobs(policy):
-    eps = [T.new_episode(policy, r, max_turns=2, max_turn_tokens=20) for r in D.synthetic(3, seed=4)]
-    for i, ep in enumerate(eps):
-        T.seed_episode(ep, "cpu", 10 + i)
-    T.rollout(policy, eps, temperature=0.7)
+def test_model_recomputed_logprobs_equal_sampling_logprobs(policy, monkeypatch):
+    """The log-probs the sampler returns (from the cached engine: shared prompt, cache kept across tool turns)
+    equal token_logprobs recomputed on the finished multi-turn sequences with their images, fp32, 1e-5."""
+    scripted_zooms(monkeypatch, policy)
+    eps = T.rollout(policy, zoom_episodes(policy), temperature=0.7)
     logp, mask = M.token_logprobs(policy, [e["seq"] for e in eps], [T.episode_images(policy, e) for e in eps],
                                   [e["mask"] for e in eps], temperature=0.7)
     L = logp.shape[1]
     for b, ep in enumerate(eps):
-        m = torch.tensor(ep["mask"]).bool()
-        got = logp[b, L - len(ep["seq"]):][m]
-        assert torch.allclose(got, torch.tensor(ep["logp"])[m], atol=1e-4)
-        assert mask[b].sum() == m.sum()
+        sampled = torch.tensor(ep["logp"]).isfinite() & torch.tensor(ep["mask"]).bool()  # NaN: the scripted calls
+        got = logp[b, L - len(ep["seq"]):][sampled]
+        assert torch.allclose(got, torch.tensor(ep["logp"])[sampled], atol=1e-5, rtol=0)
+        assert mask[b].sum() == sum(ep["mask"]) and len(ep["images"]) == 4
+
+
+def test_model_stop_strings_found_across_tokens(policy):
+    """A stop string is found however many tokens it spans (the row stops at the token that completes it,
+    nothing after it is kept), and only the first one counts."""
+    ep = T.new_episode(policy, D.synthetic(1, seed=3)[0])
+    gen = lambda: torch.Generator().manual_seed(5)
+    (ids, _, reason, _), = M.sample(policy, [ep["seq"]], [T.episode_images(policy, ep)], max_new_tokens=40,
+                                    stop_strings=(), generators=[gen()])
+    assert reason == "length"
+    texts = [policy.tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    for a, b in ((5, 7), (10, 31), (20, 21)):  # a stop string spanning tokens a..b-1 (up to 21 tokens)
+        stop = texts[b][len(texts[a]) + 1:]     # starting inside token a
+        want = next(k for k in range(len(ids) + 1) if stop in texts[k])  # the first prefix holding it
+        (got, _, r, _), = M.sample(policy, [ep["seq"]], [T.episode_images(policy, ep)], max_new_tokens=40,
+                                   stop_strings=("never there", stop), generators=[gen()])
+        assert stop and got == ids[:want] and r == "stop"
+
+
+@pytest.mark.parametrize("p, T_, k, top_p, min_p, keep", [
+    ([.4, .3, .15, .1, .05], 1.0, 0, 0.8, 0.3, [1, 1, 1, 0, 0]),   # top-p before min-p, as transformers (vLLM: [1, 1, 0, 0, 0])
+    ([.4, .3, .15, .1, .05], 2.0, 0, 1.0, 0.3, [1, 1, 1, 1, 1]),   # min-p after the temperature: (p_i / p_max)^(1/T) >= 0.3
+    ([.4, .3, .15, .1, .05], 0.5, 0, 1.0, 0.3, [1, 1, 0, 0, 0]),
+    ([.4, .25, .25, .05, .05], 1.0, 2, 1.0, 0.0, [1, 1, 1, 0, 0]),  # top-k keeps the ties with the k-th
+    ([.4, .3, .15, .1, .05], 1.0, 2, 0.5, 0.0, [1, 0, 0, 0, 0]),    # top-p on what top-k left: 0.3/0.7 < 0.5
+])
+def test_model_sampling_filters_match_the_distribution_written_out(p, T_, k, top_p, min_p, keep):
+    """draw() samples from softmax(logits / T) restricted to the tokens the filters keep (hand-worked above),
+    renormalised, written out in float64; the log-prob it returns is the unfiltered log softmax(logits / T)."""
+    logits = torch.tensor(p, dtype=torch.float64).log().float()
+    q = np.array(p, dtype=np.float64) ** (1 / T_) * np.array(keep)   # softmax(log p / T) on the support, unnormalised
+    q /= q.sum()
+    n = 20000
+    torch.manual_seed(0)
+    tok, lp = M.draw(logits.expand(n, -1), T_, k, top_p, min_p)
+    freq = np.bincount(tok.numpy(), minlength=len(p)) / n
+    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(q))       # the support exactly
+    assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-12), (freq, q)
+    full = np.log(np.array(p) ** (1 / T_) / (np.array(p) ** (1 / T_)).sum())
+    assert np.allclose(lp.numpy(), full[tok.numpy()], atol=1e-6)
 
 
 def test_model_same_seed_same_model():
@@ -1283,7 +1413,7 @@ def test_grpo_rethink_episode_truncates_and_masks_the_trigger(policy):
 def test_grpo_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
     rec = D.synthetic(1, seed=9)[0]
     group = [_answered(policy, "nope") for _ in range(4)]
-    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, max_turn_tokens=8,
+    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_turn_tokens=8,
                               preset="vl_rethinker", weights=None)
     scores = [[R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2] for ep in group]]
     # a stand-in policy: the continuations of members 0, 1, 2 answer correctly, member 3's does not

@@ -450,24 +450,28 @@ def seed_episode(ep, device, *key):
     ep["gen"] = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
-def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None):
+def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
+            reuse_cache=True):
     """The multi-turn loop: sample the next turn of every active episode in one batch, run the tools,
     repeat until every episode has stopped. Episodes are updated in place and returned. An episode's
-    ep["gen"] (seed_episode) makes its samples independent of the batch."""
+    ep["gen"] (seed_episode) makes its samples independent of the batch. Each episode's KV cache is kept
+    from turn to turn (model.sample), so a turn prefills only the new observation and its image;
+    reuse_cache=False prefills every turn's whole conversation again (the uncached path, for comparison)."""
     # the per-turn cap: the same on every rank (sharded ranks step together, even with no episodes)
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
+    caches = {}  # id(episode) -> its cache, between its turns
     while True:
         active = [ep for ep in episodes if ep["stop"] is None]
         if not (M.any_rank(bool(active), policy) if M.lockstep(policy) else active):
             return episodes
-        if not active:  # sharded and done early: step along on a one-token stand-in, discarded
-            M.sample(policy, [[policy.pad]], [[]], max_new_tokens=cap, greedy=True)
-            continue
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
-                        max_new_tokens=cap, temperature=temperature, top_p=top_p, greedy=greedy,
+                        [caches.pop(id(ep), None) for ep in active] if reuse_cache else None, max_new_tokens=cap,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
                         generators=[ep["gen"] for ep in active])
-        for ep, (new_ids, logps, reason) in zip(active, outs):
+        for ep, (new_ids, logps, reason, cache) in zip(active, outs):
             advance(policy, ep, new_ids, logps, reason)
+            if ep["stop"] is None and cache is not None:
+                caches[id(ep)] = cache
 
 
 def episode_images(policy, ep):
