@@ -1,5 +1,7 @@
 """
-Benchmark of the fused log-prob kernel: forward + backward of per-token log-probs
+Two benchmarks, each printing a table: the fused log-prob kernel (below) and the rollout engine (--rollout).
+
+1. The fused log-prob kernel: forward + backward of per-token log-probs
 logp = log_softmax(hidden @ weight.T)[targets], against the naive path
 (logits -> log_softmax -> gather), for time and peak memory.
 
@@ -26,6 +28,18 @@ must return. Each subprocess first warms up on 8 tokens (code loading, Triton co
 runs once at full size (which gives the memory) and --reps - 1 more times. Time: the fastest of all
 the full-size runs (the least disturbed). TFLOP/s counts the 6 N H V floor, whatever the
 implementation actually computes.
+
+2. The rollout engine (model.sample through tools.rollout) against transformers' generate and the uncached
+path (every turn's whole conversation prefilled again: tools.rollout(reuse_cache=False)):
+  CPU (the SFT demo checkpoint runs/sft when present, else tiny): python bench.py --rollout --threads 2
+  one GPU (a random-weight Qwen2.5-VL-3B, tiny tokenizer):
+      python bench.py --rollout --model random-3b --device cuda --max-new 512 --pixels 200704
+--prompts P x --group G episodes (a GRPO step's groups), --reps rounds taking turns, the fastest kept.
+Single turn, greedy: generate (same prompts, same stop strings and max new tokens), uncached, engine: the
+same tokens (the table says how many rows agree with generate). Multi-turn with zoom_in (the demo's
+episodes: its turn, image and token limits), sampled at T = 1 from per-episode seeds: uncached, engine.
+tokens/s counts the tokens the trajectories keep; prefill/token: tokens prefilled per sampled token;
+rows/token: rows forwarded by decode steps per sampled token (1 when no row decodes padding).
 """
 
 import argparse
@@ -37,6 +51,10 @@ import time
 
 import torch
 
+import common as C
+import data as D
+import model as M
+import tools as T
 from model import fused_logprobs
 
 
@@ -107,6 +125,83 @@ def run_one(impl, N, H, V, dtype, device, reps):
     return dict(impl=impl, N=N, times=times, extra=peak - grad_bytes)
 
 
+# Qwen/Qwen2.5-VL-3B-Instruct's config fields (--model random-3b: its widths, random weights, --layers decoder layers)
+QWEN25_VL_3B = dict(
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+              num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
+
+
+def rollout_bench(a, device):
+    """The rollout table (see the docstring, 2.)."""
+    name, arch = a.model or (C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"), None
+    if name == "random-3b":
+        name, arch = "tiny", dict(QWEN25_VL_3B, text=dict(QWEN25_VL_3B["text"], num_hidden_layers=a.layers))
+    policy = C.load_policy(name, device=device, arch=arch)
+    policy.model.eval()
+    records = D.dataset("synthetic", "test")[:a.prompts]
+    cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([])),
+               view_max_pixels=a.pixels, crop_max_pixels=a.pixels, max_turn_tokens=a.max_new)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def episodes(turns):
+        eps = [ep for r in records for ep in T.new_group(policy, r, ["zoom_in"], a.group, **dict(cfg, max_turns=turns))]
+        for k, ep in enumerate(eps):
+            T.seed_episode(ep, device, 0, k)
+        return eps
+
+    def engine(turns, reuse):  # -> seconds, sampled tokens, prefilled tokens, decode rows, what was sampled
+        eps = episodes(turns)
+        policy.stats.clear()
+        sync()
+        t = time.perf_counter()
+        T.rollout(policy, eps, greedy=turns == 1, reuse_cache=reuse)
+        sync()
+        dt, st = time.perf_counter() - t, policy.stats
+        sampled = [[t for t, m in zip(ep["seq"], ep["mask"]) if m] for ep in eps]
+        return dt, sum(map(len, sampled)), st["prefill_tokens"], st["decode_rows"], sampled
+
+    def generate(_turns, _reuse):
+        eps = episodes(1)
+        batch = M.collate(policy, [ep["seq"] for ep in eps], [T.episode_images(policy, ep) for ep in eps])
+        del batch["position_ids"]  # generate computes M-RoPE itself, from where the image tokens are
+        batch["mm_token_type_ids"] = (batch["input_ids"] == policy.image_pad).int()
+        sync()
+        t = time.perf_counter()
+        out = policy.model.generate(**batch, max_new_tokens=a.max_new, do_sample=False, eos_token_id=policy.eos,
+                                    pad_token_id=policy.pad, stop_strings=["</tool_call>", "</answer>"], tokenizer=policy.tok)
+        sync()
+        dt, new = time.perf_counter() - t, out[:, batch["input_ids"].shape[1]:].tolist()
+        new = [r[:next((i + 1 for i, x in enumerate(r) if x in policy.eos), len(r))] for r in new]  # up to the first eos
+        return dt, sum(map(len, new)), int(batch["attention_mask"].sum()), len(new) * (len(out[0]) - len(batch["input_ids"][0]) - 1), new
+
+    runs = [("single turn", "generate", generate, 1, None), ("single turn", "uncached", engine, 1, False),
+            ("single turn", "engine", engine, 1, True), ("multi-turn", "uncached", engine, cfg["max_turns"], False),
+            ("multi-turn", "engine", engine, cfg["max_turns"], True)]
+    best = {}
+    for r in range(a.reps + 1):  # round 0 warms up; then the paths take turns
+        for setting, path, fn, turns, reuse in runs:
+            res = fn(turns, reuse)
+            if r and (best.get((setting, path)) is None or res[0] < best[(setting, path)][0]):
+                best[(setting, path)] = res
+    eps = episodes(cfg["max_turns"])
+    T.rollout(policy, eps)
+    print(f"# {name if arch is None else f'random Qwen2.5-VL-3B widths, {a.layers} layers'} on {device} "
+          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{policy.model.dtype}, {a.prompts} prompts x {a.group}, at most {a.max_new} new tokens a turn, images of "
+          f"<= {a.pixels} px; multi-turn: {sum(len(ep['turns']) for ep in eps) / len(eps):.2f} turns and "
+          f"{sum(len(ep['images']) for ep in eps) / len(eps):.2f} images a trajectory; best of {a.reps}")
+    print("| setting | path | time s | tokens | tokens/s | speed | prefill/token | rows/token | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (setting, path), (dt, n, pre, rows, seqs) in best.items():
+        base = best[(setting, "generate" if setting == "single turn" else "uncached")]
+        same = sum(x == y for x, y in zip(seqs, base[4]))
+        print(f"| {setting} | {path} | {dt:.2f} | {n} | {n / dt:.0f} | {base[0] / dt:.2f}x | {pre / n:.2f} | "
+              f"{rows / n:.2f} | {same}/{len(seqs)} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -120,6 +215,14 @@ def main():
     p.add_argument("--impls", nargs="+", default=None, help="naive chunked chunked+loss triton triton+loss")
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test of this script")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: IMPL N, run in a child
+    # the rollout benchmark
+    p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
+    p.add_argument("--model", default=None, help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
+    p.add_argument("--layers", type=int, default=36, help="--rollout --model random-3b: decoder layers")
+    p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new", type=int, default=96, help="--rollout: new tokens a turn at most")
+    p.add_argument("--pixels", type=int, default=112 * 112, help="--rollout: pixel budget of an image (view and zoom)")
     a = p.parse_args()
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +237,9 @@ def main():
         Ns, H, V, reps, rounds = [1024], 256, 32000, 1, 1
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.rollout:
+        a.reps = a.reps or 3
+        return rollout_bench(a, device)
 
     if a._one is not None:   # child process: one measurement, printed as JSON
         print(json.dumps(run_one(a._one[0], int(a._one[1]), H, V, dtype, device, reps)))

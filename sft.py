@@ -98,11 +98,13 @@ def rebuild(policy, record, turns, tools, cfg):
     return ep, None
 
 
-def prepare(policy, items, tools, cfg, rank=0, world=1):
+def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
     """Replay this rank's share of the trajectories (items rank::world) once: reject the bad ones, keep the
-    good ones as what training needs: the token ids, the loss mask, and the images the model sees (views,
-    as PIL images: 3 bytes a pixel, ~70 KB a demo; the originals are not kept).
-    -> (kept: list of dict(seq, mask, views), rejected: every rank's list of (reason, "where: message"))"""
+    good ones as what training needs: the token ids, the loss mask, and the images the model sees (views:
+    encoded as the replay left them, 24 bytes a pixel, while this rank's fit in `enc_budget` bytes, so that
+    no step encodes them again; beyond it as PIL images, 3 bytes a pixel, encoded at each step; the
+    originals are not kept). -> (kept: list of dict(seq, mask, views), rejected: every rank's list of
+    (reason, "where: message"))"""
     kept, rejected = [], []
     for i in tqdm(range(rank, len(items), world), desc="replaying", disable=rank != 0, leave=False):
         record, turns, where = items[i]
@@ -115,7 +117,10 @@ def prepare(policy, items, tools, cfg, rank=0, world=1):
         if err:
             rejected.append((err[0], f"{where}: {err[1]}"))
         else:
-            kept.append(dict(seq=ep["seq"], mask=ep["mask"], views=[v["img"] for v in ep["images"]]))
+            encs = T.episode_images(policy, ep)
+            enc_budget -= sum(e["pixels"].nbytes for e in encs)
+            views = encs if enc_budget >= 0 else [v["img"] for v in ep["images"]]
+            kept.append(dict(seq=ep["seq"], mask=ep["mask"], views=views))
     return kept, [r for part in C.gather(rejected) for r in part]
 
 
@@ -429,9 +434,9 @@ def train(args):
         nll = 0.0
         for b in batches:
             # the mean negative log-likelihood, fused into the log-prob kernel (model.token_logprobs)
-            loss, logp, m = M.token_logprobs(policy, [t["seq"] for t in b],
-                                             [[M.encode_image(policy, v) for v in t["views"]] for t in b],
-                                             [t["mask"] for t in b], token_loss=lambda lp, i, j: -lp * world / n_tok)
+            images = [[v if isinstance(v, dict) else M.encode_image(policy, v) for v in t["views"]] for t in b]
+            loss, logp, m = M.token_logprobs(policy, [t["seq"] for t in b], images, [t["mask"] for t in b],
+                                             token_loss=lambda lp, i, j: -lp * world / n_tok)
             loss.backward()
             nll += -float((logp * m).sum())
         C.allreduce_grads(policy.model)

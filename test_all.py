@@ -525,6 +525,17 @@ REAL_ARCH = dict(vision=dict(depth=2, hidden_size=160, intermediate_size=320, nu
                            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
 
 
+def test_tools_samples_do_not_depend_on_the_batch_multi_turn(policy, monkeypatch):
+    """Sampled multi-turn trajectories with tool images: an episode rolled out alone samples what it samples
+    among others (a group sharing its prompt, episodes of other lengths), from its own generator."""
+    scripted_zooms(monkeypatch, policy)
+    together = T.rollout(policy, zoom_episodes(policy), temperature=1.0)
+    for i in (1, 2):
+        alone, = T.rollout(policy, zoom_episodes(policy)[i:i + 1], temperature=1.0)
+        assert alone["seq"] == together[i]["seq"] and len(alone["images"]) == 4
+        assert np.allclose(alone["logp"], together[i]["logp"], atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("arch", [None, REAL_ARCH], ids=["tiny", "real_architecture"])
 def test_tools_cached_rollout_equals_uncached(policy, arch, monkeypatch):
     """Keeping each episode's cache across its tool turns (and sharing a group's prompt) samples exactly
@@ -1936,7 +1947,7 @@ def test_sft_bad_trajectories_rejected_with_file_and_line(policy, tmp_path, caps
     write_trajectories(path, recs, turns)
     items = sft.load_trajectories(str(path))
     kept, rejected = sft.prepare(policy, items, ["zoom_in"], CFG)
-    assert len(kept) == 1 and kept[0]["views"][0].size == (112, 112)
+    assert len(kept) == 1 and kept[0]["views"][0]["grid"].tolist() == [1, 8, 8]  # 112 x 112 px, encoded once
     assert [r for r, _ in rejected] == ["tool_error", "wrong_answer"]
     assert rejected[0][1].startswith(f"{path}:2: turn 0") and "degenerate" in rejected[0][1]
     assert rejected[1][1].startswith(f"{path}:3: ")

@@ -464,6 +464,7 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
         active = [ep for ep in episodes if ep["stop"] is None]
         if not (M.any_rank(bool(active), policy) if M.lockstep(policy) else active):
             return episodes
+        # (a sharded rank with no episode left samples an empty batch: it steps along with the others)
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
                         [caches.pop(id(ep), None) for ep in active] if reuse_cache else None, max_new_tokens=cap,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
