@@ -129,8 +129,8 @@ def run_one(impl, N, H, V, dtype, device, reps):
 QWEN25_VL_3B = dict(
     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
                 fullatt_block_indexes=[7, 15, 23, 31]),
-    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-              num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
 
 
@@ -171,11 +171,13 @@ def rollout_bench(a, device):
         sync()
         t = time.perf_counter()
         out = policy.model.generate(**batch, max_new_tokens=a.max_new, do_sample=False, eos_token_id=policy.eos,
-                                    pad_token_id=policy.pad, stop_strings=["</tool_call>", "</answer>"], tokenizer=policy.tok)
+                                    pad_token_id=policy.pad, stop_strings=["</tool_call>", "</answer>"],
+                                    tokenizer=policy.tok)
         sync()
         dt, new = time.perf_counter() - t, out[:, batch["input_ids"].shape[1]:].tolist()
-        new = [r[:next((i + 1 for i, x in enumerate(r) if x in policy.eos), len(r))] for r in new]  # up to the first eos
-        return dt, sum(map(len, new)), int(batch["attention_mask"].sum()), len(new) * (len(out[0]) - len(batch["input_ids"][0]) - 1), new
+        steps = len(new[0])  # every row decodes until the last one stops
+        new = [r[:next((i + 1 for i, x in enumerate(r) if x in policy.eos), len(r))] for r in new]  # to the first eos
+        return dt, sum(map(len, new)), int(batch["attention_mask"].sum()), len(new) * (steps - 1), new
 
     runs = [("single turn", "generate", generate, 1, None), ("single turn", "uncached", engine, 1, False),
             ("single turn", "engine", engine, 1, True), ("multi-turn", "uncached", engine, cfg["max_turns"], False),
@@ -217,7 +219,8 @@ def main():
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: IMPL N, run in a child
     # the rollout benchmark
     p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
-    p.add_argument("--model", default=None, help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
+    p.add_argument("--model", default=None,
+                   help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
     p.add_argument("--layers", type=int, default=36, help="--rollout --model random-3b: decoder layers")
     p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
     p.add_argument("--group", type=int, default=8)

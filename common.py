@@ -72,14 +72,17 @@ def in_range(kind, lo, hi):
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{s} is outside [{lo}, {hi}]")
         return v
+    parse.__name__ = kind.__name__  # argparse's message for a value that does not parse: "invalid int value"
     return parse
 
 
 def add_filter_flags(p):
     """The sampler's filters after the temperature, in transformers' order (model.draw); the log-probs
     trained on stay those of the temperature alone. grpo.py, eval.py and sft.py --reflect take them."""
-    p.add_argument("--top-k", type=in_range(int, 0, math.inf), default=0, help="sample among the k likeliest tokens (0: off)")
-    p.add_argument("--top-p", type=in_range(float, 0, 1), default=1.0, help="then among the likeliest with this mass (1: off)")
+    p.add_argument("--top-k", type=in_range(int, 0, math.inf), default=0,
+                   help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=in_range(float, 0, 1), default=1.0,
+                   help="then among the likeliest with this mass (1: off)")
     p.add_argument("--min-p", type=in_range(float, 0, 1), default=0.0,
                    help="then drop tokens below min-p x the top probability (0: off)")
 

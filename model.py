@@ -270,7 +270,8 @@ def any_rank(flag, policy):
 # image. Between calls a row's cache is its own tensors, without padding. A call stacks them right-aligned
 # (left-padded, masked) and forwards each row's new tokens on top, right-aligned too: the 2-D attention mask
 # then has zeros in the middle, and M-RoPE positions go on from the row's own next position. A row that
-# has finished its turn leaves the batch at once.
+# has finished its turn leaves the batch at once. Stop strings are sought in a rolling tail of each row's
+# text, each new token decoded once.
 
 
 def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, generators=None):
@@ -339,17 +340,15 @@ def _keep_rows(past, attn, idx):
 def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
            min_p=0.0, greedy=False, stop_strings=("</tool_call>", "</answer>"), generators=None):
     """Sample one assistant turn per sequence (each ends with the assistant header, or is a turn to go on).
-    A row stops at <|im_end|>/<|endoftext|>, at the first stop string (sought in a rolling tail of its
-    text: each new token is decoded once), after max_new_tokens, or at a vision placeholder token (not
-    kept). Sampling: draw(). caches: None (the uncached path: each row's whole sequence is prefilled and
-    nothing is kept), or per row None (new) or the cache this returned for it last time, its sequence
-    having only grown at the end since (then only the new tokens are prefilled).
+    A row stops at <|im_end|>/<|endoftext|>, at the first stop string, after max_new_tokens, or at a vision
+    placeholder token (not kept). caches: None (the uncached path: whole sequences prefilled, nothing kept)
+    or per row None (new) or the cache this returned for it, its sequence grown only at the end since.
     generators: one torch.Generator per row (or None for the global RNG): a row's draws then depend on
     its own seed only, not on which other rows share the batch, so results do not depend on batching
     or on how items are sharded over processes.
     -> list of (new_ids, logps, reason, cache) with reason in {"eos", "stop", "length", "invalid"}; logps
-    are log softmax(logits / temperature) of the sampled ids; cache holds the row's sequence and new_ids
-    but the last (not yet forwarded), or None on the uncached path."""
+    are log softmax(logits / temperature) of the sampled ids (draw()); cache holds the row's sequence and
+    new_ids but the last (not yet forwarded), or is None on the uncached path."""
     B, keep = len(seqs), caches is not None
     caches = caches if keep else [None] * B
 

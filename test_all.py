@@ -656,8 +656,8 @@ def test_model_stop_strings_found_across_tokens(policy):
 
 
 @pytest.mark.parametrize("p, T_, k, top_p, min_p, keep", [
-    ([.4, .3, .15, .1, .05], 1.0, 0, 0.8, 0.3, [1, 1, 1, 0, 0]),   # top-p before min-p, as transformers (vLLM: [1, 1, 0, 0, 0])
-    ([.4, .3, .15, .1, .05], 2.0, 0, 1.0, 0.3, [1, 1, 1, 1, 1]),   # min-p after the temperature: (p_i / p_max)^(1/T) >= 0.3
+    ([.4, .3, .15, .1, .05], 1.0, 0, 0.8, 0.3, [1, 1, 1, 0, 0]),   # top-p before min-p (vLLM's order: [1, 1, 0, 0, 0])
+    ([.4, .3, .15, .1, .05], 2.0, 0, 1.0, 0.3, [1, 1, 1, 1, 1]),   # min-p after temperature: (p_i / p_max)^(1/T) >= 0.3
     ([.4, .3, .15, .1, .05], 0.5, 0, 1.0, 0.3, [1, 1, 0, 0, 0]),
     ([.4, .25, .25, .05, .05], 1.0, 2, 1.0, 0.0, [1, 1, 1, 0, 0]),  # top-k keeps the ties with the k-th
     ([.4, .3, .15, .1, .05], 1.0, 2, 0.5, 0.0, [1, 0, 0, 0, 0]),    # top-p on what top-k left: 0.3/0.7 < 0.5
@@ -1424,8 +1424,8 @@ def test_grpo_rethink_episode_truncates_and_masks_the_trigger(policy):
 def test_grpo_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
     rec = D.synthetic(1, seed=9)[0]
     group = [_answered(policy, "nope") for _ in range(4)]
-    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_turn_tokens=8,
-                              preset="vl_rethinker", weights=None)
+    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                              max_turn_tokens=8, preset="vl_rethinker", weights=None)
     scores = [[R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2] for ep in group]]
     # a stand-in policy: the continuations of members 0, 1, 2 answer correctly, member 3's does not
     def scripted(policy_, eps, *a, **kw):
