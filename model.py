@@ -186,7 +186,7 @@ def mrope_positions(seq, grids, policy, start=0):
     (t0, h0 + row, w0 + col) starting at the running position, and the text after it resumes at
     max(position) + 1. seq: [L] ids, grids: [n_images, 3]; start: the first token's position (a
     continuation: the position after what is already cached). -> [3, L] long."""
-    seq = torch.as_tensor(seq, dtype=torch.long)
+    seq = torch.as_tensor(seq)
     pos = torch.empty(3, len(seq), dtype=torch.long)
     is_img = (seq == policy.image_pad).tolist()
     i, nxt, k = 0, start, 0
@@ -216,7 +216,7 @@ def collate(policy, seqs, image_lists, starts=None):
     pos = torch.ones(3, B, L, dtype=torch.long)  # padding positions are never attended to
     pixels, grids = [], []
     for b, (s, imgs) in enumerate(zip(seqs, image_lists)):
-        input_ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        input_ids[b, L - len(s):] = torch.tensor(s)
         attn[b, L - len(s):] = 1
         g = torch.stack([e["grid"] for e in imgs]) if imgs else torch.zeros(0, 3, dtype=torch.long)
         pos[:, b, L - len(s):] = mrope_positions(s, g, policy, starts[b] if starts else 0)
