@@ -250,16 +250,21 @@ def start_run(args, rank, device, shard=False):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
-        rows = []
-        if state["step"] and os.path.exists(path):
-            for line in open(path):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line torn by a kill
-                    continue
+        rows = read_metrics(path) if state["step"] else []
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= state["step"])
     return policy, opt, state
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl ([] if there is none), skipping a line torn by a kill."""
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def write_config(args, rank, **extra):

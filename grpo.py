@@ -426,12 +426,7 @@ def plot(metrics_path, png):
     except ImportError:
         C.print0("no plot: `pip install matplotlib` to get curves.png")
         return
-    rows = []
-    for line in open(metrics_path):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line torn by a kill
-            continue
+    rows = C.read_metrics(metrics_path)
     if not rows:
         C.print0(f"no plot: no rows in {metrics_path}")
         return
