@@ -409,35 +409,100 @@ def test_tools_execute_errors_are_observations():
         assert view is None and not call["ok"] and obs.startswith("Error:") and err in obs, obs
 
 
-def test_tools_fuzz_tool_calls_never_raise():
-    rng = random.Random(0)
-    good = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 20, 200, 300]}}
-    pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', '"zoom_in"', '"name"',
-              '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>', ' ']
-    texts = []
-    for i in range(400):
-        kind = i % 4
+def _fuzz_calls(rng, n, view_w, view_h):
+    """n adversarial tool-call turns (seeded): JSON-ish soup, mutated valid calls, valid calls with wild values
+    (integers too big for a float, inf, NaN, bools, thin boxes), random boxes and points around the view,
+    deep nesting, huge strings and a 1 MB argument name."""
+    good = [{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 2, 200, 20]}},
+            {"name": "zoom_point", "arguments": {"image_index": 0, "point_2d": [30, 12]}},
+            {"name": "draw_box", "arguments": {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 9, 9], "label": "a"}]}},
+            {"name": "draw_line", "arguments": {"image_index": 0, "lines": [
+                {"start_point_2d": [0, 0], "end_point_2d": [5, 5], "label": "b"}]}}]
+    big = "1" + "0" * 400  # an integer too big for a float, written out
+    pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', 'Infinity', big, '"zoom_in"',
+              '"name"', '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>', ' ']
+    wild = [None, True, -5, 0, 3.5, 1e300, -0.0, "x", [], {"a": 1}, [0, 0, 0, 0], [1, 2, 3, 4], [-10, -10, 5000, 5000]]
+    for i in range(n):
+        kind = i % 6
         if kind == 0:   # random soup of JSON-ish pieces
             body = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         elif kind == 1:  # a valid call, mutated at one character
-            s = json.dumps(good)
+            s = json.dumps(rng.choice(good))
             j = rng.randrange(len(s))
             body = s[:j] + rng.choice(pieces) + s[j + 1:] if rng.random() < 0.8 else s
-        elif kind == 2:  # valid structure, random argument values
-            vals = [None, True, -5, 0, 3.5, 1e300, "x", [], [1, 2, 3, 4], [-10, -10, 5000, 5000], {"a": 1}, [0, 0, 0, 0]]
-            body = json.dumps({"name": rng.choice(["zoom_in", "zoom_point", "draw_box", "nope"]),
-                               "arguments": {"image_index": rng.choice(vals), rng.choice(["bbox_2d", "point_2d", "boxes"]): rng.choice(vals)}})
-        else:            # deep nesting and huge strings
-            body = "[" * rng.randint(1, 5000) + "]" * rng.randint(0, 5000) if rng.random() < 0.5 else '"' + "a" * 100000 + '"'
-        texts.append(f"<think>x</think><tool_call>{body}</tool_call>")
+        elif kind == 2:  # valid structure, wild argument values (or a number replaced by the huge integer)
+            call = json.loads(json.dumps(rng.choice(good)))
+            key = rng.choice(list(call["arguments"]))
+            call["arguments"][key] = rng.choice(wild)
+            body = json.dumps(call)
+            if rng.random() < 0.3:
+                body = json.dumps(rng.choice(good)).replace("10", big, 1).replace("30", big, 1)
+        elif kind == 3:  # random boxes around the view, a third of them thin (a tenth of a pixel high or wide)
+            x1, y1 = rng.uniform(-20, view_w + 20), rng.uniform(-20, view_h + 20)
+            w, h = rng.uniform(0.05, view_w), rng.uniform(0.05, view_h)
+            if rng.random() < 0.33:
+                w, h = (view_w * 1.2, rng.uniform(0.01, 0.3)) if rng.random() < 0.5 else (rng.uniform(0.01, 0.3), view_h * 1.2)
+            body = json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [x1, y1, x1 + w, y1 + h]}})
+        elif kind == 4:  # random points, inside and out
+            body = json.dumps({"name": "zoom_point", "arguments": {"image_index": rng.choice([0, 0, 0, 1, -1]), "point_2d": [
+                rng.uniform(-5, view_w + 5), rng.uniform(-5, view_h + 5)]}})
+        else:            # deep nesting, huge strings, a huge unknown argument name
+            r = rng.random()
+            body = ("[" * rng.randint(1, 5000) + "]" * rng.randint(0, 5000) if r < 0.4 else '"' + "a" * 100000 + '"'
+                    if r < 0.7 else json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "k" * 1_000_000: 1}}))
+        yield f"<think>x</think><tool_call>{body}</tool_call>"
+
+
+def _check_call(ep, call, view, obs):
+    """A call either worked (an image whose region lies inside the original, a zoom_in's covering the box
+    asked for, clamped to the view) or is an `Error:` observation of bounded length; never an exception."""
+    if not call["ok"]:
+        assert view is None and obs.startswith("Error:") and len(obs) < 300, obs[:400]
+        return 0
+    assert view is not None and obs.startswith("Image ")
+    W, H = ep["originals"][0].size
+    x1, y1, x2, y2 = call["region"]
+    assert -0.01 <= x1 < x2 <= W + 0.01 and -0.01 <= y1 < y2 <= H + 0.01, (call, W, H)
+    if call["name"] == "zoom_in":
+        src = ep["images"][call["arguments"]["image_index"]]
+        w, h = src["img"].size
+        b = call["arguments"]["bbox_2d"]
+        (a1, b1), (a2, b2) = T.to_original(src, max(b[0], 0), max(b[1], 0)), T.to_original(src, min(b[2], w), min(b[3], h))
+        assert x1 <= a1 + 0.01 and y1 <= b1 + 0.01 and a2 <= x2 + 0.01 and b2 <= y2 + 0.01, (b, call["region"])
+    return 1
+
+
+def test_tools_fuzz_tool_calls_never_raise(policy):
+    """1,500 seeded adversarial turns through T.execute on blank episodes (a 1000 x 800 image, and 7680 x 900
+    and 900 x 7680 ones, as an HR-Bench 8K panorama may be), and 300 through T.advance in real episodes of
+    the tiny policy: nothing raises, a failure is an `Error:` observation, a zoom lies inside the original."""
+    rng = random.Random(0)
     n_ok = 0
-    for text in texts:
-        ep = blank_episode()
-        call, view, obs = T.execute(ep, text, ep["cfg"])
-        assert (call["ok"] and view is not None and obs.startswith("Image 1")) or \
-               (not call["ok"] and view is None and obs.startswith("Error:"))
-        n_ok += call["ok"]
-    assert 0 < n_ok < len(texts)
+    for w, h, n in ((1000, 800, 1000), (7680, 900, 250), (900, 7680, 250)):
+        ep = blank_episode(w, h)
+        ep["images"] = [T.make_view(ep["originals"], 0, (0, 0, w, h), T.smart_resize(h, w)[::-1])]
+        vw, vh = ep["images"][0]["img"].size
+        for text in _fuzz_calls(rng, n, vw, vh):
+            call, view, obs = T.execute(ep, text, ep["cfg"])
+            n_ok += _check_call(ep, call, view, obs)
+    assert 300 < n_ok < 1200, n_ok
+    # through the episode: the observation goes into the token sequence, a zoom's image is encoded
+    img = Image.new("RGB", (7680, 900), (90, 90, 90))
+    rec = dict(id="pano", image=[img], question="What is written?", answer="x", type="text")
+    ep, n_ok, n = None, 0, 0
+    for text in _fuzz_calls(rng, 300, 308, 28):
+        if ep is None or ep["stop"] is not None:
+            ep = T.new_episode(policy, rec, list(T.TOOLS), max_turns=8, max_images=8, max_tokens=10**9)
+        if len(text) > 20000:  # tokenizing a megabyte takes seconds; execute() above had those
+            continue
+        n_calls = len(ep["calls"])
+        T.advance(policy, ep, M.ids(policy, text), reason="stop")
+        if len(ep["calls"]) > n_calls:
+            n += 1
+            call = ep["calls"][-1]
+            n_ok += _check_call(ep, call, ep["images"][-1] if call["ok"] else None,
+                                "Image " if call["ok"] else "Error: " + call["error"])
+    assert n > 150 and 0 < n_ok < n, (n, n_ok)
 
 
 def test_tools_rollout_with_scripted_tool_call(policy):
