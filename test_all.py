@@ -14,8 +14,10 @@ import json
 import math
 import os
 import random
+import struct
 import subprocess
 import sys
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -268,6 +270,114 @@ def test_data_jsonl_loader_and_skip_bad(tmp_path):
     got = D.load_benchmark("jsonl", path, bad=bad)
     assert [r["id"] for r in got] == ["q0", "q1"] and len(bad) == 1 and "set.jsonl:3" in bad[0]
     assert all(os.path.isabs(p) for r in got for p in r["image"])
+
+
+def _png_header(w, h):
+    """A PNG that declares w x h pixels and holds none: a decompression bomb as it looks before decoding."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_data_broken_files_named_or_skipped(tmp_path):
+    """Each broken line, record or image in a JSONL file: an error naming the file and line, or with bad=[] a
+    counted skip that keeps the good records. Images are decoded when the data is loaded, not mid-run."""
+    path = tmp_path / "set.jsonl"
+    D.write_jsonl([dict(id="q0", image=_img(), question="What colour?", answer="red")], str(path))
+    good = path.read_bytes()
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    (tmp_path / "images" / "trunc.png").write_bytes(noise.getvalue()[:len(noise.getvalue()) // 2])
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "text.png").write_text("just some text\n")
+    (tmp_path / "images" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (tmp_path / "images" / "big.png").write_bytes(_png_header(9000, 9000))  # 81 M pixels: under PIL's own limit
+    _img(str(tmp_path / "images" / "thin.png"), size=(402, 2))  # aspect 201
+
+    def rec(**kw):
+        return json.dumps({"image": "images/q0.png", "question": "q?", "answer": "a", **kw}).encode()
+    cases = [(rec(image=["images/q0.png", 5]), "'image'"),
+             (b'{"image": "images/q0.png", "question": "caf\xe9?", "answer": "a"}', "not UTF-8"),  # Latin-1
+             (rec(image="images/trunc.png"), "trunc.png"), (rec(image="images/empty.png"), "empty.png"),
+             (rec(image="images/text.png"), "text.png"), (rec(image="images/bomb.png"), "bomb.png"),
+             (rec(image="images/big.png"), "over the limits"), (rec(image="images/thin.png"), "aspect"),
+             (rec(bbox=[0, 0, float("inf"), 5]), "'bbox'"),  # json.dumps writes Infinity, json.loads reads it
+             (rec(bbox=[False, 0, True, 5]), "'bbox'"),
+             (rec(type="multiple_choice", options=["red", "blue"], answer="green"), "neither an option"),
+             (rec(type="mathvista", precision="two"), "'precision'")]
+    bad_path = tmp_path / "bad.jsonl"
+    for line, msg in cases:
+        bad_path.write_bytes(good + line + b"\n" + good)
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            D.load_jsonl(str(bad_path))
+        assert "bad.jsonl:2: " in str(e.value) and msg in str(e.value), (line[:80], str(e.value))
+        bad = []
+        assert [r["id"] for r in D.load_jsonl(str(bad_path), bad=bad)] == ["q0", "q0"] and len(bad) == 1, bad
+        assert "bad.jsonl:2: " in bad[0] and msg in bad[0]
+    bad_path.write_bytes(b"\xef\xbb\xbf" + good)  # a UTF-8 byte-order mark, as some editors write
+    assert [r["id"] for r in D.load_jsonl(str(bad_path))] == ["q0"]
+
+
+def test_data_images_converted_to_rgb_the_right_way(tmp_path):
+    # 16-bit grey 0x8080 = 32896 -> 32896 / 257 = 128 (clipped to 8 bits it would be 255: white)
+    Image.fromarray(np.full((4, 6), 0x8080, np.uint16)).save(tmp_path / "g16.png")
+    # alpha: opaque pixels keep their colour, transparent ones become the white background
+    a = np.zeros((4, 6, 4), np.uint8)
+    a[:, :3] = (10, 200, 30, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "rgba.png")
+    # EXIF orientation 6 ("rotate 90 degrees clockwise to view"): stored 40 x 20 with the left half red,
+    # shown 20 x 40 with the top half red
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    g16, rgba, turned = D.load_images({"id": "x", "image": [str(tmp_path / n) for n in ("g16.png", "rgba.png", "turned.jpg")]})
+    assert g16.mode == "RGB" and np.asarray(g16)[0, 0].tolist() == [128, 128, 128]
+    assert np.asarray(rgba)[0, 0].tolist() == [10, 200, 30] and np.asarray(rgba)[0, 5].tolist() == [255, 255, 255]
+    t = np.asarray(turned).astype(int)
+    assert turned.size == (20, 40) and t[5, 10, 0] > 200 > t[5, 10, 2] and t[35, 10, 2] > 200 > t[35, 10, 0]
+
+
+def test_data_loaders_malformed_rows_named_or_skipped(tmp_path):
+    """A row of the wrong shape in each benchmark's layout: a ValueError naming the file and row, or with
+    bad=[] a counted skip that keeps the good row."""
+    _img(str(tmp_path / "images" / "1.jpg"))
+    vs = tmp_path / "vstar" / "direct_attributes"
+    _img(str(vs / "a.jpg"))
+    _img(str(vs / "b.jpg"))
+    (vs / "a.json").write_text(json.dumps(dict(question="Colour?", options=["red", "blue"])))
+    (vs / "b.json").write_text(json.dumps(["Colour?", ["red", "blue"]]))  # a list, not an object
+    ok_mv = dict(question="How many?", image="images/1.jpg", answer="3", answer_type="integer", metadata={})
+    ok_sq = dict(question="Which?", choices=["x", "y"], answer=0, image="image.png", split="test")
+    _img(str(tmp_path / "images" / "test" / "1" / "image.png"))
+    trunc = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(trunc, "JPEG")
+    cols = "index\tquestion\tA\tB\tC\tD\tanswer\tcategory\tcycle_category\timage\n"
+    hr = [["0", "Colour?", "red", "blue", "x", "y", "A", "single", "cycle1", _b64(_img(size=(16, 12)))],
+          ["1", "Colour?", "red", "blue", "x", "y", "A", "single", "cycle1",  # a JPEG cut in half
+           base64.b64encode(trunc.getvalue()[:len(trunc.getvalue()) // 2]).decode()]]
+    cases = [("vstar", tmp_path / "vstar", None, "b.json: needs an object"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "metadata": ["a", "list"]}}, "pid 2: 'metadata'"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "choices": "abc"}}, "pid 2: 'choices'"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "precision": "two", "answer_type": "float"}},
+              "pid 2: 'precision'"),
+             ("scienceqa", "problems.json", {"1": ok_sq, "2": {**ok_sq, "image": 7}}, "pid 2: 'image'"),
+             ("hrbench", "hr.tsv", cols + "\n".join("\t".join(r) for r in hr) + "\n", "hr.tsv:3: image")]
+    for bench, name, content, msg in cases:
+        path = tmp_path / name
+        if isinstance(content, dict):
+            path.write_text(json.dumps(content))
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(ValueError, match=msg):
+            D.load_benchmark(bench, str(path), images=str(tmp_path / "images") if bench == "scienceqa" else None)
+        bad = []
+        got = D.load_benchmark(bench, str(path), bad=bad, images=str(tmp_path / "images") if bench == "scienceqa" else None)
+        assert len(got) == 1 and len(bad) == 1 and msg.split(":")[0] in bad[0], (bench, bad)
+    (tmp_path / "latin1.tsv").write_bytes(cols.encode() + "0\tCouleur?\trouge\tbleu\t\t\tA\ts\tc\t0\n".encode("latin-1").replace(b"?", b"\xe9"))
+    with pytest.raises(ValueError, match="latin1.tsv"):
+        D.load_benchmark("hrbench", str(tmp_path / "latin1.tsv"))
 
 # aggregation rules, on hand-worked cases
 
