@@ -1381,9 +1381,12 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
 
 
 def test_grpo_resume_equals_straight_run(tmp_path):
+    """With SSR: its replay store travels in trainer.pt, which loads with weights_only=True."""
     a, b = tmp_path / "a", tmp_path / "b"
-    G.main(GRPO_TINY + ["--steps", "4", "--save-every", "2", "--out", str(a)])
-    G.main(GRPO_TINY + ["--steps", "4", "--resume", str(a / "step2"), "--out", str(b)])
+    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--save-every", "2", "--out", str(a)])
+    store = torch.load(a / "step2" / "trainer.pt", weights_only=True)["store"]
+    assert store["capacity"] == 2 and len(store["items"]) > 0 and "seq" in store["items"][0]
+    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--resume", str(a / "step2"), "--out", str(b)])
     wa, wb = _weights(a), _weights(b)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
@@ -1417,21 +1420,6 @@ def test_grpo_torchrun_two_processes_equal_one(tmp_path):
         assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-4, (name, diff.max(), (diff > 1e-6).sum())
         assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
         assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4), name
-
-
-def test_grpo_bad_flags_fail_before_work(tmp_path):
-    for extra, msg in [(["--preset", "nope"], "preset"), (["--tools", "zoom_in,laser"], "laser"),
-                       (["--weights", '{"bogus": 1}'], "bogus")]:
-        with pytest.raises(SystemExit) as e:
-            G.main(GRPO_TINY + extra + ["--out", str(tmp_path)])
-        assert msg in str(e.value)
-    with pytest.raises(SystemExit, match="empty|no records"):
-        empty = tmp_path / "empty.jsonl"
-        empty.write_text("")
-        try:
-            G.main(GRPO_TINY + ["--data", str(empty), "--out", str(tmp_path)])
-        except ValueError as e:  # data.load_jsonl's own message
-            raise SystemExit(str(e))
 
 
 def _answered(policy, answer, seed=9):
@@ -1806,6 +1794,105 @@ def test_run_metrics_fresh_for_a_new_run_one_run_after_a_resume(tmp_path):
     assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in straight])
     assert json.load(open(b / "run.json"))["resume"] == str(b / "step2")
     assert json.load(open(b / "config.json"))["model_type"] == "qwen2_5_vl"
+
+
+def test_run_bad_flags_fail_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
+    """Each bad flag value: SystemExit with one line naming the flag (and what it allows), before a model is
+    loaded (model.load is made to fail the test)."""
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+    monkeypatch.setattr(M, "load", no_load)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "half").mkdir()  # a checkpoint folder whose save never finished
+    grpo = [(["--group-size", "1"], "--group-size must be >= 2"), (["--group-size", "-3"], "--group-size"),
+            (["--prompts", "0"], "--prompts"), (["--micro-batch", "0"], "--micro-batch"),
+            (["--temperature", "0"], "--temperature must be > 0"), (["--top-p", "1.5"], "--top-p must be <= 1"),
+            (["--steps", "0"], "--steps must be >= 1"), (["--view-max-pixels", "0"], "--view-max-pixels"),
+            (["--zoom-window", "0"], "--zoom-window must be >= 1"), (["--seed", "-1"], "--seed"),
+            (["--lr", "nan"], "--lr"), (["--device", "tpu"], "--device"),
+            (["--resume", str(tmp_path / "nope")], "--resume: "), (["--resume", str(tmp_path / "half")], "--resume: "),
+            (["--data", str(tmp_path / "nope.jsonl")], "--data: "), (["--data", str(tmp_path / "empty.jsonl")], "--data: "),
+            (["--preset", "nope"], "--preset"), (["--tools", "zoom_in,laser"], "laser"), (["--weights", '{"bogus": 1}'], "bogus")]
+    if not torch.cuda.is_available():
+        grpo.append((["--device", "cuda"], "--device cuda"))
+    cases = [(G.main, GRPO_TINY + extra + ["--out", str(tmp_path / "g")], msg) for extra, msg in grpo]
+    cases += [(sft.main, ["--steps", "0"], "--steps"), (sft.main, ["--batch-size", "0"], "--batch-size"),
+              (sft.main, ["--resume", str(tmp_path / "nope")], "--resume: ")]
+    cases += [(E.get_args, extra, msg) for extra, msg in [
+        (["--samples", "0"], "--samples"), (["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "-1"], "--limit"), (["--temperature", "-1"], "--temperature")]]
+    for fn, argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            fn(argv)
+        text = str(e.value.code) + capsys.readouterr().err  # argparse's own errors go to stderr, code 2
+        assert msg in text and "Traceback" not in text, (argv, text)
+
+
+def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkeypatch):
+    """A kill in the middle of a save leaves no folder taken for a checkpoint; --resume auto then continues from
+    the newest whole one and ends where a straight run ends. A damaged file is named. The trainer state loads
+    with weights_only=True (it holds no code)."""
+    flags = ["--n-items", "4", "--batch-size", "2", "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
+    a, straight = tmp_path / "a", tmp_path / "straight"
+    sft.main(flags + ["--out", str(straight)])
+    real_save, n = torch.save, []
+
+    def killed(obj, f, *args, **kw):  # the second trainer state (step 4's, the last) dies half written
+        n.append(f)
+        if len(n) == 2:
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            open(f, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            raise KeyboardInterrupt
+        real_save(obj, f, *args, **kw)
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(flags + ["--save-every", "2", "--out", str(a)])
+    monkeypatch.undo()
+    assert [step for step, _ in C.checkpoints(str(a))] == [2]  # step 4 never finished: no checkpoint
+    with pytest.raises(SystemExit, match="not a whole checkpoint"):
+        sft.main(flags + ["--resume", str(a / "step4.tmp"), "--out", str(a)])
+    sft.main(flags + ["--save-every", "2", "--resume", "auto", "--out", str(a)])
+    for k, w in load_file(str(straight / "model.safetensors")).items():
+        assert torch.allclose(w, load_file(str(a / "model.safetensors"))[k], atol=1e-6), k
+    rows, want = ([json.loads(s) for s in open(d / "metrics.jsonl")] for d in (a, straight))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    state = torch.load(a / "trainer.pt", weights_only=True)
+    assert state["step"] == 4 and C.checkpoint_problem(str(a)) is None
+    # damaged: a file cut short is named before anything loads; one of the right size but garbled, when it loads
+    with open(a / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match=r"model.safetensors is damaged \(1000 bytes"):
+        sft.main(flags + ["--steps", "6", "--resume", str(a), "--out", str(tmp_path / "c")])
+    raw = (a / "step2" / "trainer.pt").read_bytes()
+    (a / "step2" / "trainer.pt").write_bytes(raw[:100] + bytes(len(raw) - 100))
+    with pytest.raises(SystemExit, match=r"step2/trainer.pt is damaged"):
+        sft.main(flags + ["--resume", str(a / "step2"), "--out", str(tmp_path / "c")])
+
+
+def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
+    """The last save goes into <out> itself, which holds more than the checkpoint, file by file: while its files
+    change, <out> is not a checkpoint and the finished copy aside is, so a kill then loses nothing."""
+    out = tmp_path / "run"
+    for step, content in ((2, b"old"), (4, b"new!")):
+        tmp = out / f"step{step}.tmp"
+        tmp.mkdir(parents=True)
+        for f in ("model.safetensors", "trainer.pt"):
+            (tmp / f).write_bytes(content)
+        if step == 4:  # killed after the first file moved into place
+            real = os.replace
+            monkeypatch.setattr(os, "replace", lambda s, d: (_ for _ in ()).throw(KeyboardInterrupt)
+                                if d.endswith("trainer.pt") else real(s, d))
+            with pytest.raises(KeyboardInterrupt):
+                C._publish(str(tmp), str(out), step)
+            monkeypatch.undo()
+        else:
+            C._publish(str(tmp), str(out), step)
+            assert C.checkpoints(str(out)) == [(2, str(out))] and not tmp.exists()
+    assert "no checkpoint.json" in C.checkpoint_problem(str(out))
+    assert C.find_checkpoint(str(out)) == str(out / "step4.tmp")
+    assert (out / "model.safetensors").read_bytes() == b"new!" and (out / "trainer.pt").read_bytes() == b"old"
 
 
 # ---- sft: replayed trajectories, demonstrations, VLIR, reflective rejection sampling, training (sft.py)
