@@ -2,19 +2,23 @@
 common.py: the plumbing that sft.py, grpo.py and eval.py share, and nothing more (no script imports another).
 
 Read top to bottom:
-  1. flags         the options every script takes (model, data, environment) and the optimiser's
+  1. flags         the options every script takes (model, data, environment) and the optimiser's, and
+                   check_flags: every flag's range checked before anything loads
   2. processes     torchrun setup, print0, sums and gathers over ranks
   3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text)
   4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
                              by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
   5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
                    AdamW, resume, run.json, a fresh metrics.jsonl), set_lr, log_metrics, save_run
+                   (written aside, marked whole last), and --resume auto's search for the newest checkpoint
 Nothing here is run as a script.
 """
 import json
 import math
+import operator
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -38,7 +42,7 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
     # the environment
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
@@ -62,6 +66,31 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
+
+
+# the allowed ranges of the number flags (those a script has): each checked before any work by check_flags
+AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, zoom_window=1, max_turns=1,
+                max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
+                save_every=0)
+
+
+def check_flags(args, ge=None, gt=None, le=None):
+    """One-line SystemExit for a flag out of its range, before anything is loaded: ge (>=, added to AT_LEAST),
+    gt (>) and le (<=) map a flag's dest to its bound; a flag left None is not checked. Also --device cuda
+    without a GPU, and --resume (a missing folder, an unfinished or damaged checkpoint, or `auto`)."""
+    for bounds, op, sign in (({**AT_LEAST, **(ge or {})}, operator.ge, ">="), (gt or {}, operator.gt, ">"),
+                             (le or {}, operator.le, "<=")):
+        for k, b in bounds.items():
+            v = getattr(args, k, None)
+            if v is not None and not op(v, b):  # NaN fails every comparison, so it is caught too
+                raise SystemExit(f"--{k.replace('_', '-')} must be {sign} {b}, got {v}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here (use --device cpu)")
+    if getattr(args, "resume", None):
+        args.resume = find_checkpoint(args.out) if args.resume == "auto" else args.resume
+        problem = checkpoint_problem(args.resume) if args.resume else None
+        if problem:
+            raise SystemExit(f"--resume: {problem}")
 
 
 def parse_tools(s):
@@ -153,6 +182,15 @@ def load_policy(name="tiny", **kw):
     """model.load(name, ...), the one way scripts and tests load a policy."""
     return M.load(name, corpus=tiny_corpus() if name == "tiny" else None, **kw)
 
+
+def dataset(args, split="train", n=None):
+    """--data's records (data.dataset): a bad file, record or image stops the run here, before any step,
+    with its file and line."""
+    try:
+        return D.dataset(args.data, split, n=n, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--data: {e}") from None
+
 # -----------------------------------------------------------------------------
 # 4. rolling out a whole dataset, sharded over ranks
 
@@ -232,22 +270,40 @@ def start_run(args, rank, device, shard=False):
     gets a fresh metrics.jsonl for a new run; a resumed run keeps the rows up to its step (a resume into its
     own folder then reads as one run, step by step, and a torn last line from a kill is dropped).
     -> (policy, optimizer, state with at least "step")."""
-    policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
-                         freeze_vision=args.freeze_vision, train=True)
+    state = dict(step=0)
+    if args.resume:  # the trainer state first: a damaged one is named before the model is loaded
+        path = os.path.join(args.resume, f"trainer_rank{rank}.pt" if shard else "trainer.pt")
+        try:  # weights_only: tensors and plain containers, never code (a checkpoint may come from anyone)
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # torch.load raises many kinds for a damaged file (RuntimeError, EOFError...)
+            raise SystemExit(f"--resume: {path} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+        if state["step"] >= args.steps:
+            raise SystemExit(f"--steps {args.steps}: {args.resume} is at step {state['step']} already")
+    try:
+        policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
+                             freeze_vision=args.freeze_vision, train=True)
+    except Exception as e:  # a checkpoint whose files have the right sizes but wrong contents
+        if not args.resume:
+            raise
+        raise SystemExit(f"--resume {args.resume}: its model files are damaged ({str(e)[:300]})") from None
     if shard:  # before the optimizer: it must hold the sharded parameters
         M.shard(policy)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    state = dict(step=0)
     if args.resume:
-        name = f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"
-        state = torch.load(os.path.join(args.resume, name), weights_only=False)
-        opt.load_state_dict(state.pop("optimizer"))
+        try:
+            opt.load_state_dict(state.pop("optimizer"))
+        except ValueError as e:  # e.g. saved without --freeze-vision, resumed with it
+            raise SystemExit(f"--resume {args.resume}: its optimizer does not fit this model's flags ({e})") from None
         rng = state.pop("rng")
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         random.setstate(rng["python"])
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0:  # checkpoints in <out> past this run's start are not this run's: never resumed from
+        for p in checkpoints(args.out):
+            if p[0] > state["step"]:
+                _unmark(p[1])
     path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         rows = read_metrics(path) if state["step"] else []
@@ -313,24 +369,117 @@ def log_metrics(args, rank, row):
 def save_run(args, policy, opt, step, rank, **state):
     """After step `step` (0-based): every --save-every steps a checkpoint <out>/step<N>, at the last step
     <out> itself. A checkpoint is a Hugging Face folder (model, tokenizer, image processor) plus the trainer
-    state for --resume (optimizer, step, RNG, and `state`). Called on every rank: a sharded model is
+    state for --resume (optimizer, step, RNG, and `state`: tensors and plain containers, as weights_only
+    loading takes), written into <out>/step<N>.tmp, marked whole, then moved into place (_publish), so a kill
+    mid-save leaves no folder that passes for a checkpoint. Called on every rank: a sharded model is
     gathered to rank 0 first (a collective) and each rank keeps its own shard of the optimizer state
     (resume on the same number of processes)."""
     n, last = step + 1, step + 1 == args.steps
     if not (last or (args.save_every and n % args.save_every == 0)):
         return
     path = args.out if last else os.path.join(args.out, f"step{n}")
+    tmp = os.path.join(args.out, f"step{n}.tmp")  # written aside: a kill mid-save leaves no whole-looking folder
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    np_rng = np.random.get_state()  # (name, uint32 array, ints, float): the array as a list, for weights_only
     trainer = dict(state, optimizer=opt.state_dict(), step=n,
-                   rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+                   rng=dict(torch=torch.get_rng_state(), numpy=(np_rng[0], np_rng[1].tolist(), *np_rng[2:]),
+                            python=random.getstate()))
     if policy.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            M.save(policy, path, state_dict=full)
+            M.save(policy, tmp, state_dict=full)
         dist.barrier()
-        torch.save(trainer, os.path.join(path, f"trainer_rank{rank}.pt"))
+        torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt"))
     elif rank == 0:
-        M.save(policy, path)
-        torch.save(trainer, os.path.join(path, "trainer.pt"))
+        M.save(policy, tmp)
+        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
     if dist.is_initialized():
         dist.barrier()
+    if rank == 0:
+        _publish(tmp, path, n)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# A checkpoint is whole when its folder has MARKER, written last and listing every file with its size. A folder
+# without it (a save that never finished) is never resumed from; a file of another size is named as damaged.
+MARKER = "checkpoint.json"
+
+
+def _write_marker(folder, step, files):
+    with open(os.path.join(folder, MARKER + ".tmp"), "w") as f:
+        json.dump(dict(step=step, files=files), f)
+    os.replace(os.path.join(folder, MARKER + ".tmp"), os.path.join(folder, MARKER))
+
+
+def _unmark(folder):
+    if os.path.exists(os.path.join(folder, MARKER)):
+        os.remove(os.path.join(folder, MARKER))
+
+
+def _publish(tmp, path, step):
+    """Mark the finished folder `tmp` whole, then make it `path`: a step folder by a rename; <out> itself (the run
+    folder, which holds more than the checkpoint) file by file, unmarked meanwhile, while tmp stays whole."""
+    files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    _write_marker(tmp, step, files)
+    if os.path.abspath(path) != os.path.abspath(os.path.dirname(tmp)):
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        return
+    _unmark(path)
+    for f in files:
+        src, dst = os.path.join(tmp, f), os.path.join(path, f + ".tmp")
+        try:  # a hard link costs no copy (a 7B checkpoint is 15 GB); a copy where links are not allowed
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        os.replace(dst, os.path.join(path, f))
+    _write_marker(path, step, files)
+    shutil.rmtree(tmp)
+
+
+def _marker(folder):
+    """The folder's marker ({"step": N, "files": {name: size}}), or None where it has none (or a torn one)."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            m = json.load(f)
+        return m if isinstance(m["step"], int) and isinstance(m["files"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_problem(path):
+    """Why `path` is not a whole checkpoint, or None when it is."""
+    if not os.path.isdir(path):
+        return f"{path}: no such folder"
+    m = _marker(path)
+    if m is None:
+        return f"{path} is not a whole checkpoint (no {MARKER}: its save never finished); --resume auto finds one"
+    for name, size in m["files"].items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p) or os.path.getsize(p) != size:
+            got = f"{os.path.getsize(p)} bytes" if os.path.isfile(p) else "missing"
+            return f"{p} is damaged ({got}; it was written with {size} bytes)"
+    return None
+
+
+def checkpoints(out):
+    """[(step, folder)] of the folders in <out> (and <out> itself) marked as checkpoints, by step."""
+    dirs = [out] + [os.path.join(out, d) for d in os.listdir(out) if d.startswith("step")] if os.path.isdir(out) else []
+    return sorted((m["step"], d) for d, m in ((d, _marker(d)) for d in dirs) if m)
+
+
+def find_checkpoint(out):
+    """--resume auto: the newest whole checkpoint in <out> (its step<N>/ folders, a finished step<N>.tmp/, and <out>
+    itself), skipping damaged ones (said); None to start a new run."""
+    for step, path in reversed(checkpoints(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            print0(f"--resume auto: {path} (step {step})")
+            return path
+        print0(f"--resume auto: skipping {problem}")
+    print0(f"--resume auto: no checkpoint in {out}: a new run")
+    return None

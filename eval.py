@@ -272,6 +272,7 @@ def get_args(argv=None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
         p.error(f"--bench {args.bench} needs --data: the benchmark's file or folder")
+    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0), gt=dict(top_p=0), le=dict(top_p=1))
     if args.temperature is None:
         args.temperature = 0.0 if args.samples == 1 else 1.0
     if args.temperature == 0 and args.samples > 1:

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common as C
-import data as D
 import model as M
 import replay
 import rewards as R
@@ -242,19 +241,17 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     p.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
     args = p.parse_args(argv)
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
         args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
     args.tools = C.parse_tools(args.tools)
-    for name in ("ppo_epochs", "mini_batches", "micro_batch"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.delta is not None and args.delta <= 1:
-        raise SystemExit(f"--delta {args.delta}: must be above 1 (a cap on the ratio, e.g. 3)")
-    if not 0 <= args.top_entropy_quantile <= 1:
-        raise SystemExit(f"--top-entropy-quantile {args.top_entropy_quantile}: must be in [0, 1]")
+    C.check_flags(args, ge=dict(prompts=1, group_size=2, micro_batch=1, ppo_epochs=1, mini_batches=1, update_size=1,
+                                eval_every=0, eval_n=1, max_nan=1, ssr_alpha=0, rethink_prob=0, rethink_truncate=0,
+                                eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0),
+                  gt=dict(temperature=0, top_p=0, delta=1), le=dict(top_p=1, rethink_prob=1, rethink_truncate=1,
+                                                                   top_entropy_quantile=1))
     if args.preset not in R.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; known: {', '.join(R.PRESETS)}")
     try:
@@ -458,10 +455,8 @@ def main(argv=None):
     update_size = args.update_size or max(1, n_roll // 2)
     if args.rethink and args.preset != "vl_rethinker":
         C.print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
-    records = D.dataset(args.data, "train", seed=args.seed)
-    if not records:
-        raise SystemExit(f"--data {args.data}: empty dataset")
-    heldout = D.dataset(args.data, "test", n=args.eval_n, seed=args.seed) if args.eval_every else None
+    records = C.dataset(args, "train")
+    heldout = C.dataset(args, "test", n=args.eval_n) if args.eval_every else None
     cfg = C.episode_cfg(args)
 
     ref = None

@@ -61,14 +61,12 @@ def load_trajectories(path):
     """A trajectory JSONL -> list of (record, turns, where). The record part is checked by data.py (image
     paths resolved against the file's folder); `where` is "file:line" for messages."""
     records = D.load_jsonl(path)  # raises ValueError naming file:line for a malformed line or record
-    with open(path) as f:  # load_jsonl skips blank lines; so do these line numbers
-        lines = [ln for ln, s in enumerate(f, 1) if s.strip()]
     out = []
-    for r, ln in zip(records, lines):
+    for r, (where, _) in zip(records, D.jsonl_rows(path)):  # the same lines, in order: where = "file:line"
         turns = r.pop("turns", None)
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-            raise ValueError(f"{path}:{ln}: 'turns' must be a non-empty list of strings (the assistant turns)")
-        out.append((r, turns, f"{path}:{ln}"))
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of strings (the assistant turns)")
+        out.append((r, turns, where))
     return out
 
 
@@ -364,7 +362,7 @@ def get_args(argv=None):
     C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
     # checkpoints
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
-    p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     # other modes
     p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
@@ -375,19 +373,17 @@ def get_args(argv=None):
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect or --convert-vlir")
     args = p.parse_args(argv)
     args.tools = C.parse_tools(args.tools)
-    for k in ("steps", "n_items", "batch_size", "grad_accum", "samples"):
-        if getattr(args, k) < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be at least 1")
-    if not (0 <= args.demo_correct <= 1 and 0 <= args.demo_lazy <= 1) or args.demo_noise < 0:
-        raise SystemExit("--demo-correct and --demo-lazy must be in [0, 1] and --demo-noise >= 0")
+    C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0, demo_correct=0,
+                                demo_lazy=0, vlir_min_pixels=1, vlir_max_pixels=1),
+                  gt=dict(temperature=0), le=dict(demo_correct=1, demo_lazy=1))
     return args
 
 
 def train(args):
     rank, world, device = C.setup(args)
     cfg = C.episode_cfg(args)
-    policy, opt, state = C.start_run(args, rank, device)
-    # the data: each rank replays its share of the trajectories once, and trains on those
+    # the data (read and checked before the model is loaded): each rank replays its share of the trajectories
+    # once, and trains on those
     if args.data == "synthetic":
         items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
                                args.demo_lazy)
@@ -396,6 +392,7 @@ def train(args):
             items = load_trajectories(args.data)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--data: {e}") from None
+    policy, opt, state = C.start_run(args, rank, device)
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
@@ -457,10 +454,7 @@ def reflect_main(args):
     rank, world, device = C.setup(args)
     if not args.to:
         raise SystemExit("--reflect needs --to OUT.jsonl, where the kept trajectories go")
-    try:
-        records = D.dataset(args.data, "train", n=args.n_items, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--data: {e}") from None
+    records = C.dataset(args, "train", n=args.n_items)
     policy = C.load_policy(args.model, seed=args.seed, device=device)
     kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed)
     if rank == 0:

@@ -14,8 +14,10 @@ import json
 import math
 import os
 import random
+import struct
 import subprocess
 import sys
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -269,6 +271,114 @@ def test_data_jsonl_loader_and_skip_bad(tmp_path):
     assert [r["id"] for r in got] == ["q0", "q1"] and len(bad) == 1 and "set.jsonl:3" in bad[0]
     assert all(os.path.isabs(p) for r in got for p in r["image"])
 
+
+def _png_header(w, h):
+    """A PNG that declares w x h pixels and holds none: a decompression bomb as it looks before decoding."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_data_broken_files_named_or_skipped(tmp_path):
+    """Each broken line, record or image in a JSONL file: an error naming the file and line, or with bad=[] a
+    counted skip that keeps the good records. Images are decoded when the data is loaded, not mid-run."""
+    path = tmp_path / "set.jsonl"
+    D.write_jsonl([dict(id="q0", image=_img(), question="What colour?", answer="red")], str(path))
+    good = path.read_bytes()
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    (tmp_path / "images" / "trunc.png").write_bytes(noise.getvalue()[:len(noise.getvalue()) // 2])
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "text.png").write_text("just some text\n")
+    (tmp_path / "images" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (tmp_path / "images" / "big.png").write_bytes(_png_header(9000, 9000))  # 81 M pixels: under PIL's own limit
+    _img(str(tmp_path / "images" / "thin.png"), size=(402, 2))  # aspect 201
+
+    def rec(**kw):
+        return json.dumps({"image": "images/q0.png", "question": "q?", "answer": "a", **kw}).encode()
+    cases = [(rec(image=["images/q0.png", 5]), "'image'"),
+             (b'{"image": "images/q0.png", "question": "caf\xe9?", "answer": "a"}', "not UTF-8"),  # Latin-1
+             (rec(image="images/trunc.png"), "trunc.png"), (rec(image="images/empty.png"), "empty.png"),
+             (rec(image="images/text.png"), "text.png"), (rec(image="images/bomb.png"), "bomb.png"),
+             (rec(image="images/big.png"), "over the limits"), (rec(image="images/thin.png"), "aspect"),
+             (rec(bbox=[0, 0, float("inf"), 5]), "'bbox'"),  # json.dumps writes Infinity, json.loads reads it
+             (rec(bbox=[False, 0, True, 5]), "'bbox'"),
+             (rec(type="multiple_choice", options=["red", "blue"], answer="green"), "neither an option"),
+             (rec(type="mathvista", precision="two"), "'precision'")]
+    bad_path = tmp_path / "bad.jsonl"
+    for line, msg in cases:
+        bad_path.write_bytes(good + line + b"\n" + good)
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            D.load_jsonl(str(bad_path))
+        assert "bad.jsonl:2: " in str(e.value) and msg in str(e.value), (line[:80], str(e.value))
+        bad = []
+        assert [r["id"] for r in D.load_jsonl(str(bad_path), bad=bad)] == ["q0", "q0"] and len(bad) == 1, bad
+        assert "bad.jsonl:2: " in bad[0] and msg in bad[0]
+    bad_path.write_bytes(b"\xef\xbb\xbf" + good)  # a UTF-8 byte-order mark, as some editors write
+    assert [r["id"] for r in D.load_jsonl(str(bad_path))] == ["q0"]
+
+
+def test_data_images_converted_to_rgb_the_right_way(tmp_path):
+    # 16-bit grey 0x8080 = 32896 -> 32896 / 257 = 128 (clipped to 8 bits it would be 255: white)
+    Image.fromarray(np.full((4, 6), 0x8080, np.uint16)).save(tmp_path / "g16.png")
+    # alpha: opaque pixels keep their colour, transparent ones become the white background
+    a = np.zeros((4, 6, 4), np.uint8)
+    a[:, :3] = (10, 200, 30, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "rgba.png")
+    # EXIF orientation 6 ("rotate 90 degrees clockwise to view"): stored 40 x 20 with the left half red,
+    # shown 20 x 40 with the top half red
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    g16, rgba, turned = D.load_images({"id": "x", "image": [str(tmp_path / n) for n in ("g16.png", "rgba.png", "turned.jpg")]})
+    assert g16.mode == "RGB" and np.asarray(g16)[0, 0].tolist() == [128, 128, 128]
+    assert np.asarray(rgba)[0, 0].tolist() == [10, 200, 30] and np.asarray(rgba)[0, 5].tolist() == [255, 255, 255]
+    t = np.asarray(turned).astype(int)
+    assert turned.size == (20, 40) and t[5, 10, 0] > 200 > t[5, 10, 2] and t[35, 10, 2] > 200 > t[35, 10, 0]
+
+
+def test_data_loaders_malformed_rows_named_or_skipped(tmp_path):
+    """A row of the wrong shape in each benchmark's layout: a ValueError naming the file and row, or with
+    bad=[] a counted skip that keeps the good row."""
+    _img(str(tmp_path / "images" / "1.jpg"))
+    vs = tmp_path / "vstar" / "direct_attributes"
+    _img(str(vs / "a.jpg"))
+    _img(str(vs / "b.jpg"))
+    (vs / "a.json").write_text(json.dumps(dict(question="Colour?", options=["red", "blue"])))
+    (vs / "b.json").write_text(json.dumps(["Colour?", ["red", "blue"]]))  # a list, not an object
+    ok_mv = dict(question="How many?", image="images/1.jpg", answer="3", answer_type="integer", metadata={})
+    ok_sq = dict(question="Which?", choices=["x", "y"], answer=0, image="image.png", split="test")
+    _img(str(tmp_path / "images" / "test" / "1" / "image.png"))
+    trunc = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(trunc, "JPEG")
+    cols = "index\tquestion\tA\tB\tC\tD\tanswer\tcategory\tcycle_category\timage\n"
+    hr = [["0", "Colour?", "red", "blue", "x", "y", "A", "single", "cycle1", _b64(_img(size=(16, 12)))],
+          ["1", "Colour?", "red", "blue", "x", "y", "A", "single", "cycle1",  # a JPEG cut in half
+           base64.b64encode(trunc.getvalue()[:len(trunc.getvalue()) // 2]).decode()]]
+    cases = [("vstar", tmp_path / "vstar", None, "b.json: needs an object"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "metadata": ["a", "list"]}}, "pid 2: 'metadata'"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "choices": "abc"}}, "pid 2: 'choices'"),
+             ("mathvista", "mv.json", {"1": ok_mv, "2": {**ok_mv, "precision": "two", "answer_type": "float"}},
+              "pid 2: 'precision'"),
+             ("scienceqa", "problems.json", {"1": ok_sq, "2": {**ok_sq, "image": 7}}, "pid 2: 'image'"),
+             ("hrbench", "hr.tsv", cols + "\n".join("\t".join(r) for r in hr) + "\n", "hr.tsv:3: image")]
+    for bench, name, content, msg in cases:
+        path = tmp_path / name
+        if isinstance(content, dict):
+            path.write_text(json.dumps(content))
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(ValueError, match=msg):
+            D.load_benchmark(bench, str(path), images=str(tmp_path / "images") if bench == "scienceqa" else None)
+        bad = []
+        got = D.load_benchmark(bench, str(path), bad=bad, images=str(tmp_path / "images") if bench == "scienceqa" else None)
+        assert len(got) == 1 and len(bad) == 1 and msg.split(":")[0] in bad[0], (bench, bad)
+    (tmp_path / "latin1.tsv").write_bytes(cols.encode() + "0\tCouleur?\trouge\tbleu\t\t\tA\ts\tc\t0\n".encode("latin-1").replace(b"?", b"\xe9"))
+    with pytest.raises(ValueError, match="latin1.tsv"):
+        D.load_benchmark("hrbench", str(tmp_path / "latin1.tsv"))
+
 # aggregation rules, on hand-worked cases
 
 
@@ -409,35 +519,100 @@ def test_tools_execute_errors_are_observations():
         assert view is None and not call["ok"] and obs.startswith("Error:") and err in obs, obs
 
 
-def test_tools_fuzz_tool_calls_never_raise():
-    rng = random.Random(0)
-    good = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 20, 200, 300]}}
-    pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', '"zoom_in"', '"name"',
-              '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>', ' ']
-    texts = []
-    for i in range(400):
-        kind = i % 4
+def _fuzz_calls(rng, n, view_w, view_h):
+    """n adversarial tool-call turns (seeded): JSON-ish soup, mutated valid calls, valid calls with wild values
+    (integers too big for a float, inf, NaN, bools, thin boxes), random boxes and points around the view,
+    deep nesting, huge strings and a 1 MB argument name."""
+    good = [{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 2, 200, 20]}},
+            {"name": "zoom_point", "arguments": {"image_index": 0, "point_2d": [30, 12]}},
+            {"name": "draw_box", "arguments": {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 9, 9], "label": "a"}]}},
+            {"name": "draw_line", "arguments": {"image_index": 0, "lines": [
+                {"start_point_2d": [0, 0], "end_point_2d": [5, 5], "label": "b"}]}}]
+    big = "1" + "0" * 400  # an integer too big for a float, written out
+    pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', 'Infinity', big, '"zoom_in"',
+              '"name"', '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>', ' ']
+    wild = [None, True, -5, 0, 3.5, 1e300, -0.0, "x", [], {"a": 1}, [0, 0, 0, 0], [1, 2, 3, 4], [-10, -10, 5000, 5000]]
+    for i in range(n):
+        kind = i % 6
         if kind == 0:   # random soup of JSON-ish pieces
             body = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         elif kind == 1:  # a valid call, mutated at one character
-            s = json.dumps(good)
+            s = json.dumps(rng.choice(good))
             j = rng.randrange(len(s))
             body = s[:j] + rng.choice(pieces) + s[j + 1:] if rng.random() < 0.8 else s
-        elif kind == 2:  # valid structure, random argument values
-            vals = [None, True, -5, 0, 3.5, 1e300, "x", [], [1, 2, 3, 4], [-10, -10, 5000, 5000], {"a": 1}, [0, 0, 0, 0]]
-            body = json.dumps({"name": rng.choice(["zoom_in", "zoom_point", "draw_box", "nope"]),
-                               "arguments": {"image_index": rng.choice(vals), rng.choice(["bbox_2d", "point_2d", "boxes"]): rng.choice(vals)}})
-        else:            # deep nesting and huge strings
-            body = "[" * rng.randint(1, 5000) + "]" * rng.randint(0, 5000) if rng.random() < 0.5 else '"' + "a" * 100000 + '"'
-        texts.append(f"<think>x</think><tool_call>{body}</tool_call>")
+        elif kind == 2:  # valid structure, wild argument values (or a number replaced by the huge integer)
+            call = json.loads(json.dumps(rng.choice(good)))
+            key = rng.choice(list(call["arguments"]))
+            call["arguments"][key] = rng.choice(wild)
+            body = json.dumps(call)
+            if rng.random() < 0.3:
+                body = json.dumps(rng.choice(good)).replace("10", big, 1).replace("30", big, 1)
+        elif kind == 3:  # random boxes around the view, a third of them thin (a tenth of a pixel high or wide)
+            x1, y1 = rng.uniform(-20, view_w + 20), rng.uniform(-20, view_h + 20)
+            w, h = rng.uniform(0.05, view_w), rng.uniform(0.05, view_h)
+            if rng.random() < 0.33:
+                w, h = (view_w * 1.2, rng.uniform(0.01, 0.3)) if rng.random() < 0.5 else (rng.uniform(0.01, 0.3), view_h * 1.2)
+            body = json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [x1, y1, x1 + w, y1 + h]}})
+        elif kind == 4:  # random points, inside and out
+            body = json.dumps({"name": "zoom_point", "arguments": {"image_index": rng.choice([0, 0, 0, 1, -1]), "point_2d": [
+                rng.uniform(-5, view_w + 5), rng.uniform(-5, view_h + 5)]}})
+        else:            # deep nesting, huge strings, a huge unknown argument name
+            r = rng.random()
+            body = ("[" * rng.randint(1, 5000) + "]" * rng.randint(0, 5000) if r < 0.4 else '"' + "a" * 100000 + '"'
+                    if r < 0.7 else json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "k" * 1_000_000: 1}}))
+        yield f"<think>x</think><tool_call>{body}</tool_call>"
+
+
+def _check_call(ep, call, view, obs):
+    """A call either worked (an image whose region lies inside the original, a zoom_in's covering the box
+    asked for, clamped to the view) or is an `Error:` observation of bounded length; never an exception."""
+    if not call["ok"]:
+        assert view is None and obs.startswith("Error:") and len(obs) < 300, obs[:400]
+        return 0
+    assert view is not None and obs.startswith("Image ")
+    W, H = ep["originals"][0].size
+    x1, y1, x2, y2 = call["region"]
+    assert -0.01 <= x1 < x2 <= W + 0.01 and -0.01 <= y1 < y2 <= H + 0.01, (call, W, H)
+    if call["name"] == "zoom_in":
+        src = ep["images"][call["arguments"]["image_index"]]
+        w, h = src["img"].size
+        b = call["arguments"]["bbox_2d"]
+        (a1, b1), (a2, b2) = T.to_original(src, max(b[0], 0), max(b[1], 0)), T.to_original(src, min(b[2], w), min(b[3], h))
+        assert x1 <= a1 + 0.01 and y1 <= b1 + 0.01 and a2 <= x2 + 0.01 and b2 <= y2 + 0.01, (b, call["region"])
+    return 1
+
+
+def test_tools_fuzz_tool_calls_never_raise(policy):
+    """1,500 seeded adversarial turns through T.execute on blank episodes (a 1000 x 800 image, and 7680 x 900
+    and 900 x 7680 ones, as an HR-Bench 8K panorama may be), and 300 through T.advance in real episodes of
+    the tiny policy: nothing raises, a failure is an `Error:` observation, a zoom lies inside the original."""
+    rng = random.Random(0)
     n_ok = 0
-    for text in texts:
-        ep = blank_episode()
-        call, view, obs = T.execute(ep, text, ep["cfg"])
-        assert (call["ok"] and view is not None and obs.startswith("Image 1")) or \
-               (not call["ok"] and view is None and obs.startswith("Error:"))
-        n_ok += call["ok"]
-    assert 0 < n_ok < len(texts)
+    for w, h, n in ((1000, 800, 1000), (7680, 900, 250), (900, 7680, 250)):
+        ep = blank_episode(w, h)
+        ep["images"] = [T.make_view(ep["originals"], 0, (0, 0, w, h), T.smart_resize(h, w)[::-1])]
+        vw, vh = ep["images"][0]["img"].size
+        for text in _fuzz_calls(rng, n, vw, vh):
+            call, view, obs = T.execute(ep, text, ep["cfg"])
+            n_ok += _check_call(ep, call, view, obs)
+    assert 300 < n_ok < 1200, n_ok
+    # through the episode: the observation goes into the token sequence, a zoom's image is encoded
+    img = Image.new("RGB", (7680, 900), (90, 90, 90))
+    rec = dict(id="pano", image=[img], question="What is written?", answer="x", type="text")
+    ep, n_ok, n = None, 0, 0
+    for text in _fuzz_calls(rng, 300, 308, 28):
+        if ep is None or ep["stop"] is not None:
+            ep = T.new_episode(policy, rec, list(T.TOOLS), max_turns=8, max_images=8, max_tokens=10**9)
+        if len(text) > 20000:  # tokenizing a megabyte takes seconds; execute() above had those
+            continue
+        n_calls = len(ep["calls"])
+        T.advance(policy, ep, M.ids(policy, text), reason="stop")
+        if len(ep["calls"]) > n_calls:
+            n += 1
+            call = ep["calls"][-1]
+            n_ok += _check_call(ep, call, ep["images"][-1] if call["ok"] else None,
+                                "Image " if call["ok"] else "Error: " + call["error"])
+    assert n > 150 and 0 < n_ok < n, (n, n_ok)
 
 
 def test_tools_rollout_with_scripted_tool_call(policy):
@@ -1385,9 +1560,12 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
 
 
 def test_grpo_resume_equals_straight_run(tmp_path):
+    """With SSR: its replay store travels in trainer.pt, which loads with weights_only=True."""
     a, b = tmp_path / "a", tmp_path / "b"
-    G.main(GRPO_TINY + ["--steps", "4", "--save-every", "2", "--out", str(a)])
-    G.main(GRPO_TINY + ["--steps", "4", "--resume", str(a / "step2"), "--out", str(b)])
+    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--save-every", "2", "--out", str(a)])
+    store = torch.load(a / "step2" / "trainer.pt", weights_only=True)["store"]
+    assert store["capacity"] == 2 and len(store["items"]) > 0 and "seq" in store["items"][0]
+    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--resume", str(a / "step2"), "--out", str(b)])
     wa, wb = _weights(a), _weights(b)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
@@ -1423,22 +1601,6 @@ def test_grpo_torchrun_two_processes_equal_one(tmp_path, scale):
         assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-4, (name, diff.max(), (diff > 1e-6).sum())
         assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
         assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4), name
-
-
-def test_grpo_bad_flags_fail_before_work(tmp_path):
-    for extra, msg in [(["--preset", "nope"], "preset"), (["--tools", "zoom_in,laser"], "laser"),
-                       (["--weights", '{"bogus": 1}'], "bogus"), (["--delta", "0.9"], "--delta"),
-                       (["--top-entropy-quantile", "1.5"], "quantile"), (["--mini-batches", "0"], "--mini-batches")]:
-        with pytest.raises(SystemExit) as e:
-            G.main(GRPO_TINY + extra + ["--out", str(tmp_path)])
-        assert msg in str(e.value)
-    with pytest.raises(SystemExit, match="empty|no records"):
-        empty = tmp_path / "empty.jsonl"
-        empty.write_text("")
-        try:
-            G.main(GRPO_TINY + ["--data", str(empty), "--out", str(tmp_path)])
-        except ValueError as e:  # data.load_jsonl's own message
-            raise SystemExit(str(e))
 
 
 def _answered(policy, answer, seed=9):
@@ -1843,6 +2005,107 @@ def test_run_metrics_fresh_for_a_new_run_one_run_after_a_resume(tmp_path):
     assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in straight])
     assert json.load(open(b / "run.json"))["resume"] == str(b / "step2")
     assert json.load(open(b / "config.json"))["model_type"] == "qwen2_5_vl"
+
+
+def test_run_bad_flags_fail_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
+    """Each bad flag value: SystemExit with one line naming the flag (and what it allows), before a model is
+    loaded (model.load is made to fail the test)."""
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+    monkeypatch.setattr(M, "load", no_load)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "half").mkdir()  # a checkpoint folder whose save never finished
+    grpo = [(["--group-size", "1"], "--group-size must be >= 2"), (["--group-size", "-3"], "--group-size"),
+            (["--prompts", "0"], "--prompts"), (["--micro-batch", "0"], "--micro-batch"),
+            (["--temperature", "0"], "--temperature must be > 0"), (["--top-p", "1.5"], "--top-p must be <= 1"),
+            (["--steps", "0"], "--steps must be >= 1"), (["--view-max-pixels", "0"], "--view-max-pixels"),
+            (["--zoom-window", "0"], "--zoom-window must be >= 1"), (["--seed", "-1"], "--seed"),
+            (["--lr", "nan"], "--lr"), (["--device", "tpu"], "--device"),
+            (["--resume", str(tmp_path / "nope")], "--resume: "), (["--resume", str(tmp_path / "half")], "--resume: "),
+            (["--data", str(tmp_path / "nope.jsonl")], "--data: "), (["--data", str(tmp_path / "empty.jsonl")], "--data: "),
+            (["--preset", "nope"], "--preset"), (["--tools", "zoom_in,laser"], "laser"), (["--weights", '{"bogus": 1}'], "bogus"),
+            (["--delta", "0.9"], "--delta must be > 1"), (["--top-entropy-quantile", "1.5"], "--top-entropy-quantile"),
+            (["--mini-batches", "0"], "--mini-batches")]
+    if not torch.cuda.is_available():
+        grpo.append((["--device", "cuda"], "--device cuda"))
+    cases = [(G.main, GRPO_TINY + extra + ["--out", str(tmp_path / "g")], msg) for extra, msg in grpo]
+    cases += [(sft.main, ["--steps", "0"], "--steps"), (sft.main, ["--batch-size", "0"], "--batch-size"),
+              (sft.main, ["--resume", str(tmp_path / "nope")], "--resume: ")]
+    cases += [(E.get_args, extra, msg) for extra, msg in [
+        (["--samples", "0"], "--samples"), (["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "-1"], "--limit"), (["--temperature", "-1"], "--temperature")]]
+    for fn, argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            fn(argv)
+        text = str(e.value.code) + capsys.readouterr().err  # argparse's own errors go to stderr, code 2
+        assert msg in text and "Traceback" not in text, (argv, text)
+
+
+def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkeypatch):
+    """A kill in the middle of a save leaves no folder taken for a checkpoint; --resume auto then continues from
+    the newest whole one and ends where a straight run ends. A damaged file is named. The trainer state loads
+    with weights_only=True (it holds no code)."""
+    flags = ["--n-items", "4", "--batch-size", "2", "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
+    a, straight = tmp_path / "a", tmp_path / "straight"
+    sft.main(flags + ["--out", str(straight)])
+    real_save, n = torch.save, []
+
+    def killed(obj, f, *args, **kw):  # the second trainer state (step 4's, the last) dies half written
+        n.append(f)
+        if len(n) == 2:
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            open(f, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            raise KeyboardInterrupt
+        real_save(obj, f, *args, **kw)
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(flags + ["--save-every", "2", "--out", str(a)])
+    monkeypatch.undo()
+    assert [step for step, _ in C.checkpoints(str(a))] == [2]  # step 4 never finished: no checkpoint
+    with pytest.raises(SystemExit, match="not a whole checkpoint"):
+        sft.main(flags + ["--resume", str(a / "step4.tmp"), "--out", str(a)])
+    sft.main(flags + ["--save-every", "2", "--resume", "auto", "--out", str(a)])
+    for k, w in load_file(str(straight / "model.safetensors")).items():
+        assert torch.allclose(w, load_file(str(a / "model.safetensors"))[k], atol=1e-6), k
+    rows, want = ([json.loads(s) for s in open(d / "metrics.jsonl")] for d in (a, straight))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    state = torch.load(a / "trainer.pt", weights_only=True)
+    assert state["step"] == 4 and C.checkpoint_problem(str(a)) is None
+    # damaged: a file cut short is named before anything loads; one of the right size but garbled, when it loads
+    with open(a / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match=r"model.safetensors is damaged \(1000 bytes"):
+        sft.main(flags + ["--steps", "6", "--resume", str(a), "--out", str(tmp_path / "c")])
+    raw = (a / "step2" / "trainer.pt").read_bytes()
+    (a / "step2" / "trainer.pt").write_bytes(raw[:100] + bytes(len(raw) - 100))
+    with pytest.raises(SystemExit, match=r"step2/trainer.pt is damaged"):
+        sft.main(flags + ["--resume", str(a / "step2"), "--out", str(tmp_path / "c")])
+
+
+def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
+    """The last save goes into <out> itself, which holds more than the checkpoint, file by file: while its files
+    change, <out> is not a checkpoint and the finished copy aside is, so a kill then loses nothing."""
+    out = tmp_path / "run"
+    for step, content in ((2, b"old"), (4, b"new!")):
+        tmp = out / f"step{step}.tmp"
+        tmp.mkdir(parents=True)
+        for f in ("model.safetensors", "trainer.pt"):
+            (tmp / f).write_bytes(content)
+        if step == 4:  # killed after the first file moved into place
+            real = os.replace
+            monkeypatch.setattr(os, "replace", lambda s, d: (_ for _ in ()).throw(KeyboardInterrupt)
+                                if d.endswith("trainer.pt") else real(s, d))
+            with pytest.raises(KeyboardInterrupt):
+                C._publish(str(tmp), str(out), step)
+            monkeypatch.undo()
+        else:
+            C._publish(str(tmp), str(out), step)
+            assert C.checkpoints(str(out)) == [(2, str(out))] and not tmp.exists()
+    assert "no checkpoint.json" in C.checkpoint_problem(str(out))
+    assert C.find_checkpoint(str(out)) == str(out / "step4.tmp")
+    assert (out / "model.safetensors").read_bytes() == b"new!" and (out / "trainer.pt").read_bytes() == b"old"
 
 
 # ---- sft: replayed trajectories, demonstrations, VLIR, reflective rejection sampling, training (sft.py)

@@ -135,8 +135,11 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
     x1, y1, x2, y2 = _clamped_box(view, bbox_2d)
     (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)
     W, H = ep["originals"][view["src"]].size
-    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(ox2 - ox1, 28), W)
-    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(oy2 - oy1, 28), H)
+    # each side at least 28 px and 1/199 of the other (Qwen's aspect limit is 200: a thin box across a wide
+    # image would break it); the window still fits, as data.py admits images of aspect <= 200 only
+    w, h = ox2 - ox1, oy2 - oy1
+    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, 28, h / 199), W)
+    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, 28, w / 199), H)
     s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H)
     h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, min_pixels=cfg["crop_min_pixels"],
                         max_pixels=cfg["crop_max_pixels"])
@@ -250,9 +253,15 @@ def question_text(record):
     return q
 
 
+def _show(v):
+    """At most 40 characters of what the model wrote (a number, a string, else its type), for an error message."""
+    return repr(v[:40]) if isinstance(v, str) else str(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
+
+
 def _number(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ToolError(f"{what} must be a number, got {json.dumps(v)[:40]}")
+    # abs(v) <= 1e6 is False for inf and NaN, and compares an integer too big for a float without converting it
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= 1e6:
+        raise ToolError(f"{what} must be a number in [-1e6, 1e6], got {_show(v)}")
     return float(v)
 
 
@@ -304,15 +313,15 @@ def parse_call(text, tools):
     if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
         return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
     name, args = call["name"], call["arguments"]
-    if not isinstance(name, str) or name not in tools:
-        return None, None, f"unknown tool {json.dumps(name)[:40]}; available: {', '.join(tools)}"
+    if not isinstance(name, str) or name not in tools:  # echo at most 40 characters of what the model wrote
+        return None, None, f"unknown tool {_show(name)}; available: {', '.join(tools)}"
     params = TOOLS[name]["params"]
     if not isinstance(args, dict):
         return name, None, "arguments must be an object"
     if set(args) != set(params):
         missing, extra = set(params) - set(args), set(args) - set(params)
         return name, None, (f"missing argument(s) {sorted(missing)}" if missing
-                            else f"unexpected argument(s) {sorted(extra)[:5]}")
+                            else f"unexpected argument(s) {[k[:40] for k in sorted(extra)[:5]]}")
     try:
         return name, {k: _check(t, args[k], k) for k, (t, _) in params.items()}, None
     except ToolError as e:
@@ -337,7 +346,7 @@ def execute(ep, text, cfg):
     if err is None:
         try:
             if not 0 <= args["image_index"] < len(ep["images"]):
-                raise ToolError(f"image_index {args['image_index']} out of range: images are 0..{len(ep['images']) - 1}")
+                raise ToolError(f"image_index {_show(args['image_index'])} out of range: images are 0..{len(ep['images']) - 1}")
             view = TOOLS[name]["run"](ep, **args, cfg=cfg)
             region = view["box"] if call["zoom"] else ep["images"][args["image_index"]]["box"]
             call.update(ok=True, region=[round(v, 2) for v in region])
