@@ -42,8 +42,9 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--seed", type=int, default=0)
     # the environment
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, default=112 * 112, help="pixel budget of the first look at each image")
-    p.add_argument("--crop-max-pixels", type=int, default=112 * 112, help="pixel budget of a zoom")
+    p.add_argument("--view-max-pixels", type=int, default=None,
+                   help="pixel budget of the first look at each image (default: the model's image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, default=None, help="pixel budget of a zoom (default: the model's image processor's)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-images", type=int, default=6)
@@ -72,11 +73,24 @@ def parse_tools(s):
     return tools
 
 
-def episode_cfg(args):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags."""
-    return dict(view_max_pixels=args.view_max_pixels, crop_max_pixels=args.crop_max_pixels,
-                zoom_window=args.zoom_window, max_turns=args.max_turns, max_images=args.max_images,
-                max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
+def pixel_budgets(args, improc):
+    """The pixel budgets of an image's first look and of a zoom: the flags where given, else the loaded image
+    processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny one), so a
+    real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
+    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    hi = max(lo, improc.size["longest_edge"])
+    for flag in ("view_max_pixels", "crop_max_pixels"):
+        v = getattr(args, flag)
+        if v is not None and v < lo:
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+    return dict(view_min_pixels=lo, view_max_pixels=args.view_max_pixels or hi, crop_min_pixels=lo,
+                crop_max_pixels=args.crop_max_pixels or hi)
+
+
+def episode_cfg(args, policy):
+    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
+    return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
+                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
 
 # -----------------------------------------------------------------------------
 # 2. processes
@@ -144,6 +158,8 @@ def tiny_corpus():
     lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
     lines += [f"{D.QUESTION.format(place=p)} <think>Zoom in on the {p}.</think><answer>{c}</answer>"
               for c in D.COLOURS for p in D.PLACES]
+    lines += [T.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
+    lines += [T.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
     return lines * 4
@@ -240,8 +256,12 @@ def start_run(args, rank, device, shard=False):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     state = dict(step=0)
     if args.resume:
-        name = f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"
-        state = torch.load(os.path.join(args.resume, name), weights_only=False)
+        name = os.path.join(args.resume, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt")
+        if not os.path.isfile(name):
+            raise SystemExit(f"--resume {args.resume}: no {os.path.basename(name)} (a run resumes from its "
+                             f"<out>/step<N> checkpoints, --save-every; <out> itself holds the final model only)")
+        state = torch.load(name, weights_only=False)
+        restore_master_weights(policy, state.pop("model", None))
         opt.load_state_dict(state.pop("optimizer"))
         rng = state.pop("rng")
         torch.set_rng_state(rng["torch"])
@@ -305,27 +325,42 @@ def log_metrics(args, rank, row):
             f.write(json.dumps(row) + "\n")
 
 
+def restore_master_weights(policy, weights):
+    """The fp32 weights a resumable checkpoint keeps in its trainer state (rank 0's file when sharded): the
+    Hugging Face folder's are bf16, and a resume from them would not continue the run exactly."""
+    if policy.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(policy.model, weights or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    elif weights is not None:
+        policy.model.load_state_dict(weights)
+
+
 def save_run(args, policy, opt, step, rank, **state):
-    """After step `step` (0-based): every --save-every steps a checkpoint <out>/step<N>, at the last step
-    <out> itself. A checkpoint is a Hugging Face folder (model, tokenizer, image processor) plus the trainer
-    state for --resume (optimizer, step, RNG, and `state`). Called on every rank: a sharded model is
-    gathered to rank 0 first (a collective) and each rank keeps its own shard of the optimizer state
-    (resume on the same number of processes)."""
-    n, last = step + 1, step + 1 == args.steps
-    if not (last or (args.save_every and n % args.save_every == 0)):
+    """After step `step` (0-based): every --save-every steps a checkpoint to resume from, <out>/step<N>: a
+    Hugging Face folder (bf16 weights) plus the trainer state (the fp32 master weights, optimizer, step,
+    RNG, and `state`); after the last step the final model, <out>: the Hugging Face folder only. Called on
+    every rank: a sharded model is gathered to rank 0 first (a collective) and each rank keeps its own shard
+    of the optimizer state (resume on the same number of processes)."""
+    n = step + 1
+    resumable = bool(args.save_every) and n % args.save_every == 0
+    if not (resumable or n == args.steps):
         return
-    path = args.out if last else os.path.join(args.out, f"step{n}")
-    trainer = dict(state, optimizer=opt.state_dict(), step=n,
-                   rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+    weights = policy.model.state_dict()
     if policy.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if resumable:
+        path = os.path.join(args.out, f"step{n}")
+        trainer = dict(state, optimizer=opt.state_dict(), step=n,
+                       rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+        os.makedirs(path, exist_ok=True)
         if rank == 0:
-            M.save(policy, path, state_dict=full)
-        dist.barrier()
-        torch.save(trainer, os.path.join(path, f"trainer_rank{rank}.pt"))
-    elif rank == 0:
-        M.save(policy, path)
-        torch.save(trainer, os.path.join(path, "trainer.pt"))
+            M.save(policy, path, state_dict=weights)
+            trainer["model"] = {k: w.detach().cpu() for k, w in weights.items()}
+        if policy.sharded or rank == 0:
+            torch.save(trainer, os.path.join(path, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
+    if n == args.steps and rank == 0:
+        M.save(policy, args.out, state_dict=weights)
     if dist.is_initialized():
         dist.barrier()

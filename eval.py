@@ -285,7 +285,6 @@ def main():
         args.baseline = True
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
-    cfg = C.episode_cfg(args)
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
@@ -313,6 +312,7 @@ def main():
         if model_name not in policies:
             policies[model_name] = C.load_policy(model_name, seed=args.seed, device=device)
         policy = policies[model_name]
+        cfg = C.episode_cfg(args, policy)  # the pixel budgets: the flags', else this model's processor's
         if device.type == "cpu" and sum(p.numel() for p in policy.model.parameters()) < 50e6:
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy,
@@ -321,7 +321,8 @@ def main():
                                   bench=bench, skip_bad=args.skip_bad)
         # rows the loader skipped (--skip-bad) count with the items evaluate() skipped
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
-                           system_prompt=T.system_prompt(ts, compact=policy.toy))
+                           system_prompt=T.system_prompt(ts, compact=policy.toy),
+                           pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
         all_items[label] = items
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -340,9 +341,7 @@ def main():
             split=args.split, limit=args.limit, n_items=len(records), seed=args.seed, shuffle_seed=args.shuffle_seed,
             samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, top_p=args.top_p,
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
-            pixels=dict(view_min_pixels=T.DEFAULTS["view_min_pixels"], view_max_pixels=cfg["view_max_pixels"],
-                        crop_min_pixels=T.DEFAULTS["crop_min_pixels"], crop_max_pixels=cfg["crop_max_pixels"],
-                        zoom_window=cfg["zoom_window"]),
+            pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
             question_template="the record's question, then for multiple choice '\\nOptions:\\nA. ...\\nB. ...' "
                               "(tools.question_text), after the image(s) in the user turn",

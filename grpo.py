@@ -390,7 +390,6 @@ def main(argv=None):
     if not records:
         raise SystemExit(f"--data {args.data}: empty dataset")
     heldout = D.dataset(args.data, "test", n=args.eval_n, seed=args.seed) if args.eval_every else None
-    cfg = C.episode_cfg(args)
 
     ref = None
     if args.beta:  # the KL reference: the initial policy, frozen
@@ -399,7 +398,8 @@ def main(argv=None):
     policy, opt, state = C.start_run(args, rank, device, shard=args.fsdp)
     if args.fsdp and ref is not None:
         M.shard(ref)
-    C.write_config(args, rank, world=world)
+    cfg = C.episode_cfg(args, policy)
+    C.write_config(args, rank, world=world, episode=cfg)
     start, nan_run = state["step"], state.get("nan_run", 0)
     store = state.get("store", replay.new_store(update_size) if args.ssr else None)  # VL-Rethinker: half a rollout
     C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "

@@ -385,11 +385,11 @@ def get_args(argv=None):
 
 def train(args):
     rank, world, device = C.setup(args)
-    cfg = C.episode_cfg(args)
     policy, opt, state = C.start_run(args, rank, device)
+    cfg = C.episode_cfg(args, policy)
     # the data: each rank replays its share of the trajectories once, and trains on those
     if args.data == "synthetic":
-        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
+        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, cfg["view_max_pixels"],
                                args.demo_lazy)
     else:
         try:
@@ -403,7 +403,7 @@ def train(args):
         raise SystemExit(f"--data {args.data}: no usable trajectory left ({len(rejected)} rejected, reasons above)")
     if n_kept < world or C.all_sum([float(not data)])[0]:
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
-    C.write_config(args, rank, world=world, trajectories=n_kept, rejected=len(rejected))
+    C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
     n_batches = math.ceil(len(data) / args.batch_size)
 
@@ -462,7 +462,8 @@ def reflect_main(args):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data: {e}") from None
     policy = C.load_policy(args.model, seed=args.seed, device=device)
-    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed)
+    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args, policy), args.samples, args.temperature,
+                           args.seed)
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
@@ -477,7 +478,9 @@ def main(argv=None):
     if args.convert_vlir:
         if not args.to:
             raise SystemExit("--convert-vlir needs --to OUT.jsonl")
-        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=args.view_max_pixels,
+        # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
+        view = C.pixel_budgets(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
+        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     if args.reflect:
         return reflect_main(args)
