@@ -44,7 +44,8 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
     p.add_argument("--view-max-pixels", type=int, default=None,
                    help="pixel budget of the first look at each image (default: the model's image processor's)")
-    p.add_argument("--crop-max-pixels", type=int, default=None, help="pixel budget of a zoom (default: the model's image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, default=None,
+                   help="pixel budget of a zoom (default: the model's image processor's)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-images", type=int, default=6)

@@ -17,8 +17,10 @@ synthetic held-out set (200 items), with zoom_in and with tools off, side by sid
         --samples 8 --out runs/ev-hr8k
 Hard-example mining (Groundlight: TextVQA questions the base model gets wrong), then train on them:
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench textvqa --data TextVQA_0.5.1_train.json \
-        --images train_images --samples 8 --keep-below 0.5 --write-subset runs/hard/train.jsonl
-    python grpo.py --data runs/hard/train.jsonl ...
+        --images train_images --samples 8 --keep-below 0.5 --view-max-pixels 1003520 --write-subset runs/hard/train.jsonl
+    python grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/hard/train.jsonl --view-max-pixels 1003520 ...
+Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px); results.json
+records the budgets used.
 
 The run folder (--out) gets results.md (the table printed on screen), results.json (every setting: model,
 pixel budgets, tools, system prompt, question template, seeds, sampling, limits; and the aggregates) and

