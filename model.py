@@ -4,7 +4,8 @@ next assistant turn, and per-token log-probs of sampled tokens (through the fuse
 
     policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
     policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
-(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in.)
+(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in;
+common.save_policy writes a checkpoint.)
 
 A sequence, everywhere in lookagain, is the list of token ids of one whole conversation, with the images
 inline: each image is `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>`, n = grid_t*grid_h*grid_w
@@ -13,14 +14,11 @@ from decoded text: sampled ids go into the sequence as they were sampled.
 
 Nothing here is run as a script; `python grpo.py`, `python sft.py` and `python eval.py` use it.
 """
-import json
 import os
-import shutil
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
@@ -78,27 +76,24 @@ QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's smallest image: 2 x 2 merged tokens of 2
 
 
 def resolve(name):
-    """--model -> the folder to load: None for "tiny", a local folder as it is, a hub id through the Hugging
-    Face cache (offline first; downloaded when online). Anything else: one line saying which it is not."""
-    if name == "tiny":
-        return None
-    if os.path.isdir(name):
-        return name
+    """--model -> the folder to load: None for "tiny", a local folder as it is, a hub id through the Hugging Face
+    cache (offline first), else downloaded (unless HF_HUB_OFFLINE is set). Anything else: one line saying why."""
+    if name == "tiny" or os.path.isdir(name):
+        return None if name == "tiny" else name
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
     try:
-        return snapshot_download(name, local_files_only=True)  # the cache only: never the network
+        return snapshot_download(name, local_files_only=True)  # the cache only, never the network
     except HFValidationError:
         raise SystemExit(f"--model {name}: not 'tiny', no such folder, and not a hub id (org/name)") from None
     except OSError:
-        if constants.HF_HUB_OFFLINE:
-            raise SystemExit(f"--model {name}: no such folder, and not in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}; HF_HUB_OFFLINE is set)") from None
-    try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
-    except OSError as e:
-        raise SystemExit(f"--model {name}: no such folder, not in the Hugging Face cache, and not downloadable "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+        except OSError as e:
+            why = f"and cannot be downloaded: {type(e).__name__}"
+    raise SystemExit(f"--model {name}: no such folder, and not in the Hugging Face cache ({why})")
 
 
 def image_processor(folder):
@@ -117,8 +112,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     Hugging Face folder). On GPU: bf16 weights for inference; for training
     (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
     resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
-    policy.min_pixels/max_pixels: the image processor's budget for one image, the default view budget
-    (common.pixel_budgets; tools pass each image already resized to a multiple of 28)."""
+    policy.improc's pixel budget is the default view budget (common.pixel_budgets)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
@@ -155,96 +149,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
         forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                    "<|video_pad|>")},
-        max_pixels=improc.size["longest_edge"], min_pixels=improc.size["shortest_edge"])
-
-
-# -----------------------------------------------------------------------------
-# checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder
-#
-# transformers 5 writes its own layout (a nested text_config with rope_parameters only, a list of
-# extra_special_tokens, the pixel budget as `size`) that transformers 4.5x, and the vLLM releases pinned to
-# it, misread: no M-RoPE section (the forward fails), a random untied output layer, a tokenizer error, the
-# default pixel budget. So the weights go through save_pretrained (published tensor names) in bf16, and
-# the config, tokenizer and preprocessor files are written here with the fields both generations read.
-
-
-def _write_json(path, name, obj):
-    with open(os.path.join(path, name), "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def hf_config(policy):
-    """config.json as Qwen publishes it: flat text fields, rope_scaling {"type": "mrope"}, torch_dtype."""
-    c, t, v = policy.model.config, policy.model.config.text_config, policy.model.config.vision_config
-    rope = t.rope_parameters
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
-            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
-            "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
-            "vision_token_id": policy.tok.convert_tokens_to_ids("<|vision_pad|>"),
-            "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
-            **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
-                                          "max_position_embeddings", "max_window_layers")},
-            "model_type": "qwen2_5_vl",
-            **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads",
-                                          "rms_norm_eps")},
-            "rope_theta": rope["rope_theta"], "sliding_window": t.sliding_window or 32768,  # unused: no sliding
-            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
-            "transformers_version": transformers.__version__, "use_cache": True, "use_sliding_window": False,
-            "vision_config": {"depth": v.depth, "hidden_act": v.hidden_act, "hidden_size": v.hidden_size,
-                              "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
-                              "in_chans": v.in_channels, "out_hidden_size": v.out_hidden_size,
-                              "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
-                              "spatial_patch_size": v.patch_size, "window_size": v.window_size,
-                              "fullatt_block_indexes": v.fullatt_block_indexes,
-                              "tokens_per_second": v.tokens_per_second, "temporal_patch_size": v.temporal_patch_size},
-            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
-            "vocab_size": t.vocab_size}
-
-
-def save(policy, path, state_dict=None):
-    """A Hugging Face folder that transformers 4.5x and 5.x, vLLM and load() read: bf16 weights (of
-    `state_dict`, default the policy's own, usually fp32 master weights) and the published file layout."""
-    os.makedirs(path, exist_ok=True)
-    tok, improc, tied = policy.tok, policy.improc, policy.model.config.tie_word_embeddings
-    sd = policy.model.state_dict() if state_dict is None else state_dict
-    sd = {k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items() if not (tied and k == "lm_head.weight")}
-    policy.model.save_pretrained(path, state_dict=sd)   # published tensor names (transformers reverts its own)
-    tok.save_pretrained(path)                           # tokenizer.json (and a chat template, if any)
-    _write_json(path, "config.json", hf_config(policy))
-    # the turn ends as lookagain's do; no sampling defaults (Qwen's temperature 1e-6 would become vLLM's)
-    _write_json(path, "generation_config.json", {"bos_token_id": policy.model.config.text_config.bos_token_id,
-                                                 "pad_token_id": policy.pad, "eos_token_id": policy.eos,
-                                                 "transformers_version": transformers.__version__})
-    saved = json.load(open(os.path.join(path, "tokenizer_config.json")))
-    added = tok.added_tokens_decoder
-    _write_json(path, "tokenizer_config.json", {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(i): {"content": a.content, "lstrip": a.lstrip, "normalized": a.normalized,
-                                          "rstrip": a.rstrip, "single_word": a.single_word, "special": a.special}
-                                 for i, a in sorted(added.items())},
-        # the special ones after <|endoftext|> (4.5x wants this list; 5.x's list-valued extra_special_tokens
-        # makes it fail)
-        "additional_special_tokens": [a.content for i, a in sorted(added.items())
-                                      if a.special and a.content != "<|endoftext|>"],
-        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
-        "model_max_length": min(tok.model_max_length, 131072), "pad_token": tok.pad_token,
-        "split_special_tokens": False,
-        "tokenizer_class": {"TokenizersBackend": "PreTrainedTokenizerFast"}.get(saved["tokenizer_class"],
-                                                                                saved["tokenizer_class"]),
-        "unk_token": None})
-    _write_json(path, "preprocessor_config.json", {
-        "min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"],
-        "patch_size": improc.patch_size, "temporal_patch_size": improc.temporal_patch_size,
-        "merge_size": improc.merge_size, "image_mean": list(improc.image_mean), "image_std": list(improc.image_std),
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
-    for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
-        if policy.folder and os.path.isfile(os.path.join(policy.folder, f)):
-            try:
-                shutil.copy(os.path.join(policy.folder, f), path)
-            except shutil.SameFileError:  # saved into the folder it was loaded from
-                pass
+                                    "<|video_pad|>")})
 
 
 # -----------------------------------------------------------------------------

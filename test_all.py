@@ -567,12 +567,12 @@ def bf16_logits(policy, **inputs):
 
 
 def test_model_checkpoint_roundtrip(policy, tmp_path):
-    M.save(policy, str(tmp_path))
+    C.save_policy(policy, str(tmp_path))
     p2 = C.load_policy(str(tmp_path), device="cpu")
     x = torch.tensor([M.ids(policy, "<|im_start|>user\nWhat colour?")])
     with torch.no_grad():  # bf16 weights in the folder: exactly the policy's, rounded to bf16
         assert torch.equal(bf16_logits(policy, input_ids=x), p2.model(input_ids=x).logits)
-    assert p2.tok.get_vocab() == policy.tok.get_vocab() and (p2.min_pixels, p2.max_pixels) == (56 * 56, 112 * 112)
+    assert p2.tok.get_vocab() == policy.tok.get_vocab() and (p2.improc.size["shortest_edge"], p2.improc.size["longest_edge"]) == (56 * 56, 112 * 112)
     with pytest.raises(SystemExit, match="no such folder"):
         C.load_policy(str(tmp_path / "nope"))
 
@@ -2304,7 +2304,7 @@ def published_tensor_names(layers, blocks, untied=False):
 
 
 def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_cache, tmp_path):
-    """model.save writes what Qwen publishes (bf16, its tensor names, its config/tokenizer/preprocessor fields):
+    """save_policy writes what Qwen publishes (bf16, its tensor names, its config/tokenizer/preprocessor fields):
     saving the published-layout snapshot gives its files back, and transformers reloads it with the logits of
     the policy's weights rounded to bf16 (a forward with an image and explicit M-RoPE positions)."""
     from safetensors import safe_open
@@ -2316,7 +2316,7 @@ def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_
     untied.model.config.tie_word_embeddings = False
     untied.model.lm_head.weight = torch.nn.Parameter(torch.randn_like(untied.model.lm_head.weight) * 0.02)
     for policy, out in ((qwen, tmp_path / "tied"), (untied, tmp_path / "untied")):
-        M.save(policy, str(out))
+        C.save_policy(policy, str(out))
         tied = policy is qwen
         assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(out))
