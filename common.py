@@ -173,6 +173,7 @@ def load_policy(name="tiny", **kw):
     """model.load(name, ...), the one way scripts and tests load a policy."""
     return M.load(name, corpus=tiny_corpus() if name == "tiny" else None, **kw)
 
+
 # checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
 # (a nested text_config without rope_scaling, a list of extra_special_tokens, the pixel budget as `size`), which
 # transformers 4.5x and the vLLM releases on it misread (no M-RoPE section, a random untied output layer, a
