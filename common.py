@@ -5,7 +5,8 @@ Read top to bottom:
   1. flags         the options every script takes (model, data, environment) and the optimiser's, and
                    check_flags: every flag's range checked before anything loads
   2. processes     torchrun setup, print0, sums and gathers over ranks
-  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text)
+  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text);
+                   save_policy: a checkpoint in the published Qwen2.5-VL layout
   4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
                              by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
   5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
@@ -23,6 +24,7 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from tqdm import tqdm
 
 import data as D
@@ -46,8 +48,10 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--seed", type=int, default=0)
     # the environment
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, default=112 * 112, help="pixel budget of the first look at each image")
-    p.add_argument("--crop-max-pixels", type=int, default=112 * 112, help="pixel budget of a zoom")
+    p.add_argument("--view-max-pixels", type=int, default=None,
+                   help="pixel budget of the first look at each image (default: the model's image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, default=None,
+                   help="pixel budget of a zoom (default: the model's image processor's)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-images", type=int, default=6)
@@ -101,11 +105,24 @@ def parse_tools(s):
     return tools
 
 
-def episode_cfg(args):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags."""
-    return dict(view_max_pixels=args.view_max_pixels, crop_max_pixels=args.crop_max_pixels,
-                zoom_window=args.zoom_window, max_turns=args.max_turns, max_images=args.max_images,
-                max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
+def pixel_budgets(args, improc):
+    """The pixel budgets of an image's first look and of a zoom: the flags where given, else the loaded image
+    processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny one), so a
+    real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
+    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    hi = max(lo, improc.size["longest_edge"])
+    for flag in ("view_max_pixels", "crop_max_pixels"):
+        v = getattr(args, flag)
+        if v is not None and v < lo:
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+    return dict(view_min_pixels=lo, view_max_pixels=args.view_max_pixels or hi, crop_min_pixels=lo,
+                crop_max_pixels=args.crop_max_pixels or hi)
+
+
+def episode_cfg(args, policy):
+    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
+    return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
+                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
 
 # -----------------------------------------------------------------------------
 # 2. processes
@@ -173,6 +190,8 @@ def tiny_corpus():
     lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
     lines += [f"{D.QUESTION.format(place=p)} <think>Zoom in on the {p}.</think><answer>{c}</answer>"
               for c in D.COLOURS for p in D.PLACES]
+    lines += [T.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
+    lines += [T.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
     return lines * 4
@@ -190,6 +209,69 @@ def dataset(args, split="train", n=None):
         return D.dataset(args.data, split, n=n, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data: {e}") from None
+
+
+# checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
+# (a nested text_config without rope_scaling, a list of extra_special_tokens, the pixel budget as `size`), which
+# transformers 4.5x and the vLLM releases on it misread (no M-RoPE section, a random untied output layer, a
+# tokenizer error, a default pixel budget); the published fields are read by both.
+
+
+def save_policy(policy, path, state_dict=None):
+    """A Hugging Face folder that transformers 4.5x and 5.x, vLLM and load() read: the weights of `state_dict`
+    (default: the policy's, usually fp32 master weights) in bf16 with the published tensor names, and the
+    published config, generation, tokenizer and preprocessor fields (model.load reads it back)."""
+    os.makedirs(path, exist_ok=True)
+    model, tok, improc = policy.model, policy.tok, policy.improc
+    c, t, v = model.config, model.config.text_config, model.config.vision_config
+    sd = model.state_dict() if state_dict is None else state_dict
+    model.save_pretrained(path, state_dict={k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items()
+                                            if not (c.tie_word_embeddings and k == "lm_head.weight")})
+    tok.save_pretrained(path)  # tokenizer.json (and the chat template, if any); its config is rewritten below
+    cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
+    added = sorted(tok.added_tokens_decoder.items())
+    files = {"config.json": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "vision_start_token_id": c.vision_start_token_id,
+        "vision_end_token_id": c.vision_end_token_id, "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
+        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
+        **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+                                      "max_position_embeddings", "max_window_layers")}, "model_type": "qwen2_5_vl",
+        **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")},
+        "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
+        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
+        "transformers_version": transformers.__version__, "use_cache": True, "use_sliding_window": False,
+        "vision_config": {k: getattr(v, {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(k, k)) for k in (
+            "depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "in_chans", "out_hidden_size",
+            "patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "fullatt_block_indexes",
+            "tokens_per_second", "temporal_patch_size")},
+        "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]}, "vocab_size": t.vocab_size},
+        # lookagain's stop tokens, and no sampling defaults (vLLM would adopt Qwen's temperature 1e-6)
+        "generation_config.json": {"bos_token_id": t.bos_token_id, "pad_token_id": policy.pad, "eos_token_id": policy.eos,
+                                   "transformers_version": transformers.__version__},
+        "tokenizer_config.json": {
+            "add_prefix_space": False,
+            "added_tokens_decoder": {str(i): {k: getattr(a, k) for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                        "single_word", "special")} for i, a in added},
+            # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it)
+            "additional_special_tokens": [a.content for _, a in added if a.special and a.content != "<|endoftext|>"],
+            "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
+            "model_max_length": min(tok.model_max_length, 131072), "pad_token": tok.pad_token, "split_special_tokens": False,
+            "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None},
+        "preprocessor_config.json": {  # min/max_pixels: 4.5x ignores `size`
+            "min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"],
+            **{k: getattr(improc, k) for k in ("patch_size", "temporal_patch_size", "merge_size")},
+            "image_mean": list(improc.image_mean), "image_std": list(improc.image_std),
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}}
+    for name, obj in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
+        if policy.folder and os.path.isfile(os.path.join(policy.folder, f)):
+            try:
+                shutil.copy(os.path.join(policy.folder, f), path)
+            except shutil.SameFileError:  # saved into the folder it was loaded from
+                pass
 
 # -----------------------------------------------------------------------------
 # 4. rolling out a whole dataset, sharded over ranks
@@ -291,6 +373,7 @@ def start_run(args, rank, device, shard=False):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     if args.resume:
+        restore_master_weights(policy, state.pop("model", None))
         try:
             opt.load_state_dict(state.pop("optimizer"))
         except ValueError as e:  # e.g. saved without --freeze-vision, resumed with it
@@ -366,36 +449,58 @@ def log_metrics(args, rank, row):
             f.write(json.dumps(row) + "\n")
 
 
+def restore_master_weights(policy, weights):
+    """The fp32 weights a resumable checkpoint keeps in its trainer state (rank 0's file when sharded): the
+    Hugging Face folder's are bf16, and a resume from them would not continue the run exactly."""
+    if policy.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(policy.model, weights or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    elif weights is not None:
+        policy.model.load_state_dict(weights)
+
+
 def save_run(args, policy, opt, step, rank, **state):
-    """After step `step` (0-based): every --save-every steps a checkpoint <out>/step<N>, at the last step
-    <out> itself. A checkpoint is a Hugging Face folder (model, tokenizer, image processor) plus the trainer
-    state for --resume (optimizer, step, RNG, and `state`: tensors and plain containers, as weights_only
-    loading takes), written into <out>/step<N>.tmp, marked whole, then moved into place (_publish), so a kill
-    mid-save leaves no folder that passes for a checkpoint. Called on every rank: a sharded model is
-    gathered to rank 0 first (a collective) and each rank keeps its own shard of the optimizer state
-    (resume on the same number of processes)."""
-    n, last = step + 1, step + 1 == args.steps
-    if not (last or (args.save_every and n % args.save_every == 0)):
+    """After step `step` (0-based): every --save-every steps a checkpoint to resume from, <out>/step<N>: a
+    Hugging Face folder (bf16 weights) plus the trainer state (the fp32 master weights, optimizer, step, RNG
+    and `state`: tensors and plain containers, as weights_only loading takes); after the last step the final
+    model, <out>: the Hugging Face folder only. Each is written aside, marked whole, then moved into place
+    (_save_aside), so a kill mid-save leaves no folder that passes for a checkpoint. Called on every rank: a
+    sharded model is gathered to rank 0 first (a collective) and each rank keeps its own shard of the
+    optimizer state (resume on the same number of processes)."""
+    n = step + 1
+    resumable = bool(args.save_every) and n % args.save_every == 0
+    if not (resumable or n == args.steps):
         return
-    path = args.out if last else os.path.join(args.out, f"step{n}")
-    tmp = os.path.join(args.out, f"step{n}.tmp")  # written aside: a kill mid-save leaves no whole-looking folder
+    weights = policy.model.state_dict()
+    if policy.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if resumable:
+        np_rng = np.random.get_state()  # (name, uint32 array, ints, float): the array as a list, for weights_only
+        trainer = dict(state, optimizer=opt.state_dict(), step=n,
+                       rng=dict(torch=torch.get_rng_state(), numpy=(np_rng[0], np_rng[1].tolist(), *np_rng[2:]),
+                                python=random.getstate()))
+        if rank == 0:
+            trainer["model"] = {k: w.detach().cpu() for k, w in weights.items()}
+        _save_aside(args.out, os.path.join(args.out, f"step{n}"), n, rank, policy, weights, trainer)
+    if n == args.steps:
+        _save_aside(args.out, args.out, n, rank, policy, weights, None)
+
+
+def _save_aside(out, path, n, rank, policy, weights, trainer):
+    """Write a checkpoint into <out>/step<n>.tmp (the model on rank 0, each rank's trainer state), then mark it
+    whole and move it to `path` (_publish)."""
+    tmp = os.path.join(out, f"step{n}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    np_rng = np.random.get_state()  # (name, uint32 array, ints, float): the array as a list, for weights_only
-    trainer = dict(state, optimizer=opt.state_dict(), step=n,
-                   rng=dict(torch=torch.get_rng_state(), numpy=(np_rng[0], np_rng[1].tolist(), *np_rng[2:]),
-                            python=random.getstate()))
-    if policy.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            M.save(policy, tmp, state_dict=full)
+    if dist.is_initialized():
         dist.barrier()
-        torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt"))
-    elif rank == 0:
-        M.save(policy, tmp)
-        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
+    if rank == 0:
+        save_policy(policy, tmp, state_dict=weights)
+    if trainer is not None and (policy.sharded or rank == 0):
+        torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -458,6 +563,9 @@ def checkpoint_problem(path):
     m = _marker(path)
     if m is None:
         return f"{path} is not a whole checkpoint (no {MARKER}: its save never finished); --resume auto finds one"
+    if not any(f.startswith("trainer") for f in m["files"]):
+        return (f"{path} holds a final model only (no trainer state): a run resumes from its <out>/step<N> "
+                f"checkpoints (--save-every)")
     for name, size in m["files"].items():
         p = os.path.join(path, name)
         if not os.path.isfile(p) or os.path.getsize(p) != size:

@@ -4,10 +4,14 @@ grpo.py: the hand-written GRPO loop, with Selective Sample Replay, forced rethin
 CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs/sft when present):
     python grpo.py
 1 GPU (VLM-R3's R-GRPO on Qwen2.5-VL-3B, from a cold-start SFT checkpoint):
-    python grpo.py --model runs/sft-3b --data train.jsonl --preset vlm_r3 --group-size 5 --lr 1e-6 --out runs/r3
+    python grpo.py --model runs/sft-3b --data train.jsonl --preset vlm_r3 --group-size 5 --lr 1e-6 \
+        --view-max-pixels 1003520 --crop-max-pixels 1003520 --grad-ckpt --out runs/r3
 8 GPUs (VL-Rethinker's recipe on 7B; each GPU holds a replica, data parallel):
     torchrun --standalone --nproc_per_node=8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \
-        --preset vl_rethinker --ssr --rethink --eps-high 0.35 --scale-rewards none --grad-ckpt --out runs/rethinker
+        --preset vl_rethinker --ssr --rethink --eps-high 0.35 --scale-rewards none --tools none \
+        --view-max-pixels 1003520 --grad-ckpt --out runs/rethinker
+Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: up to 12845056 px, 16384 tokens an
+image): give the SFT run's --view-max-pixels/--crop-max-pixels so that RL trains on the views SFT did.
 2 processes on CPU (what the tests check against 1 process):
     torchrun --standalone --nproc_per_node=2 grpo.py --model tiny --data synthetic --steps 1 --device cpu --out runs/y
 
@@ -457,7 +461,6 @@ def main(argv=None):
         C.print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
     records = C.dataset(args, "train")
     heldout = C.dataset(args, "test", n=args.eval_n) if args.eval_every else None
-    cfg = C.episode_cfg(args)
 
     ref = None
     if args.beta:  # the KL reference: the initial policy, frozen
@@ -466,7 +469,8 @@ def main(argv=None):
     policy, opt, state = C.start_run(args, rank, device, shard=args.fsdp)
     if args.fsdp and ref is not None:
         M.shard(ref)
-    C.write_config(args, rank, world=world)
+    cfg = C.episode_cfg(args, policy)
+    C.write_config(args, rank, world=world, episode=cfg)
     start, nan_run = state["step"], state.get("nan_run", 0)
     store = state.get("store", replay.new_store(update_size) if args.ssr else None)  # VL-Rethinker: half a rollout
     C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "

