@@ -142,7 +142,7 @@ def rollout_bench(a, device):
     policy = C.load_policy(name, device=device, arch=arch)
     policy.model.eval()
     records = D.dataset("synthetic", "test")[:a.prompts]
-    cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([])),
+    cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([]), policy),
                view_max_pixels=a.pixels, crop_max_pixels=a.pixels, max_turn_tokens=a.max_new)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -2,24 +2,29 @@
 common.py: the plumbing that sft.py, grpo.py and eval.py share, and nothing more (no script imports another).
 
 Read top to bottom:
-  1. flags         the options every script takes (model, data, environment) and the optimiser's
+  1. flags         the options every script takes (model, data, environment) and the optimiser's, and
+                   check_flags: every flag's range checked before anything loads
   2. processes     torchrun setup, print0, sums and gathers over ranks
-  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text)
+  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text);
+                   save_policy: a checkpoint in the published Qwen2.5-VL layout
   4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
                              by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
   5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
                    AdamW, resume, run.json, a fresh metrics.jsonl), set_lr, log_metrics, save_run
+                   (written aside, marked whole last), and --resume auto's search for the newest checkpoint
 Nothing here is run as a script.
 """
-import argparse
 import json
 import math
+import operator
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from tqdm import tqdm
 
 import data as D
@@ -39,12 +44,14 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
     # the environment
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, default=112 * 112, help="pixel budget of the first look at each image")
-    p.add_argument("--crop-max-pixels", type=int, default=112 * 112, help="pixel budget of a zoom")
+    p.add_argument("--view-max-pixels", type=int, default=None,
+                   help="pixel budget of the first look at each image (default: the model's image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, default=None,
+                   help="pixel budget of a zoom (default: the model's image processor's)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-images", type=int, default=6)
@@ -65,25 +72,38 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--grad-clip", type=float, default=1.0)
 
 
-def in_range(kind, lo, hi):
-    """An argparse type: kind(value), within [lo, hi] (else an error that names the flag and the range)."""
-    def parse(s):
-        v = kind(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{s} is outside [{lo}, {hi}]")
-        return v
-    parse.__name__ = kind.__name__  # argparse's message for a value that does not parse: "invalid int value"
-    return parse
+# the allowed ranges of the number flags (those a script has): each checked before any work by check_flags
+AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, zoom_window=1, max_turns=1,
+                max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
+                save_every=0, top_k=0, min_p=0)
+
+
+def check_flags(args, ge=None, gt=None, le=None):
+    """One-line SystemExit for a flag out of its range, before anything is loaded: ge (>=, added to AT_LEAST),
+    gt (>) and le (<=) map a flag's dest to its bound; a flag left None is not checked. Also --device cuda
+    without a GPU, and --resume (a missing folder, an unfinished or damaged checkpoint, or `auto`)."""
+    for bounds, op, sign in (({**AT_LEAST, **(ge or {})}, operator.ge, ">="), (gt or {}, operator.gt, ">"),
+                             (le or {}, operator.le, "<=")):
+        for k, b in bounds.items():
+            v = getattr(args, k, None)
+            if v is not None and not op(v, b):  # NaN fails every comparison, so it is caught too
+                raise SystemExit(f"--{k.replace('_', '-')} must be {sign} {b}, got {v}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here (use --device cpu)")
+    if getattr(args, "resume", None):
+        args.resume = find_checkpoint(args.out) if args.resume == "auto" else args.resume
+        problem = checkpoint_problem(args.resume) if args.resume else None
+        if problem:
+            raise SystemExit(f"--resume: {problem}")
 
 
 def add_filter_flags(p):
     """The sampler's filters after the temperature, in transformers' order (model.draw); the log-probs
-    trained on stay those of the temperature alone. grpo.py, eval.py and sft.py --reflect take them."""
-    p.add_argument("--top-k", type=in_range(int, 0, math.inf), default=0,
-                   help="sample among the k likeliest tokens (0: off)")
-    p.add_argument("--top-p", type=in_range(float, 0, 1), default=1.0,
-                   help="then among the likeliest with this mass (1: off)")
-    p.add_argument("--min-p", type=in_range(float, 0, 1), default=0.0,
+    trained on stay those of the temperature alone. grpo.py, eval.py and sft.py --reflect take them (their
+    check_flags: top-p in (0, 1], min-p <= 1)."""
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="then among the likeliest with this mass (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
                    help="then drop tokens below min-p x the top probability (0: off)")
 
 
@@ -99,11 +119,24 @@ def parse_tools(s):
     return tools
 
 
-def episode_cfg(args):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags."""
-    return dict(view_max_pixels=args.view_max_pixels, crop_max_pixels=args.crop_max_pixels,
-                zoom_window=args.zoom_window, max_turns=args.max_turns, max_images=args.max_images,
-                max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
+def pixel_budgets(args, improc):
+    """The pixel budgets of an image's first look and of a zoom: the flags where given, else the loaded image
+    processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny one), so a
+    real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
+    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    hi = max(lo, improc.size["longest_edge"])
+    for flag in ("view_max_pixels", "crop_max_pixels"):
+        v = getattr(args, flag)
+        if v is not None and v < lo:
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+    return dict(view_min_pixels=lo, view_max_pixels=args.view_max_pixels or hi, crop_min_pixels=lo,
+                crop_max_pixels=args.crop_max_pixels or hi)
+
+
+def episode_cfg(args, policy):
+    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
+    return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
+                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
 
 # -----------------------------------------------------------------------------
 # 2. processes
@@ -171,6 +204,8 @@ def tiny_corpus():
     lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
     lines += [f"{D.QUESTION.format(place=p)} <think>Zoom in on the {p}.</think><answer>{c}</answer>"
               for c in D.COLOURS for p in D.PLACES]
+    lines += [T.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
+    lines += [T.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
     return lines * 4
@@ -179,6 +214,78 @@ def tiny_corpus():
 def load_policy(name="tiny", **kw):
     """model.load(name, ...), the one way scripts and tests load a policy."""
     return M.load(name, corpus=tiny_corpus() if name == "tiny" else None, **kw)
+
+
+def dataset(args, split="train", n=None):
+    """--data's records (data.dataset): a bad file, record or image stops the run here, before any step,
+    with its file and line."""
+    try:
+        return D.dataset(args.data, split, n=n, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--data: {e}") from None
+
+
+# checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
+# (a nested text_config without rope_scaling, a list of extra_special_tokens, the pixel budget as `size`), which
+# transformers 4.5x and the vLLM releases on it misread (no M-RoPE section, a random untied output layer, a
+# tokenizer error, a default pixel budget); the published fields are read by both.
+
+
+def save_policy(policy, path, state_dict=None):
+    """A Hugging Face folder that transformers 4.5x and 5.x, vLLM and load() read: the weights of `state_dict`
+    (default: the policy's, usually fp32 master weights) in bf16 with the published tensor names, and the
+    published config, generation, tokenizer and preprocessor fields (model.load reads it back)."""
+    os.makedirs(path, exist_ok=True)
+    model, tok, improc = policy.model, policy.tok, policy.improc
+    c, t, v = model.config, model.config.text_config, model.config.vision_config
+    sd = model.state_dict() if state_dict is None else state_dict
+    model.save_pretrained(path, state_dict={k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items()
+                                            if not (c.tie_word_embeddings and k == "lm_head.weight")})
+    tok.save_pretrained(path)  # tokenizer.json (and the chat template, if any); its config is rewritten below
+    cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
+    added = sorted(tok.added_tokens_decoder.items())
+    files = {"config.json": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "vision_start_token_id": c.vision_start_token_id,
+        "vision_end_token_id": c.vision_end_token_id, "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
+        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
+        **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+                                      "max_position_embeddings", "max_window_layers")}, "model_type": "qwen2_5_vl",
+        **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")},
+        "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
+        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
+        "transformers_version": transformers.__version__, "use_cache": True, "use_sliding_window": False,
+        "vision_config": {k: getattr(v, {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(k, k)) for k in (
+            "depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "in_chans", "out_hidden_size",
+            "patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "fullatt_block_indexes",
+            "tokens_per_second", "temporal_patch_size")},
+        "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]}, "vocab_size": t.vocab_size},
+        # lookagain's stop tokens, and no sampling defaults (vLLM would adopt Qwen's temperature 1e-6)
+        "generation_config.json": {"bos_token_id": t.bos_token_id, "pad_token_id": policy.pad, "eos_token_id": policy.eos,
+                                   "transformers_version": transformers.__version__},
+        "tokenizer_config.json": {
+            "add_prefix_space": False,
+            "added_tokens_decoder": {str(i): {k: getattr(a, k) for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                        "single_word", "special")} for i, a in added},
+            # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it)
+            "additional_special_tokens": [a.content for _, a in added if a.special and a.content != "<|endoftext|>"],
+            "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
+            "model_max_length": min(tok.model_max_length, 131072), "pad_token": tok.pad_token, "split_special_tokens": False,
+            "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None},
+        "preprocessor_config.json": {  # min/max_pixels: 4.5x ignores `size`
+            "min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"],
+            **{k: getattr(improc, k) for k in ("patch_size", "temporal_patch_size", "merge_size")},
+            "image_mean": list(improc.image_mean), "image_std": list(improc.image_std),
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}}
+    for name, obj in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
+        if policy.folder and os.path.isfile(os.path.join(policy.folder, f)):
+            try:
+                shutil.copy(os.path.join(policy.folder, f), path)
+            except shutil.SameFileError:  # saved into the folder it was loaded from
+                pass
 
 # -----------------------------------------------------------------------------
 # 4. rolling out a whole dataset, sharded over ranks
@@ -260,34 +367,58 @@ def start_run(args, rank, device, shard=False):
     gets a fresh metrics.jsonl for a new run; a resumed run keeps the rows up to its step (a resume into its
     own folder then reads as one run, step by step, and a torn last line from a kill is dropped).
     -> (policy, optimizer, state with at least "step")."""
-    policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
-                         freeze_vision=args.freeze_vision, train=True)
+    state = dict(step=0)
+    if args.resume:  # the trainer state first: a damaged one is named before the model is loaded
+        path = os.path.join(args.resume, f"trainer_rank{rank}.pt" if shard else "trainer.pt")
+        try:  # weights_only: tensors and plain containers, never code (a checkpoint may come from anyone)
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # torch.load raises many kinds for a damaged file (RuntimeError, EOFError...)
+            raise SystemExit(f"--resume: {path} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+        if state["step"] >= args.steps:
+            raise SystemExit(f"--steps {args.steps}: {args.resume} is at step {state['step']} already")
+    try:
+        policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
+                             freeze_vision=args.freeze_vision, train=True)
+    except Exception as e:  # a checkpoint whose files have the right sizes but wrong contents
+        if not args.resume:
+            raise
+        raise SystemExit(f"--resume {args.resume}: its model files are damaged ({str(e)[:300]})") from None
     if shard:  # before the optimizer: it must hold the sharded parameters
         M.shard(policy)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    state = dict(step=0)
     if args.resume:
-        name = f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"
-        state = torch.load(os.path.join(args.resume, name), weights_only=False)
-        opt.load_state_dict(state.pop("optimizer"))
+        restore_master_weights(policy, state.pop("model", None))
+        try:
+            opt.load_state_dict(state.pop("optimizer"))
+        except ValueError as e:  # e.g. saved without --freeze-vision, resumed with it
+            raise SystemExit(f"--resume {args.resume}: its optimizer does not fit this model's flags ({e})") from None
         rng = state.pop("rng")
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         random.setstate(rng["python"])
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0:  # checkpoints in <out> past this run's start are not this run's: never resumed from
+        for p in checkpoints(args.out):
+            if p[0] > state["step"]:
+                _unmark(p[1])
     path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
-        rows = []
-        if state["step"] and os.path.exists(path):
-            for line in open(path):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line torn by a kill
-                    continue
+        rows = read_metrics(path) if state["step"] else []
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= state["step"])
     return policy, opt, state
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl ([] if there is none), skipping a line torn by a kill."""
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def write_config(args, rank, **extra):
@@ -333,27 +464,145 @@ def log_metrics(args, rank, row):
             f.write(json.dumps(row) + "\n")
 
 
+def restore_master_weights(policy, weights):
+    """The fp32 weights a resumable checkpoint keeps in its trainer state (rank 0's file when sharded): the
+    Hugging Face folder's are bf16, and a resume from them would not continue the run exactly."""
+    if policy.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(policy.model, weights or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    elif weights is not None:
+        policy.model.load_state_dict(weights)
+
+
 def save_run(args, policy, opt, step, rank, **state):
-    """After step `step` (0-based): every --save-every steps a checkpoint <out>/step<N>, at the last step
-    <out> itself. A checkpoint is a Hugging Face folder (model, tokenizer, image processor) plus the trainer
-    state for --resume (optimizer, step, RNG, and `state`). Called on every rank: a sharded model is
-    gathered to rank 0 first (a collective) and each rank keeps its own shard of the optimizer state
-    (resume on the same number of processes)."""
-    n, last = step + 1, step + 1 == args.steps
-    if not (last or (args.save_every and n % args.save_every == 0)):
+    """After step `step` (0-based): every --save-every steps a checkpoint to resume from, <out>/step<N>: a
+    Hugging Face folder (bf16 weights) plus the trainer state (the fp32 master weights, optimizer, step, RNG
+    and `state`: tensors and plain containers, as weights_only loading takes); after the last step the final
+    model, <out>: the Hugging Face folder only. Each is written aside, marked whole, then moved into place
+    (_save_aside), so a kill mid-save leaves no folder that passes for a checkpoint. Called on every rank: a
+    sharded model is gathered to rank 0 first (a collective) and each rank keeps its own shard of the
+    optimizer state (resume on the same number of processes)."""
+    n = step + 1
+    resumable = bool(args.save_every) and n % args.save_every == 0
+    if not (resumable or n == args.steps):
         return
-    path = args.out if last else os.path.join(args.out, f"step{n}")
-    trainer = dict(state, optimizer=opt.state_dict(), step=n,
-                   rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+    weights = policy.model.state_dict()
     if policy.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if resumable:
+        np_rng = np.random.get_state()  # (name, uint32 array, ints, float): the array as a list, for weights_only
+        trainer = dict(state, optimizer=opt.state_dict(), step=n,
+                       rng=dict(torch=torch.get_rng_state(), numpy=(np_rng[0], np_rng[1].tolist(), *np_rng[2:]),
+                                python=random.getstate()))
         if rank == 0:
-            M.save(policy, path, state_dict=full)
-        dist.barrier()
-        torch.save(trainer, os.path.join(path, f"trainer_rank{rank}.pt"))
-    elif rank == 0:
-        M.save(policy, path)
-        torch.save(trainer, os.path.join(path, "trainer.pt"))
+            trainer["model"] = {k: w.detach().cpu() for k, w in weights.items()}
+        _save_aside(args.out, os.path.join(args.out, f"step{n}"), n, rank, policy, weights, trainer)
+    if n == args.steps:
+        _save_aside(args.out, args.out, n, rank, policy, weights, None)
+
+
+def _save_aside(out, path, n, rank, policy, weights, trainer):
+    """Write a checkpoint into <out>/step<n>.tmp (the model on rank 0, each rank's trainer state), then mark it
+    whole and move it to `path` (_publish)."""
+    tmp = os.path.join(out, f"step{n}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
+    if rank == 0:
+        save_policy(policy, tmp, state_dict=weights)
+    if trainer is not None and (policy.sharded or rank == 0):
+        torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _publish(tmp, path, n)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# A checkpoint is whole when its folder has MARKER, written last and listing every file with its size. A folder
+# without it (a save that never finished) is never resumed from; a file of another size is named as damaged.
+MARKER = "checkpoint.json"
+
+
+def _write_marker(folder, step, files):
+    with open(os.path.join(folder, MARKER + ".tmp"), "w") as f:
+        json.dump(dict(step=step, files=files), f)
+    os.replace(os.path.join(folder, MARKER + ".tmp"), os.path.join(folder, MARKER))
+
+
+def _unmark(folder):
+    if os.path.exists(os.path.join(folder, MARKER)):
+        os.remove(os.path.join(folder, MARKER))
+
+
+def _publish(tmp, path, step):
+    """Mark the finished folder `tmp` whole, then make it `path`: a step folder by a rename; <out> itself (the run
+    folder, which holds more than the checkpoint) file by file, unmarked meanwhile, while tmp stays whole."""
+    files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    _write_marker(tmp, step, files)
+    if os.path.abspath(path) != os.path.abspath(os.path.dirname(tmp)):
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        return
+    _unmark(path)
+    for f in files:
+        src, dst = os.path.join(tmp, f), os.path.join(path, f + ".tmp")
+        try:  # a hard link costs no copy (a 7B checkpoint is 15 GB); a copy where links are not allowed
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        os.replace(dst, os.path.join(path, f))
+    _write_marker(path, step, files)
+    shutil.rmtree(tmp)
+
+
+def _marker(folder):
+    """The folder's marker ({"step": N, "files": {name: size}}), or None where it has none (or a torn one)."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            m = json.load(f)
+        return m if isinstance(m["step"], int) and isinstance(m["files"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_problem(path):
+    """Why `path` is not a whole checkpoint, or None when it is."""
+    if not os.path.isdir(path):
+        return f"{path}: no such folder"
+    m = _marker(path)
+    if m is None:
+        return f"{path} is not a whole checkpoint (no {MARKER}: its save never finished); --resume auto finds one"
+    if not any(f.startswith("trainer") for f in m["files"]):
+        return (f"{path} holds a final model only (no trainer state): a run resumes from its <out>/step<N> "
+                f"checkpoints (--save-every)")
+    for name, size in m["files"].items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p) or os.path.getsize(p) != size:
+            got = f"{os.path.getsize(p)} bytes" if os.path.isfile(p) else "missing"
+            return f"{p} is damaged ({got}; it was written with {size} bytes)"
+    return None
+
+
+def checkpoints(out):
+    """[(step, folder)] of the folders in <out> (and <out> itself) marked as checkpoints, by step."""
+    dirs = [out] + [os.path.join(out, d) for d in os.listdir(out) if d.startswith("step")] if os.path.isdir(out) else []
+    return sorted((m["step"], d) for d, m in ((d, _marker(d)) for d in dirs) if m)
+
+
+def find_checkpoint(out):
+    """--resume auto: the newest whole checkpoint in <out> (its step<N>/ folders, a finished step<N>.tmp/, and <out>
+    itself), skipping damaged ones (said); None to start a new run."""
+    for step, path in reversed(checkpoints(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            print0(f"--resume auto: {path} (step {step})")
+            return path
+        print0(f"--resume auto: skipping {problem}")
+    print0(f"--resume auto: no checkpoint in {out}: a new run")
+    return None

@@ -29,9 +29,9 @@ import re
 from functools import partial
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from rewards import TYPES
+from rewards import TYPES, accuracy
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 230), "yellow": (240, 220, 30),
            "magenta": (220, 40, 220), "cyan": (30, 220, 220), "orange": (250, 140, 20), "purple": (120, 40, 170)}
@@ -110,8 +110,8 @@ def validate(r, where):
     ans = r.get("answer")
     if not (isinstance(ans, str) or (isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans))):
         bad("'answer' must be a string or a non-empty list of strings")
-    imgs = r.get("image")
-    if not (isinstance(imgs, (str, Image.Image)) or callable(imgs) or (isinstance(imgs, list) and imgs)):
+    imgs = r.get("image") if isinstance(r.get("image"), list) else [r.get("image")]
+    if not imgs or not all(isinstance(i, (str, Image.Image)) or callable(i) for i in imgs):
         bad("'image' must be a path or a non-empty list of paths")
     if r.get("type", "text") not in TYPES:
         bad(f"unknown type {r.get('type')!r}; known: {', '.join(TYPES)}")
@@ -120,10 +120,18 @@ def validate(r, where):
         bad("'options' must be a list of at least two strings")
     if r.get("type") == "multiple_choice" and not opts:
         bad("a multiple_choice record needs 'options'")
-    b = r.get("bbox")
-    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-                              and b[0] < b[2] and b[1] < b[3]):
-        bad("'bbox' must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
+    b = r.get("bbox")  # abs(v) < 1e9 is False for inf and NaN, and safe for an integer too big for a float
+    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
+            and b[0] < b[2] and b[1] < b[3]):
+        bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
+    p = r.get("precision")
+    if p is not None and (isinstance(p, bool) or p not in range(16)):
+        bad(f"'precision' must be a number of decimals (0 to 15), got {str(p)[:20]!r}")
+    try:  # can the record be scored at all (e.g. a multiple-choice answer that is none of the options)?
+        accuracy("", {"type": "text", **r})
+    except ValueError as e:
+        bad(str(e))
 
 
 def problem(bad, msg, exc=ValueError):
@@ -137,8 +145,13 @@ def jsonl_rows(path, bad=None):
     """(where, object) for each non-empty line of a JSONL file; where = "file:line"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is that line's problem
+        for ln, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (some editors write one) is dropped
+            except UnicodeDecodeError as e:
+                problem(bad, f"{path}:{ln}: not UTF-8 text (byte {e.start})")
+                continue
             if line.strip():
                 try:
                     yield f"{path}:{ln}", json.loads(line)
@@ -159,8 +172,7 @@ def load_jsonl(path, bad=None):
             paths = r["image"] if isinstance(r["image"], list) else [r["image"]]
             r["image"] = [p if os.path.isabs(p) else os.path.join(folder, p) for p in paths]
             for p in r["image"]:
-                if not os.path.isfile(p):
-                    raise FileNotFoundError(f"{where}: image {p} not found")
+                check_image(p, where)
         except (ValueError, FileNotFoundError) as e:
             problem(bad, str(e), type(e))
             continue
@@ -170,25 +182,70 @@ def load_jsonl(path, bad=None):
     return out
 
 
-def load_images(record):
-    """The record's images as RGB PIL images, at full resolution (the view is resized later, by tools.py,
-    to the pixel budget; originals are kept whole because zooms cut from them)."""
-    imgs = record["image"] if isinstance(record["image"], list) else [record["image"]]
-    out = []
-    for im in imgs:
-        if callable(im):  # a synthetic image, drawn on demand
-            im = im()
-        if isinstance(im, Image.Image):
-            out.append(im.convert("RGB"))
-            continue
+MAX_PIXELS = 8192 * 8192  # an HR-Bench 8K photo (7680 x 4320) fits; a decompression bomb does not
+MAX_ASPECT = 200          # Qwen2-VL's smart_resize refuses a longer side over 200 times the shorter
+
+
+def open_image(src, draft=False):
+    """One image (a path, a function that returns an image, or a PIL image) as RGB, the one way images are
+    read: its size checked before decoding (at most MAX_PIXELS, aspect at most MAX_ASPECT), EXIF orientation
+    applied, 16-bit and 32-bit grey scaled to 8 bits (not clipped: a 16-bit PNG would turn white), alpha
+    composited on white. draft: decode a JPEG at 1/8 scale (to check it is whole, cheaply).
+    Raises ValueError saying what is wrong, FileNotFoundError for a missing file."""
+    if isinstance(src, str) and not os.path.isfile(src):
+        raise FileNotFoundError(f"image {src} not found")
+    try:
+        im = src() if callable(src) else src
+        im = Image.open(im) if not isinstance(im, Image.Image) else im
+        w, h = im.size
+        if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
+            raise ValueError(f"{w}x{h} is over the limits ({MAX_PIXELS} pixels, aspect {MAX_ASPECT})")
+        if draft:
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+        im.load()  # decode now: a truncated file fails here, not in the middle of a run
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the camera was turned
+            im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grey: 0..65535 -> 0..255
+            a = np.asarray(im, dtype=np.float64)
+            a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
+            im = Image.fromarray(np.rint(a.clip(0, 255)).astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return im.convert("RGB")
+    except Exception as e:  # a decoder raises many kinds (OSError, SyntaxError, EOFError, DecompressionBombError...)
+        name = src if isinstance(src, str) else "image"
+        raise ValueError(f"cannot read {name} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+_checked = {}  # (path, size, mtime) -> the problem, or None: an image shared by many records is decoded once
+
+
+def check_image(path, where):
+    """At load time: can `path` be read (open_image, the JPEG decoded at 1/8 scale, nothing kept)?
+    Raises ValueError/FileNotFoundError naming `where` (the file and line or row)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise FileNotFoundError(f"{where}: image {path} not found") from None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _checked:
         try:
-            with Image.open(im) as f:
-                out.append(f.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"record {record.get('id')}: image {im} not found") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"record {record.get('id')}: cannot read image {im} ({e})") from None
-    return out
+            open_image(path, draft=True)
+            _checked[key] = None
+        except ValueError as e:
+            _checked[key] = str(e)
+    if _checked[key]:
+        raise ValueError(f"{where}: {_checked[key]}")
+
+
+def load_images(record):
+    """The record's images as RGB PIL images (open_image), at full resolution (the view is resized later,
+    by tools.py, to the pixel budget; originals are kept whole because zooms cut from them)."""
+    imgs = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    try:
+        return [open_image(im) for im in imgs]
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"record {record.get('id')}: {e}") from None
 
 
 def dataset(spec, split="train", n=None, seed=0):
@@ -215,11 +272,12 @@ def _read_json(path):
 
 
 def _image(path, where, bad):
-    """The image path if the file exists, else a bad row (None)."""
-    if os.path.isfile(path):
+    """The image path if it can be read (check_image), else a bad row (None)."""
+    try:
+        check_image(path, where)
         return path
-    problem(bad, f"{where}: image {path} not found", FileNotFoundError)
-    return None
+    except (ValueError, FileNotFoundError) as e:
+        problem(bad, str(e), type(e))
 
 
 def shuffle_options(options, correct, seed, key):
@@ -233,8 +291,9 @@ def shuffle_options(options, correct, seed, key):
 def _union_xywh(boxes):
     """V*'s target boxes ([x, y, w, h], one per target object) -> the [x1, y1, x2, y2] box around them all:
     the region a model must see to answer (both objects, for a relative-position question)."""
-    boxes = [b for b in boxes or [] if isinstance(b, list) and len(b) == 4
-             and all(isinstance(v, (int, float)) for v in b) and b[2] > 0 and b[3] > 0]
+    boxes = [b for b in (boxes if isinstance(boxes, list) else []) if isinstance(b, list) and len(b) == 4
+             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
+             and b[2] > 0 and b[3] > 0]
     if not boxes:
         return None
     return [min(b[0] for b in boxes), min(b[1] for b in boxes),
@@ -272,12 +331,13 @@ def load_vstar(path, shuffle_seed=0, bad=None):
                 problem(bad, str(e))
                 continue
             imgs = [f for f in files if os.path.splitext(f)[0] == stem and not f.endswith(".json")]
-            opts = ann.get("options") if isinstance(ann, dict) else None
+            ann = ann if isinstance(ann, dict) else {}
+            opts = ann.get("options")
             if not imgs:
                 problem(bad, f"{where}: no image {stem}.* next to it", FileNotFoundError)
             elif not isinstance(ann.get("question"), str) or not (isinstance(opts, list) and len(opts) >= 2):
-                problem(bad, f"{where}: needs a 'question' and at least two 'options'")
-            else:
+                problem(bad, f"{where}: needs an object with a 'question' and at least two 'options'")
+            elif _image(os.path.join(folder, imgs[0]), where, bad):
                 options, letter = shuffle_options([str(o) for o in opts], 0, shuffle_seed, f"{cat}/{stem}")
                 r = dict(id=f"vstar-{cat}-{stem}", image=os.path.join(folder, imgs[0]), question=ann["question"],
                          answer=letter, type="multiple_choice", options=options, category=cat, source=where)
@@ -314,7 +374,12 @@ def _load_vstar_jsonl(path, shuffle_seed, bad):
                  type="multiple_choice", options=options, category=cat or os.path.dirname(stem), source=where)
         side = os.path.splitext(img)[0] + ".json"  # the per-image JSON, when present, has the target boxes
         if os.path.isfile(side):
-            box = _union_xywh(_read_json(side).get("bbox"))
+            try:
+                ann = _read_json(side)
+            except ValueError as e:
+                problem(bad, str(e))
+                continue
+            box = _union_xywh(ann.get("bbox") if isinstance(ann, dict) else None)
             if box:
                 r["bbox"] = box
         out.append(r)
@@ -335,26 +400,31 @@ def load_hrbench(path, bad=None):
     rows, by_index, opened = [], {}, {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; HR-Bench's TSV has "
-                             f"{', '.join(HRBENCH_COLUMNS)}, C, D")
-        for row in reader:  # one pass; only the compressed bytes of each distinct image are kept
-            s = (row.pop("image") or "").strip()
-            if len(s) > 64:
-                key = hashlib.blake2b(s.encode(), digest_size=16).digest()
-                try:
-                    if key not in opened:
-                        raw = base64.b64decode(s, validate=True)
-                        Image.open(io.BytesIO(raw))  # reads the header only: is it an image at all?
-                        opened[key] = partial(_open_bytes, raw)
+        try:
+            missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; HR-Bench's TSV has "
+                                 f"{', '.join(HRBENCH_COLUMNS)}, C, D")
+            for row in reader:  # one pass; only the compressed bytes of each distinct image are kept
+                s = (row.pop("image") or "").strip()
+                if len(s) > 64:
+                    key = hashlib.blake2b(s.encode(), digest_size=16).digest()
+                    if key not in opened:  # decoded once here (at 1/8 scale), to fail now rather than mid-run
+                        try:
+                            raw = base64.b64decode(s, validate=True)
+                        except (binascii.Error, ValueError):
+                            opened[key] = "image is not valid base64"
+                        else:
+                            try:
+                                open_image(partial(_open_bytes, raw), draft=True)
+                                opened[key] = partial(_open_bytes, raw)
+                            except ValueError as e:
+                                opened[key] = f"image is base64 of no image PIL can read whole ({e})"
                     by_index[row["index"]] = opened[key]
-                except (binascii.Error, ValueError):
-                    by_index[row["index"]] = "image is not valid base64"
-                except OSError:
-                    by_index[row["index"]] = "image is base64 of no image format PIL can read"
-                s = row["index"]
-            rows.append((f"{path}:{reader.line_num}", row, s))
+                    s = row["index"]
+                rows.append((f"{path}:{reader.line_num}", row, s))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f"{path}:{reader.line_num + 1}: unreadable TSV ({e})") from None
     stem, out = os.path.splitext(os.path.basename(path))[0], []
     for where, row, key in rows:
         img = by_index.get(key, f"image field {key[:20]!r} is neither base64 nor the index of a row")
@@ -434,6 +504,12 @@ def load_mathvista(path, images=None, bad=None):
         if p.get("answer") in (None, ""):
             problem(bad, f"{where}: no 'answer' (MathVista's test split has none: evaluate on testmini)")
             continue
+        if p.get("choices") and not isinstance(p["choices"], list):  # a string would become one option a letter
+            problem(bad, f"{where}: 'choices' must be a list, got {str(p['choices'])[:40]!r}")
+            continue
+        if not isinstance(p.get("metadata") or {}, dict):
+            problem(bad, f"{where}: 'metadata' must be an object, got {str(p['metadata'])[:40]!r}")
+            continue
         img = _image(os.path.join(root, p["image"]), where, bad)
         if img is None:
             continue
@@ -466,6 +542,8 @@ def load_scienceqa(path, images=None, split="test", bad=None):
             problem(bad, f"{where}: needs 'question' and at least two 'choices'")
         elif isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
             problem(bad, f"{where}: 'answer' must be the index of a choice, got {ans!r}")
+        elif not isinstance(p["image"], str):
+            problem(bad, f"{where}: 'image' must be a file name, got {str(p['image'])[:40]!r}")
         else:
             img = _image(os.path.join(root, split, str(pid), p["image"]), where, bad)
             if img:
@@ -480,19 +558,29 @@ BENCHES = ("vstar", "hrbench", "textvqa", "docvqa", "mathvista", "scienceqa", "j
 
 
 def load_benchmark(bench, path, images=None, split="test", shuffle_seed=0, bad=None):
-    """--bench -> records. bad: None to stop at the first bad row, or a list that collects them (--skip-bad)."""
+    """--bench -> records. bad: None to stop at the first bad row, or a list that collects them (--skip-bad).
+    A loader's records are validated as JSONL records are (e.g. a precision that is no number, a box of inf)."""
     if bench == "vstar":
-        return load_vstar(path, shuffle_seed, bad)
-    if bench == "hrbench":
-        return load_hrbench(path, bad)
-    if bench == "textvqa":
-        return load_textvqa(path, images, bad)
-    if bench == "docvqa":
-        return load_docvqa(path, images, bad)
-    if bench == "mathvista":
-        return load_mathvista(path, images, bad)
-    if bench == "scienceqa":
-        return load_scienceqa(path, images, split, bad)
-    if bench == "jsonl":
+        recs = load_vstar(path, shuffle_seed, bad)
+    elif bench == "hrbench":
+        recs = load_hrbench(path, bad)
+    elif bench == "textvqa":
+        recs = load_textvqa(path, images, bad)
+    elif bench == "docvqa":
+        recs = load_docvqa(path, images, bad)
+    elif bench == "mathvista":
+        recs = load_mathvista(path, images, bad)
+    elif bench == "scienceqa":
+        recs = load_scienceqa(path, images, split, bad)
+    elif bench == "jsonl":
         return load_jsonl(path, bad)
-    raise ValueError(f"unknown --bench {bench!r}; known: {', '.join(BENCHES)}")
+    else:
+        raise ValueError(f"unknown --bench {bench!r}; known: {', '.join(BENCHES)}")
+    out = []
+    for r in recs:
+        try:
+            validate(r, r["source"])
+            out.append(r)
+        except ValueError as e:
+            problem(bad, str(e))
+    return out

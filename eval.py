@@ -17,8 +17,10 @@ synthetic held-out set (200 items), with zoom_in and with tools off, side by sid
         --samples 8 --out runs/ev-hr8k
 Hard-example mining (Groundlight: TextVQA questions the base model gets wrong), then train on them:
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench textvqa --data TextVQA_0.5.1_train.json \
-        --images train_images --samples 8 --keep-below 0.5 --write-subset runs/hard/train.jsonl
-    python grpo.py --data runs/hard/train.jsonl ...
+        --images train_images --samples 8 --keep-below 0.5 --view-max-pixels 1003520 --write-subset runs/hard/train.jsonl
+    python grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/hard/train.jsonl --view-max-pixels 1003520 ...
+Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px); results.json
+records the budgets used.
 
 The run folder (--out) gets results.md (the table printed on screen), results.json (every setting: model,
 pixel budgets, tools, system prompt, question template, seeds, sampling, limits; and the aggregates) and
@@ -272,6 +274,8 @@ def get_args(argv=None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
         p.error(f"--bench {args.bench} needs --data: the benchmark's file or folder")
+    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0), gt=dict(top_p=0),
+                  le=dict(top_p=1, min_p=1))
     if args.temperature is None:
         args.temperature = 0.0 if args.samples == 1 else 1.0
     if args.temperature == 0 and args.samples > 1:
@@ -285,7 +289,6 @@ def main():
         args.baseline = True
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
-    cfg = C.episode_cfg(args)
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
@@ -313,6 +316,7 @@ def main():
         if model_name not in policies:
             policies[model_name] = C.load_policy(model_name, seed=args.seed, device=device)
         policy = policies[model_name]
+        cfg = C.episode_cfg(args, policy)  # the pixel budgets: the flags', else this model's processor's
         if device.type == "cpu" and sum(p.numel() for p in policy.model.parameters()) < 50e6:
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy,
@@ -321,7 +325,8 @@ def main():
                                   bench=bench, skip_bad=args.skip_bad)
         # rows the loader skipped (--skip-bad) count with the items evaluate() skipped
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
-                           system_prompt=T.system_prompt(ts, compact=policy.toy))
+                           system_prompt=T.system_prompt(ts, compact=policy.toy),
+                           pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
         all_items[label] = items
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -341,9 +346,7 @@ def main():
             split=args.split, limit=args.limit, n_items=len(records), seed=args.seed, shuffle_seed=args.shuffle_seed,
             samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, **C.filters(args),
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
-            pixels=dict(view_min_pixels=T.DEFAULTS["view_min_pixels"], view_max_pixels=cfg["view_max_pixels"],
-                        crop_min_pixels=T.DEFAULTS["crop_min_pixels"], crop_max_pixels=cfg["crop_max_pixels"],
-                        zoom_window=cfg["zoom_window"]),
+            pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
             question_template="the record's question, then for multiple choice '\\nOptions:\\nA. ...\\nB. ...' "
                               "(tools.question_text), after the image(s) in the user turn",

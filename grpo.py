@@ -4,10 +4,14 @@ grpo.py: the hand-written GRPO loop, with Selective Sample Replay, forced rethin
 CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs/sft when present):
     python grpo.py
 1 GPU (VLM-R3's R-GRPO on Qwen2.5-VL-3B, from a cold-start SFT checkpoint):
-    python grpo.py --model runs/sft-3b --data train.jsonl --preset vlm_r3 --group-size 5 --lr 1e-6 --out runs/r3
+    python grpo.py --model runs/sft-3b --data train.jsonl --preset vlm_r3 --group-size 5 --lr 1e-6 \
+        --view-max-pixels 1003520 --crop-max-pixels 1003520 --grad-ckpt --out runs/r3
 8 GPUs (VL-Rethinker's recipe on 7B; each GPU holds a replica, data parallel):
     torchrun --standalone --nproc_per_node=8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \
-        --preset vl_rethinker --ssr --rethink --eps-high 0.35 --scale-rewards none --grad-ckpt --out runs/rethinker
+        --preset vl_rethinker --ssr --rethink --eps-high 0.35 --scale-rewards none --tools none \
+        --view-max-pixels 1003520 --grad-ckpt --out runs/rethinker
+Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: up to 12845056 px, 16384 tokens an
+image): give the SFT run's --view-max-pixels/--crop-max-pixels so that RL trains on the views SFT did.
 2 processes on CPU (what the tests check against 1 process):
     torchrun --standalone --nproc_per_node=2 grpo.py --model tiny --data synthetic --steps 1 --device cpu --out runs/y
 
@@ -29,7 +33,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common as C
-import data as D
 import model as M
 import replay
 import rewards as R
@@ -39,11 +42,12 @@ import tools as T
 # micro-batches (sharded ranks in lockstep)
 
 
-def micro_batches(policy, samples, size, filler):
-    """Micro-batches of `size` samples. Sharded ranks must all run the same number of forward/backward
-    passes, so the ones with fewer pad with a copy of `filler` that trains no token."""
+def micro_batches(policy, samples, size, filler, lockstep=False):
+    """Micro-batches of `size` samples. Sharded ranks (and, with lockstep, any ranks: a collective per
+    micro-batch) must all run the same number of forward/backward passes, so the ones with fewer pad with a
+    copy of `filler` that trains no token."""
     mbs = [samples[i:i + size] for i in range(0, len(samples), size)]
-    if M.lockstep(policy):
+    if M.lockstep(policy) or (lockstep and dist.is_initialized()):
         n = torch.tensor([len(mbs)], device=policy.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         mbs += [[dict(filler, mask=[0] * len(filler["mask"]), old=None, adv=0.0)]] * (int(n) - len(mbs))
@@ -69,40 +73,69 @@ def advantages(rewards, group_size, scale="group"):
     return a.view(-1)
 
 
-def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0):
-    """PPO-clip with asymmetric clipping, plus beta times the k3 estimate of KL to a reference, per token
-    (elementwise: any shape, A broadcast against logp)."""
-    ratio = torch.exp(logp - old_logp)
-    per_tok = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0, kl_ratio=True, delta=None,
+               log_ratio=None, keep=1.0):
+    """Per token (elementwise, any shape; A broadcast against logp): PPO-clip with asymmetric clipping, the
+    ratio capped at `delta` in its unclipped branch (TRL's two-sided clip = dual-clip PPO's c when
+    delta >= 1 + eps_high), times `keep` (the entropy mask: the policy term only); plus beta x the k3 KL to a
+    reference, times the ratio when kl_ratio (TRL's use_bias_correction_kl: differentiable, unclipped).
+    log_ratio: the log importance ratio when it is not the token's own logp - old_logp (GSPO: [B, 1])."""
+    ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_tok = -torch.min(capped * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A) * keep
     if beta != 0.0:
         d = ref_logp - logp
-        per_tok = per_tok + beta * (torch.exp(d) - d - 1)                            # k3 estimator
+        k3 = torch.exp(d) - d - 1                                                    # k3 estimator
+        per_tok = per_tok + beta * (k3 * ratio if kl_ratio else k3)
     return per_tok
 
 
-def loss_weights(mask, loss_type="dapo", max_completion_length=None, num_items=None):
+def loss_weights(mask, loss_type="dapo", max_completion_length=None, num_items=None, num_seqs=None):
     """TRL's four reductions, each a weighted sum over tokens: loss = sum(per_tok * w). mask [B, T] -> w [B, T].
     num_items (dapo): trained tokens in the whole global batch / world size, so that the gradient
-    average over ranks is the exact global token mean."""
+    average over ranks is the exact global token mean. num_seqs (dr_grpo): the sequences the constant
+    counts (default: the rows of mask)."""
     m = mask if mask.is_floating_point() else mask.float()
     if loss_type == "grpo":     # mean over each sequence's tokens, then over sequences
         return m / m.sum(-1, keepdim=True).clamp(min=1) / m.shape[0]
     if loss_type == "bnpo":     # mean over the batch's tokens
         return m / m.sum().clamp(min=1)
-    if loss_type == "dr_grpo":  # a constant: sequences x the longest allowed completion
-        return m / (m.shape[0] * (max_completion_length or m.shape[1]))
+    if loss_type == "dr_grpo":  # a constant: sequences x the longest allowed completion (update: --max-tokens)
+        return m / ((num_seqs or m.shape[0]) * (max_completion_length or m.shape[1]))
     if loss_type == "dapo":     # mean over the global batch's tokens
         return m / (num_items if num_items is not None else m.sum().clamp(min=1))
     raise ValueError(f"--loss-type: unknown {loss_type!r}; use grpo, bnpo, dr_grpo or dapo")
 
 
+def seq_log_ratio(logp, old_logp, mask):
+    """GSPO's log importance ratio: each sequence's mean of logp - old_logp over its trained tokens. [B, T] -> [B, 1]"""
+    return ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def top_entropy_mask(entropy, mask, rho):
+    """TRL's top_entropy_quantile: 1 on the trained tokens whose entropy is at least the (1 - rho) quantile
+    (linear, of float32 values) of the trained tokens of this batch on every rank, 0 elsewhere. [B, T] -> [B, T]"""
+    vals = torch.cat(C.gather(entropy[mask > 0].float().cpu()))
+    if not vals.numel():
+        return torch.zeros_like(mask)
+    return ((entropy >= torch.quantile(vals, 1 - rho).to(entropy.device)) & (mask > 0)).to(mask.dtype)
+
+
 def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
-                ref_logp=None, beta=0.0, max_completion_length=None, num_items=None):
-    """The GRPO loss written out whole. logp, old_logp, ref_logp, mask: [B, T]; advantages: [B].
-    -> scalar. (update() computes the same sum chunk by chunk inside the fused kernel.)"""
-    per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low, eps_high, ref_logp, beta)
-    w = loss_weights(mask, loss_type, max_completion_length, num_items).to(per_tok.dtype)
-    return (per_tok * w).sum()
+                ref_logp=None, beta=0.0, max_completion_length=None, num_items=None, kl_ratio=True, delta=None,
+                is_level="token", entropy=None, top_entropy_quantile=1.0, weights=None):
+    """The GRPO loss written out whole. logp, old_logp, ref_logp, mask, entropy: [B, T]; advantages: [B].
+    -> scalar. is_level "sequence" (GSPO): one ratio per sequence, the gradient flowing through the mean.
+    top_entropy_quantile < 1: the policy term only on the top-entropy tokens. weights: the reduction's [B, T]
+    weights, when not loss_weights' (update's per-step normalisers). (update() computes the same sum chunk
+    by chunk inside the fused kernel for the per-token options, and calls this for the others.)"""
+    m = mask.to(logp.dtype)
+    log_ratio = seq_log_ratio(logp, old_logp, m) if is_level == "sequence" else None
+    keep = top_entropy_mask(entropy, m, top_entropy_quantile) if top_entropy_quantile < 1 else 1.0
+    per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low, eps_high, ref_logp, beta, kl_ratio, delta,
+                         log_ratio, keep)
+    w = loss_weights(m, loss_type, max_completion_length, num_items) if weights is None else weights
+    return (per_tok * w.to(per_tok.dtype)).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +168,7 @@ def rethink_episode(policy, ep, correct, truncate, rng):
     new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [0] * len(tids),
                                             new["logp"][:cut] + [0.0] * len(tids))
     new["turns"][-1] = policy.tok.decode(turn[:keep]) + trigger
-    new["n_sampled"] = ep["n_sampled"] - (len(turn) - keep)
+    new["n_sampled"] = ep["n_sampled"] - (end - start - keep)  # what was cut, a stripped end-of-turn token too
     return new
 
 
@@ -188,12 +221,23 @@ def get_args(argv=None):
     p.add_argument("--rethink", action="store_true", help="VL-Rethinker's forced rethinking")
     p.add_argument("--rethink-prob", type=float, default=0.5, help="share of answered trajectories that rethink")
     p.add_argument("--rethink-truncate", type=float, default=0.5, help="probability of cutting before the answer")
-    # optimisation
-    p.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    # optimisation (README: each loss flag's TRL name)
+    p.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"],
+                   help="dr_grpo's constant is --max-tokens, the sampled-token budget")
     p.add_argument("--eps-low", type=float, default=0.2)
     p.add_argument("--eps-high", type=float, default=0.28)
+    p.add_argument("--delta", "--dual-clip", type=float, default=None, help="cap the ratio in the unclipped branch "
+                   "(TRL's two-sided clip; dual-clip PPO's c when >= 1 + eps-high, ViLaSR/EasyR1: 3)")
+    p.add_argument("--is-level", default="token", choices=["token", "sequence"],
+                   help="importance ratio per token, or per sequence (GSPO: exp of the mean log-ratio)")
+    p.add_argument("--top-entropy-quantile", type=float, default=1.0,
+                   help="policy loss only on this top share of a micro-batch's trained tokens by entropy (0.2 in '80/20')")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
-    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--kl-ratio", action=argparse.BooleanOptionalAction, default=True,
+                   help="the KL term times the importance ratio (TRL's use_bias_correction_kl); --no-kl-ratio: plain k3")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
+    p.add_argument("--mini-batches", type=int, default=1,
+                   help="optimizer steps per pass: the rollout's samples, shuffled (seeded), cut into this many")
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     C.add_optim_flags(p, lr=5e-4, warmup=5, schedule="constant")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (7B: weights + Adam > one GPU)")
@@ -201,12 +245,17 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     p.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
     args = p.parse_args(argv)
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
         args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
     args.tools = C.parse_tools(args.tools)
+    C.check_flags(args, ge=dict(prompts=1, group_size=2, micro_batch=1, ppo_epochs=1, mini_batches=1, update_size=1,
+                                eval_every=0, eval_n=1, max_nan=1, ssr_alpha=0, rethink_prob=0, rethink_truncate=0,
+                                eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0),
+                  gt=dict(temperature=0, top_p=0, delta=1),
+                  le=dict(top_p=1, min_p=1, rethink_prob=1, rethink_truncate=1, top_entropy_quantile=1))
     if args.preset not in R.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; known: {', '.join(R.PRESETS)}")
     try:
@@ -219,8 +268,10 @@ def get_args(argv=None):
 
 def make_samples(policy, groups, scores, args, step, rank):
     """Episodes -> the dicts the update needs (CPU): token ids, trained mask, images, advantage."""
-    rewards = [s[0] for g in scores for s in g]
-    adv = advantages(rewards, args.group_size, args.scale_rewards)
+    # TRL gathers every rank's rewards first: a group's statistics are its own (groups never span ranks here)
+    # and the "batch" std is over all ranks' rewards, so N processes give the advantages of one
+    every = C.gather([s[0] for g in scores for s in g])
+    adv = advantages(sum(every, []), args.group_size, args.scale_rewards)[sum(map(len, every[:rank])):]
     out, k = [], 0
     for gi, g in enumerate(groups):
         for ep in g:
@@ -243,16 +294,25 @@ def fill_old_logprobs(policy, samples, args, filler):
 
 
 def update(policy, ref, opt, samples, args, world, filler):
-    """PPO-clip over micro-batches, `--ppo-epochs` times, gradients accumulated then averaged over ranks.
+    """PPO-clip: `--ppo-epochs` passes over `samples`, each `--mini-batches` optimizer steps over consecutive
+    parts of them (main shuffled them), each step's gradient accumulated over micro-batches, then averaged
+    over ranks.
     -> dict of update metrics, or None when the loss was not finite (the step is skipped)."""
-    n_tok = sum(sum(s["mask"]) for s in samples)
-    num_items = C.all_sum(float(n_tok)) / world  # dapo: global trained tokens / world size
-    L_max = max((len(s["seq"]) for s in samples), default=1)
-    stats = dict(loss=0.0, clip=0.0, kl=0.0, entropy=0.0, tokens=0.0)
+    K, n = args.mini_batches, len(samples)
+    parts = [samples[k * n // K:(k + 1) * n // K] for k in range(K)]
+    # dapo: an optimizer step's global trained tokens / world size; with several steps per rollout, the
+    # average step's, as TRL (num_items_in_batch x gradient_accumulation_steps / steps_per_generation)
+    num_items = C.all_sum(float(sum(sum(s["mask"]) for s in samples))) / world / K
+    # GSPO's ratio (a mean over a whole sequence) and the entropy threshold (a quantile over the whole
+    # micro-batch, on all ranks) are not known while the fused forward forms each chunk's gradient: these
+    # take the kernel's plain mode (logp differentiable, the loss on [B, L]; the backward recomputes the
+    # logits, 8NHV instead of 6NHV). Every per-token option stays fused.
+    plain = args.is_level == "sequence" or args.top_entropy_quantile < 1
+    stats = dict(loss=0.0, tokens=0.0, clip_frac=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
     gn, bad = 0.0, 0
-    for epoch in range(args.ppo_epochs):
-        n_mb = max(1, math.ceil(len(samples) / args.micro_batch))
-        for mb in micro_batches(policy, samples, args.micro_batch, filler):
+    for part in parts * args.ppo_epochs:  # each pass replays the same parts in the same order, as TRL does
+        n_mb = max(1, math.ceil(len(part) / args.micro_batch))
+        for mb in micro_batches(policy, part, args.micro_batch, filler, lockstep=args.top_entropy_quantile < 1):
             seqs, images, masks = [s["seq"] for s in mb], [s["images"] for s in mb], [s["mask"] for s in mb]
             L, dev = max(len(q) for q in seqs), policy.device
             # the stored behaviour log-probs [B, L]; a sample with none is on-policy: old = logp.detach()
@@ -263,28 +323,39 @@ def update(policy, ref, opt, samples, args, world, filler):
             if ref is not None:
                 with torch.no_grad():
                     ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
-            w = loss_weights(M.left_pad(masks, L, dev), args.loss_type, L_max, num_items)
-            if args.loss_type != "dapo":
+            # dr_grpo: sum / (this rank's sequences in the step x --max-tokens), the run's constant; over equal
+            # micro-batches this is TRL's mean over micro-batches of sum / (micro-batch size x max_completion_length)
+            w = loss_weights(M.left_pad(masks, L, dev), args.loss_type, args.max_tokens, num_items, len(part) or 1)
+            if args.loss_type in ("grpo", "bnpo"):
                 w = w / n_mb  # gradient accumulation: the mean over micro-batches, as TRL does
-
-            def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at (b, t), fused in
-                o = torch.where(on_policy[b], lp.detach(), old[b, t])
-                r = ref_lp[b, t] if ref_lp is not None else None
-                return token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta) * w[b, t]
-            loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
-                                                  entropy=True, token_loss=per_token)
+            opts = dict(kl_ratio=args.kl_ratio, delta=args.delta)
+            if plain:
+                logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature, entropy=True)
+                loss = policy_loss(logp, torch.where(on_policy[:, None], logp.detach(), old), A, m, args.loss_type,
+                                   args.eps_low, args.eps_high, ref_lp, args.beta, is_level=args.is_level,
+                                   entropy=ent, top_entropy_quantile=args.top_entropy_quantile, weights=w, **opts)
+                logp = logp.detach()
+            else:
+                def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at (b, t), fused in
+                    o = torch.where(on_policy[b], lp.detach(), old[b, t])
+                    r = ref_lp[b, t] if ref_lp is not None else None
+                    return token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta, **opts) * w[b, t]
+                loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
+                                                      entropy=True, token_loss=per_token)
             bad += not bool(torch.isfinite(loss))
             loss.backward()
-            with torch.no_grad():  # diagnostics over trained tokens (logp is detached)
+            with torch.no_grad():  # diagnostics over trained tokens; clip fractions as TRL logs them
                 old = torch.where(on_policy[:, None], logp, old)
-                ratio = torch.exp(logp - old)
-                clipped = ((ratio < 1 - args.eps_low) & (A[:, None] < 0)) | ((ratio > 1 + args.eps_high) & (A[:, None] > 0))
+                ratio = torch.exp(seq_log_ratio(logp, old, m) if args.is_level == "sequence" else logp - old)
+                low, high = (ratio < 1 - args.eps_low) & (A[:, None] < 0), (ratio > 1 + args.eps_high) & (A[:, None] > 0)
                 d = (ref_lp if ref_lp is not None else old) - logp
-                stats["clip"] += float((clipped * m).sum())
+                stats["clip_frac"] += float(((low | high) * m).sum())
+                stats["clip_low"] += float((low * m).sum())
+                stats["clip_high"] += float((high * m).sum())
                 stats["kl"] += float(((torch.exp(d) - d - 1) * m).sum())
                 stats["entropy"] += float((ent * m).sum())
                 stats["tokens"] += float(m.sum())
-                stats["loss"] += float(loss)
+                stats["loss"] += loss.item()
         if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
             C.allreduce_grads(policy.model)
         gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
@@ -294,9 +365,8 @@ def update(policy, ref, opt, samples, args, world, filler):
             return None
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t = max(stats.pop("tokens"), 1.0)
-    return dict(loss=stats["loss"] / args.ppo_epochs, clip_frac=stats["clip"] / t, kl=stats["kl"] / t,
-                entropy=stats["entropy"] / t, grad_norm=gn)
+    loss, t = stats.pop("loss") / (args.ppo_epochs * K), max(stats.pop("tokens"), 1.0)
+    return dict(loss=loss, grad_norm=gn, **{k: v / t for k, v in stats.items()})  # the rest: means over trained tokens
 
 
 def prompt_indices(n_records, step, n_prompts, rank, world, seed):
@@ -357,11 +427,14 @@ def plot(metrics_path, png):
     except ImportError:
         C.print0("no plot: `pip install matplotlib` to get curves.png")
         return
-    rows = [json.loads(l) for l in open(metrics_path)]
+    rows = C.read_metrics(metrics_path)
+    if not rows:
+        C.print0(f"no plot: no rows in {metrics_path}")
+        return
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in ("reward", "accuracy", "tool_use"):
-        v = np.array([r[k] for r in rows], dtype=float)
+        v = np.array([r.get(k) for r in rows], dtype=float)  # None (a missing value) -> NaN
         line, = ax.plot(steps, v, alpha=0.3)      # each step: a few prompts, so noisy
         w = min(10, len(v))                       # and its running mean over the last w steps
         mean = np.convolve(v, np.ones(w), "full")[:len(v)] / np.minimum(np.arange(1, len(v) + 1), w)
@@ -386,11 +459,8 @@ def main(argv=None):
     update_size = args.update_size or max(1, n_roll // 2)
     if args.rethink and args.preset != "vl_rethinker":
         C.print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
-    records = D.dataset(args.data, "train", seed=args.seed)
-    if not records:
-        raise SystemExit(f"--data {args.data}: empty dataset")
-    heldout = D.dataset(args.data, "test", n=args.eval_n, seed=args.seed) if args.eval_every else None
-    cfg = C.episode_cfg(args)
+    records = C.dataset(args, "train")
+    heldout = C.dataset(args, "test", n=args.eval_n) if args.eval_every else None
 
     ref = None
     if args.beta:  # the KL reference: the initial policy, frozen
@@ -399,7 +469,8 @@ def main(argv=None):
     policy, opt, state = C.start_run(args, rank, device, shard=args.fsdp)
     if args.fsdp and ref is not None:
         M.shard(ref)
-    C.write_config(args, rank, world=world)
+    cfg = C.episode_cfg(args, policy)
+    C.write_config(args, rank, world=world, episode=cfg)
     start, nan_run = state["step"], state.get("nan_run", 0)
     store = state.get("store", replay.new_store(update_size) if args.ssr else None)  # VL-Rethinker: half a rollout
     C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "
@@ -433,8 +504,10 @@ def main(argv=None):
             batch = replay.drop_zero_groups(samples)
         else:
             batch = samples
-        if args.ppo_epochs > 1 and not args.ssr:
+        if (args.ppo_epochs > 1 or args.mini_batches > 1) and not args.ssr:  # once, before the first step
             fill_old_logprobs(policy, batch, args, samples[0])
+        if args.mini_batches > 1:
+            batch = [batch[i] for i in nprng.permutation(len(batch))]
         t2 = time.time()
         # 4. the update
         policy.model.train()

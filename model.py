@@ -4,7 +4,8 @@ next assistant turn, and per-token log-probs of sampled tokens (through the fuse
 
     policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
     policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
-(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in.)
+(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in;
+common.save_policy writes a checkpoint.)
 
 A sequence, everywhere in lookagain, is the list of token ids of one whole conversation, with the images
 inline: each image is `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>`, n = grid_t*grid_h*grid_w
@@ -73,34 +74,62 @@ def tiny_config(tok, vision=None, text=None):
         tie_word_embeddings=True)
 
 
-def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixels=None,
-         grad_ckpt=False, freeze_vision=False, train=False, corpus=None, arch=None):
+QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's smallest image: 2 x 2 merged tokens of 28 x 28 px
+
+
+def resolve(name):
+    """--model -> the folder to load: None for "tiny", a local folder as it is, a hub id through the Hugging Face
+    cache (offline first), else downloaded (unless HF_HUB_OFFLINE is set). Anything else: one line saying why."""
+    if name == "tiny" or os.path.isdir(name):
+        return None if name == "tiny" else name
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return snapshot_download(name, local_files_only=True)  # the cache only, never the network
+    except HFValidationError:
+        raise SystemExit(f"--model {name}: not 'tiny', no such folder, and not a hub id (org/name)") from None
+    except OSError:
+        why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+        except OSError as e:
+            why = f"and cannot be downloaded: {type(e).__name__}"
+    raise SystemExit(f"--model {name}: no such folder, and not in the Hugging Face cache ({why})")
+
+
+def image_processor(folder):
+    """Qwen2.5-VL's image processor, with its pixel budget for one image: a folder's (a real Qwen's is 3136 to
+    12845056 px), or for the tiny model (folder None) 3136 to 112 x 112 px."""
+    if folder is None:
+        return Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=112 * 112)
+    return Qwen2VLImageProcessorPil.from_pretrained(folder)
+
+
+def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
+         corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids.
     name: "tiny" (random, built here, same seed -> same weights; its tokenizer is trained on `corpus`,
     which common.load_policy supplies), a hub id, or a local folder (a lookagain checkpoint is a plain
     Hugging Face folder). On GPU: bf16 weights for inference; for training
     (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
     resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
-    min/max_pixels: the image processor's budget for one image (the view the model gets of image 0; tools
-    pass each image already resized to a multiple of 28, so this is only the default budget).
+    policy.improc's pixel budget is the default view budget (common.pixel_budgets).
     arch: for "tiny", dict(vision=..., text=...) fields that replace tiny_config's (a random model of other widths)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
-    if name == "tiny":
+    folder = resolve(name)
+    improc = image_processor(folder)
+    if folder is None:
         if not corpus:
             raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
         tok = tiny_tokenizer(corpus)
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
-        improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 28 * 28, max_pixels=max_pixels or 112 * 112)
     else:
-        if os.path.sep in name and not os.path.isdir(name):
-            raise FileNotFoundError(f"--model {name}: no such folder (give 'tiny', a hub id, or a checkpoint folder)")
-        tok = AutoTokenizer.from_pretrained(name)
-        kw = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels).items() if v}
-        improc = Qwen2VLImageProcessorPil.from_pretrained(name, **kw)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     model.to(device=device, dtype=dtype)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,7 +140,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
     model.model.language_model.norm.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
     sid = tok.convert_tokens_to_ids
     return SimpleNamespace(
-        name=name, model=model, tok=tok, improc=improc, device=device, amp=amp, captured=captured, sharded=False,
+        name=name, folder=folder, model=model, tok=tok, improc=improc, device=device, amp=amp, captured=captured,
+        sharded=False,
         stats=Counter(),  # sample()'s work: prefill_tokens (tokens prefilled), decode_rows (rows x decode steps)
         # a toy model (the tiny demo) gets the compact system prompt: see tools.system_prompt
         toy=sum(p.numel() for p in model.parameters()) < 50e6,
@@ -123,16 +153,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, min_pixels=None, max_pixe
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
         forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                    "<|video_pad|>")},
-        max_pixels=improc.size["longest_edge"], min_pixels=improc.size["shortest_edge"])
-
-
-def save(policy, path, state_dict=None):
-    """A Hugging Face folder that transformers, vLLM and load() read back."""
-    os.makedirs(path, exist_ok=True)
-    policy.model.save_pretrained(path, state_dict=state_dict)
-    policy.tok.save_pretrained(path)
-    policy.improc.save_pretrained(path)
+                                    "<|video_pad|>")})
 
 
 # -----------------------------------------------------------------------------

@@ -36,17 +36,16 @@ Usage (in grpo.py):
 A sample is a plain dict with "adv" (float) and "group" (hashable); other keys ride along untouched.
 Returned samples are shallow copies with "replayed" set; the output is not shuffled (current first).
 """
-from collections import deque
-
 import numpy as np
 import torch
 
 
 def new_store(capacity):
-    """A replay store: the `capacity` most recent non-zero-advantage samples, oldest evicted first."""
+    """A replay store: the `capacity` most recent non-zero-advantage samples, oldest evicted first. Plain
+    lists, numbers and tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
     if capacity <= 0:
         raise ValueError(f"replay store capacity must be > 0, got {capacity}")
-    return {"items": deque(maxlen=int(capacity))}
+    return {"items": [], "capacity": int(capacity)}
 
 
 def nonzero(samples, eps=1e-6):
@@ -108,5 +107,6 @@ def ssr(samples, store, size, alpha=1.0, rng=None):
         fill = old * passes
         fill += _draw(old, [abs(float(s["adv"])) + 1e-4 for s in old], need - len(fill), rng)
         batch += [dict(s, replayed=True) for s in fill]
-    store["items"].extend(_cpu(s) for s in cur)  # after drawing: a step never replays its own samples
+    # after drawing: a step never replays its own samples
+    store["items"] = (store["items"] + [_cpu(s) for s in cur])[-store["capacity"]:]
     return batch

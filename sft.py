@@ -25,8 +25,8 @@ Reflective rejection sampling from a cold-start model, then a second SFT round o
 A trajectory JSONL line is a lookagain record (data.py) plus the assistant turns, tool calls inside them:
     {"id": "q1", "image": "images/q1.png", "question": "What colour is the square at the top left?",
      "answer": "red", "type": "text", "bbox": [137.3, 136.0, 161.3, 160.0],
-     "turns": ["<think>Zoom in on the top left.</think><tool_call>{\"name\": \"zoom_in\", \"arguments\":
-               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}</tool_call>",
+     "turns": ["<think>Zoom in on the top left.</think>\\n<tool_call>\\n{\"name\": \"zoom_in\", \"arguments\":
+               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}\\n</tool_call>",
                "<think>I see the square.</think><answer>red</answer>"]}
 Nothing but the turns is stored: each trajectory is replayed through tools.py (new_episode, then advance
 per turn), so the observation images it trains on are exactly those a rollout would have produced, and a
@@ -61,14 +61,12 @@ def load_trajectories(path):
     """A trajectory JSONL -> list of (record, turns, where). The record part is checked by data.py (image
     paths resolved against the file's folder); `where` is "file:line" for messages."""
     records = D.load_jsonl(path)  # raises ValueError naming file:line for a malformed line or record
-    with open(path) as f:  # load_jsonl skips blank lines; so do these line numbers
-        lines = [ln for ln, s in enumerate(f, 1) if s.strip()]
     out = []
-    for r, ln in zip(records, lines):
+    for r, (where, _) in zip(records, D.jsonl_rows(path)):  # the same lines, in order: where = "file:line"
         turns = r.pop("turns", None)
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-            raise ValueError(f"{path}:{ln}: 'turns' must be a non-empty list of strings (the assistant turns)")
-        out.append((r, turns, f"{path}:{ln}"))
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of strings (the assistant turns)")
+        out.append((r, turns, where))
     return out
 
 
@@ -369,7 +367,7 @@ def get_args(argv=None):
     C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
     # checkpoints
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
-    p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     # other modes
     p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
@@ -381,27 +379,26 @@ def get_args(argv=None):
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect or --convert-vlir")
     args = p.parse_args(argv)
     args.tools = C.parse_tools(args.tools)
-    for k in ("steps", "n_items", "batch_size", "grad_accum", "samples"):
-        if getattr(args, k) < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be at least 1")
-    if not (0 <= args.demo_correct <= 1 and 0 <= args.demo_lazy <= 1) or args.demo_noise < 0:
-        raise SystemExit("--demo-correct and --demo-lazy must be in [0, 1] and --demo-noise >= 0")
+    C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0, demo_correct=0,
+                                demo_lazy=0, vlir_min_pixels=1, vlir_max_pixels=1),
+                  gt=dict(temperature=0, top_p=0), le=dict(demo_correct=1, demo_lazy=1, top_p=1, min_p=1))
     return args
 
 
 def train(args):
     rank, world, device = C.setup(args)
-    cfg = C.episode_cfg(args)
-    policy, opt, state = C.start_run(args, rank, device)
-    # the data: each rank replays its share of the trajectories once, and trains on those
-    if args.data == "synthetic":
-        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, args.view_max_pixels,
-                               args.demo_lazy)
-    else:
+    items = None
+    if args.data != "synthetic":  # a trajectory file is read and checked before the model is loaded
         try:
             items = load_trajectories(args.data)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--data: {e}") from None
+    policy, opt, state = C.start_run(args, rank, device)
+    cfg = C.episode_cfg(args, policy)
+    if items is None:  # the synthetic demonstrations, drawn in the view this model gets
+        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, cfg["view_max_pixels"],
+                               args.demo_lazy)
+    # each rank replays its share of the trajectories once, and trains on those
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
@@ -409,7 +406,7 @@ def train(args):
         raise SystemExit(f"--data {args.data}: no usable trajectory left ({len(rejected)} rejected, reasons above)")
     if n_kept < world or C.all_sum([float(not data)])[0]:
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
-    C.write_config(args, rank, world=world, trajectories=n_kept, rejected=len(rejected))
+    C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
     n_batches = math.ceil(len(data) / args.batch_size)
 
@@ -463,13 +460,10 @@ def reflect_main(args):
     rank, world, device = C.setup(args)
     if not args.to:
         raise SystemExit("--reflect needs --to OUT.jsonl, where the kept trajectories go")
-    try:
-        records = D.dataset(args.data, "train", n=args.n_items, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--data: {e}") from None
+    records = C.dataset(args, "train", n=args.n_items)
     policy = C.load_policy(args.model, seed=args.seed, device=device)
-    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args), args.samples, args.temperature, args.seed,
-                           **C.filters(args))
+    kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args, policy), args.samples, args.temperature,
+                           args.seed, **C.filters(args))
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
@@ -484,7 +478,9 @@ def main(argv=None):
     if args.convert_vlir:
         if not args.to:
             raise SystemExit("--convert-vlir needs --to OUT.jsonl")
-        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=args.view_max_pixels,
+        # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
+        view = C.pixel_budgets(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
+        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     if args.reflect:
         return reflect_main(args)

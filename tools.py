@@ -4,7 +4,7 @@ the episode (images with their mapping to the original pixels, the token sequenc
 and the one multi-turn rollout loop that sft.py, grpo.py and eval.py share.
 
 Conventions (SPEC section 3):
-- a call is Qwen2.5's `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per assistant turn;
+- a call is Qwen2.5's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one per assistant turn;
 - coordinates are absolute pixels of the image *as the model was shown it*; image 0 is the question's
   image, each tool result gets the next index;
 - every image remembers which rectangle of which original it shows (`box`, in original pixels), so a zoom
@@ -27,7 +27,7 @@ from rewards import extract_answer
 # geometry
 
 
-def smart_resize(h, w, factor=28, min_pixels=28 * 28, max_pixels=112 * 112):
+def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 * 112):
     """Qwen2-VL's resize rule: the nearest size with both sides multiples of `factor` (the 14 px patch
     times the 2x2 merge) and min_pixels <= h*w <= max_pixels, keeping the aspect ratio. -> (h, w)"""
     if max(h, w) / min(h, w) > 200:
@@ -135,8 +135,11 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
     x1, y1, x2, y2 = _clamped_box(view, bbox_2d)
     (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)
     W, H = ep["originals"][view["src"]].size
-    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(ox2 - ox1, 28), W)
-    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(oy2 - oy1, 28), H)
+    # each side at least 28 px and 1/199 of the other (Qwen's aspect limit is 200: a thin box across a wide
+    # image would break it); the window still fits, as data.py admits images of aspect <= 200 only
+    w, h = ox2 - ox1, oy2 - oy1
+    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, 28, h / 199), W)
+    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, 28, w / 199), H)
     s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H)
     h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, min_pixels=cfg["crop_min_pixels"],
                         max_pixels=cfg["crop_max_pixels"])
@@ -250,9 +253,15 @@ def question_text(record):
     return q
 
 
+def _show(v):
+    """At most 40 characters of what the model wrote (a number, a string, else its type), for an error message."""
+    return repr(v[:40]) if isinstance(v, str) else str(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
+
+
 def _number(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ToolError(f"{what} must be a number, got {json.dumps(v)[:40]}")
+    # abs(v) <= 1e6 is False for inf and NaN, and compares an integer too big for a float without converting it
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= 1e6:
+        raise ToolError(f"{what} must be a number in [-1e6, 1e6], got {_show(v)}")
     return float(v)
 
 
@@ -304,15 +313,15 @@ def parse_call(text, tools):
     if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
         return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
     name, args = call["name"], call["arguments"]
-    if not isinstance(name, str) or name not in tools:
-        return None, None, f"unknown tool {json.dumps(name)[:40]}; available: {', '.join(tools)}"
+    if not isinstance(name, str) or name not in tools:  # echo at most 40 characters of what the model wrote
+        return None, None, f"unknown tool {_show(name)}; available: {', '.join(tools)}"
     params = TOOLS[name]["params"]
     if not isinstance(args, dict):
         return name, None, "arguments must be an object"
     if set(args) != set(params):
         missing, extra = set(params) - set(args), set(args) - set(params)
         return name, None, (f"missing argument(s) {sorted(missing)}" if missing
-                            else f"unexpected argument(s) {sorted(extra)[:5]}")
+                            else f"unexpected argument(s) {[k[:40] for k in sorted(extra)[:5]]}")
     try:
         return name, {k: _check(t, args[k], k) for k, (t, _) in params.items()}, None
     except ToolError as e:
@@ -324,8 +333,9 @@ RESULT = "Image {i} ({w}x{h}), from image {j}."  # the observation of a successf
 
 
 def render_call(name, arguments):
-    """A tool call as the policy writes it (the demonstrations and converters of sft.py write them so too)."""
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+    """A tool call as Qwen2.5's chat template renders one after an assistant turn's text (the demonstrations
+    and converters of sft.py write them so): `text` + render_call(...), i.e. text\n<tool_call>\n{json}\n</tool_call>."""
+    return "\n<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
 def execute(ep, text, cfg):
@@ -337,7 +347,7 @@ def execute(ep, text, cfg):
     if err is None:
         try:
             if not 0 <= args["image_index"] < len(ep["images"]):
-                raise ToolError(f"image_index {args['image_index']} out of range: images are 0..{len(ep['images']) - 1}")
+                raise ToolError(f"image_index {_show(args['image_index'])} out of range: images are 0..{len(ep['images']) - 1}")
             view = TOOLS[name]["run"](ep, **args, cfg=cfg)
             region = view["box"] if call["zoom"] else ep["images"][args["image_index"]]["box"]
             call.update(ok=True, region=[round(v, 2) for v in region])
@@ -351,8 +361,8 @@ def execute(ep, text, cfg):
 # -----------------------------------------------------------------------------
 # the episode
 
-DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=28 * 28,
-                view_max_pixels=112 * 112, crop_min_pixels=28 * 28, crop_max_pixels=112 * 112, zoom_window=400)
+DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=M.QWEN_MIN_PIXELS,
+                view_max_pixels=112 * 112, crop_min_pixels=M.QWEN_MIN_PIXELS, crop_max_pixels=112 * 112, zoom_window=400)
 
 
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
