@@ -450,37 +450,43 @@ def r_format_r3(traj, record, acc):
 
 
 def r_format_vilasr(traj, record, acc):
-    """ViLaSR: 1 only if every turn thinks, only the last answers, the others act, and every operation
-    was executable."""
+    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> followed by its action (a tool call, or
+    in the last turn the answer), only the last turn answers, and every operation parses. Parses, not
+    executes: an operation whose box falls outside the image still counts as well formed, as in the code."""
     turns, calls = _turns(traj), _calls(traj)
     if not turns:
         return 0.0, "no turns"
     for i, t in enumerate(turns):
         last = i == len(turns) - 1
-        if "<think>" not in t or "</think>" not in t:
-            return 0.0, f"turn {i} has no <think>...</think>"
+        if not re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S):
+            return 0.0, f"turn {i} is not <think>...</think> then an action"
         if last and ("<answer>" not in t or "</answer>" not in t):
             return 0.0, "last turn has no <answer>...</answer>"
         if not last and ("<answer>" in t or "</answer>" in t or "<tool_call>" not in t):
             return 0.0, f"turn {i} answers early or makes no operation"
-    failed = sum(not c.get("ok") for c in calls)
-    if failed:
-        return 0.0, f"{failed} of {len(calls)} operations failed"
-    return 1.0, f"well formed, {len(calls)} operations all executable"
+    bad = sum(c.get("arguments") is None for c in calls)
+    if bad:
+        return 0.0, f"{bad} of {len(calls)} operations do not parse"
+    return 1.0, f"well formed, {len(calls)} operations all parse"
 
 
 def r_format_groundlight(traj, record, acc):
-    """Groundlight: share of turns with a <think> and exactly one of a tool call or an answer (their code
-    averages a per-message format score over the assistant messages)."""
+    """Groundlight (tool_use_text_vqa_env.py), graded per assistant turn and averaged over the turns: 0.4 for
+    <think>...</think> and exactly one of a tool call or an answer, 0.2 when any of those fields parses
+    (their "spacing" check, which passes whenever a field parses), 0.2 for starting with <think>, 0.2 for
+    ending with the closing tag of its call or answer."""
     turns = _turns(traj)
     if not turns:
         return 0.0, "no turns"
-    good = 0
+    score = 0.0
     for t in turns:
-        n_tool, n_ans = t.count("<tool_call>"), t.count("<answer>")
-        good += ("<think>" in t and "</think>" in t and n_tool + n_ans == 1
-                 and t.count("</tool_call>") == n_tool and t.count("</answer>") == n_ans)
-    return good / len(turns), f"{good}/{len(turns)} turns well formed"
+        s = t.strip()
+        think = "<think>" in s and "</think>" in s
+        tool = "<tool_call>" in s and "</tool_call>" in s
+        answer = "<answer>" in s and "</answer>" in s
+        score += (0.4 * (think and tool + answer == 1) + 0.2 * (think or tool or answer) + 0.2 * s.startswith("<think>")
+                  + 0.2 * ((tool and s.endswith("</tool_call>")) or (answer and s.endswith("</answer>"))))
+    return score / len(turns), f"graded format {score:.1f} over {len(turns)} turns"
 
 
 def r_format_deepeyes(traj, record, acc):
@@ -515,17 +521,18 @@ def r_tool_bonus(traj, record, acc):
 
 
 def r_region_valid(traj, record, acc):
-    """VLM-R3: 0.5 if every box was valid (its call succeeded) and there is at least one, only when the
-    answer is correct."""
+    """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if there is at least one box and
+    every box request parses, only when the answer is fully correct (accuracy 1). Parses, not executes: the
+    code checks the JSON, not the crop."""
     calls = _calls(traj)
-    if acc < CORRECT:
-        return 0.0, "answer wrong"
+    if acc < 1.0:
+        return 0.0, "answer not fully correct"
     if not calls:
         return 0.0, "no boxes"
-    bad = sum(not c.get("ok") for c in calls)
+    bad = sum(c.get("arguments") is None for c in calls)
     if bad:
-        return 0.0, f"{bad} of {len(calls)} boxes invalid"
-    return 0.5, f"{len(calls)} valid boxes"
+        return 0.0, f"{bad} of {len(calls)} boxes do not parse"
+    return 0.5, f"{len(calls)} boxes parse"
 
 
 def r_region_iou(traj, record, acc):
@@ -586,27 +593,78 @@ def r_length(traj, record, acc):
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
 
 
+def rethinker_waits(text):
+    """VL-Rethinker's count of self-reflections in a response: 'wait,' + 'wait a' + 'alternatively', lower-cased."""
+    t = text.lower()
+    return t.count("wait,") + t.count("wait a") + t.count("alternatively")
+
+
 def r_rethink(traj, record, acc):
-    """VL-Rethinker: 1 correct, 0 wrong, -0.1 invalid (no answer, or more than 5 'wait's), 1.1 for a
-    correct answer reached after 1-2 forced rethinks."""
+    """VL-Rethinker (experience_maker.py: rule_reward, then the shaping of get_logprobs_and_logs). Invalid
+    (-0.1): the response was cut by the token limit, or says "wait" more than 5 times (any substring); else
+    1 correct, 0 wrong. A correct response the model wrote alone (not continued after a forced trigger)
+    gets 1.1 with 1-2 self-reflections and max(1 - 0.2 x n, -0.1) with n >= 3 (rethinker_waits); a forced
+    continuation gets the plain 1 / 0 / -0.1. (Their \\boxed requirement never fires: an argument-order slip
+    passes None; so a response without an answer is valid and wrong, as here.)"""
     text = _text(traj)
-    waits = len(re.findall(r"\bwait\b", text, re.I))  # the word, not 'await' or 'waiting'
-    if not extract_answer(text):
-        return -0.1, "invalid: no answer"
-    if waits > 5:
-        return -0.1, f"invalid: {waits} waits"
-    rethinks = int(traj.get("rethinks") or 0)
-    if acc >= CORRECT and 1 <= rethinks <= 2:
-        return 1.1, f"correct after {rethinks} rethinks"
-    return (1.0, "correct") if acc >= CORRECT else (0.0, "wrong")
+    if traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5:
+        shaped, why = -0.1, "invalid: cut off or more than 5 waits"
+    else:
+        shaped, why = (1.0, "correct") if acc >= CORRECT else (0.0, "wrong")
+    if acc < CORRECT or traj.get("rethinks"):
+        return shaped, why + (" (forced rethink)" if traj.get("rethinks") else "")
+    n = rethinker_waits(text)
+    if 0 < n < 3:
+        return 1.1, f"correct with {n} self-reflection(s)"
+    return max(shaped - 0.2 * n, -0.1), f"{why}, {n} self-reflections"
+
+
+_FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
+
+
+def vilasr_accuracy(traj, record, acc):
+    """ViLaSR's own accuracy (gcot.py): the answer is the first <answer>...</answer> of the last turn, else
+    that whole turn. Multiple choice: the gold string exactly, after strip. Numbers (types number, mra): the
+    first number found in answer and gold, scored by MRA with a strict '<': the mean over theta in
+    linspace(0.5, 0.95, 10) of [|p - g| / (|g| + 1e-8) < 1 - theta]. Other types (not in ViLaSR's data):
+    `acc`, lookagain's accuracy()."""
+    turns = _turns(traj)
+    last = turns[-1] if turns else ""
+    m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
+    ans = m.group(1) if m else last
+    gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
+    if record.get("type") == "multiple_choice":
+        return float(ans.strip() == str(gold).strip())
+    if record.get("type") in ("number", "mra"):
+        p, g = _FIRST_NUMBER.search(ans[:MAX_ANSWER_CHARS]), _FIRST_NUMBER.search(str(gold))
+        if p is None or g is None:
+            return 0.0
+        p, g = float(p.group()), float(g.group())
+        return float(np.mean(abs(p - g) / (abs(g) + 1e-8) < 1 - MRA_THRESHOLDS))
+    return acc
 
 
 def r_vilasr(traj, record, acc, beta=0.0):
-    """ViLaSR: S = 1(acc > beta) x (0.5 acc + 0.5 format), so format only pays once the answer is right."""
+    """ViLaSR: S = 1(acc > beta) x (0.5 acc + 0.5 format), so format only pays once the answer is right;
+    acc is ViLaSR's own (vilasr_accuracy), format r_format_vilasr."""
+    acc = vilasr_accuracy(traj, record, acc)
     fmt, why = r_format_vilasr(traj, record, acc)
     if not acc > beta:
         return 0.0, f"gated off: accuracy {acc:.3f} <= {beta}"
     return 0.5 * acc + 0.5 * fmt, f"0.5 x accuracy {acc:.3f} + 0.5 x format {fmt:.0f} ({why})"
+
+
+def r_vqa_hard(traj, record, acc):
+    """Groundlight's hard score (tool_use_text_vqa_env.py) on a VQA record: min(1, matches / 3) over the human
+    answers after the VQA normalisation (not the leave-one-out mean that eval's official VQA accuracy takes)."""
+    if record.get("type") != "vqa":  # one gold answer: the hard score is plain accuracy
+        return acc, "accuracy (not a VQA record)"
+    ans = final_answer(_text(traj))
+    if not ans:
+        return 0.0, "no answer"
+    p = vqa_normalize(ans)
+    matches = sum(vqa_normalize(a) == p for a in _answers(record["answer"]))
+    return min(1.0, matches / 3), f"{matches} of the answers match"
 
 
 TERMS = {
@@ -622,6 +680,7 @@ TERMS = {
     "length": r_length,
     "rethink": r_rethink,
     "vilasr": r_vilasr,
+    "vqa_hard": r_vqa_hard,
 }
 
 # -----------------------------------------------------------------------------
@@ -634,8 +693,8 @@ PRESETS = {
     "vl_rethinker": {"rethink": 1.0},
     # the gated 0.5 acc + 0.5 format, accuracy already inside
     "vilasr": {"vilasr": 1.0},
-    # hard VQA + soft, format 0.1; tool success is logged at weight 0 (their final training code)
-    "groundlight": {"accuracy": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
+    # hard min(1, matches / 3) + soft, graded format 0.1; tool success logged at weight 0 (their training code)
+    "groundlight": {"vqa_hard": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
     # 0.8 acc + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
     "deepeyes": {"accuracy": 0.8, "format_deepeyes": 0.2, "tool_bonus": 1.2},
 }

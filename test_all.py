@@ -40,7 +40,7 @@ from replay import drop_zero_groups, new_store, nonzero, nonzero_group_share, ss
 from rewards import (PRESETS, accuracy, anls, choice_score, extract_answer, extract_choice, final_answer,
                      iou, levenshtein, mathvista_score, mra, number_score, r_format_deepeyes,
                      r_format_groundlight, r_format_r3, r_format_vilasr, r_length, r_region_iou,
-                     r_region_valid, r_rethink, r_tool_bonus, r_tool_success, r_vilasr, reward, soft_score,
+                     r_region_valid, r_rethink, r_tool_bonus, r_tool_success, r_vilasr, r_vqa_hard, reward, soft_score,
                      vqa_normalize, vqa_score)
 
 
@@ -884,8 +884,9 @@ RW_OPTS = ["cat", "dog", "bird", "fish"]
 RW_MC = {"id": 1, "question": "which?", "type": "multiple_choice", "options": RW_OPTS, "answer": "B"}
 
 
-def _rw_call(ok=True, region=(0, 0, 10, 10), name="zoom_in"):
-    return {"name": name, "arguments": {}, "ok": ok, "error": None if ok else "bad box",
+def _rw_call(ok=True, region=(0, 0, 10, 10), name="zoom_in", parsed=True):
+    """A call record as tools.execute makes it: a call that did not parse has no arguments."""
+    return {"name": name, "arguments": {} if parsed else None, "ok": ok, "error": None if ok else "bad box",
             "region": list(region) if region else None, "zoom": T.TOOLS[name]["zoom"]}
 
 
@@ -1068,13 +1069,21 @@ def test_rewards_format_terms():
     assert r_format_r3(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_format_r3(_rw_traj(["<answer>B</answer> and more"]), RW_MC, 1.0)[0] == 0.0
     assert r_format_r3(_rw_traj(["B</answer>"]), RW_MC, 1.0)[0] == 0.0
+    # ViLaSR: every operation must parse; executing it is not asked (an out-of-image box still counts)
     assert r_format_vilasr(RW_GOOD, RW_MC, 1.0)[0] == 1.0
-    assert r_format_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0  # not executable
+    assert r_format_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 1.0
+    assert r_format_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False, parsed=False)]), RW_MC, 1.0)[0] == 0.0
     assert r_format_vilasr(_rw_traj(["<think>x</think><answer>A</answer>", "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == 0.0
-    assert r_format_groundlight(RW_GOOD, RW_MC, 1.0)[0] == 1.0
-    both = "<think>x</think><tool_call>{}</tool_call><answer>B</answer>"  # a call and an answer
-    assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == 0.5
-    assert r_format_groundlight(_rw_traj(["<answer>B</answer>"]), RW_MC, 1.0)[0] == 0.0  # no think
+    assert r_format_vilasr(_rw_traj(["<think>x</think> so <tool_call>{}</tool_call>", RW_GOOD["turns"][1]],
+                                    [_rw_call()]), RW_MC, 1.0)[0] == 0.0  # text between the thought and the action
+    # Groundlight, graded per turn (0.4 think + one action, 0.2 a field parses, 0.2 starts <think>, 0.2 ends
+    # with the action's closing tag), averaged over the turns
+    assert r_format_groundlight(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(1.0)
+    both = "<think>x</think><tool_call>{}</tool_call><answer>B</answer>"  # a call and an answer: 0 + .2 + .2 + .2
+    assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx((0.6 + 1.0) / 2)
+    assert r_format_groundlight(_rw_traj(["<answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.4)  # no think
+    assert r_format_groundlight(_rw_traj(["<think>x</think><answer>B</answer> ok"]), RW_MC, 1.0)[0] == pytest.approx(0.8)
+    assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == 0.0
     assert r_format_deepeyes(RW_GOOD, RW_MC, 1.0)[0] == 0.0
     assert r_format_deepeyes(_rw_traj(["<think>x<answer>B</answer>"]), RW_MC, 1.0)[0] == -1.0
     assert r_format_deepeyes(_rw_traj(["<think>x</think><answer>B"]), RW_MC, 1.0)[0] == -1.0
@@ -1090,10 +1099,13 @@ def test_rewards_tool_terms():
 
 
 def test_rewards_region_terms():
+    # VLM-R3's code: 0.5 when every box parses and there is one, gated on a fully correct answer
     assert r_region_valid(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_region_valid(RW_GOOD, RW_MC, 0.0)[0] == 0.0  # only when correct
+    assert r_region_valid(RW_GOOD, RW_MC, 0.9)[0] == 0.0  # fully: their gate is accuracy == 1
     assert r_region_valid(_rw_traj(["x"]), RW_MC, 1.0)[0] == 0.0  # at least one box
-    assert r_region_valid(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0
+    assert r_region_valid(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.5  # parses
+    assert r_region_valid(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False, parsed=False)]), RW_MC, 1.0)[0] == 0.0
     # gt [0,0,10,10] vs [5,5,15,15]: intersection 25, union 100 + 100 - 25 = 175
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(1 / 7)
     rec = {**RW_MC, "bbox": [0, 0, 10, 10]}
@@ -1115,25 +1127,52 @@ def test_rewards_length_term():
 
 
 def test_rewards_rethink_term():
-    ok = ["<think>x</think><answer>B</answer>"]
-    assert r_rethink(_rw_traj(ok), RW_MC, 1.0)[0] == 1.0
-    assert r_rethink(_rw_traj(ok, rethinks=1), RW_MC, 1.0)[0] == 1.1
-    assert r_rethink(_rw_traj(ok, rethinks=2), RW_MC, 1.0)[0] == 1.1
-    assert r_rethink(_rw_traj(ok, rethinks=3), RW_MC, 1.0)[0] == 1.0
-    assert r_rethink(_rw_traj(ok, rethinks=1), RW_MC, 0.0)[0] == 0.0
-    assert r_rethink(_rw_traj(["<think>x</think>"]), RW_MC, 0.0)[0] == -0.1  # no answer
-    five = ["Wait. wait, WAIT! wait wait <answer>B</answer>"]
-    assert r_rethink(_rw_traj(five), RW_MC, 1.0)[0] == 1.0  # 5 waits is still valid
-    assert r_rethink(_rw_traj([five[0] + " Wait"]), RW_MC, 1.0)[0] == -0.1  # 6
-    assert r_rethink(_rw_traj(["await waiting awaited " * 3 + "<answer>B</answer>"]), RW_MC, 1.0)[0] == 1.0
+    # VL-Rethinker's code: -0.1 invalid (cut off, or "wait" > 5 times), else 1 / 0; a correct answer written
+    # alone gets 1.1 with 1-2 self-reflections ('wait,' + 'wait a' + 'alternatively') and
+    # max(1 - 0.2 n, -0.1) with n >= 3; a forced continuation gets the plain value
+    def answer(thought, **kw):
+        return _rw_traj([f"<think>{thought}</think><answer>B</answer>"], **kw)
+    assert r_rethink(answer("x"), RW_MC, 1.0)[0] == 1.0
+    assert r_rethink(answer("Wait, is it B?"), RW_MC, 1.0)[0] == 1.1
+    assert r_rethink(answer("wait a moment. Alternatively B"), RW_MC, 1.0)[0] == 1.1          # 2
+    assert r_rethink(answer("wait, wait a bit, alternatively"), RW_MC, 1.0)[0] == pytest.approx(0.4)  # 3: 1 - 0.6
+    assert r_rethink(answer("wait, " * 4), RW_MC, 1.0)[0] == pytest.approx(0.2)                # 4: 1 - 0.8
+    assert r_rethink(answer("wait, " * 5), RW_MC, 1.0)[0] == pytest.approx(0.0)                # 5
+    assert r_rethink(answer("wait, " * 6), RW_MC, 1.0)[0] == -0.1   # 6 waits: invalid, and the floor
+    assert r_rethink(answer("waiting " * 6), RW_MC, 1.0)[0] == -0.1  # any substring counts for validity
+    assert r_rethink(answer("Wait, is it B?"), RW_MC, 0.0)[0] == 0.0  # wrong: no bonus
+    assert r_rethink(answer("Wait, is it B?", rethinks=1), RW_MC, 1.0)[0] == 1.0  # forced: plain
+    assert r_rethink(answer("x", rethinks=1), RW_MC, 0.0)[0] == 0.0
+    assert r_rethink(answer("x", stop="max_tokens"), RW_MC, 1.0)[0] == -0.1  # cut off
+    assert r_rethink(_rw_traj(["<think>x</think>"], stop="no_action"), RW_MC, 0.0)[0] == 0.0  # ended, no answer
 
 
 def test_rewards_vilasr_term():
     assert r_vilasr(RW_GOOD, RW_MC, 1.0)[0] == 1.0  # 0.5 x 1 + 0.5 x 1
-    assert r_vilasr(RW_GOOD, RW_MC, 0.0)[0] == 0.0  # gated
-    assert r_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.5
-    assert r_vilasr(RW_GOOD, RW_MC, 0.6)[0] == pytest.approx(0.8)  # 0.3 + 0.5
-    assert r_vilasr(RW_GOOD, RW_MC, 0.6, beta=0.7)[0] == 0.0
+    wrong = _rw_traj([RW_GOOD["turns"][0], "<think>it is a dog</think><answer>C</answer>"], [_rw_call()])
+    assert r_vilasr(wrong, RW_MC, 0.0)[0] == 0.0  # gated
+    assert r_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(parsed=False)]), RW_MC, 1.0)[0] == 0.5
+    dot = _rw_traj([RW_GOOD["turns"][0], "<think>it is a dog</think><answer>B.</answer>"], [_rw_call()])
+    assert r_vilasr(dot, RW_MC, 1.0)[0] == 0.0  # ViLaSR's multiple choice: the gold string exactly
+    # counting: the first number found in the answer (VSI-Bench's parse takes the first token, "some": 0),
+    # MRA with a strict '<' and |g| + 1e-8 below: 1 / (10 + 1e-8) = 0.0999999999 < 1 - theta for theta = 0.50
+    # ... 0.90 (1 - 0.9 is 0.09999999999999998 in floats: still above), not 0.95 -> 9 of 10
+    rec = {"id": 2, "question": "how far?", "type": "mra", "answer": "10"}
+    far = _rw_traj([RW_GOOD["turns"][0], "<think>about</think><answer>some 9 metres, not 12</answer>"], [_rw_call()])
+    assert mra("some 9 metres, not 12", "10") == 0.0
+    assert r_vilasr(far, rec, 0.0)[0] == pytest.approx(0.5 * 0.9 + 0.5 * 1.0)
+    # 5 / (10 + 1e-8) is just under 0.5 = 1 - 0.50, above 0.45: 1 of 10
+    assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == pytest.approx(0.5 * 0.1 + 0.5)
+
+
+def test_rewards_groundlight_hard_score():
+    # min(1, matches / 3) over the 10 answers, not the leave-one-out VQA accuracy (2 matches: 2/3 vs 0.6)
+    rec = {"id": 3, "question": "brand?", "type": "vqa", "answer": ["coke"] * 2 + ["pepsi"] * 8}
+    t = _rw_traj(["<think>x</think><answer>Coke</answer>"])
+    assert r_vqa_hard(t, rec, 0.6)[0] == pytest.approx(2 / 3)
+    assert accuracy("<answer>Coke</answer>", rec)[0] == pytest.approx(0.6)  # eval keeps the official score
+    assert r_vqa_hard(_rw_traj(["<answer>pepsi</answer>"]), rec, 1.0)[0] == 1.0
+    assert reward(t, rec, "groundlight")[1]["vqa_hard"] == pytest.approx(2 / 3)
 
 
 def test_rewards_presets():
@@ -1809,7 +1848,7 @@ def test_grpo_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypat
     assert n == 2
     assert [ep["rethinks"] for ep in group] == [1, 1, 0, 0]
     assert [s[1]["accuracy"] for s in scores[0]] == [1.0, 1.0, 0.0, 0.0]
-    assert scores[0][0][0] == pytest.approx(1.1)                  # VL-Rethinker: correct after a rethink
+    assert scores[0][0][0] == pytest.approx(1.0)   # VL-Rethinker's code: a forced continuation gets the plain 1
 
 
 def test_grpo_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
