@@ -75,6 +75,10 @@ def rebuild(policy, record, turns, tools, cfg):
     and reason "eos" (so the model learns to close its turn; the mask marks exactly these ids).
     -> (episode, None), or (None, (reason, message)) when it is not a trajectory a good rollout could make:
     a failed call, a limit hit, no final answer, or an answer the record's scorer calls wrong."""
+    budget = record.get("view_max_pixels")  # written by --convert-vlir: the view its boxes are drawn in
+    if budget is not None and budget != cfg["view_max_pixels"]:
+        raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
+                         f"train with --view-max-pixels {budget}, or convert again at this run's budget")
     ep = T.new_episode(policy, record, tools, **cfg)
     im_end = policy.tok.convert_tokens_to_ids("<|im_end|>")
     for k, text in enumerate(turns):
@@ -206,7 +210,8 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
     (smart-resized within vlir_min/max_pixels: 3136 and 1605632 in their sft_7b.sh), crop_i is the crop
     it produced (not needed: zoom_in cuts it again from the original), text_n ends in <answer>...</answer>.
     Each box becomes a zoom_in call on image 0 in our view frame (the original smart-resized within
-    view_max_pixels); the reasoning before it goes in <think></think>. Raises ValueError on a bad record."""
+    view_max_pixels, recorded in the trajectory: training at another budget would crop the wrong place, so
+    rebuild() refuses it); the reasoning before it goes in <think></think>. Raises ValueError on a bad record."""
     for k, kind in (("image_path", str), ("question", str), ("response_list", list)):
         if not isinstance(rec.get(k), kind) or not rec[k]:
             raise ValueError(f"missing or empty {k!r}")
@@ -247,7 +252,7 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
     gold = rec.get("answer") or rec.get("solution")  # VLIR may carry its ground truth ...
     gold = (R.extract_answer(gold) or gold) if isinstance(gold, str) else answer  # ... else the rationale's own
     return dict(id=str(rec.get("id", "")) or None, image=rec["image_path"], question=rec["question"],
-                answer=gold, type="text", turns=turns)
+                answer=gold, type="text", turns=turns, view_max_pixels=view_max_pixels)
 
 
 def convert_vlir(src, dst, **kw):

@@ -2518,7 +2518,11 @@ def test_sft_vlir_conversion(policy, tmp_path):
     (r, turns, where), = sft.load_trajectories(str(tmp_path / "out" / "traj.jsonl"))
     assert turns == t["turns"]
     ep, err = sft.rebuild(policy, r, turns, ["zoom_in"], CFG)
-    assert err is None
+    assert err is None and r["view_max_pixels"] == CFG["view_max_pixels"]  # the budget its boxes are in
+    # training at another budget would crop elsewhere: refused, naming the file and line
+    with pytest.raises(SystemExit, match=r"traj.jsonl:1: its boxes are in a 12544 px view"):
+        sft.main(["--data", str(tmp_path / "out" / "traj.jsonl"), "--view-max-pixels", str(224 * 224), "--steps", "1",
+                  "--out", str(tmp_path / "run"), "--device", "cpu"])
     # the zoom looks where VLM-R3's crop looked (original pixels), to within a view pixel (1000/112)
     want = [100 * 1000 / 1008, 81 * 800 / 812, 302 * 1000 / 1008, 243 * 800 / 812]
     assert np.allclose(ep["calls"][0]["region"], want, atol=1000 / 112)
