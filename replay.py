@@ -16,16 +16,17 @@ What SSR does, each step (one rollout -> one update):
      store of recent non-zero-advantage samples kept across steps (bounded, oldest evicted first),
      drawn with probability proportional to |A| + 1e-4. Replayed samples keep their old log-probs, so
      the PPO ratio and clip handle the policy having moved since they were generated;
-  4. add this step's non-zero samples to the store, after drawing, so the fill is from earlier steps.
+  4. the store holds the most recent non-zero samples: this step's are added before drawing (VL-Rethinker's
+     order), or after drawing with extend_first=False, so that the fill comes from earlier steps only.
 `drop_zero_groups` is the plain alternative (DAPO-style filtering without resampling or replay).
 
 Sampling details, following VL-Rethinker's `NaiveReplayBuffer.active_sampling`
 (openrlhf/trainer/ppo_utils/replay_buffer.py): current samples are drawn WITH replacement,
 min(size, n_current) draws; the fill takes the whole store once per full pass while more is needed
-than the store holds, then draws the remainder WITH replacement. Differences: VL-Rethinker extends the
-store before drawing (a step can replay itself) and tests A == 0 exactly; here the store is extended
-after drawing, zero means |A| <= eps, and on an empty store (the first step) the missing draws come
-from the current samples instead, so the update always has `size` samples.
+than the store holds, then draws the remainder WITH replacement. The store is extended before drawing, as
+in their code (a step can replay its own samples; extend_first=False extends it after, so the fill is from
+earlier steps only, and on an empty store the missing draws come from the current samples). Differences:
+zero means |A| <= eps (they test A == 0 exactly), and the update always has `size` samples.
 
 Usage (in grpo.py):
     store = new_store(capacity=size)            # VL-Rethinker: half a rollout buffer for both
@@ -83,14 +84,24 @@ def _draw(items, weights, k, rng):
     return [items[i] for i in idx]
 
 
-def ssr(samples, store, size, alpha=1.0, rng=None):
-    """Selective Sample Replay: `size` samples for this update, [] only if nothing is usable at all."""
+def _extend(store, samples):
+    """Add samples to the store, keeping the `capacity` most recent."""
+    store["items"] = (store["items"] + [_cpu(s) for s in samples])[-store["capacity"]:]
+
+
+def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
+    """Selective Sample Replay: `size` samples for this update, [] only if nothing is usable at all.
+    extend_first: add this step's non-zero samples to the store before drawing, as VL-Rethinker's code does
+    (the fill can then replay this step's samples); False adds them after (the fill is from earlier steps)."""
     if size <= 0:
         raise ValueError(f"SSR update size must be > 0, got {size}")
     if alpha < 0:
         raise ValueError(f"SSR alpha must be >= 0, got {alpha}")
     rng = np.random.default_rng() if rng is None else rng
-    cur, old = nonzero(samples), list(store["items"])
+    cur = nonzero(samples)
+    if extend_first:
+        _extend(store, cur)
+    old = list(store["items"])
     if not cur and not old:
         return []
     batch = []
@@ -107,6 +118,6 @@ def ssr(samples, store, size, alpha=1.0, rng=None):
         fill = old * passes
         fill += _draw(old, [abs(float(s["adv"])) + 1e-4 for s in old], need - len(fill), rng)
         batch += [dict(s, replayed=True) for s in fill]
-    # after drawing: a step never replays its own samples
-    store["items"] = (store["items"] + [_cpu(s) for s in cur])[-store["capacity"]:]
+    if not extend_first:  # after drawing: a step never replays its own samples
+        _extend(store, cur)
     return batch

@@ -1333,10 +1333,10 @@ def test_replay_zero_advantage_never_chosen():
 
 def test_replay_store_capacity_eviction_persistence_and_fill_from_earlier_steps():
     rng, store = np.random.default_rng(0), new_store(3)
-    ssr(_mk([1.0, 2.0, 0.0, 3.0, 4.0, 5.0]), store, 2, rng=rng)
+    ssr(_mk([1.0, 2.0, 0.0, 3.0, 4.0, 5.0]), store, 2, rng=rng, extend_first=False)
     assert [s["id"] for s in store["items"]] == [3, 4, 5]  # 5 non-zero in, capacity 3: ids 0 and 1 evicted
     # step 2: two useful current samples, size 5 -> 2 current + 3 replayed, replays only from step 1
-    batch = ssr(_mk([0.5, -0.5, 0.0], group="h", start=10), store, 5, rng=rng)
+    batch = ssr(_mk([0.5, -0.5, 0.0], group="h", start=10), store, 5, rng=rng, extend_first=False)
     assert len(batch) == 5
     cur = [s for s in batch if not s["replayed"]]
     old = [s for s in batch if s["replayed"]]
@@ -1344,16 +1344,26 @@ def test_replay_store_capacity_eviction_persistence_and_fill_from_earlier_steps(
     assert len(old) == 3 and {s["id"] for s in old} <= {3, 4, 5}
     assert [s["id"] for s in store["items"]] == [5, 10, 11]  # then step 2 entered, oldest out
     # step 3 with nothing useful: all from the store, which persisted
-    batch = ssr(_mk([0.0, 0.0], group="k", start=20), store, 4, rng=rng)
+    batch = ssr(_mk([0.0, 0.0], group="k", start=20), store, 4, rng=rng, extend_first=False)
     assert len(batch) == 4 and all(s["replayed"] for s in batch)
     assert {s["id"] for s in batch} <= {5, 10, 11}
 
 
 def test_replay_first_step_never_replays_itself():
     store = new_store(10)
-    batch = ssr(_mk([1.0, -1.0]), store, 6, rng=np.random.default_rng(0))  # empty store: repeats of current
+    batch = ssr(_mk([1.0, -1.0]), store, 6, rng=np.random.default_rng(0), extend_first=False)  # repeats of current
     assert len(batch) == 6 and not any(s["replayed"] for s in batch)
     assert len(store["items"]) == 2
+
+
+def test_replay_store_extended_before_drawing_as_the_code():
+    # VL-Rethinker extends the store first: 2 current samples drawn, the other 4 filled from the store, which
+    # already holds them (a whole pass over the store while more is missing than it holds, then 2 draws)
+    store = new_store(10)
+    batch = ssr(_mk([1.0, -1.0]), store, 6, rng=np.random.default_rng(0))
+    assert len(batch) == 6 and sum(s["replayed"] for s in batch) == 4 and len(store["items"]) == 2
+    replayed = Counter(s["adv"] for s in batch if s["replayed"])
+    assert replayed[1.0] >= 1 and replayed[-1.0] >= 1
 
 
 def test_replay_fixed_output_size():
