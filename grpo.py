@@ -141,14 +141,33 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2,
 # -----------------------------------------------------------------------------
 # forced rethinking (VL-Rethinker, SPEC 2.2)
 
-TRIGGERS_RIGHT = ["\n\nWait", "\n\nWait, does it seem right?", "\n\nWait, let's double check"]
-TRIGGER_WRONG = "\n\nWait, there might be a mistake"
+# VL-Rethinker's triggers (experience_maker.py): "Wait" 0.2, "does it seem right?" 0.3, and with 0.5 the one that
+# follows the first answer: "let's double check" after a right one, "there might be a mistake" after a wrong one
+TRIGGERS = ["\n\nWait", "\n\nWait, does it seem right?"]
+TRIGGER_RIGHT, TRIGGER_WRONG = "\n\nWait, let's double check", "\n\nWait, there might be a mistake"
 
 
-def rethink_episode(policy, ep, correct, truncate, rng):
-    """A copy of an answered episode, cut back to its last turn (before the final answer when `truncate`),
-    with a trigger appended (not sampled, so not trained) and the turn left open for the policy to go on.
-    The copy shares the images; rollout() continues it like any other episode."""
+def pick_trigger(correct, rng):
+    if rng.random() < 0.5:
+        return TRIGGERS[0] if rng.random() < 0.4 else TRIGGERS[1]
+    return TRIGGER_RIGHT if correct else TRIGGER_WRONG
+
+
+def cut_back(text):
+    """VL-Rethinker's truncation of a response before rethinking: before the last "Wait", then before the last
+    "\\boxed", then before the first "answer" (any case; here the <answer> tag), then at the last blank line."""
+    for i in (text.rfind("Wait"), text.rfind("\\boxed")):
+        text = text[:i] if i >= 0 else text
+    i = text.lower().find("answer")
+    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text
+    i = text.rfind("\n\n")
+    return (text[:i] if i >= 0 else text).strip()
+
+
+def rethink_episode(policy, ep, trigger, truncate):
+    """A copy of an answered episode, its last turn cut back (cut_back) when `truncate`, the trigger appended
+    and the turn left open for the policy to go on. The trigger is trained (mask 1) like the continuation, as
+    in VL-Rethinker's code. The copy shares the images; rollout() continues it like any other episode."""
     new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
     # the last turn's sampled tokens are the last run of mask == 1
     end = max(i for i, m in enumerate(new["mask"]) if m) + 1
@@ -158,41 +177,55 @@ def rethink_episode(policy, ep, correct, truncate, rng):
     turn = new["seq"][start:end]
     if policy.eos and turn and turn[-1] in policy.eos:
         turn = turn[:-1]
-    keep = len(turn)
-    if truncate:  # the longest prefix that has not begun the final answer
-        while keep > 0 and "<answer" in policy.tok.decode(turn[:keep]):
-            keep -= 1
-    cut = start + keep
-    trigger = (rng.choice(TRIGGERS_RIGHT) if correct else TRIGGER_WRONG)
-    tids = M.ids(policy, trigger)
-    new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [0] * len(tids),
+    text = policy.tok.decode(turn)
+    n = len(cut_back(text)) if truncate else len(text)
+    lo, keep = 0, len(turn)  # the longest token prefix whose text fits in the cut text (binary search)
+    while lo < keep:
+        mid = (lo + keep + 1) // 2
+        lo, keep = (mid, keep) if len(policy.tok.decode(turn[:mid])) <= n else (lo, mid - 1)
+    cut, tids = start + keep, M.ids(policy, trigger)
+    new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [1] * len(tids),
                                             new["logp"][:cut] + [0.0] * len(tids))
     new["turns"][-1] = policy.tok.decode(turn[:keep]) + trigger
     new["n_sampled"] = ep["n_sampled"] - (end - start - keep)  # what was cut, a stripped end-of-turn token too
+    new["rethink_from"] = (len(new["turns"]), new["n_sampled"])  # where the continuation starts
     return new
 
 
 def forced_rethinking(policy, groups, scores, args, rng):
-    """For each group: some answered trajectories are continued after a trigger; a rethought trajectory
-    is kept only if its final answer is correct (rejection sampling), at most 2 per group, and it
-    replaces the trajectory it came from. groups: lists of episodes; scores: matching lists of
-    (reward, components). Returns the number of rethinks kept."""
+    """VL-Rethinker's forced rethinking as its code runs it (experience_maker.py, _generate_vllm). Candidates:
+    responses that ended with an answer and are at most half the token budget long (1024 of their 2048);
+    in a group more than 70% right the wrong ones are skipped; --rethink-prob (0.65) of the rest go on, cut
+    back with probability --rethink-truncate (0.5), a trigger appended, continued at --rethink-temperature
+    (0.9). A continuation is kept if its final answer is correct and it wrote more than 30 and fewer than
+    half the budget new tokens; at most 2 per group (a slot is taken before the last check), and at most 4
+    waits (the trigger's included). A kept one replaces the response it came from.
+    groups: lists of episodes; scores: matching lists of (reward, components). -> the number kept."""
     todo = []
     for gi, g in enumerate(groups):
+        right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]
+        easy = sum(right) / len(right) > 0.7
         for ei, ep in enumerate(g):
-            if ep["stop"] == "answer" and rng.random() < args.rethink_prob:
-                correct = scores[gi][ei][1]["accuracy"] >= 0.5
-                todo.append((gi, ei, rethink_episode(policy, ep, correct, rng.random() < args.rethink_truncate, rng)))
+            if ep["stop"] != "answer" or ep["n_sampled"] > args.max_tokens // 2 or (easy and not right[ei]):
+                continue
+            if rng.random() < args.rethink_prob:
+                trigger = pick_trigger(right[ei], rng)
+                todo.append((gi, ei, rethink_episode(policy, ep, trigger, rng.random() < args.rethink_truncate)))
     if not todo and not M.lockstep(policy):
         return 0
-    T.rollout(policy, [t[2] for t in todo], args.temperature, max_turn_tokens=args.max_turn_tokens, **C.filters(args))
-    kept = {}
+    T.rollout(policy, [t[2] for t in todo], temperature=args.rethink_temperature, max_turn_tokens=args.max_turn_tokens,
+              **C.filters(args))
+    kept, slots = 0, {}
     for gi, ei, ep in todo:
         total, comp, _ = R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)
-        if comp["accuracy"] >= 0.5 and kept.get(gi, 0) < 2:
+        k, n0 = ep["rethink_from"]
+        if comp["accuracy"] < R.CORRECT or not 30 < ep["n_sampled"] - n0 < args.max_tokens // 2 or slots.get(gi, 0) >= 2:
+            continue
+        slots[gi] = slots.get(gi, 0) + 1
+        if 1 + R.rethinker_waits("".join(ep["turns"][k:])) <= 4:
             groups[gi][ei], scores[gi][ei] = ep, (total, comp)
-            kept[gi] = kept.get(gi, 0) + 1
-    return sum(kept.values())
+            kept += 1
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -214,13 +247,18 @@ def get_args(argv=None):
     # selecting what to train on
     p.add_argument("--ssr", action="store_true", help="VL-Rethinker's Selective Sample Replay")
     p.add_argument("--ssr-alpha", type=float, default=1.0)
+    p.add_argument("--ssr-extend", default="before", choices=["before", "after"],
+                   help="add a step's samples to the replay store before drawing (VL-Rethinker's code) or after")
     p.add_argument("--update-size", type=int, default=None, help="samples per update with SSR (default: half the rollout)")
     p.add_argument("--drop-zero", action="store_true", help="drop groups whose advantages are all zero")
     p.add_argument("--mask-truncated", action="store_true", help="no loss on trajectories cut by a limit (Mini-o3)")
     # forced rethinking
     p.add_argument("--rethink", action="store_true", help="VL-Rethinker's forced rethinking")
-    p.add_argument("--rethink-prob", type=float, default=0.5, help="share of answered trajectories that rethink")
-    p.add_argument("--rethink-truncate", type=float, default=0.5, help="probability of cutting before the answer")
+    p.add_argument("--rethink-prob", type=float, default=0.65, help="share of the candidates that are continued")
+    p.add_argument("--rethink-truncate", type=float, default=0.5, help="probability of cutting the response back first")
+    p.add_argument("--rethink-temperature", type=float, default=0.9, help="sampling temperature of the continuation")
+    p.add_argument("--aux-nll", type=float, default=0.0,
+                   help="VL-Rethinker's auxiliary NLL (0.05) on positive-advantage samples that rethink")
     # optimisation (README: each loss flag's TRL name)
     p.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"],
                    help="dr_grpo's constant is --max-tokens, the sampled-token budget")
@@ -233,6 +271,9 @@ def get_args(argv=None):
     p.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="policy loss only on this top share of a micro-batch's trained tokens by entropy (0.2 in '80/20')")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
+    p.add_argument("--ref-sync-every", type=int, default=0,
+                   help="every N steps move the reference towards the policy (TRL's ref_model_sync_steps; Groundlight: 64)")
+    p.add_argument("--ref-sync-alpha", type=float, default=0.9, help="ref <- (1 - alpha) ref + alpha policy (TRL's mixup alpha)")
     p.add_argument("--kl-ratio", action=argparse.BooleanOptionalAction, default=True,
                    help="the KL term times the importance ratio (TRL's use_bias_correction_kl); --no-kl-ratio: plain k3")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
@@ -276,8 +317,10 @@ def make_samples(policy, groups, scores, args, step, rank):
     for gi, g in enumerate(groups):
         for ep in g:
             mask = ep["mask"] if not (args.mask_truncated and ep["truncated"]) else [0] * len(ep["mask"])
+            # VL-Rethinker's auxiliary NLL trains positive-advantage samples that rethink ("wait", or a trigger)
+            nll = float(adv[k]) > 0 and bool(ep["rethinks"] or R.rethinker_waits("".join(ep["turns"])))
             out.append(dict(seq=ep["seq"], mask=mask, images=T.episode_images(policy, ep), adv=float(adv[k]),
-                            group=(step, rank, gi), old=None))
+                            group=(step, rank, gi), old=None, nll=nll))
             k += 1
     return out
 
@@ -325,21 +368,27 @@ def update(policy, ref, opt, samples, args, world, filler):
                     ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
             # dr_grpo: sum / (this rank's sequences in the step x --max-tokens), the run's constant; over equal
             # micro-batches this is TRL's mean over micro-batches of sum / (micro-batch size x max_completion_length)
-            w = loss_weights(M.left_pad(masks, L, dev), args.loss_type, args.max_tokens, num_items, len(part) or 1)
+            mpad = M.left_pad(masks, L, dev)
+            w = loss_weights(mpad, args.loss_type, args.max_tokens, num_items, len(part) or 1)
             if args.loss_type in ("grpo", "bnpo"):
                 w = w / n_mb  # gradient accumulation: the mean over micro-batches, as TRL does
+            # --aux-nll (VL-Rethinker): + coef x the token-mean NLL of the micro-batch's selected samples
+            sel = mpad * torch.tensor([float(s.get("nll", False)) for s in mb], device=dev)[:, None]
+            nll_w = args.aux_nll * sel / sel.sum().clamp(min=1) / n_mb
             opts = dict(kl_ratio=args.kl_ratio, delta=args.delta)
             if plain:
                 logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature, entropy=True)
                 loss = policy_loss(logp, torch.where(on_policy[:, None], logp.detach(), old), A, m, args.loss_type,
                                    args.eps_low, args.eps_high, ref_lp, args.beta, is_level=args.is_level,
                                    entropy=ent, top_entropy_quantile=args.top_entropy_quantile, weights=w, **opts)
+                loss = loss - (logp * nll_w).sum()
                 logp = logp.detach()
             else:
                 def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at (b, t), fused in
                     o = torch.where(on_policy[b], lp.detach(), old[b, t])
                     r = ref_lp[b, t] if ref_lp is not None else None
-                    return token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta, **opts) * w[b, t]
+                    return (token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta, **opts) * w[b, t]
+                            - lp * nll_w[b, t])
                 loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
                                                       entropy=True, token_loss=per_token)
             bad += not bool(torch.isfinite(loss))
@@ -367,6 +416,14 @@ def update(policy, ref, opt, samples, args, world, filler):
         opt.zero_grad(set_to_none=True)
     loss, t = stats.pop("loss") / (args.ppo_epochs * K), max(stats.pop("tokens"), 1.0)
     return dict(loss=loss, grad_norm=gn, **{k: v / t for k, v in stats.items()})  # the rest: means over trained tokens
+
+
+@torch.no_grad()
+def sync_reference(ref, policy, alpha):
+    """TRL's SyncRefModelCallback (Groundlight re-syncs every 64 steps with alpha 0.9): ref <- (1 - a) ref + a policy.
+    Both are laid out alike (sharded alike under FSDP), so parameters pair up one to one."""
+    for r, p in zip(ref.model.parameters(), policy.model.parameters()):
+        r.mul_(1 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
 
 
 def prompt_indices(n_records, step, n_prompts, rank, world, seed):
@@ -458,7 +515,7 @@ def main(argv=None):
     n_roll = args.prompts // world * args.group_size
     update_size = args.update_size or max(1, n_roll // 2)
     if args.rethink and args.preset != "vl_rethinker":
-        C.print0(f"note: --rethink with preset {args.preset}: the 1.1 rethinking bonus is only in vl_rethinker")
+        C.print0(f"note: --rethink with preset {args.preset}: VL-Rethinker's reward is the vl_rethinker preset")
     records = C.dataset(args, "train")
     heldout = C.dataset(args, "test", n=args.eval_n) if args.eval_every else None
 
@@ -499,7 +556,7 @@ def main(argv=None):
         # 3. what to train on: everything, the useful groups, or SSR's resampled batch
         if args.ssr:
             fill_old_logprobs(policy, replay.nonzero(samples), args, samples[0])
-            batch = replay.ssr(samples, store, update_size, args.ssr_alpha, rng=nprng)
+            batch = replay.ssr(samples, store, update_size, args.ssr_alpha, rng=nprng, extend_first=args.ssr_extend == "before")
         elif args.drop_zero:
             batch = replay.drop_zero_groups(samples)
         else:
@@ -524,6 +581,8 @@ def main(argv=None):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             row.update(heldout_eval(policy, heldout, args, cfg))
         C.log_metrics(args, rank, row)
+        if ref is not None and args.ref_sync_every and (step + 1) % args.ref_sync_every == 0:
+            sync_reference(ref, policy, args.ref_sync_alpha)
         if nan_run >= args.max_nan:
             raise SystemExit(f"stopping: {nan_run} steps in a row had a non-finite loss or gradient (lr {lr:g})")
         C.save_run(args, policy, opt, step, rank, store=store, nan_run=nan_run)

@@ -1695,6 +1695,42 @@ def test_grpo_update_every_loss_option_equals_the_loss_written_out(policy):
         assert up["clip_frac"] == pytest.approx(up["clip_low"] + up["clip_high"])
 
 
+def test_grpo_aux_nll_on_positive_samples_that_rethink(policy):
+    # VL-Rethinker: loss = policy loss + 0.05 x the token-mean NLL of the samples with A > 0 that rethink (here
+    # samples 0 and 2, marked by make_samples), through the fused path and the plain one (GSPO); one
+    # micro-batch (their NLL is a mean per micro-batch, averaged over the accumulation steps)
+    samples = _text_samples(policy, [5, 9, 3, 7])
+    for s, flag in zip(samples, (True, False, True, False)):
+        s["nll"] = flag
+    for extra in ([], ["--is-level", "sequence"]):
+        up, steps, args, params = _update_grads(policy, samples, ["--aux-nll", "0.05", "--micro-batch", "16"] + extra)
+        seqs, masks = [s["seq"] for s in samples], [s["mask"] for s in samples]
+        logp, m = M.token_logprobs(policy, seqs, [[] for _ in samples], masks)
+        old = M.left_pad([s["old"] if s["old"] is not None else [] for s in samples], logp.shape[1], "cpu")
+        old = torch.where(torch.tensor([s["old"] is None for s in samples])[:, None], logp.detach(), old)
+        sel = m * torch.tensor([1.0, 0.0, 1.0, 0.0])[:, None]
+        n_tok = sum(sum(s["mask"]) for s in samples)
+        want = G.policy_loss(logp, old, torch.tensor([s["adv"] for s in samples]), m, "dapo", 0.2, 0.28,
+                             num_items=n_tok, is_level=args.is_level) - 0.05 * (logp * sel).sum() / sel.sum()
+        for a, b in zip(steps[0], torch.autograd.grad(want, params, allow_unused=True)):
+            assert torch.allclose(a, torch.zeros_like(a) if b is None else b, rtol=1e-4, atol=1e-6), extra
+    # make_samples marks them: positive advantage and a self-reflection or a forced trigger
+    eps = [_answered(policy, "red"), _answered(policy, "red"), _answered(policy, "blue")]
+    T.advance(policy, eps[0], M.ids(policy, ""), reason="stop")
+    eps[0]["turns"][0] = "<think>Wait, is it red?</think><answer>red</answer>"
+    args = G.get_args(GRPO_TINY + ["--group-size", "3", "--scale-rewards", "none"])
+    got = G.make_samples(policy, [eps], [[(1.0, {}), (1.0, {}), (0.0, {})]], args, 0, 0)
+    assert [s["nll"] for s in got] == [True, False, False]  # advantages 1/3, 1/3, -2/3; only the first reflects
+
+
+def test_grpo_reference_sync_mixes_in_the_policy(policy):
+    ref = C.load_policy("tiny", seed=1, device="cpu")
+    r0 = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
+    G.sync_reference(ref, policy, 0.9)
+    for (n, r), (_, p) in zip(ref.model.named_parameters(), policy.model.named_parameters()):
+        assert torch.allclose(r, 0.1 * r0[n] + 0.9 * p, atol=1e-6), n
+
+
 def test_grpo_dr_grpo_divides_by_the_sampled_token_budget(policy):
     # Dr. GRPO's constant is the run's --max-tokens (24 here) whatever the prompt and the micro-batching:
     # on-policy (ratio 1) every trained token's loss is -A, so the loss is -sum_i A_i n_i / (B x 24) behind a
@@ -1798,30 +1834,55 @@ def _answered(policy, answer, seed=9):
     return ep
 
 
-def test_grpo_rethink_episode_truncates_and_masks_the_trigger(policy):
+def test_grpo_rethink_cut_back_as_vl_rethinkers_code():
+    # before the last "Wait", then the last "\\boxed", then the first "answer", then at the last blank line
+    assert G.cut_back("I think B. Wait, maybe C.\n\nSo the answer is C") == "I think B."
+    assert G.cut_back("Step 1.\n\nStep 2: so \\boxed{3}") == "Step 1."
+    assert G.cut_back("Step 1. Step 2: the Answer is 3") == "Step 1. Step 2: the"
+    assert G.cut_back("<think>it is red</think><answer>red</answer>") == "<think>it is red</think>"
+    assert G.cut_back("no marks at all") == "no marks at all"
+
+
+def test_grpo_rethink_trains_trigger_and_continuation(policy):
+    # the trained tokens of a rethought episode are: the kept part of the first response, the trigger, the
+    # continuation (VL-Rethinker trains everything after the prompt: how the model learns to say "Wait")
     ep = _answered(policy, "red")
     before = list(ep["seq"])
-    rng = random.Random(0)
-    cut = G.rethink_episode(policy, ep, correct=False, truncate=True, rng=rng)
+    first = [t for t, m in zip(ep["seq"], ep["mask"]) if m]
+    cut = G.rethink_episode(policy, ep, G.TRIGGER_WRONG, truncate=True)
     trig = M.ids(policy, G.TRIGGER_WRONG)
-    assert cut["seq"][-len(trig):] == trig and cut["mask"][-len(trig):] == [0] * len(trig)
-    text = policy.tok.decode(cut["seq"][len(before) - 40:])
-    assert "<answer>" not in text and "<think>it is</think>" in policy.tok.decode(cut["seq"])
+    assert cut["seq"][-len(trig):] == trig and cut["mask"][-len(trig):] == [1] * len(trig)
+    assert policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m]) == "<think>it is</think>" + G.TRIGGER_WRONG
     assert cut["stop"] is None and cut["rethinks"] == 1 and ep["seq"] == before  # the original is untouched
-    kept = G.rethink_episode(policy, ep, correct=True, truncate=False, rng=rng)
-    assert "<answer>red</answer>\n\nWait" in policy.tok.decode(kept["seq"])
-    assert sum(kept["mask"]) == sum(ep["mask"])                 # the trigger is not trained
+    T.advance(policy, cut, M.ids(policy, ", it is blue.</think><answer>blue</answer>"), reason="stop")
+    trained = policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m])
+    assert trained == "<think>it is</think>" + G.TRIGGER_WRONG + ", it is blue.</think><answer>blue</answer>"
+    kept = G.rethink_episode(policy, ep, G.TRIGGERS[0], truncate=False)
+    assert policy.tok.decode([t for t, m in zip(kept["seq"], kept["mask"]) if m]) == \
+        policy.tok.decode(first) + "\n\nWait"
 
 
 def test_grpo_rethink_counts_only_the_sampled_tokens_it_keeps(policy):
     # a turn that ended on its sampled end-of-turn token: the rethought copy drops that token (and, cut
-    # before the answer, the answer), and n_sampled drops by all it cut: it still counts the trained tokens
+    # before the answer, the answer), and n_sampled drops by all it cut: it counts the sampled tokens kept
+    # (the trigger is trained but not sampled)
     ep = T.new_episode(policy, D.synthetic(1, seed=9)[0])
     T.advance(policy, ep, M.ids(policy, "<think>it is</think><answer>red</answer><|im_end|>"), reason="eos")
     assert ep["seq"][-1] in policy.eos and ep["n_sampled"] == sum(ep["mask"])
+    n_trig = len(M.ids(policy, G.TRIGGERS[1]))
     for truncate in (False, True):
-        new = G.rethink_episode(policy, ep, correct=True, truncate=truncate, rng=random.Random(0))
-        assert new["n_sampled"] == sum(new["mask"]) < ep["n_sampled"], truncate
+        new = G.rethink_episode(policy, ep, G.TRIGGERS[1], truncate=truncate)
+        assert new["n_sampled"] == sum(new["mask"]) - n_trig < ep["n_sampled"], truncate
+
+
+def test_grpo_rethink_trigger_probabilities():
+    # "Wait" 0.2, "does it seem right?" 0.3, and 0.5 the one that follows the first answer's correctness
+    rng, n = random.Random(0), 20000
+    for correct, third in ((True, G.TRIGGER_RIGHT), (False, G.TRIGGER_WRONG)):
+        got = Counter(G.pick_trigger(correct, rng) for _ in range(n))
+        assert set(got) == {G.TRIGGERS[0], G.TRIGGERS[1], third}
+        for trig, p in ((G.TRIGGERS[0], 0.2), (G.TRIGGERS[1], 0.3), (third, 0.5)):
+            assert abs(got[trig] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (trig, got[trig])
 
 
 def test_grpo_plot_skips_a_torn_line_and_an_empty_file(tmp_path, monkeypatch):
@@ -1843,21 +1904,41 @@ def test_grpo_plot_skips_a_torn_line_and_an_empty_file(tmp_path, monkeypatch):
     assert list(first.args[0]) == [1, 2] and first.args[1].tolist() == [0.5, 1.0]
 
 
-def test_grpo_forced_rethinking_keeps_only_correct_at_most_two(policy, monkeypatch):
+def test_grpo_forced_rethinking_filters_as_vl_rethinkers_code(policy, monkeypatch):
+    # group 0: 4 wrong answers (a hard group): all candidates. Continuations: members 0, 1, 2 answer right with
+    # 40 new tokens, member 3 wrong. Kept: the first 2 right ones (at most 2 per group).
+    # group 1: 3 of 4 right (accuracy 0.75 > 0.7): its wrong member is skipped; the right ones are candidates,
+    # and their continuations: one too short (<= 30 new tokens), one with 4 more waits (5 with the trigger), one
+    # fine -> 1 kept. A response over half the token budget is never a candidate.
     rec = D.synthetic(1, seed=9)[0]
-    group = [_answered(policy, "nope") for _ in range(4)]
-    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-                              max_turn_tokens=8, preset="vl_rethinker", weights=None)
-    scores = [[R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2] for ep in group]]
-    # a stand-in policy: the continuations of members 0, 1, 2 answer correctly, member 3's does not
-    def scripted(policy_, eps, *a, **kw):
+    right, wrong = rec["answer"], "nope"
+    groups = [[_answered(policy, wrong) for _ in range(4)],
+              [_answered(policy, a) for a in (right, right, right, wrong)]]
+    long = _answered(policy, right)
+    long["n_sampled"] = 200
+    groups[1].append(long)
+    scores = [[R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2] for ep in g] for g in groups]
+    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, rethink_temperature=0.9, top_p=1.0, top_k=0, min_p=0.0,
+                              max_turn_tokens=96, max_tokens=256, preset="vl_rethinker", weights=None)
+    pad = " look again" * 8
+    assert 30 < len(M.ids(policy, pad + "</think><answer>red</answer>")) < 128    # new tokens within the bounds
+    answers = [right, right, right, wrong, right, right, right]                 # the 7 candidates, in order
+    seen = []
+
+    def scripted(policy_, eps, **kw):
+        assert kw["temperature"] == 0.9
         for i, ep in enumerate(eps):
-            T.advance(policy_, ep, M.ids(policy_, f"<answer>{rec['answer'] if i < 3 else 'no'}</answer>"), reason="stop")
+            seen.append(i)
+            thought = pad if i != 5 else " ok"                       # member 1 of group 1: too short
+            if i == 6:
+                thought += " wait, wait a bit, alternatively, wait, "  # 4 more waits
+            T.advance(policy_, ep, M.ids(policy_, f"{thought}</think><answer>{answers[i]}</answer>"), reason="stop")
     monkeypatch.setattr(G.T, "rollout", scripted)
-    n = G.forced_rethinking(policy, [group], scores, args, random.Random(0))
-    assert n == 2
-    assert [ep["rethinks"] for ep in group] == [1, 1, 0, 0]
-    assert [s[1]["accuracy"] for s in scores[0]] == [1.0, 1.0, 0.0, 0.0]
+    n = G.forced_rethinking(policy, groups, scores, args, random.Random(0))
+    assert len(seen) == 7                                            # the skipped and the long ones never went on
+    assert n == 3
+    assert [ep["rethinks"] for ep in groups[0]] == [1, 1, 0, 0]
+    assert [ep["rethinks"] for ep in groups[1]] == [1, 0, 0, 0, 0]
     assert scores[0][0][0] == pytest.approx(1.0)   # VL-Rethinker's code: a forced continuation gets the plain 1
 
 
