@@ -294,9 +294,11 @@ def get_args(argv=None):
     args.tools = C.parse_tools(args.tools)
     C.check_flags(args, ge=dict(prompts=1, group_size=2, micro_batch=1, ppo_epochs=1, mini_batches=1, update_size=1,
                                 eval_every=0, eval_n=1, max_nan=1, ssr_alpha=0, rethink_prob=0, rethink_truncate=0,
-                                eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0),
-                  gt=dict(temperature=0, top_p=0, delta=1),
-                  le=dict(top_p=1, min_p=1, rethink_prob=1, rethink_truncate=1, top_entropy_quantile=1))
+                                eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0, aux_nll=0, ref_sync_every=0,
+                                ref_sync_alpha=0),
+                  gt=dict(temperature=0, top_p=0, delta=1, rethink_temperature=0),
+                  le=dict(top_p=1, min_p=1, rethink_prob=1, rethink_truncate=1, top_entropy_quantile=1,
+                          ref_sync_alpha=1))
     if args.preset not in R.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; known: {', '.join(R.PRESETS)}")
     try:
