@@ -14,12 +14,14 @@ Read top to bottom:
                    (written aside, marked whole last), and --resume auto's search for the newest checkpoint
 Nothing here is run as a script.
 """
+import argparse
 import json
 import math
 import operator
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -57,25 +59,122 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--max-images", type=int, default=6)
     p.add_argument("--max-turn-tokens", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per trajectory")
+    # the methods' own variants of the environment (tools.DEFAULTS says what each does)
+    p.add_argument("--view-max-side", type=int, default=0, help="resize each image to this long side first (0: off)")
+    p.add_argument("--adaptive-zoom", action=argparse.BooleanOptionalAction, default=True, help="VLM-R3's 1-2x zoom factor")
+    p.add_argument("--zoom-source", default="original", choices=["original", "view"], help="zoom_point cuts from")
+    p.add_argument("--stop-on", default="repeat", help="comma-separated: repeat (a repeated call), error (a failed call), or none")
+    p.add_argument("--final-answer-turn", action="store_true", help="the last allowed turn is told to answer")
+    p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"])
     # the model
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
+    # each paper's settings in one flag (RECIPES); an explicit flag wins
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="a method's settings, as its released code runs it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     return p
 
 
 def add_optim_flags(p, lr, warmup, schedule):
     """AdamW and its schedule: the flags sft.py and grpo.py share (with their own defaults)."""
     p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--lr-min-ratio", type=float, default=0.0, help="the cosine schedule ends at this share of --lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--adam-betas", type=betas, default=(0.9, 0.95), help="beta1,beta2")
+    p.add_argument("--warmup", type=float, default=warmup, help="warmup steps, or a share of --steps when below 1")
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
+
+
+def betas(s):
+    b = tuple(float(x) for x in s.split(","))
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise argparse.ArgumentTypeError(f"{s!r}: two numbers in [0, 1), e.g. 0.9,0.999")
+    return b
+
+
+def parse_args(p, argv, script):
+    """p.parse_args, then --recipe fills every flag of this script (grpo, sft or eval) that the command line did
+    not give, and --print-config prints the resolved settings (flag names as keys) and exits."""
+    args = p.parse_args(argv)
+    if args.recipe:
+        typed = set(argv if argv is not None else sys.argv[1:])
+        given = {a.dest for a in p._actions if any(s.split("=")[0] in a.option_strings for s in typed)}
+        recipe = RECIPES[args.recipe]
+        for k, v in {**recipe["all"], **recipe.get(script, {})}.items():
+            if hasattr(args, k) and k not in given:
+                setattr(args, k, v)
+    if args.print_config:
+        print(json.dumps({k.replace("_", "-"): v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+        raise SystemExit(0)
+    return args
+
+
+# Each paper's settings as its released code runs them (SPEC 2.5; README's recipe table names the file of
+# each value): "all" for every script, then grpo.py's, sft.py's and eval.py's own. A flag given on the command
+# line wins; a script takes the keys it has flags for. Pixel budgets in Qwen's units of 28 x 28 = 784 px.
+RECIPES = {
+    # justgogorunrun/VLM-R3: run_rgrpo_vllm.sh, src/r1-v/src/open_r1/rgrpo.py and trainer/vllm_rgrpo_trainer.py
+    # (RL), qwen_vl_finetune/sft_7b.sh (SFT), src/eval/test_vstar_r3.py (eval)
+    "vlm_r3": dict(
+        all=dict(tools="zoom_in", view_max_pixels=4096 * 784, crop_max_pixels=1024 * 784, max_turns=8,
+                 max_turn_tokens=2048, max_tokens=8 * 2048, freeze_vision=True),
+        grpo=dict(preset="vlm_r3", group_size=5, prompts=8, lr=1e-6, schedule="constant", warmup=0, weight_decay=0.0,
+                  adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.28, beta=0.0, temperature=1.0,
+                  top_p=1.0, loss_type="grpo", scale_rewards="group"),
+        sft=dict(lr=2e-7, schedule="cosine", warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
+                 view_max_pixels=2048 * 784, crop_max_pixels=2048 * 784, max_tokens=4096),
+        eval=dict(view_max_pixels=8192 * 784, crop_max_pixels=4096 * 784, temperature=0.0)),
+    # TIGER-AI-Lab/VL-Rethinker: scripts/train_vlm_multi.sh, openrlhf/trainer/ppo_utils/experience_maker.py,
+    # replay_buffer.py, openrlhf/models/loss.py, openrlhf/cli/train_ppo_ray.py; eval: scripts/eval_vlm_new.sh
+    "vl_rethinker": dict(
+        all=dict(tools="none", view_max_pixels=1280 * 784, max_turn_tokens=2048, max_tokens=2048, answer_format="boxed"),
+        grpo=dict(preset="vl_rethinker", group_size=8, prompts=512, mini_batches=8, lr=1e-6, schedule="cosine",
+                  lr_min_ratio=0.5, warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.95), grad_clip=1.0, eps_low=0.2,
+                  eps_high=0.35, beta=0.0, temperature=1.0, top_p=0.95, top_k=40, loss_type="bnpo",
+                  scale_rewards="none", ssr=True, ssr_extend="before", rethink=True, rethink_prob=0.65,
+                  rethink_truncate=0.5, rethink_temperature=0.9, aux_nll=0.05),
+        eval=dict(temperature=0.0)),
+    # AntResearchNLP/ViLaSR: train/rl/train_grpo.sh, config_grpo.yaml, verl/workers/actor/config.py,
+    # verl/workers/rollout/vllm_rollout/vllm_rollout_spmd_video.py, verl/utils/reward_score/gcot.py;
+    # train/cold_start/*/config_cold_start.yaml (SFT); eval/infer.sh, eval/infer.py (eval)
+    "vilasr": dict(
+        all=dict(tools="draw_box,draw_line", view_max_pixels=256 * 784, max_turns=10, max_images=43,
+                 max_turn_tokens=1024, max_tokens=13312, stop_on="error", final_answer_turn=True),
+        grpo=dict(preset="vilasr", group_size=8, prompts=32, mini_batches=2, lr=1e-6, schedule="constant", warmup=0,
+                  weight_decay=1e-2, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.3, delta=3.0,
+                  beta=0.0, temperature=1.0, top_p=1.0, loss_type="grpo", scale_rewards="group"),
+        sft=dict(lr=1e-5, schedule="cosine", warmup=0.1, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
+                 view_max_pixels=1280 * 784, freeze_vision=True, max_tokens=18432),
+        eval=dict(view_max_pixels=448 * 784, temperature=0.75, top_p=0.9, max_turn_tokens=16384, max_images=45)),
+    # groundlight/r1_vlm: src/r1_vlm/environments/tool_use_text_vqa_env/ (tool_use_text_vqa_train.py,
+    # tool_use_text_vqa_env.py), src/r1_vlm/tools/zoom.py, datasets/text_vqa/text_vqa_tool_use_r1.py;
+    # its TRL fork: trl/trainer/qwen_grpo_trainer.py, grpo_config.py, callbacks.py
+    "groundlight": dict(
+        all=dict(tools="zoom_point", view_max_side=1024, view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784,
+                 zoom_window=400, zoom_source="view", max_turns=2, max_images=2, max_turn_tokens=2048,
+                 max_tokens=2048, final_answer_turn=True),
+        grpo=dict(preset="groundlight", group_size=3, prompts=4, lr=1e-5, schedule="cosine", warmup=10,
+                  weight_decay=0.0, adam_betas=(0.9, 0.98), grad_clip=1e-4, eps_low=0.2, eps_high=0.28, beta=1e-4,
+                  ref_sync_every=64, ref_sync_alpha=0.9, temperature=1.0, top_p=1.0, loss_type="grpo",
+                  scale_rewards="group"),
+        eval=dict(temperature=0.1)),
+    # Visual-Agent/DeepEyes: examples/agent/final_merged_v1v8_thinklite.sh, verl/trainer/config/ppo_trainer.yaml,
+    # verl/utils/reward_score/vl_agent.py, verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py
+    "deepeyes": dict(
+        all=dict(tools="zoom_in", view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784, adaptive_zoom=False,
+                 max_turns=5, max_turn_tokens=10240, max_tokens=20480),
+        grpo=dict(preset="deepeyes", group_size=16, prompts=256, lr=1e-6, schedule="constant", warmup=0,
+                  weight_decay=0.01, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.2, delta=3.0,
+                  beta=0.0, temperature=1.0, top_p=1.0, loss_type="bnpo", scale_rewards="group"),
+        eval=dict(temperature=0.0)),
+}
 
 
 # the allowed ranges of the number flags (those a script has): each checked before any work by check_flags
 AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, zoom_window=1, max_turns=1,
                 max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
-                save_every=0, top_k=0, min_p=0)
+                save_every=0, top_k=0, min_p=0, view_max_side=0, lr_min_ratio=0)
 
 
 def check_flags(args, ge=None, gt=None, le=None):
@@ -120,9 +219,9 @@ def parse_tools(s):
 
 
 def pixel_budgets(args, improc):
-    """The pixel budgets of an image's first look and of a zoom: the flags where given, else the loaded image
-    processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny one), so a
-    real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
+    """The pixel budgets of an image's first look and of a zoom: the flags where given (or --recipe's), else the
+    loaded image processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny
+    one), so a real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
     lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
     for flag in ("view_max_pixels", "crop_max_pixels"):
@@ -135,8 +234,13 @@ def pixel_budgets(args, improc):
 
 def episode_cfg(args, policy):
     """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
+    stop_on = tuple(s for s in args.stop_on.split(",") if s not in ("", "none"))
+    if set(stop_on) - {"repeat", "error"}:
+        raise SystemExit(f"--stop-on {args.stop_on}: a comma-separated list of repeat, error (or none)")
     return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
-                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens)
+                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens,
+                view_max_side=args.view_max_side, adaptive_zoom=args.adaptive_zoom, zoom_source=args.zoom_source,
+                stop_on=stop_on, final_answer_turn=args.final_answer_turn, answer_format=args.answer_format)
 
 # -----------------------------------------------------------------------------
 # 2. processes
@@ -386,7 +490,7 @@ def start_run(args, rank, device, shard=False):
     if shard:  # before the optimizer: it must hold the sharded parameters
         M.shard(policy)
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
     if args.resume:
         restore_master_weights(policy, state.pop("model", None))
         try:
@@ -429,17 +533,20 @@ def write_config(args, rank, **extra):
             json.dump({**vars(args), **extra}, f, indent=1)
 
 
-def lr_at(step, base, warmup, total, schedule):
-    """Linear warmup, then cosine to 0 or constant."""
+def lr_at(step, base, warmup, total, schedule, min_ratio=0.0):
+    """Linear warmup (warmup steps, or that share of `total` when below 1), then constant, or cosine from base
+    down to min_ratio x base."""
+    warmup = round(warmup * total) if warmup < 1 else warmup
     if step < warmup:
         return base * (step + 1) / warmup
     if schedule == "constant":
         return base
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return base * (min_ratio + (1 - min_ratio) * cos)
 
 
 def set_lr(opt, step, args):
-    lr = lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+    lr = lr_at(step, args.lr, args.warmup, args.steps, args.schedule, args.lr_min_ratio)
     for g in opt.param_groups:
         g["lr"] = lr
     return lr

@@ -269,7 +269,7 @@ def get_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
-    args = p.parse_args(argv)
+    args = C.parse_args(p, argv, "eval")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":

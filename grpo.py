@@ -288,7 +288,7 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     p.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
-    args = p.parse_args(argv)
+    args = C.parse_args(p, argv, "grpo")
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
         args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
     args.tools = C.parse_tools(args.tools)

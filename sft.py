@@ -382,7 +382,7 @@ def get_args(argv=None):
     p.add_argument("--vlir-max-pixels", type=int, default=1605632, help="the pixel budget VLIR's boxes were drawn in")
     p.add_argument("--vlir-min-pixels", type=int, default=3136)
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect or --convert-vlir")
-    args = p.parse_args(argv)
+    args = C.parse_args(p, argv, "sft")
     args.tools = C.parse_tools(args.tools)
     C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0, demo_correct=0,
                                 demo_lazy=0, vlir_min_pixels=1, vlir_max_pixels=1),

@@ -444,6 +444,60 @@ def test_tools_zoom_point_window_at_border():
         T.zoom_point(ep, 0, [501, 10], ep["cfg"])
 
 
+def test_tools_groundlight_window_in_the_frame_of_the_image_shown(policy):
+    # Groundlight's recipe: a 4000 x 3000 photo is shown at long side 1024 (1024 x 768 -> smart_resize to
+    # multiples of 28: round(768/28) = 27 -> 756, round(1024/28) = 37 -> 1036); zoom_point [100, 100] takes a
+    # 400 px window of *that* image, shifted inside: [0, 400] x [0, 400], i.e. original [0, 400 x 4000/1036]
+    # x [0, 400 x 3000/756]; shown with its long side max(1036, 756, 400) = 1036
+    board = np.kron(np.indices((1500, 2000)).sum(0) % 2, np.ones((2, 2)))[:3000, :4000]  # 2 px checkerboard
+    img = Image.fromarray((board * 255).astype(np.uint8)).convert("RGB")
+    rec = dict(id="big", image=img, question="q?", answer="a", type="text")
+    cfg = dict(view_max_side=1024, view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784, zoom_window=400)
+    ep = T.new_episode(policy, rec, ["zoom_point"], zoom_source="view", **cfg)
+    assert ep["images"][0]["img"].size == (1036, 756)
+    v = T.zoom_point(ep, 0, [100, 100], ep["cfg"])
+    assert v["box"] == pytest.approx((0, 0, 400 * 4000 / 1036, 400 * 3000 / 756))
+    assert v["img"].size == (1036, 1036)
+    # cut from the shown image, where the 2 px checkerboard is already a grey blur: no contrast left; the
+    # original-resolution window of the other mode (400 px of the original) still shows it
+    assert np.asarray(v["img"].convert("L"), float).std() < 20
+    ep2 = T.new_episode(policy, rec, ["zoom_point"], **cfg)
+    sharp = T.zoom_point(ep2, 0, [100, 100], ep2["cfg"])  # (100, 100) is original (386.1, 396.8): +-200 around it
+    x, y = 100 * 4000 / 1036, 100 * 3000 / 756
+    assert sharp["box"] == pytest.approx((x - 200, y - 200, x + 200, y + 200))
+    assert np.asarray(sharp["img"].convert("L"), float).std() > 60
+
+
+def test_tools_vilasr_stops_on_a_failed_call_and_the_last_turn_is_told_to_answer(policy):
+    rec = D.synthetic(1, seed=3)[0]
+    call = '<think>x</think>' + T.render_call("draw_box", {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    bad = '<think>x</think>' + T.render_call("draw_box", {"image_index": 7, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    # stop_on error (ViLaSR's rollout): a failed call ends the episode; lookagain's default goes on
+    for stop_on, want in ((("error",), "tool_error"), (("repeat",), None)):
+        ep = T.new_episode(policy, rec, ["draw_box"], stop_on=stop_on)
+        T.advance(policy, ep, M.ids(policy, bad), reason="stop")
+        assert ep["stop"] == want and ep["calls"][-1]["ok"] is False
+    # without "repeat" a repeated call runs again; the turn before the last allowed one gets FINAL_TURN
+    ep = T.new_episode(policy, rec, ["draw_box"], stop_on=(), final_answer_turn=True, max_turns=3)
+    T.advance(policy, ep, M.ids(policy, call), reason="stop")
+    assert T.FINAL_TURN not in policy.tok.decode(ep["seq"])
+    T.advance(policy, ep, M.ids(policy, call), reason="stop")
+    assert ep["stop"] is None and len(ep["images"]) == 3
+    assert policy.tok.decode(ep["seq"]).count(T.FINAL_TURN) == 1
+
+
+def test_tools_boxed_answer_format_and_plain_crops(policy):
+    rec = D.synthetic(1, seed=3)[0]
+    ep = T.new_episode(policy, rec, [], answer_format="boxed")
+    text = policy.tok.decode(ep["seq"])
+    assert rec["question"] + "\n\n" + T.BOXED in text and "<answer>" not in text  # VL-Rethinker's prompt
+    # DeepEyes shows a crop as it is: no 1-2x zoom factor (VLM-R3's), only the budget's 28 px rounding
+    ep = blank_episode(crop_max_pixels=10**6)
+    assert T.zoom_in(ep, 0, [0, 0, 56, 56], ep["cfg"])["img"].size == (224, 224)        # 112 px box x 2
+    ep = blank_episode(crop_max_pixels=10**6, adaptive_zoom=False)
+    assert T.zoom_in(ep, 0, [0, 0, 56, 56], ep["cfg"])["img"].size == (112, 112)
+
+
 def test_tools_zoom_reads_original_pixels():
     # a 2x2 checkerboard of 1 px cells is grey in the half-size view but sharp in a 2x zoom
     arr = np.zeros((200, 200, 3), np.uint8)

@@ -140,19 +140,30 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
     w, h = ox2 - ox1, oy2 - oy1
     ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, 28, h / 199), W)
     oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, 28, w / 199), H)
-    s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H)
+    s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H) if cfg["adaptive_zoom"] else 1.0
     h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, min_pixels=cfg["crop_min_pixels"],
                         max_pixels=cfg["crop_max_pixels"])
     return make_view(ep["originals"], view["src"], (ox1, oy1, ox2, oy2), (w, h), view["annots"])
 
 
 def zoom_point(ep, image_index, point_2d, cfg):
-    """Groundlight's zoom: a fixed window (cfg zoom_window original pixels) centred on the keypoint,
-    shifted to stay inside the image, shown at the pixel count of the question image's view."""
+    """Groundlight's zoom: a fixed window (cfg zoom_window pixels) centred on the keypoint, shifted to stay
+    inside the image. zoom_source "original": the window is in original pixels, cut from the original and
+    shown at the pixel count of the question image's view. "view" (Groundlight's code, zoom.py): the window is
+    in the pixels of the image as shown, cut from those pixels, its long side scaled to max(W, H, window) of
+    that image (less magnification on a large photo than cutting from the original)."""
     view = ep["images"][image_index]
     w, h = view["img"].size
     if not (0 <= point_2d[0] <= w and 0 <= point_2d[1] <= h):
         raise ToolError(f"point {point_2d} is outside the image ({w}x{h})")
+    if cfg["zoom_source"] == "view":
+        (x1, x2), (y1, y2) = fit_window(point_2d[0], cfg["zoom_window"], w), fit_window(point_2d[1], cfg["zoom_window"], h)
+        s = max(w, h, cfg["zoom_window"]) / max(x2 - x1, y2 - y1)
+        hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, min_pixels=cfg["crop_min_pixels"],
+                              max_pixels=cfg["crop_max_pixels"])
+        box = (*to_original(view, x1, y1), *to_original(view, x2, y2))
+        img = view["img"].resize((ww, hh), Image.BICUBIC, box=(x1, y1, x2, y2))
+        return dict(img=img, src=view["src"], box=box, annots=dict(view["annots"]), enc=None)
     ox, oy = to_original(view, *point_2d)
     W, H = ep["originals"][view["src"]].size
     x1, x2 = fit_window(ox, cfg["zoom_window"], W)
@@ -220,13 +231,14 @@ JSON_TYPES = {"integer": {"type": "integer"}, "box": {"type": "array", "items": 
               "lines": {"type": "array", "items": {"type": "object"}}}
 
 
-def system_prompt(tools, compact=False):
-    """Qwen2.5's function-calling system prompt listing the enabled tools, plus the answer format.
+def system_prompt(tools, compact=False, boxed=False):
+    """Qwen2.5's function-calling system prompt listing the enabled tools, plus the answer format (boxed: the
+    question itself asks for \\boxed{}, as VL-Rethinker's prompt does, and the system turn is Qwen's default).
     compact: one line per tool instead of JSON schemas, for toy models (model.load sets policy.toy):
     a random 2M-parameter model did not learn to copy a word from the question into its answer behind
     the ~300-token Qwen tool prompt in 300 steps, and learned it in 100 without it."""
-    s = ("You are a helpful assistant. Think inside <think></think>, then either call a tool or give the "
-         "final answer inside <answer></answer>.")
+    s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
+                                          "or give the final answer inside <answer></answer>.")
     if not tools:
         return s
     if compact:
@@ -362,7 +374,16 @@ def execute(ep, text, cfg):
 # the episode
 
 DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=M.QWEN_MIN_PIXELS,
-                view_max_pixels=112 * 112, crop_min_pixels=M.QWEN_MIN_PIXELS, crop_max_pixels=112 * 112, zoom_window=400)
+                view_max_pixels=112 * 112, crop_min_pixels=M.QWEN_MIN_PIXELS, crop_max_pixels=112 * 112, zoom_window=400,
+                # the methods' own variants (common.RECIPES sets them per paper):
+                view_max_side=0,          # Groundlight: the image is first resized to this long side (0: off)
+                adaptive_zoom=True,       # VLM-R3's 1-2x zoom factor; DeepEyes shows the crop as it is
+                zoom_source="original",   # zoom_point cuts its window from the original, or (Groundlight) the view
+                stop_on=("repeat",),      # a repeated call ends the episode; ViLaSR: any failed call ("error")
+                final_answer_turn=False,  # ViLaSR, Groundlight: the last allowed turn is told to answer
+                answer_format="tags")     # <answer>...</answer>, or (VL-Rethinker) "boxed": \boxed{} in the question
+FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the question now."
+BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
@@ -375,12 +396,15 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     originals = load_images(record)
     images = []
     for i, im in enumerate(originals):
-        h, w = smart_resize(im.height, im.width, min_pixels=cfg["view_min_pixels"], max_pixels=cfg["view_max_pixels"])
+        s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
+        h, w = smart_resize(im.height * s, im.width * s, min_pixels=cfg["view_min_pixels"], max_pixels=cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
     ep = dict(record=record, tools=list(tools), cfg=cfg, originals=originals, images=images, turns=[],
               calls=[], stop=None, truncated=False, n_sampled=0, rethinks=0, gen=None)
     encs = [encode(policy, v) for v in images]
-    ep["seq"] = M.prompt_ids(policy, system_prompt(tools, compact=policy.toy), question_text(record), encs)
+    boxed = cfg["answer_format"] == "boxed"
+    question = question_text(record) + ("\n\n" + BOXED if boxed else "")
+    ep["seq"] = M.prompt_ids(policy, system_prompt(tools, compact=policy.toy, boxed=boxed), question, encs)
     ep["mask"] = [0] * len(ep["seq"])
     ep["logp"] = [0.0] * len(ep["seq"])
     return ep
@@ -423,12 +447,17 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
     ep["n_sampled"] += len(new_ids)
     if "<tool_call>" in text:
         name, args, _ = parse_call(text, ep["tools"])
-        if args is not None and any(c["name"] == name and c["arguments"] == args for c in ep["calls"]):
-            return _stop(ep, "repeat")  # ViLaSR: a repeated operation ends the episode
+        repeat = args is not None and any(c["name"] == name and c["arguments"] == args for c in ep["calls"])
+        if repeat and "repeat" in cfg["stop_on"]:
+            return _stop(ep, "repeat")  # lookagain's default: a repeated operation ends the episode
         if len(ep["images"]) >= cfg["max_images"]:
             return _stop(ep, "max_images")
         call, view, obs = execute(ep, text, cfg)
         ep["calls"].append(call)
+        if not call["ok"] and "error" in cfg["stop_on"]:
+            return _stop(ep, "tool_error")  # ViLaSR's rollout: a call that fails ends the episode
+        if cfg["final_answer_turn"] and len(ep["turns"]) == cfg["max_turns"] - 1:
+            obs += " " + FINAL_TURN
         enc = None
         if view is not None:
             ep["images"].append(view)
