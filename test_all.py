@@ -2331,6 +2331,57 @@ def test_run_metrics_fresh_for_a_new_run_one_run_after_a_resume(tmp_path):
     assert json.load(open(b / "config.json"))["model_type"] == "qwen2_5_vl"
 
 
+def _config(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--print-config"])
+    assert e.value.code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_run_recipes_set_each_papers_settings(capsys):
+    """--recipe resolves to the values of each method's released code, written out here from SPEC 2.5 (and the
+    files README's recipe table names), one script at a time; a flag given explicitly wins."""
+    want = {
+        ("vlm_r3", "grpo"): {"tools": "zoom_in", "preset": "vlm_r3", "group-size": 5, "prompts": 8, "lr": 1e-6,
+                             "schedule": "constant", "beta": 0.0, "eps-low": 0.2, "eps-high": 0.28, "temperature": 1.0,
+                             "loss-type": "grpo", "view-max-pixels": 4096 * 28 * 28, "crop-max-pixels": 1024 * 28 * 28,
+                             "max-turns": 8, "max-turn-tokens": 2048, "freeze-vision": True},
+        ("vlm_r3", "sft"): {"lr": 2e-7, "schedule": "cosine", "view-max-pixels": 1605632, "freeze-vision": True},
+        ("vl_rethinker", "grpo"): {"tools": "none", "preset": "vl_rethinker", "group-size": 8, "lr": 1e-6,
+                                   "temperature": 1.0, "top-p": 0.95, "eps-low": 0.2, "eps-high": 0.35, "beta": 0.0,
+                                   "scale-rewards": "none", "prompts": 512, "mini-batches": 8, "loss-type": "bnpo",
+                                   "ssr": True, "ssr-extend": "before", "rethink": True, "rethink-prob": 0.65,
+                                   "rethink-temperature": 0.9, "aux-nll": 0.05, "adam-betas": [0.9, 0.95],
+                                   "lr-min-ratio": 0.5, "answer-format": "boxed", "max-tokens": 2048},
+        ("vilasr", "grpo"): {"tools": "draw_box,draw_line", "preset": "vilasr", "group-size": 8, "lr": 1e-6,
+                             "weight-decay": 0.01, "eps-low": 0.2, "eps-high": 0.3, "delta": 3.0, "beta": 0.0,
+                             "view-max-pixels": 200704, "max-turn-tokens": 1024, "max-tokens": 13312, "max-turns": 10,
+                             "max-images": 43, "stop-on": "error", "final-answer-turn": True, "mini-batches": 2},
+        ("vilasr", "sft"): {"lr": 1e-5, "view-max-pixels": 1003520, "freeze-vision": True},
+        ("vilasr", "eval"): {"view-max-pixels": 351232, "temperature": 0.75},
+        ("groundlight", "grpo"): {"tools": "zoom_point", "preset": "groundlight", "group-size": 3, "lr": 1e-5,
+                                  "schedule": "cosine", "beta": 1e-4, "ref-sync-every": 64, "ref-sync-alpha": 0.9,
+                                  "grad-clip": 1e-4, "adam-betas": [0.9, 0.98], "eps-high": 0.28, "zoom-window": 400,
+                                  "zoom-source": "view", "view-max-side": 1024, "max-images": 2, "max-tokens": 2048},
+        ("deepeyes", "grpo"): {"tools": "zoom_in", "preset": "deepeyes", "group-size": 16, "lr": 1e-6,
+                               "weight-decay": 0.01, "eps-low": 0.2, "eps-high": 0.2, "delta": 3.0, "beta": 0.0,
+                               "max-turns": 5, "adaptive-zoom": False}}
+    mains = {"grpo": G.main, "sft": sft.main, "eval": E.get_args}
+    for (recipe, script), values in want.items():
+        got = _config(mains[script], ["--recipe", recipe], capsys)
+        assert {k: got[k] for k in values} == values, (recipe, script)
+    # an explicit flag wins, in either spelling; the rest of the recipe stays
+    got = _config(G.main, ["--recipe", "vilasr", "--lr=3e-6", "--group-size", "4"], capsys)
+    assert (got["lr"], got["group-size"], got["weight-decay"]) == (3e-6, 4, 0.01)
+    # every key of every recipe is a flag of some script (a misspelt key would be dropped silently)
+    flags = set()
+    for main in mains.values():
+        flags |= {k.replace("-", "_") for k in _config(main, [], capsys)}
+    for recipe in C.RECIPES.values():
+        for part in recipe.values():
+            assert set(part) <= flags, set(part) - flags
+
+
 def test_run_bad_flags_fail_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
     """Each bad flag value: SystemExit with one line naming the flag (and what it allows), before a model is
     loaded (model.load is made to fail the test)."""
