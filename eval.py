@@ -15,10 +15,13 @@ synthetic held-out set (200 items), with zoom_in and with tools off, side by sid
 8 GPUs (HR-Bench 8K, 8 samples per item: pass@k and avg@k):
     torchrun --standalone --nproc_per_node=8 eval.py --model runs/r3 --bench hrbench --data hr_bench_8k.tsv \
         --samples 8 --out runs/ev-hr8k
-Hard-example mining (Groundlight: TextVQA questions the base model gets wrong), then train on them:
-    python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench textvqa --data TextVQA_0.5.1_train.json \
-        --images train_images --samples 8 --keep-below 0.5 --view-max-pixels 1003520 --write-subset runs/hard/train.jsonl
-    python grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/hard/train.jsonl --view-max-pixels 1003520 ...
+A method's own evaluation settings (pixel budgets, sampling, limits): --recipe vlm_r3 | vl_rethinker | vilasr |
+groundlight | deepeyes, e.g. python eval.py --recipe vlm_r3 --model runs/r3 --bench vstar --data vstar_bench
+Hard-example mining (Groundlight: TextVQA questions the base model gets wrong without tools), then train on them:
+    python eval.py --recipe groundlight --model Qwen/Qwen2.5-VL-3B-Instruct --tools none --bench textvqa \
+        --data TextVQA_0.5.1_train.json --images train_images --samples 8 --temperature 1.0 --max-turn-tokens 10 \
+        --keep-below 0.5 --write-subset runs/hard/train.jsonl
+    python grpo.py --recipe groundlight --model <a tool-free GRPO checkpoint> --data runs/hard/train.jsonl ...
 Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px); results.json
 records the budgets used.
 

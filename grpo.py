@@ -3,15 +3,14 @@ grpo.py: the hand-written GRPO loop, with Selective Sample Replay, forced rethin
 
 CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs/sft when present):
     python grpo.py
-1 GPU (VLM-R3's R-GRPO on Qwen2.5-VL-3B, from a cold-start SFT checkpoint):
-    python grpo.py --model runs/sft-3b --data train.jsonl --preset vlm_r3 --group-size 5 --lr 1e-6 \
-        --view-max-pixels 1003520 --crop-max-pixels 1003520 --grad-ckpt --out runs/r3
-8 GPUs (VL-Rethinker's recipe on 7B; each GPU holds a replica, data parallel):
-    torchrun --standalone --nproc_per_node=8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \
-        --preset vl_rethinker --ssr --rethink --eps-high 0.35 --scale-rewards none --tools none \
-        --view-max-pixels 1003520 --grad-ckpt --out runs/rethinker
-Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: up to 12845056 px, 16384 tokens an
-image): give the SFT run's --view-max-pixels/--crop-max-pixels so that RL trains on the views SFT did.
+1 GPU (VLM-R3's R-GRPO on Qwen2.5-VL-3B, from a cold-start SFT checkpoint; --recipe sets every setting of the
+method as its released code runs it, an explicit flag wins, --print-config shows them):
+    python grpo.py --recipe vlm_r3 --model runs/sft-3b --data train.jsonl --grad-ckpt --out runs/r3
+8 GPUs (VL-Rethinker on 7B; each GPU holds a replica, data parallel):
+    torchrun --standalone --nproc_per_node=8 grpo.py --recipe vl_rethinker --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --data train.jsonl --grad-ckpt --out runs/rethinker
+Without a recipe, pixel budgets default to the model's image processor's (a Qwen2.5-VL's: up to 12845056 px):
+give the SFT run's --view-max-pixels/--crop-max-pixels so that RL trains on the views SFT did.
 2 processes on CPU (what the tests check against 1 process):
     torchrun --standalone --nproc_per_node=2 grpo.py --model tiny --data synthetic --steps 1 --device cpu --out runs/y
 

@@ -7,15 +7,13 @@ CPU demo (tiny model, synthetic demonstrations; saves runs/sft, where `python gr
 The demo's demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places the
 demonstrator usually answers from the first look, without zooming. SFT copies that habit (greedy, it never
 zooms there and guesses); GRPO's reward is what teaches it to look there too.
-1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data):
-    python sft.py --convert-vlir vlir/train.json --to vlir/traj.jsonl --view-max-pixels 1003520
-    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl --view-max-pixels 1003520 \
-        --crop-max-pixels 1003520 --max-turn-tokens 1024 --max-tokens 4096 --lr 1e-5 --warmup 20 \
-        --batch-size 2 --grad-accum 8 --steps 500 --freeze-vision --grad-ckpt --out runs/sft-3b
+1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data, with its SFT settings: --recipe vlm_r3):
+    python sft.py --recipe vlm_r3 --convert-vlir vlir/train.json --to vlir/traj.jsonl
+    python sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl --batch-size 2 \
+        --grad-accum 8 --steps 500 --grad-ckpt --out runs/sft-3b
 8 GPUs (the same, data parallel: each rank replays and trains on its share of the trajectories):
-    torchrun --standalone --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl \
-        --view-max-pixels 1003520 --crop-max-pixels 1003520 --max-turn-tokens 1024 --max-tokens 4096 \
-        --lr 1e-5 --batch-size 2 --grad-accum 2 --steps 500 --freeze-vision --grad-ckpt --out runs/sft-3b
+    torchrun --standalone --nproc_per_node=8 sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct \
+        --data vlir/traj.jsonl --batch-size 2 --grad-accum 2 --steps 500 --grad-ckpt --out runs/sft-3b
 Reflective rejection sampling from a cold-start model, then a second SFT round on what it kept:
     python sft.py --reflect --model runs/sft --data synthetic --n-items 200 --samples 4 --to runs/reflect.jsonl
     python sft.py --model runs/sft --data runs/reflect.jsonl --steps 40 --out runs/sft2
