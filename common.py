@@ -63,7 +63,8 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--view-max-side", type=int, default=0, help="resize each image to this long side first (0: off)")
     p.add_argument("--adaptive-zoom", action=argparse.BooleanOptionalAction, default=True, help="VLM-R3's 1-2x zoom factor")
     p.add_argument("--zoom-source", default="original", choices=["original", "view"], help="zoom_point cuts from")
-    p.add_argument("--stop-on", default="repeat", help="comma-separated: repeat (a repeated call), error (a failed call), or none")
+    p.add_argument("--stop-on", type=stop_list, default=("repeat",),
+                   help="what ends an episode early, comma-separated: repeat (a repeated call), error (a failed call), or none")
     p.add_argument("--final-answer-turn", action="store_true", help="the last allowed turn is told to answer")
     p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"])
     # the model
@@ -84,6 +85,13 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--warmup", type=float, default=warmup, help="warmup steps, or a share of --steps when below 1")
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
+
+
+def stop_list(s):
+    stops = tuple(x for x in s.split(",") if x not in ("", "none"))
+    if set(stops) - {"repeat", "error"}:
+        raise argparse.ArgumentTypeError(f"{s!r}: a comma-separated list of repeat, error (or none)")
+    return stops
 
 
 def betas(s):
@@ -140,7 +148,7 @@ RECIPES = {
     # train/cold_start/*/config_cold_start.yaml (SFT); eval/infer.sh, eval/infer.py (eval)
     "vilasr": dict(
         all=dict(tools="draw_box,draw_line", view_max_pixels=256 * 784, max_turns=10, max_images=43,
-                 max_turn_tokens=1024, max_tokens=13312, stop_on="error", final_answer_turn=True),
+                 max_turn_tokens=1024, max_tokens=13312, stop_on=("error",), final_answer_turn=True),
         grpo=dict(preset="vilasr", group_size=8, prompts=32, mini_batches=2, lr=1e-6, schedule="constant", warmup=0,
                   weight_decay=1e-2, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.3, delta=3.0,
                   beta=0.0, temperature=1.0, top_p=1.0, loss_type="grpo", scale_rewards="group"),
@@ -234,13 +242,10 @@ def pixel_budgets(args, improc):
 
 def episode_cfg(args, policy):
     """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
-    stop_on = tuple(s for s in args.stop_on.split(",") if s not in ("", "none"))
-    if set(stop_on) - {"repeat", "error"}:
-        raise SystemExit(f"--stop-on {args.stop_on}: a comma-separated list of repeat, error (or none)")
     return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
                 max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens,
                 view_max_side=args.view_max_side, adaptive_zoom=args.adaptive_zoom, zoom_source=args.zoom_source,
-                stop_on=stop_on, final_answer_turn=args.final_answer_turn, answer_format=args.answer_format)
+                stop_on=args.stop_on, final_answer_turn=args.final_answer_turn, answer_format=args.answer_format)
 
 # -----------------------------------------------------------------------------
 # 2. processes

@@ -2356,7 +2356,7 @@ def test_run_recipes_set_each_papers_settings(capsys):
         ("vilasr", "grpo"): {"tools": "draw_box,draw_line", "preset": "vilasr", "group-size": 8, "lr": 1e-6,
                              "weight-decay": 0.01, "eps-low": 0.2, "eps-high": 0.3, "delta": 3.0, "beta": 0.0,
                              "view-max-pixels": 200704, "max-turn-tokens": 1024, "max-tokens": 13312, "max-turns": 10,
-                             "max-images": 43, "stop-on": "error", "final-answer-turn": True, "mini-batches": 2},
+                             "max-images": 43, "stop-on": ["error"], "final-answer-turn": True, "mini-batches": 2},
         ("vilasr", "sft"): {"lr": 1e-5, "view-max-pixels": 1003520, "freeze-vision": True},
         ("vilasr", "eval"): {"view-max-pixels": 351232, "temperature": 0.75},
         ("groundlight", "grpo"): {"tools": "zoom_point", "preset": "groundlight", "group-size": 3, "lr": 1e-5,
