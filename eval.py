@@ -355,7 +355,8 @@ def main():
                               "(tools.question_text), after the image(s) in the user turn",
             question_example=T.question_text(records[0]), skipped_rows=bad or [], skip_bad=args.skip_bad,
             versions=dict(torch=torch.__version__, python=sys.version.split()[0],
-                          transformers=__import__("transformers").__version__), git_commit=_git_commit())
+                          transformers=__import__("transformers").__version__), git_commit=_git_commit(),
+            flags={k: v for k, v in vars(args).items() if k != "print_config"})  # every flag, --recipe's included
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(dict(settings=settings_out, runs=runs, subset=subset), f, indent=2)
         with open(os.path.join(args.out, "items.jsonl"), "w") as f:
