@@ -55,7 +55,7 @@ import common as C
 import data as D
 import model as M
 import tools as T
-from model import fused_logprobs
+from kernel import fused_logprobs
 
 
 def make_step(impl, hidden, weight, targets, g):

@@ -6,7 +6,7 @@ Read top to bottom:
                    check_flags: every flag's range checked before anything loads
   2. processes     torchrun setup, print0, sums and gathers over ranks
   3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text);
-                   save_policy: a checkpoint in the published Qwen2.5-VL layout
+                   model.save writes a checkpoint in the published Qwen2.5-VL layout
   4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
                              by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
   5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
@@ -26,7 +26,6 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-import transformers
 from tqdm import tqdm
 
 import data as D
@@ -334,72 +333,6 @@ def dataset(args, split="train", n=None):
         raise SystemExit(f"--data: {e}") from None
 
 
-# checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
-# (a nested text_config without rope_scaling, a list of extra_special_tokens, the pixel budget as `size`), which
-# transformers 4.5x and the vLLM releases on it misread (no M-RoPE section, a random untied output layer, a
-# tokenizer error, a default pixel budget); the published fields are read by both.
-
-
-def save_policy(policy, path, state_dict=None):
-    """A Hugging Face folder that transformers 4.5x and 5.x, vLLM and load() read: the weights of `state_dict`
-    (default: the policy's, usually fp32 master weights) in bf16 with the published tensor names, and the
-    published config, generation, tokenizer and preprocessor fields (model.load reads it back)."""
-    os.makedirs(path, exist_ok=True)
-    model, tok, improc = policy.model, policy.tok, policy.improc
-    c, t, v = model.config, model.config.text_config, model.config.vision_config
-    sd = model.state_dict() if state_dict is None else state_dict
-    model.save_pretrained(path, state_dict={k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items()
-                                            if not (c.tie_word_embeddings and k == "lm_head.weight")})
-    tok.save_pretrained(path)  # tokenizer.json (and the chat template, if any); its config is rewritten below
-    cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
-    added = sorted(tok.added_tokens_decoder.items())
-    files = {"config.json": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
-        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "vision_start_token_id": c.vision_start_token_id,
-        "vision_end_token_id": c.vision_end_token_id, "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
-        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
-        **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
-                                      "max_position_embeddings", "max_window_layers")}, "model_type": "qwen2_5_vl",
-        **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")},
-        "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
-        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
-        "transformers_version": transformers.__version__, "use_cache": True, "use_sliding_window": False,
-        "vision_config": {k: getattr(v, {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(k, k)) for k in (
-            "depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "in_chans", "out_hidden_size",
-            "patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "fullatt_block_indexes",
-            "tokens_per_second", "temporal_patch_size")},
-        "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]}, "vocab_size": t.vocab_size},
-        # lookagain's stop tokens, and no sampling defaults (vLLM would adopt Qwen's temperature 1e-6)
-        "generation_config.json": {"bos_token_id": t.bos_token_id, "pad_token_id": policy.pad, "eos_token_id": policy.eos,
-                                   "transformers_version": transformers.__version__},
-        "tokenizer_config.json": {
-            "add_prefix_space": False,
-            "added_tokens_decoder": {str(i): {k: getattr(a, k) for k in ("content", "lstrip", "normalized", "rstrip",
-                                                                        "single_word", "special")} for i, a in added},
-            # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it)
-            "additional_special_tokens": [a.content for _, a in added if a.special and a.content != "<|endoftext|>"],
-            "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
-            "model_max_length": min(tok.model_max_length, 131072), "pad_token": tok.pad_token, "split_special_tokens": False,
-            "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None},
-        "preprocessor_config.json": {  # min/max_pixels: 4.5x ignores `size`
-            "min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"],
-            **{k: getattr(improc, k) for k in ("patch_size", "temporal_patch_size", "merge_size")},
-            "image_mean": list(improc.image_mean), "image_std": list(improc.image_std),
-            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}}
-    for name, obj in files.items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-    for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
-        if policy.folder and os.path.isfile(os.path.join(policy.folder, f)):
-            try:
-                shutil.copy(os.path.join(policy.folder, f), path)
-            except shutil.SameFileError:  # saved into the folder it was loaded from
-                pass
-
-# -----------------------------------------------------------------------------
-# 4. rolling out a whole dataset, sharded over ranks
-
-
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
                  seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0):
     """Roll out every record `samples` times (tools=[]: tools off) and reduce each finished episode with
@@ -625,7 +558,7 @@ def _save_aside(out, path, n, rank, policy, weights, trainer):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        save_policy(policy, tmp, state_dict=weights)
+        M.save(policy, tmp, state_dict=weights)
     if trainer is not None and (policy.sharded or rank == 0):
         torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
     if dist.is_initialized():

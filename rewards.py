@@ -667,21 +667,8 @@ def r_vqa_hard(traj, record, acc):
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 
-TERMS = {
-    "soft": r_soft,
-    "format_r3": r_format_r3,
-    "format_vilasr": r_format_vilasr,
-    "format_groundlight": r_format_groundlight,
-    "format_deepeyes": r_format_deepeyes,
-    "tool_success": r_tool_success,
-    "tool_bonus": r_tool_bonus,
-    "region_valid": r_region_valid,
-    "region_iou": r_region_iou,
-    "length": r_length,
-    "rethink": r_rethink,
-    "vilasr": r_vilasr,
-    "vqa_hard": r_vqa_hard,
-}
+# every r_* function above, by its name without the prefix: "soft", "format_r3", ..., "vqa_hard"
+TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("r_") and callable(f)}
 
 # -----------------------------------------------------------------------------
 # 5. presets: term -> weight; "accuracy" is accuracy() of the final answer

@@ -35,7 +35,7 @@ import model as M
 import rewards as R
 import sft
 import tools as T
-from model import chunk_rows, fused_logprobs
+from kernel import chunk_rows, fused_logprobs
 from replay import drop_zero_groups, new_store, nonzero, nonzero_group_share, ssr
 from rewards import (PRESETS, accuracy, anls, choice_score, extract_answer, extract_choice, final_answer,
                      iou, levenshtein, mathvista_score, mra, number_score, r_format_deepeyes,
@@ -918,7 +918,7 @@ def bf16_logits(policy, **inputs):
 
 
 def test_model_checkpoint_roundtrip(policy, tmp_path):
-    C.save_policy(policy, str(tmp_path))
+    M.save(policy, str(tmp_path))
     p2 = C.load_policy(str(tmp_path), device="cpu")
     x = torch.tensor([M.ids(policy, "<|im_start|>user\nWhat colour?")])
     with torch.no_grad():  # bf16 weights in the folder: exactly the policy's, rounded to bf16
@@ -2014,7 +2014,7 @@ def test_grpo_nan_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
     assert len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 2
 
 
-# ---- kernel: the fused log-prob kernel (model.fused_logprobs)
+# ---- kernel: the fused log-prob kernel (kernel.py)
 #      python -m pytest -q test_all.py -k test_kernel_
 
 
@@ -2278,7 +2278,7 @@ def test_run_no_script_imports_another():
     environment (it imports neither tools.py nor data.py)."""
     import ast
     scripts = {"grpo", "sft", "eval", "bench"}
-    core = scripts | {"common", "model", "tools", "data", "rewards", "replay"}
+    core = scripts | {"common", "model", "kernel", "tools", "data", "rewards", "replay"}
     imports = {}
     for name in core:
         tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
@@ -2287,7 +2287,7 @@ def test_run_no_script_imports_another():
     for name in core:
         assert not imports[name] & scripts, (name, imports[name] & scripts)
     assert not imports["model"] & {"tools", "data", "common"}
-    assert not imports["rewards"] & core  # the scorers stand alone
+    assert not imports["rewards"] & core and not imports["kernel"] & core  # the scorers and the kernel stand alone
 
 
 def test_run_a_new_tool_is_one_row_of_the_table(policy, monkeypatch):
@@ -3147,7 +3147,7 @@ def published_tensor_names(layers, blocks, untied=False):
 
 
 def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_cache, tmp_path):
-    """save_policy writes what Qwen publishes (bf16, its tensor names, its config/tokenizer/preprocessor fields):
+    """model.save writes what Qwen publishes (bf16, its tensor names, its config/tokenizer/preprocessor fields):
     saving the published-layout snapshot gives its files back, and transformers reloads it with the logits of
     the policy's weights rounded to bf16 (a forward with an image and explicit M-RoPE positions)."""
     from safetensors import safe_open
@@ -3159,7 +3159,7 @@ def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_
     untied.model.config.tie_word_embeddings = False
     untied.model.lm_head.weight = torch.nn.Parameter(torch.randn_like(untied.model.lm_head.weight) * 0.02)
     for policy, out in ((qwen, tmp_path / "tied"), (untied, tmp_path / "untied")):
-        C.save_policy(policy, str(out))
+        M.save(policy, str(out))
         tied = policy is qwen
         assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(out))
