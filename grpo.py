@@ -25,6 +25,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common as C
+import data as D
 import model as M
 import replay
 import rewards as R
@@ -439,6 +441,13 @@ def prompt_indices(n_records, step, n_prompts, rank, world, seed):
     return out
 
 
+def read_images(records, idx):
+    """The step's records with their images read (or, synthetic, drawn) -> list. main() runs this one step
+    ahead in a background thread: decoding (drawing) the next step's images, which PIL and numpy do without
+    holding the GIL, overlaps this step's rollout and update instead of starting it."""
+    return [dict(records[i], image=D.load_images(records[i])) for _, i in idx]
+
+
 def step_metrics(groups, scores, samples, batch, up):
     """Sums and counts of this rank's step, reduced over ranks by the caller. -> dict name -> (sum, count)"""
     eps = [ep for g in groups for ep in g]
@@ -534,6 +543,11 @@ def main(argv=None):
     C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "
              f"{args.prompts} prompts x {args.group_size} per step, tools {args.tools}, preset {args.preset}")
 
+    ahead = ThreadPoolExecutor(1)  # reads the next step's images while this step runs (read_images)
+
+    def fetch(step):
+        return ahead.submit(read_images, records, prompt_indices(len(records), step, args.prompts, rank, world, args.seed))
+    upcoming = fetch(start)
     for step in tqdm(range(start, args.steps), disable=rank != 0, desc="grpo", initial=start, total=args.steps):
         lr = C.set_lr(opt, step, args)
         # SSR and rethinking draw from per-step generators: a function of (seed, step, rank) only
@@ -543,7 +557,8 @@ def main(argv=None):
         # 1. rollouts: G episodes per prompt, all in one batched loop
         policy.model.eval()
         idx = prompt_indices(len(records), step, args.prompts, rank, world, args.seed)
-        groups = [T.new_group(policy, records[i], args.tools, args.group_size, **cfg) for _, i in idx]
+        recs, upcoming = upcoming.result(), fetch(step + 1) if step + 1 < args.steps else None
+        groups = [T.new_group(policy, r, args.tools, args.group_size, **cfg) for r in recs]
         for (j, _), g in zip(idx, groups):  # each trajectory's own seed: (seed, step, global prompt, member)
             for k, ep in enumerate(g):
                 T.seed_episode(ep, device, args.seed, step, j, k)

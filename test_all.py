@@ -1839,6 +1839,24 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_grpo_reads_the_next_steps_images_ahead_and_passes_on_their_errors(tmp_path, monkeypatch):
+    """read_images runs in a background thread one step ahead; a record whose image cannot be read there
+    stops the run with load_images' own error (naming the record), not a hang or a silent skip."""
+    import threading
+    seen, read = [], D.load_images
+
+    def load_images(record):
+        seen.append((record["id"], threading.current_thread() is threading.main_thread()))
+        if len(seen) == 3:  # the first prompt of step 2
+            raise FileNotFoundError(f"record {record['id']}: image gone.png not found")
+        return read(record)
+    monkeypatch.setattr(D, "load_images", load_images)
+    with pytest.raises(FileNotFoundError, match=r"record syn0-\d+: image gone.png not found"):
+        G.main(GRPO_TINY + ["--steps", "3", "--out", str(tmp_path)])
+    assert len(seen) >= 3 and not any(main for _, main in seen)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1]
+
+
 def test_grpo_resume_equals_straight_run(tmp_path):
     """With SSR: its replay store travels in trainer.pt, which loads with weights_only=True."""
     a, b = tmp_path / "a", tmp_path / "b"
