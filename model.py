@@ -389,9 +389,16 @@ def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, g
         if min_p:
             p = probs.masked_fill(drop, 0)
             drop |= p < min_p * p.amax(-1, keepdim=True)
-        probs = probs.masked_fill(drop, 0)                                # multinomial renormalises
-        tok = (torch.multinomial(probs, 1).squeeze(1) if generators is None else
-               torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]))
+        # inverse CDF: one uniform u per row, from the row's own generator (its draws then do not depend on
+        # the batch); the token is the first whose cumulative mass passes u x the row's kept mass (float64:
+        # no rounding at a 152k vocabulary). A filtered token adds no mass, so it is never the first to pass.
+        # (torch.multinomial per row draws V exponentials and syncs three times: ~30x slower at B = 64.)
+        u = (torch.rand(len(probs), 1, device=probs.device) if generators is None else
+             torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generators]))
+        cdf = probs.masked_fill(drop, 0).double().cumsum(-1)              # [B, V]
+        if not torch.isfinite(cdf[:, -1]).all():
+            raise FloatingPointError("sampling: the model's probabilities are not finite (NaN or inf logits)")
+        tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
 
 
