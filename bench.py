@@ -176,7 +176,10 @@ def rollout_bench(a, device):
         sync()
         dt, new = time.perf_counter() - t, out[:, batch["input_ids"].shape[1]:].tolist()
         steps = len(new[0])  # every row decodes until the last one stops
-        new = [r[:next((i + 1 for i, x in enumerate(r) if x in policy.eos), len(r))] for r in new]  # to the first eos
+        def end(r):  # a row ends at its first eos or stop string (then generate pads it, with an eos token)
+            return next((i + 1 for i, x in enumerate(r) if x in policy.eos or
+                         any(s in policy.tok.decode(r[:i + 1]) for s in ("</tool_call>", "</answer>"))), len(r))
+        new = [r[:end(r)] for r in new]
         return dt, sum(map(len, new)), int(batch["attention_mask"].sum()), len(new) * (steps - 1), new, eps
 
     runs = [("single turn", "generate", generate, 1, None), ("single turn", "uncached", engine, 1, False),

@@ -392,7 +392,7 @@ def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, g
         # inverse CDF: one uniform u per row, from the row's own generator (its draws then do not depend on
         # the batch); the token is the first whose cumulative mass passes u x the row's kept mass (float64:
         # no rounding at a 152k vocabulary). A filtered token adds no mass, so it is never the first to pass.
-        # (torch.multinomial per row draws V exponentials and syncs three times: ~30x slower at B = 64.)
+        # (torch.multinomial per row draws V exponentials and syncs three times: ~9x slower at B = 64.)
         u = (torch.rand(len(probs), 1, device=probs.device) if generators is None else
              torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generators]))
         cdf = probs.masked_fill(drop, 0).double().cumsum(-1)              # [B, V]
