@@ -535,6 +535,15 @@ def r_region_valid(traj, record, acc):
     return 0.5, f"{len(calls)} boxes parse"
 
 
+def r_region_executed(traj, record, acc):
+    """r_region_valid's stricter variant (lookagain's before it followed the code; opt in with --weights
+    '{"region_valid": 0, "region_executed": 1}'): 0.5 only if every box was cut (the call ran), not just parsed."""
+    calls = _calls(traj)
+    if acc < 1.0 or not calls or not all(c.get("ok") for c in calls):
+        return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes" if not calls else "a box failed"
+    return 0.5, f"{len(calls)} boxes cut"
+
+
 def r_region_iou(traj, record, acc):
     """Best IoU of the regions the tool calls looked at with the record's ground-truth bbox."""
     if record.get("bbox") is None:

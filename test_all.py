@@ -1166,6 +1166,10 @@ def test_rewards_region_terms():
     assert r_region_valid(_rw_traj(["x"]), RW_MC, 1.0)[0] == 0.0  # at least one box
     assert r_region_valid(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.5  # parses
     assert r_region_valid(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False, parsed=False)]), RW_MC, 1.0)[0] == 0.0
+    # the execution-gated variant (an option): a box that parsed but failed to run counts against it
+    assert R.r_region_executed(_rw_traj(["x"], [_rw_call(), _rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0
+    assert R.r_region_executed(RW_GOOD, RW_MC, 1.0)[0] == 0.5 and R.r_region_executed(RW_GOOD, RW_MC, 0.9)[0] == 0.0
+    assert reward(RW_GOOD, RW_MC, "vlm_r3", {"region_valid": 0, "region_executed": 1})[1]["region_executed"] == 0.5
     # gt [0,0,10,10] vs [5,5,15,15]: intersection 25, union 100 + 100 - 25 = 175
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(1 / 7)
     rec = {**RW_MC, "bbox": [0, 0, 10, 10]}
