@@ -2293,10 +2293,6 @@ def test_kernel_triton_kernels_under_interpreter():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
-# sft.py: replayed trajectories, the loss mask, demonstrations, VLIR conversion, reflective rejection
-# sampling, training (loss falls, resume is exact, 2 processes = 1), bad input.  python -m pytest -q test_sft.py
-
-
 # ---- run: the training-run skeleton and the layout of the code (common.py)
 #      python -m pytest -q test_all.py -k test_run_
 
