@@ -125,20 +125,11 @@ def run_one(impl, N, H, V, dtype, device, reps):
     return dict(impl=impl, N=N, times=times, extra=peak - grad_bytes)
 
 
-# Qwen/Qwen2.5-VL-3B-Instruct's config fields (--model random-3b: its widths, random weights, --layers decoder layers)
-QWEN25_VL_3B = dict(
-    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
-                fullatt_block_indexes=[7, 15, 23, 31]),
-    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
-              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
-
-
 def rollout_bench(a, device):
     """The rollout table (see the docstring, 2.)."""
     name, arch = a.model or (C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"), None
     if name == "random-3b":
-        name, arch = "tiny", dict(QWEN25_VL_3B, text=dict(QWEN25_VL_3B["text"], num_hidden_layers=a.layers))
+        arch = dict(M.QWEN25_VL_3B, text=dict(M.QWEN25_VL_3B["text"], num_hidden_layers=a.layers))
     policy = C.load_policy(name, device=device, arch=arch)
     policy.model.eval()
     records = D.dataset("synthetic", "test")[:a.prompts]

@@ -20,6 +20,7 @@ import math
 import operator
 import os
 import random
+import resource
 import shutil
 import sys
 
@@ -41,7 +42,7 @@ DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sf
 def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     """The flags sft.py, grpo.py and eval.py share."""
     # what to run on
-    p.add_argument("--model", default=model, help="'tiny', a hub id, or a checkpoint folder")
+    p.add_argument("--model", default=model, help="'tiny', 'random-3b', a hub id, or a checkpoint folder")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)
@@ -321,7 +322,7 @@ def tiny_corpus():
 
 def load_policy(name="tiny", **kw):
     """model.load(name, ...), the one way scripts and tests load a policy."""
-    return M.load(name, corpus=tiny_corpus() if name == "tiny" else None, **kw)
+    return M.load(name, corpus=tiny_corpus() if name in M.RANDOM else None, **kw)
 
 
 def dataset(args, split="train", n=None):
@@ -502,8 +503,17 @@ def allreduce_grads(model):
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
+def peak_memory_gb():
+    """This process's peak memory so far, GiB: what torch allocated on its GPU, or (CPU) its peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts it in KiB
+
+
 def log_metrics(args, rank, row):
-    """One JSONL line per step in <out>/metrics.jsonl (rank 0)."""
+    """One JSONL line per step in <out>/metrics.jsonl (rank 0), with the largest peak memory of any rank.
+    Every rank calls it (the peak is gathered)."""
+    row = dict(row, peak_mem_gb=max(gather(peak_memory_gb())))
     if rank == 0:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -82,17 +82,29 @@ def tiny_config(tok, vision=None, text=None):
 QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's smallest image: 2 x 2 merged tokens of 28 x 28 px
 
 
+# Qwen/Qwen2.5-VL-3B-Instruct's config fields. --model random-3b: a model of its widths and depth with random
+# weights and the tiny tokenizer, built here: speed and memory at the real size with nothing to download.
+QWEN25_VL_3B = dict(
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
+RANDOM = {"tiny": None, "random-3b": QWEN25_VL_3B}  # the models built here: name -> tiny_config's overrides
+
+
 def resolve(name):
-    """--model -> the folder to load: None for "tiny", a local folder as it is, a hub id through the Hugging Face
-    cache (offline first), else downloaded (unless HF_HUB_OFFLINE is set). Anything else: one line saying why."""
-    if name == "tiny" or os.path.isdir(name):
-        return None if name == "tiny" else name
+    """--model -> the folder to load: None for a model built here (RANDOM), a local folder as it is, a hub id
+    through the Hugging Face cache (offline first), else downloaded (unless HF_HUB_OFFLINE is set). Anything
+    else: one line saying why."""
+    if name in RANDOM or os.path.isdir(name):
+        return None if name in RANDOM else name
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
     try:
         return snapshot_download(name, local_files_only=True)  # the cache only, never the network
     except HFValidationError:
-        raise SystemExit(f"--model {name}: not 'tiny', no such folder, and not a hub id (org/name)") from None
+        raise SystemExit(f"--model {name}: not {' or '.join(RANDOM)}, no such folder, and not a hub id (org/name)") from None
     except OSError:
         why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
     if not constants.HF_HUB_OFFLINE:
@@ -120,7 +132,9 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
     resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
     policy.improc's pixel budget is the default view budget (common.pixel_budgets).
-    arch: for "tiny", dict(vision=..., text=...) fields that replace tiny_config's (a random model of other widths)."""
+    "random-3b" is the same with Qwen2.5-VL-3B's widths (RANDOM), its weights drawn on `device` (seconds on a
+    GPU, not minutes on its host's CPU). arch: dict(vision=..., text=...) fields that replace those of the
+    model built here (a random model of other widths: bench.py --layers)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
@@ -131,7 +145,10 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
             raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
         tok = tiny_tokenizer(corpus)
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
+        torch.cuda.manual_seed_all(seed)
+        arch = arch or RANDOM[name]
+        with torch.device(device if arch else "cpu"):  # tiny: drawn on the CPU, the same weights on every device
+            model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
     else:
         tok = AutoTokenizer.from_pretrained(folder)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")

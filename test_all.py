@@ -1843,6 +1843,9 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
     for k in ("reward", "accuracy", "tool_use", "failed_calls", "nonzero_groups", "clip_frac", "kl", "entropy",
               "grad_norm", "lr", "tokens_per_s", "time_rollout", "time_scoring", "time_update", "turns", "images"):
         assert k in rows[0], k
+    # the peak memory so far (CPU: resident set), against the kernel's own count of this process's peak
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20
+    assert 0.1 < rows[0]["peak_mem_gb"] <= rows[1]["peak_mem_gb"] <= hwm + 1e-6
     assert rows[0]["nonzero_groups"] > 0 and not rows[0]["skipped"]
     after, before = C.load_policy(str(tmp_path), device="cpu").model.state_dict(), C.load_policy("tiny", seed=0).model.state_dict()
     assert before.keys() == after.keys()
@@ -1879,7 +1882,7 @@ def test_grpo_resume_equals_straight_run(tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     ra = [json.loads(l) for l in open(a / "metrics.jsonl")][2:]
     rb = [json.loads(l) for l in open(b / "metrics.jsonl")]
-    timing = {"tokens_per_s", "time_rollout", "time_scoring", "time_update"}
+    timing = {"tokens_per_s", "time_rollout", "time_scoring", "time_update", "peak_mem_gb"}  # measurements
     for x, y in zip(ra, rb):
         for k in x:
             if k not in timing:
@@ -2246,17 +2249,22 @@ def test_kernel_triton_impl_needs_interpreter_on_cpu(monkeypatch):
         fused_logprobs(hidden, weight, targets, impl="triton")
 
 
-# Runs in a fresh interpreter with TRITON_INTERPRET=1 (it must be set before Triton is used), so the
-# Triton kernels themselves run, on CPU tensors. Small sizes: the interpreter is slow.
+# Runs in a fresh interpreter: on CPU with TRITON_INTERPRET=1 (it must be set before Triton is used), so the
+# Triton kernels themselves run on CPU tensors (small sizes: the interpreter is slow); on a GPU compiled, at
+# Qwen's vocabulary too.
 _TRITON_SCRIPT = """
 import torch, {module} as k
 from {test_module} import _data, _reference, _reference_grads, _rel, _grpo_token_loss
-for N, H, V, T, chunk, dtype, w_std, tol in [
-        (37, 16, 5000, 0.7, 16, torch.float32, 0.02, 1e-5),    # 2 blocks of 4096, the second ragged
-        (21, 32, 4096, 1.0, 5, torch.float32, 1.0, 1e-5),      # V a multiple of the block, peaked softmax
-        (19, 8, 300, 1.0, 8, torch.float32, 0.02, 1e-5),       # one block wider than V
-        (24, 32, 2500, 1.2, 10, torch.bfloat16, 0.02, 2e-2)]:
+cases = [(37, 16, 5000, 0.7, 16, torch.float32, 0.02, 1e-5),    # 2 blocks of 4096, the second ragged
+         (21, 32, 4096, 1.0, 5, torch.float32, 1.0, 1e-5),      # V a multiple of the block, peaked softmax
+         (19, 8, 300, 1.0, 8, torch.float32, 0.02, 1e-5),       # one block wider than V
+         (24, 32, 2500, 1.2, 10, torch.bfloat16, 0.02, 2e-2)]
+if "{device}" == "cuda":  # Qwen2.5-VL-3B's width and vocabulary, fp32 and bf16
+    cases += [(64, 2048, 151936, 1.0, 24, torch.float32, 0.02, 1e-5), (64, 2048, 151936, 0.9, 24, torch.bfloat16, 0.02, 2e-2)]
+for N, H, V, T, chunk, dtype, w_std, tol in cases:
     hidden, weight, targets, upstream = _data(N, H, V, dtype, w_std)
+    hidden, weight = (x.detach().to("{device}").requires_grad_() for x in (hidden, weight))
+    targets, upstream = targets.to("{device}"), upstream.to("{device}")
     logp, ent = k.fused_logprobs(hidden, weight, targets, T, entropy=True, chunk_size=chunk, impl="triton")
     ref_logp, ref_ent = _reference(hidden, weight, targets, T)
     assert _rel(logp, ref_logp) < tol and _rel(ent, ref_ent) < tol, (N, V, _rel(logp, ref_logp), _rel(ent, ref_ent))
@@ -2284,11 +2292,17 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_kernel_triton_kernels_under_interpreter():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_kernel_triton_kernels(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU here: the compiled kernels are checked where there is one (bash .ci/gpu)")
     here = os.path.dirname(os.path.abspath(__file__))
-    script = _TRITON_SCRIPT.format(module=fused_logprobs.__module__,
+    script = _TRITON_SCRIPT.format(module=fused_logprobs.__module__, device=device,
                                    test_module=os.path.splitext(os.path.basename(__file__))[0])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled on a GPU, interpreted on CPU
+    env["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=here, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
@@ -3087,6 +3101,26 @@ def offline_hub(qwen_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(qwen_cache[0]))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return qwen_cache
+
+
+def test_qwen_random_3b_has_the_published_widths():
+    """--model random-3b (speed and memory at the real size, nothing to download): the published config's
+    widths and depth, built here without weights (meta device), 3.75B parameters as Hugging Face lists."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    assert M.resolve("random-3b") is None
+    cfg = M.tiny_config(M.tiny_tokenizer(C.tiny_corpus()), **M.RANDOM["random-3b"])
+    text, vision, pub = cfg.text_config, cfg.vision_config, PUBLISHED_CONFIG
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings", "rms_norm_eps", "vocab_size"):
+        assert getattr(text, k) == pub[k], k
+    assert text.rope_parameters["rope_theta"] == pub["rope_theta"] and cfg.tie_word_embeddings
+    assert text.rope_parameters["mrope_section"] == pub["rope_scaling"]["mrope_section"]
+    for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+              "spatial_merge_size", "window_size", "fullatt_block_indexes", "temporal_patch_size"):
+        assert getattr(vision, k) == pub["vision_config"][k], k
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(cfg).parameters())
+    assert abs(n - 3.75e9) < 0.005e9, n
 
 
 def test_qwen_model_flag_tiny_folder_or_hub_id_offline(offline_hub, tmp_path):
