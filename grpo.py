@@ -442,10 +442,10 @@ def prompt_indices(n_records, step, n_prompts, rank, world, seed):
 
 
 def read_images(records, idx):
-    """The step's records with their images read (or, synthetic, drawn) -> list. main() runs this one step
-    ahead in a background thread: decoding (drawing) the next step's images, which PIL and numpy do without
-    holding the GIL, overlaps this step's rollout and update instead of starting it."""
-    return [dict(records[i], image=D.load_images(records[i])) for _, i in idx]
+    """The step's prompts (idx: prompt_indices) -> (idx, their records with the images read, or for synthetic
+    ones drawn). main() runs this one step ahead in a background thread: decoding (drawing) the next step's
+    images, which PIL and numpy do without holding the GIL, overlaps this step's rollout and update."""
+    return idx, [dict(records[i], image=D.load_images(records[i])) for _, i in idx]
 
 
 def step_metrics(groups, scores, samples, batch, up):
@@ -556,8 +556,7 @@ def main(argv=None):
         t0 = time.time()
         # 1. rollouts: G episodes per prompt, all in one batched loop
         policy.model.eval()
-        idx = prompt_indices(len(records), step, args.prompts, rank, world, args.seed)
-        recs, upcoming = upcoming.result(), fetch(step + 1) if step + 1 < args.steps else None
+        (idx, recs), upcoming = upcoming.result(), fetch(step + 1) if step + 1 < args.steps else None
         groups = [T.new_group(policy, r, args.tools, args.group_size, **cfg) for r in recs]
         for (j, _), g in zip(idx, groups):  # each trajectory's own seed: (seed, step, global prompt, member)
             for k, ep in enumerate(g):
