@@ -1,18 +1,11 @@
 """
 common.py: the plumbing that sft.py, grpo.py and eval.py share, and nothing more (no script imports another).
 
-Read top to bottom:
-  1. flags         the options every script takes (model, data, environment) and the optimiser's, and
-                   check_flags: every flag's range checked before anything loads
-  2. processes     torchrun setup, print0, sums and gathers over ranks
-  3. the policy    load_policy: model.load with the tiny tokenizer's corpus (the environment's own text);
-                   model.save writes a checkpoint in the published Qwen2.5-VL layout
-  4. rolling out a dataset   run_episodes: every record x samples through tools.rollout, sharded over ranks
-                             by fixed batches, merged on every rank (eval.py, sft.py --reflect, grpo --eval-every)
-  5. the run       the one training-run skeleton of sft.py and grpo.py: start_run (load for training,
-                   AdamW, resume, run.json, a fresh metrics.jsonl), set_lr, log_metrics, save_run
-                   (written aside, marked whole last), and --resume auto's search for the newest checkpoint
-Nothing here is run as a script.
+Read top to bottom: 1. flags (the shared ones, --recipe, every range checked before anything loads);
+2. processes (torchrun setup, print0, sums and gathers over ranks); 3. the policy (load_policy) and
+run_episodes: a dataset rolled out, sharded over ranks (eval.py, sft.py --reflect, grpo.py --eval-every);
+4. the one training-run skeleton of sft.py and grpo.py (start_run, set_lr, log_metrics, save_run) and its
+checkpoints (written aside, marked whole last; --resume auto finds the newest). Not run as a script.
 """
 import argparse
 import json
@@ -187,8 +180,8 @@ AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 2
 
 def check_flags(args, ge=None, gt=None, le=None):
     """One-line SystemExit for a flag out of its range, before anything is loaded: ge (>=, added to AT_LEAST),
-    gt (>) and le (<=) map a flag's dest to its bound; a flag left None is not checked. Also --device cuda
-    without a GPU, and --resume (a missing folder, an unfinished or damaged checkpoint, or `auto`)."""
+    gt (>) and le (<=) map a flag's dest to its bound (None: not checked). Also --device cuda without a GPU,
+    and --resume (a missing folder, an unfinished or damaged checkpoint, or `auto`)."""
     for bounds, op, sign in (({**AT_LEAST, **(ge or {})}, operator.ge, ">="), (gt or {}, operator.gt, ">"),
                              (le or {}, operator.le, "<=")):
         for k, b in bounds.items():
@@ -205,9 +198,8 @@ def check_flags(args, ge=None, gt=None, le=None):
 
 
 def add_filter_flags(p):
-    """The sampler's filters after the temperature, in transformers' order (model.draw); the log-probs
-    trained on stay those of the temperature alone. grpo.py, eval.py and sft.py --reflect take them (their
-    check_flags: top-p in (0, 1], min-p <= 1)."""
+    """The sampler's filters after the temperature, in transformers' order (model.draw): grpo.py, eval.py and
+    sft.py --reflect take them."""
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="then among the likeliest with this mass (1: off)")
     p.add_argument("--min-p", type=float, default=0.0,
@@ -228,8 +220,7 @@ def parse_tools(s):
 
 def pixel_budgets(args, improc):
     """The pixel budgets of an image's first look and of a zoom: the flags where given (or --recipe's), else the
-    loaded image processor's budget (Qwen's 3136 to 12845056 px for a real model; 112 x 112 px for the tiny
-    one), so a real model sees what Qwen would show it; never below Qwen's minimum of 56 x 56 px."""
+    loaded image processor's (a real Qwen's 3136 to 12845056 px; tiny: 112 x 112), never below 56 x 56 px."""
     lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
     for flag in ("view_max_pixels", "crop_max_pixels"):
@@ -303,9 +294,8 @@ def mean_over_ranks(pairs):
 
 
 def tiny_corpus():
-    """The text the tiny tokenizer's BPE merges are learned from, made by the code that writes it into
-    episodes (system prompts, tool results, the synthetic task's questions and answers), so it cannot drift
-    from what the model reads. Any other text still encodes (byte-level BPE), in more tokens."""
+    """The text the tiny tokenizer's BPE merges are learned from, made by the code that writes it into episodes
+    (system prompts, tool results, the synthetic task), so it cannot drift from what the model reads."""
     lines = [T.system_prompt(ts, compact) for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"],
                                                      ["draw_box", "draw_line"], []) for compact in (False, True)]
     lines += [T.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
@@ -336,14 +326,12 @@ def dataset(args, split="train", n=None):
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
                  seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0):
-    """Roll out every record `samples` times (tools=[]: tools off) and reduce each finished episode with
-    finish(episode, record) -> a small picklable result. Sample j of item i draws from its own generator,
-    seeded from (seed, i, j) (tools.seed_episode). The episodes (i, j), in that order, are cut into fixed
-    batches of batch_size and batch b runs on rank b % world, so a sharded run computes exactly the batches
-    of an unsharded one (padding included) and returns the same results bit for bit.
-    A record whose image cannot be read, or that finish() rejects with ValueError (a malformed record):
-    ValueError naming it, or with skip_bad an entry in `errors`.
-    -> (results {(i, j): finish(...)}, errors {i: message}), merged on every rank."""
+    """Roll out every record `samples` times (tools=[]: tools off), each episode reduced by finish(episode,
+    record) -> a small picklable result. Sample j of item i draws from its own generator, seeded from (seed,
+    i, j). The episodes (i, j), in order, are cut into fixed batches and batch b runs on rank b % world, so a
+    sharded run computes the batches of an unsharded one and returns the same results bit for bit. A record
+    whose image cannot be read, or that finish() rejects with ValueError: ValueError naming it, or with
+    skip_bad an entry in `errors`. -> (results {(i, j): finish(...)}, errors {i: message}), on every rank."""
     if greedy and samples > 1:
         raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -394,7 +382,7 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
     return done, errors
 
 # -----------------------------------------------------------------------------
-# 5. the training-run skeleton (sft.py and grpo.py)
+# 4. the training-run skeleton (sft.py and grpo.py)
 #
 #   policy, opt, state = start_run(args, rank, device)     # state: {"step": 0} or the resumed trainer state
 #   for step in range(state["step"], args.steps):
@@ -405,11 +393,10 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 
 
 def start_run(args, rank, device, shard=False):
-    """Load the policy for training (from --resume when given; FSDP2-sharded with shard=True), AdamW over
-    its trainable parameters, and for a resumed run the optimizer, RNG and trainer state. The run folder
-    gets a fresh metrics.jsonl for a new run; a resumed run keeps the rows up to its step (a resume into its
-    own folder then reads as one run, step by step, and a torn last line from a kill is dropped).
-    -> (policy, optimizer, state with at least "step")."""
+    """Load the policy for training (from --resume when given; FSDP2-sharded with shard=True), AdamW over its
+    trainable parameters, and for a resumed run the optimizer, RNG and trainer state. A new run gets a fresh
+    metrics.jsonl; a resumed one keeps the rows up to its step (it then reads as one run; a torn line from a
+    kill is dropped). -> (policy, optimizer, state with at least "step")."""
     state = dict(step=0)
     if args.resume:  # the trainer state first: a damaged one is named before the model is loaded
         path = os.path.join(args.resume, f"trainer_rank{rank}.pt" if shard else "trainer.pt")
@@ -532,12 +519,10 @@ def restore_master_weights(policy, weights):
 
 def save_run(args, policy, opt, step, rank, **state):
     """After step `step` (0-based): every --save-every steps a checkpoint to resume from, <out>/step<N>: a
-    Hugging Face folder (bf16 weights) plus the trainer state (the fp32 master weights, optimizer, step, RNG
-    and `state`: tensors and plain containers, as weights_only loading takes); after the last step the final
-    model, <out>: the Hugging Face folder only. Each is written aside, marked whole, then moved into place
-    (_save_aside), so a kill mid-save leaves no folder that passes for a checkpoint. Called on every rank: a
-    sharded model is gathered to rank 0 first (a collective) and each rank keeps its own shard of the
-    optimizer state (resume on the same number of processes)."""
+    Hugging Face folder (bf16 weights) plus the trainer state (fp32 master weights, optimizer, step, RNG and
+    `state`, as weights_only loading takes); after the last step the final model in <out> (the Hugging Face
+    folder only). Each is written aside, marked whole, then moved into place (_save_aside). Called on every
+    rank: a sharded model is gathered to rank 0, each rank saves its optimizer shard (resume on as many)."""
     n = step + 1
     resumable = bool(args.save_every) and n % args.save_every == 0
     if not (resumable or n == args.steps):
@@ -559,8 +544,7 @@ def save_run(args, policy, opt, step, rank, **state):
 
 
 def _save_aside(out, path, n, rank, policy, weights, trainer):
-    """Write a checkpoint into <out>/step<n>.tmp (the model on rank 0, each rank's trainer state), then mark it
-    whole and move it to `path` (_publish)."""
+    """Write a checkpoint into <out>/step<n>.tmp, then mark it whole and move it to `path` (_publish)."""
     tmp = os.path.join(out, f"step{n}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -125,11 +125,10 @@ def top_entropy_mask(entropy, mask, rho):
 def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
                 ref_logp=None, beta=0.0, max_completion_length=None, num_items=None, kl_ratio=True, delta=None,
                 is_level="token", entropy=None, top_entropy_quantile=1.0, weights=None):
-    """The GRPO loss written out whole. logp, old_logp, ref_logp, mask, entropy: [B, T]; advantages: [B].
-    -> scalar. is_level "sequence" (GSPO): one ratio per sequence, the gradient flowing through the mean.
-    top_entropy_quantile < 1: the policy term only on the top-entropy tokens. weights: the reduction's [B, T]
-    weights, when not loss_weights' (update's per-step normalisers). (update() computes the same sum chunk
-    by chunk inside the fused kernel for the per-token options, and calls this for the others.)"""
+    """The GRPO loss written out whole (update() forms the same sum inside the fused kernel for the per-token
+    options). logp, old_logp, ref_logp, mask, entropy: [B, T]; advantages: [B]. -> scalar. is_level
+    "sequence" (GSPO): one ratio per sequence, the gradient through the mean. top_entropy_quantile < 1: the
+    policy term only on the top-entropy tokens. weights: [B, T], when not loss_weights' (update's)."""
     m = mask.to(logp.dtype)
     log_ratio = seq_log_ratio(logp, old_logp, m) if is_level == "sequence" else None
     keep = top_entropy_mask(entropy, m, top_entropy_quantile) if top_entropy_quantile < 1 else 1.0
@@ -401,12 +400,9 @@ def update(policy, ref, opt, samples, args, world, filler):
                 ratio = torch.exp(seq_log_ratio(logp, old, m) if args.is_level == "sequence" else logp - old)
                 low, high = (ratio < 1 - args.eps_low) & (A[:, None] < 0), (ratio > 1 + args.eps_high) & (A[:, None] > 0)
                 d = (ref_lp if ref_lp is not None else old) - logp
-                stats["clip_frac"] += float(((low | high) * m).sum())
-                stats["clip_low"] += float((low * m).sum())
-                stats["clip_high"] += float((high * m).sum())
-                stats["kl"] += float(((torch.exp(d) - d - 1) * m).sum())
-                stats["entropy"] += float((ent * m).sum())
-                stats["tokens"] += float(m.sum())
+                for k, v in dict(clip_frac=low | high, clip_low=low, clip_high=high, kl=torch.exp(d) - d - 1,
+                                 entropy=ent, tokens=torch.ones_like(m)).items():
+                    stats[k] += float((v * m).sum())
                 stats["loss"] += loss.item()
         if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
             C.allreduce_grads(policy.model)
@@ -454,18 +450,14 @@ def step_metrics(groups, scores, samples, batch, up):
     flat = [s for g in scores for s in g]
     calls = [c for ep in eps for c in ep["calls"]]
     n = len(eps)
-    m = {"reward": (sum(s[0] for s in flat), n)}
-    for k in flat[0][1]:
-        m["r_" + k] = (sum(s[1].get(k, 0.0) for s in flat), n)
-    m["accuracy"] = (sum(s[1]["accuracy"] for s in flat), n)
-    m["tool_use"] = (sum(any(c["ok"] for c in ep["calls"]) for ep in eps), n)
+    m = {"reward": (sum(s[0] for s in flat), n), "accuracy": (sum(s[1]["accuracy"] for s in flat), n)}
+    m.update({"r_" + k: (sum(s[1].get(k, 0.0) for s in flat), n) for k in flat[0][1]})
+    per_episode = dict(tool_use=lambda ep: any(c["ok"] for c in ep["calls"]), calls=lambda ep: len(ep["calls"]),
+                       turns=lambda ep: len(ep["turns"]), images=lambda ep: len(ep["images"]),
+                       response_tokens=lambda ep: ep["n_sampled"], truncated=lambda ep: ep["truncated"],
+                       answered=lambda ep: ep["stop"] == "answer")
+    m.update({k: (sum(f(ep) for ep in eps), n) for k, f in per_episode.items()})
     m["failed_calls"] = (sum(not c["ok"] for c in calls), len(calls))
-    m["calls"] = (len(calls), n)
-    m["turns"] = (sum(len(ep["turns"]) for ep in eps), n)
-    m["images"] = (sum(len(ep["images"]) for ep in eps), n)
-    m["response_tokens"] = (sum(ep["n_sampled"] for ep in eps), n)
-    m["truncated"] = (sum(ep["truncated"] for ep in eps), n)
-    m["answered"] = (sum(ep["stop"] == "answer" for ep in eps), n)
     m["nonzero_groups"] = (replay.nonzero_group_share(samples) * len(groups), len(groups))
     m["replayed"] = (sum(s.get("replayed", False) for s in batch), len(batch))
     cov = [c for c in (R.coverage(T.trajectory(ep), ep["record"])[0] for ep in eps) if c is not None]

@@ -1,11 +1,10 @@
 """
-model.py: the policy. Loading a Qwen2.5-VL, turning episodes into model inputs, batched sampling of the
-next assistant turn, and per-token log-probs of sampled tokens (through kernel.py's fused kernel).
+model.py: the policy. Loading a Qwen2.5-VL (and saving it in the published layout), turning episodes into
+model inputs, batched sampling of the next assistant turn, and per-token log-probs of sampled tokens
+(through kernel.py's fused kernel).
 
     policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
     policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
-(common.load_policy is load() with the tiny tokenizer's corpus, the environment's text, filled in; save()
-writes a checkpoint in the published Qwen2.5-VL layout.)
 
 A sequence, everywhere in lookagain, is the list of token ids of one whole conversation, with the images
 inline: each image is `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>`, n = grid_t*grid_h*grid_w
@@ -43,9 +42,8 @@ TINY_ADDED = ["<think>", "</think>", "<answer>", "</answer>", "<tool_response>",
 
 
 def tiny_tokenizer(corpus, vocab_size=2048):
-    """A byte-level BPE tokenizer with Qwen's special tokens, trained (deterministically, in ~0.1 s) on
-    `corpus` (lines of text: common.tiny_corpus, the text the environment writes, so that a tiny model's
-    sequences stay short). Byte-level means any unicode string round-trips."""
+    """A byte-level BPE tokenizer (any unicode string round-trips) with Qwen's special tokens, trained
+    deterministically on `corpus` (common.tiny_corpus: the environment's own text, so sequences stay short)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -126,15 +124,12 @@ def image_processor(folder):
 def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
          corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids.
-    name: "tiny" (random, built here, same seed -> same weights; its tokenizer is trained on `corpus`,
-    which common.load_policy supplies), a hub id, or a local folder (a lookagain checkpoint is a plain
-    Hugging Face folder). On GPU: bf16 weights for inference; for training
-    (train=True) fp32 master weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's
-    resolution (2^-8 relative) and would round away. fp32 on CPU unless `dtype` says otherwise.
-    policy.improc's pixel budget is the default view budget (common.pixel_budgets).
-    "random-3b" is the same with Qwen2.5-VL-3B's widths (RANDOM), its weights drawn on `device` (seconds on a
-    GPU, not minutes on its host's CPU). arch: dict(vision=..., text=...) fields that replace those of the
-    model built here (a random model of other widths: bench.py --layers)."""
+    name: a model built here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`;
+    "random-3b", drawn on `device`: seconds on a GPU, not minutes on its host's CPU), a hub id, or a local
+    folder (a lookagain checkpoint is a plain Hugging Face folder). arch: tiny_config's overrides for a model
+    built here (bench.py --layers). On GPU: bf16 weights for inference; for training (train=True) fp32 master
+    weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's resolution (2^-8 relative)
+    and would round away. fp32 on CPU unless `dtype` says otherwise."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
@@ -241,10 +236,6 @@ def save(policy, path, state_dict=None):
                 pass
 
 # -----------------------------------------------------------------------------
-# 4. rolling out a whole dataset, sharded over ranks
-
-
-# -----------------------------------------------------------------------------
 # the chat layout (Qwen2.5): one prompt builder for sampling, SFT and evaluation
 
 
@@ -290,11 +281,10 @@ def observation_ids(policy, text, image_enc=None):
 
 
 def mrope_positions(seq, grids, policy, start=0):
-    """Qwen2.5-VL's 3-D rotary positions (t, h, w) for one sequence, over the whole interleaved
-    conversation: text tokens count up by one on all three axes; an image's tokens sit on a grid
-    (t0, h0 + row, w0 + col) starting at the running position, and the text after it resumes at
-    max(position) + 1. seq: [L] ids, grids: [n_images, 3]; start: the first token's position (a
-    continuation: the position after what is already cached). -> [3, L] long."""
+    """Qwen2.5-VL's 3-D rotary positions (t, h, w) for one sequence: text tokens count up by one on all three
+    axes; an image's tokens sit on a grid (t0, h0 + row, w0 + col) from the running position, and the text
+    after it resumes at max(position) + 1. seq: [L] ids, grids: [n_images, 3]; start: the first token's
+    position (after what is cached). -> [3, L] long."""
     seq = torch.as_tensor(seq)
     pos = torch.empty(3, len(seq), dtype=torch.long)
     is_img = (seq == policy.image_pad).tolist()
@@ -459,12 +449,9 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
     A row stops at <|im_end|>/<|endoftext|>, at the first stop string, after max_new_tokens, or at a vision
     placeholder token (not kept). caches: None (the uncached path: whole sequences prefilled, nothing kept)
     or per row None (new) or the cache this returned for it, its sequence grown only at the end since.
-    generators: one torch.Generator per row (or None for the global RNG): a row's draws then depend on
-    its own seed only, not on which other rows share the batch, so results do not depend on batching
-    or on how items are sharded over processes.
-    -> list of (new_ids, logps, reason, cache) with reason in {"eos", "stop", "length", "invalid"}; logps
-    are log softmax(logits / temperature) of the sampled ids (draw()); cache holds the row's sequence and
-    new_ids but the last (not yet forwarded), or is None on the uncached path."""
+    generators: one per row (None: the global RNG), so results depend neither on batching nor on sharding.
+    -> list of (new_ids, logps, reason, cache), reason in {"eos", "stop", "length", "invalid"}, logps as
+    draw()'s; cache: the row's sequence and new_ids but the last (not yet forwarded), None when uncached."""
     B, keep = len(seqs), caches is not None
     caches = caches if keep else [None] * B
 
@@ -540,11 +527,6 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
 # log-probs of sampled tokens, for training
 
 
-def output_weight(policy):
-    """The output embedding [V, H] (tied to the input embedding in small Qwens, separate in 7B)."""
-    return policy.model.lm_head.weight
-
-
 def left_pad(rows, L, device):
     """B lists of per-token values -> [B, L] float tensor, right-aligned like collate's left padding."""
     out = torch.zeros(len(rows), L, device=device)
@@ -554,14 +536,12 @@ def left_pad(rows, L, device):
 
 
 def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=False, token_loss=None):
-    """Per-token log-probs of the trained tokens of whole trajectories, one forward pass.
+    """Per-token log-probs of the trained tokens of whole trajectories, one forward pass; only the hidden states
+    that predict a trained token go through the output layer (kernel.py): no [B, L, V] logits.
     masks: B lists of 0/1 (1 = a token the policy sampled). -> logp [B, L] float32, mask [B, L] float
-    (left-padded like collate), and entropy [B, L] when asked. Only the hidden states that predict a trained
-    token go through the output layer (fused_logprobs): the [B, L, V] logits are never formed.
-    token_loss: optional fn(lp [c], b [c], t [c]) -> per-token losses [c] of the trained tokens at rows b,
-    positions t of the [B, L] layout, summed into the training loss. Given, the loss is fused into the
-    kernel (its gradient is formed in the forward pass: no second pass over the logits in backward) and
-    the result is (loss, logp, mask[, entropy]) with loss differentiable and logp detached."""
+    (left-padded like collate), and entropy [B, L] when asked. token_loss: fn(lp [c], b [c], t [c]) -> the
+    losses [c] of the trained tokens at rows b, positions t, fused into the kernel (the gradient is formed in
+    the forward pass); the result is then (loss, logp, mask[, entropy]), loss differentiable, logp detached."""
     batch = collate(policy, seqs, image_lists)
     B, L = batch["input_ids"].shape
     m = left_pad(masks, L, policy.device)
@@ -570,7 +550,7 @@ def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=Fa
     pick = m[:, 1:].bool()                                                 # [B, L-1]
     hs = h[:, :-1][pick]                                                   # [N, H]
     targets = batch["input_ids"][:, 1:][pick]                              # [N]
-    w = output_weight(policy)
+    w = policy.model.lm_head.weight  # [V, H]: tied to the input embedding in small Qwens, separate in 7B
     w = w.to(torch.bfloat16) if policy.amp else w  # under autocast the GEMMs run in bf16; grads reach fp32 w
     loss_fn = None
     if token_loss is not None:
