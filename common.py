@@ -459,20 +459,13 @@ def write_config(args, rank, **extra):
             json.dump({**vars(args), **extra}, f, indent=1)
 
 
-def lr_at(step, base, warmup, total, schedule, min_ratio=0.0):
-    """Linear warmup (warmup steps, or that share of `total` when below 1), then constant, or cosine from base
-    down to min_ratio x base."""
-    warmup = round(warmup * total) if warmup < 1 else warmup
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return base * (min_ratio + (1 - min_ratio) * cos)
-
-
 def set_lr(opt, step, args):
-    lr = lr_at(step, args.lr, args.warmup, args.steps, args.schedule, args.lr_min_ratio)
+    """Linear warmup (--warmup steps, or that share of --steps when below 1), then constant, or cosine from
+    --lr down to --lr-min-ratio x --lr."""
+    warmup = round(args.warmup * args.steps) if args.warmup < 1 else args.warmup
+    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+    lr = (args.lr * (step + 1) / warmup if step < warmup else args.lr if args.schedule == "constant"
+          else args.lr * (args.lr_min_ratio + (1 - args.lr_min_ratio) * cos))
     for g in opt.param_groups:
         g["lr"] = lr
     return lr

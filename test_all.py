@@ -2311,6 +2311,22 @@ def test_kernel_triton_kernels(device):
 #      python -m pytest -q test_all.py -k test_run_
 
 
+def test_run_lr_schedule_hand_worked():
+    """Warmup steps (or a share of --steps), then constant or cosine down to --lr-min-ratio, worked by hand."""
+    from types import SimpleNamespace
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    def lrs(**kw):
+        args = SimpleNamespace(**dict(dict(lr=2.0, warmup=2, steps=6, schedule="cosine", lr_min_ratio=0.5), **kw))
+        return [C.set_lr(opt, s, args) for s in range(args.steps)]
+    # cosine over steps 2..5 of 4: progress 0, 1/4, 1/2, 3/4; lr = 2 (0.5 + 0.5 (1 + cos(pi p)) / 2)
+    cos = [2 * (0.5 + 0.25 * (1 + math.cos(math.pi * p))) for p in (0, 0.25, 0.5, 0.75)]
+    assert lrs() == pytest.approx([1.0, 2.0] + cos)
+    assert lrs(schedule="constant") == pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    assert lrs(warmup=0.5, schedule="constant") == pytest.approx([2 / 3, 4 / 3, 2.0, 2.0, 2.0, 2.0])
+    assert lrs(warmup=0, lr_min_ratio=0.0) == pytest.approx([1 + math.cos(math.pi * s / 6) for s in range(6)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 + math.cos(math.pi * 5 / 6))  # set on the optimizer
+
+
 def test_run_no_script_imports_another():
     """grpo.py, sft.py, eval.py and bench.py share plumbing through common.py only; model.py stands below the
     environment (it imports neither tools.py nor data.py)."""
