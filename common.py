@@ -375,10 +375,7 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
     policy.model.train(training)
     if world > 1:  # merge on every rank (gloo on CPU, NCCL on GPU), so every rank returns the same result
         parts = gather((done, errors))
-        done, errors = {}, {}
-        for d, e in parts:
-            done.update(d)
-            errors.update(e)
+        done, errors = ({k: v for part in parts for k, v in part[n].items()} for n in (0, 1))
     return done, errors
 
 # -----------------------------------------------------------------------------
