@@ -2,16 +2,14 @@
 rewards.py: answer extraction, benchmark scorers and the four methods' reward terms, composable; read top to bottom:
   1. answer extraction  extract_answer, final_answer, extract_choice (the one extractor of the repo)
   2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation), iou
-  3. scorers            vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score, and
-                        accuracy(pred_text, record), which dispatches on record["type"]
-  4. reward terms       r_* functions, each (traj, record, acc) -> (value, reason)
+  3. scorers            vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score; accuracy by type
+  4. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
+                        {"turns": [assistant turns], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}],
+                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
   5. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
 
 Model text never makes anything here raise: empty, garbled, nested, unicode or enormous text scores 0 with a reason,
-and the work on huge strings is bounded. A malformed *record* (unknown type, missing options, non-numeric ground
-truth) is a user error and raises ValueError. Standard library + numpy only. The rollout loop's (tools.py) trajectory:
-  traj = {"turns": [assistant turn texts], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}, ...],
-          "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
+in bounded work. A malformed *record* (unknown type, missing options, non-numeric gold) raises ValueError.
 """
 
 import math
@@ -129,8 +127,6 @@ def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
     one edit: an upper bound, so similarity scores can only err low on enormous model outputs (which score ~0)."""
     extra = max(0, len(a) - max_chars) + max(0, len(b) - max_chars)
     a, b = a[:max_chars], b[:max_chars]
-    if len(a) < len(b):
-        a, b = b, a
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -227,8 +223,7 @@ def anls(pred, answers, threshold=0.5):
 
 
 def soft_score(pred, answers):
-    """Groundlight's soft correctness: the top-3 similarities 1 - lev / max(len) to the answers, summed and divided by
-    3 as their code does (so a single matching answer gives 1/3, like VQA accuracy)."""
+    """Groundlight's soft score, as their code: the top-3 similarities 1 - lev / max(len), summed / 3 (1 match: 1/3)."""
     answers = _answers(answers)
     if not isinstance(pred, str):
         return 0.0
@@ -338,8 +333,7 @@ def mathvista_score(pred, record):
     return float(pred == answer)
 
 
-# the record types, each picking its scorer below (data.py validates records against this list)
-TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")
+TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")  # data.py checks records against it
 
 
 def accuracy(pred_text, record):
@@ -411,8 +405,8 @@ def r_format_r3(traj, record, acc):
 
 
 def r_format_vilasr(traj, record, acc):
-    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> then its action (a tool call; the answer, in the
-    last turn only) and every operation parses (as in the code, a box outside the image still counts as well formed)."""
+    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> then its action (a tool call; in the last turn, and
+    only there, the answer) and every operation parses (as in the code, a box outside the image still counts)."""
     turns, calls = _turns(traj), _calls(traj)
     if not turns:
         return 0.0, "no turns"
@@ -450,14 +444,11 @@ def r_format_groundlight(traj, record, acc):
 
 def r_format_deepeyes(traj, record, acc):
     """DeepEyes: -1 for unbalanced <think>, unbalanced <answer> after the last </think>, a 1000+ char answer; else 0."""
-    text, errors = _text(traj), []
-    if text.count("<think>") != text.count("</think>"):
-        errors.append("unbalanced <think>")
-    tail = text.rpartition("</think>")[2]
-    if tail.count("<answer>") != tail.count("</answer>"):
-        errors.append("unbalanced <answer>")
-    if len(text.split("<answer>")[-1].split("</answer>")[0].strip()) >= 1000:  # their answer slice
-        errors.append("answer of 1000+ characters")
+    text = _text(traj)
+    tail, answer = text.rpartition("</think>")[2], text.split("<answer>")[-1].split("</answer>")[0]  # their slices
+    errors = [why for why, bad in [("unbalanced <think>", text.count("<think>") != text.count("</think>")),
+                                   ("unbalanced <answer>", tail.count("<answer>") != tail.count("</answer>")),
+                                   ("answer of 1000+ characters", len(answer.strip()) >= 1000)] if bad]
     return (-1.0, "; ".join(errors)) if errors else (0.0, "well formed")
 
 
@@ -514,9 +505,9 @@ def r_region_iou(traj, record, acc):
 
 def coverage(traj, record):
     """Where the model looked (VLM-R3's accuracy-vs-localisation analysis; not a reward term: eval.py bins accuracy by
-    it, grpo.py logs its mean): of the successful zooms (call["zoom"]; `region` is in original pixels, so a zoom on a
-    zoom counts where it really looked), the best by IoU with the bbox, then by the share of the bbox it holds ->
-    (IoU, share); (None, None) without bbox, (0.0, 0.0) if no zoom succeeded."""
+    it, grpo.py logs its mean): of the successful zooms (call["zoom"], set by tools.execute; `region` is in original
+    pixels, so a zoom on a zoom counts where it really looked), the best by IoU with the bbox, then by the share of the
+    bbox it holds -> (IoU, share); (None, None) without bbox, (0.0, 0.0) if no zoom succeeded."""
     if record.get("bbox") is None:
         return None, None
     gt = _box(record["bbox"])
@@ -530,8 +521,7 @@ def r_length(traj, record, acc):
     """VLM-R3: min(0.1, 0.01 x characters of the shortest reasoning segment between crops). As in their code: the text
     before the first <answer>, think tags dropped, whitespace collapsed, split at the tool calls; empty segments count
     only at the two ends (no reasoning before the first crop or after the last one scores 0)."""
-    text = _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")
-    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
     segments = [s.strip() for s in _split_blocks(text, "<tool_call>", "</tool_call>")]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
@@ -549,10 +539,9 @@ def r_rethink(traj, record, acc):
     to rethink with n self-reflections (rethinker_waits) gets 1.1 for n in 1-2, max(1 - 0.2 n, -0.1) for n >= 3.
     (Their \\boxed check never fires, an argument-order slip passes None: no answer is valid and wrong, as here.)"""
     text = _text(traj)
-    if traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5:
-        shaped, why = -0.1, "invalid: cut off or more than 5 waits"
-    else:
-        shaped, why = (1.0, "correct") if acc >= CORRECT else (0.0, "wrong")
+    invalid = traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5
+    shaped, why = ((-0.1, "invalid: cut off or more than 5 waits") if invalid
+                   else (1.0, "correct") if acc >= CORRECT else (0.0, "wrong"))
     if acc < CORRECT or traj.get("rethinks"):
         return shaped, why + (" (forced rethink)" if traj.get("rethinks") else "")
     n = rethinker_waits(text)
@@ -593,7 +582,7 @@ def r_vilasr(traj, record, acc, beta=0.0):
 
 
 def r_vqa_hard(traj, record, acc):
-    """Groundlight's hard score (tool_use_text_vqa_env.py): min(1, matches / 3), not the leave-one-out VQA mean."""
+    """Groundlight's hard score (tool_use_text_vqa_env.py): min(1, normalised matches / 3), no leave-one-out mean."""
     if record.get("type") != "vqa":  # one gold answer: the hard score is plain accuracy
         return acc, "accuracy (not a VQA record)"
     ans = final_answer(_text(traj))
@@ -613,10 +602,8 @@ TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("
 PRESETS = {
     # R-GRPO: r_acc + r_format (0.5) + r_valid (0.5, if correct) + r_length (<= 0.1), summed
     "vlm_r3": {"accuracy": 1.0, "format_r3": 1.0, "region_valid": 1.0, "length": 1.0},
-    # 1 / 0 / -0.1 / 1.1, accuracy already inside
-    "vl_rethinker": {"rethink": 1.0},
-    # the gated 0.5 acc + 0.5 format, accuracy already inside
-    "vilasr": {"vilasr": 1.0},
+    "vl_rethinker": {"rethink": 1.0},  # 1 / 0 / -0.1 / 1.1, accuracy already inside
+    "vilasr": {"vilasr": 1.0},  # the gated 0.5 acc + 0.5 format, accuracy already inside
     # hard min(1, matches / 3) + soft, graded format 0.1; tool success logged at weight 0 (their training code)
     "groundlight": {"vqa_hard": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
     # 0.8 acc + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
