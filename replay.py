@@ -1,39 +1,30 @@
 """
 replay.py: Selective Sample Replay (SSR, VL-Rethinker, arXiv 2504.08837) and the plain zero-group filter.
 
-Why. GRPO's advantage is A_i = r_i - mean(r) over a group of G answers. When all G answers get the same
-reward (all right on an easy question, all wrong on a hard one) every A_i is 0 and the group gives no
-gradient: "vanishing advantages". As the policy improves, more groups saturate; VL-Rethinker saw the
-share of useful groups fall from ~40% to <20% within 256 steps. The update batch then shrinks and gets
-noisy. So log `nonzero_group_share` every step: it is the method's key diagnostic.
+Why. GRPO's advantage is A_i = r_i - mean(r) over a group of G answers. When all G answers get the same reward
+(all right on an easy question, all wrong on a hard one) every A_i is 0 and the group gives no gradient: "vanishing
+advantages". As the policy improves more groups saturate (VL-Rethinker: useful groups fell from ~40% to <20% within
+256 steps) and the update shrinks and gets noisy: log `nonzero_group_share` every step, the key diagnostic.
 
 What SSR does, each step (one rollout -> one update):
   1. drop zero-advantage samples;
   2. draw the update from the rest with probability proportional to |A|^alpha (alpha = 1 in the paper):
      samples far from their group's mean (e.g. the one right answer to a question the model usually
      fails) are the most informative, as in prioritized experience replay;
-  3. when the current step has fewer useful samples than the fixed update size, fill the rest from a
-     store of recent non-zero-advantage samples kept across steps (bounded, oldest evicted first),
-     drawn with probability proportional to |A| + 1e-4. Replayed samples keep their old log-probs, so
-     the PPO ratio and clip handle the policy having moved since they were generated;
-  4. the store holds the most recent non-zero samples: this step's are added before drawing (VL-Rethinker's
-     order), or after drawing with extend_first=False, so that the fill comes from earlier steps only.
+  3. when the step has fewer useful samples than the fixed update size, fill the rest from a bounded store
+     of recent non-zero-advantage samples (oldest evicted first), drawn with probability proportional to
+     |A| + 1e-4. Replayed samples keep their old log-probs: the PPO ratio and clip handle the policy's drift.
 `drop_zero_groups` is the plain alternative (DAPO-style filtering without resampling or replay).
 
-Sampling details, following VL-Rethinker's `NaiveReplayBuffer.active_sampling`
-(openrlhf/trainer/ppo_utils/replay_buffer.py): current samples are drawn WITH replacement,
-min(size, n_current) draws; the fill takes the whole store once per full pass while more is needed
-than the store holds, then draws the remainder WITH replacement. The store is extended before drawing, as
-in their code (a step can replay its own samples; extend_first=False extends it after, so the fill is from
-earlier steps only, and on an empty store the missing draws come from the current samples). Differences:
-zero means |A| <= eps (they test A == 0 exactly), and the update always has `size` samples.
+Sampling follows VL-Rethinker's `NaiveReplayBuffer.active_sampling` (openrlhf/trainer/ppo_utils/replay_buffer.py):
+current samples are drawn WITH replacement, min(size, n_current) draws; the fill takes the whole store once per
+full pass while more is needed than the store holds, then draws the remainder WITH replacement; this step's
+samples join the store before drawing, as in their code (extend_first=False: after). Differences: zero means
+|A| <= eps (they test A == 0 exactly), and the update always has `size` samples.
 
 Usage (in grpo.py):
     store = new_store(capacity=size)            # VL-Rethinker: half a rollout buffer for both
-    share = nonzero_group_share(samples)        # log it
-    batch = ssr(samples, store, size, alpha=1.0, rng=rng)
-    if not batch: skip the update               # nothing useful now and nothing stored yet
-    replayed_share = sum(s["replayed"] for s in batch) / len(batch)
+    batch = ssr(samples, store, size, alpha=1.0, rng=rng)  # [] (nothing useful, nothing stored): skip the update
 A sample is a plain dict with "adv" (float) and "group" (hashable); other keys ride along untouched.
 Returned samples are shallow copies with "replayed" set; the output is not shuffled (current first).
 """
@@ -78,21 +69,18 @@ def _cpu(x):
 
 
 def _draw(items, weights, k, rng):
-    """k draws with replacement, P(item i) = weights[i] / sum(weights)."""
     p = np.asarray(weights, dtype=np.float64)
     idx = rng.choice(len(items), size=k, replace=True, p=p / p.sum())
     return [items[i] for i in idx]
 
 
 def _extend(store, samples):
-    """Add samples to the store, keeping the `capacity` most recent."""
     store["items"] = (store["items"] + [_cpu(s) for s in samples])[-store["capacity"]:]
 
 
 def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
-    """Selective Sample Replay: `size` samples for this update, [] only if nothing is usable at all.
-    extend_first: add this step's non-zero samples to the store before drawing, as VL-Rethinker's code does
-    (the fill can then replay this step's samples); False adds them after (the fill is from earlier steps)."""
+    """`size` samples for this update, [] only if nothing is usable at all. extend_first=False adds this step's
+    non-zero samples to the store after drawing, so the fill never replays them (VL-Rethinker's code: before)."""
     if size <= 0:
         raise ValueError(f"SSR update size must be > 0, got {size}")
     if alpha < 0:
@@ -108,16 +96,13 @@ def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
     if cur:
         # on an empty store the whole update comes from the current samples (with repeats)
         k = min(size, len(cur)) if old else size
-        weights = [abs(float(s["adv"])) ** alpha for s in cur]
-        batch = [dict(s, replayed=False) for s in _draw(cur, weights, k, rng)]
+        batch = [dict(s, replayed=False) for s in _draw(cur, [abs(float(s["adv"])) ** alpha for s in cur], k, rng)]
     need = size - len(batch)
     if need > 0:
-        # full passes over the store while it is smaller than what is missing, then a weighted remainder;
-        # + 1e-4 keeps every stored sample reachable
-        passes = (need - 1) // len(old)
-        fill = old * passes
+        # whole passes over the store while it is smaller than what is missing; + 1e-4 keeps every sample reachable
+        fill = old * ((need - 1) // len(old))
         fill += _draw(old, [abs(float(s["adv"])) + 1e-4 for s in old], need - len(fill), rng)
         batch += [dict(s, replayed=True) for s in fill]
-    if not extend_first:  # after drawing: a step never replays its own samples
+    if not extend_first:
         _extend(store, cur)
     return batch

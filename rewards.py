@@ -1,22 +1,15 @@
 """
-rewards.py: answer extraction, benchmark scorers and the reward terms of the four methods, composable.
-
-Read top to bottom:
+rewards.py: answer extraction, benchmark scorers and the four methods' reward terms, composable; read top to bottom:
   1. answer extraction  extract_answer, final_answer, extract_choice (the one extractor of the repo)
   2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation), iou
-  3. scorers            vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score,
-                        and accuracy(pred_text, record), which dispatches on record["type"]
-  4. reward terms       r_* functions, each (traj, record, acc) -> (value, reason)
+  3. scorers            vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score; accuracy by type
+  4. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
+                        {"turns": [assistant turns], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}],
+                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
   5. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
 
-Model text never makes anything here raise: empty, garbled, nested, unicode or enormous text scores 0 with
-a reason, and the work on huge strings is bounded. A malformed *record* (unknown type, missing options,
-non-numeric ground truth) is a user error and raises ValueError.
-
-The trajectory handed over by the rollout loop (tools.py):
-  traj = {"turns": [assistant turn texts], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}, ...],
-          "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
-Standard library + numpy only.
+Model text never makes anything here raise: empty, garbled, nested, unicode or enormous text scores 0 with a reason,
+in bounded work. A malformed *record* (unknown type, missing options, non-numeric gold) raises ValueError.
 """
 
 import math
@@ -35,46 +28,29 @@ CORRECT = 0.5            # accuracy at or above this counts as "correct" for the
 TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>")
 
 
-def _drop_blocks(text, open_tag, close_tag):
-    """text without its open_tag...close_tag blocks; an unclosed block was cut off and runs to the end.
-    str.find rather than a regex: a lazy regex over many unclosed tags is quadratic."""
-    out, i = [], 0
+def _split_blocks(text, open_tag, close_tag):
+    """text split at its complete open_tag...close_tag blocks (str.find: a lazy regex is quadratic on unclosed tags)."""
+    parts, i = [], 0
     while True:
         j = text.find(open_tag, i)
-        if j < 0:
-            out.append(text[i:])
-            break
-        out.append(text[i:j])
-        k = text.find(close_tag, j + len(open_tag))
+        k = text.find(close_tag, j + len(open_tag)) if j >= 0 else -1
         if k < 0:
-            break
+            return parts + [text[i:]]
+        parts.append(text[i:j])
         i = k + len(close_tag)
-    return "".join(out)
-
-
-def _drop_tags(text):
-    for tag in TAGS:
-        text = text.replace(tag, "")
-    return text
 
 
 def _last_boxed(text):
     """Content of the last \\boxed{...} whose braces balance, else None."""
-    starts = [m.end() for m in re.finditer(r"\\boxed\{", text)]
-    limit = len(text)
-    for s in reversed(starts):
-        depth = 1
-        for i in range(s, limit):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[s:i].strip()
-        # this box never closes, so an earlier box can only close before it starts: scanning ranges
-        # never overlap and the whole search stays linear in len(text)
-        limit = s - len("\\boxed{")
-    return None
+    best, stack = None, []  # stack: per open brace, where its box's content starts (None: a plain brace)
+    for m in re.finditer(r"\\boxed\{|[{}]", text):
+        if m.group() != "}":
+            stack.append(m.end() if m.group() != "{" else None)
+        elif stack:
+            s = stack.pop()
+            if s is not None and (best is None or s > best[0]):
+                best = (s, m.start())
+    return text[best[0]:best[1]].strip() if best else None
 
 
 def extract_answer(text):
@@ -91,23 +67,24 @@ def extract_answer(text):
 
 
 def final_answer(text):
-    """The answer a model committed to: extract_answer, else (as ViLaSR's and DeepEyes' scorers do) the
-    untagged text after the last </think>, tool calls removed. None if there is none, if that text is still
-    inside an unclosed <think>, or if it is too long to be an answer."""
+    """The answer a model committed to: extract_answer, else (as ViLaSR's and DeepEyes' scorers do) the untagged
+    text after the last </think>, tool calls removed; None if none, inside an unclosed <think>, or too long."""
     ans = extract_answer(text)
     if ans is not None or not isinstance(text, str):
         return ans or None
-    cut = text.rfind("</think>")
-    tail = text[cut + len("</think>"):] if cut >= 0 else text
+    tail = text.rpartition("</think>")[2]
     if "<think>" in tail:
         return None
-    tail = _drop_tags(_drop_blocks(tail, "<tool_call>", "</tool_call>")).strip()
+    parts = _split_blocks(tail, "<tool_call>", "</tool_call>")
+    tail = "".join(parts[:-1]) + parts[-1].partition("<tool_call>")[0]  # an unclosed call was cut off: drop it
+    for tag in TAGS:
+        tail = tail.replace(tag, "")
+    tail = tail.strip()
     return tail if 0 < len(tail) <= MAX_ANSWER_CHARS else None
 
 
 def _loose(s):
-    """Loose key for comparing option texts: case, spacing and a trailing period do not matter."""
-    return " ".join(str(s).lower().split()).strip(" .")
+    return " ".join(str(s).lower().split()).strip(" .")  # case, spacing and a trailing period do not matter
 
 
 _BARE_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?[.:)]?")
@@ -125,8 +102,7 @@ def extract_choice(text, options=None):
     s = _PREFIX.sub("", s, count=1).strip()
     m = _BARE_LETTER.fullmatch(s)
     if m:  # B, (B), B., b
-        letter = m.group(1).upper()
-        return letter if letter in letters else None
+        return m.group(1).upper() if m.group(1).upper() in letters else None
     for letter, opt in zip(letters, options or []):  # the option's own text
         if _loose(opt) == _loose(s):
             return letter
@@ -147,13 +123,10 @@ def extract_choice(text, options=None):
 
 
 def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
-    """Edit distance by the textbook DP. To bound the work, strings are cut to max_chars and every cut
-    character counts as one edit: an upper bound on the true distance, so similarity scores can only err
-    low, never high, on enormous model outputs (which score ~0 anyway)."""
+    """Textbook DP edit distance. To bound the work, strings are cut to max_chars and each cut character counts as
+    one edit: an upper bound, so similarity scores can only err low on enormous model outputs (which score ~0)."""
     extra = max(0, len(a) - max_chars) + max(0, len(b) - max_chars)
     a, b = a[:max_chars], b[:max_chars]
-    if len(a) < len(b):
-        a, b = b, a
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -163,8 +136,8 @@ def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
     return prev[-1] + extra
 
 
-# EvalAI's contraction table maps each form with one apostrophe dropped back to the full form
-# ("dont" -> "don't", "couldnt've" and "couldn'tve" -> "couldn't've"); we generate it from the full forms.
+# EvalAI's contraction table, generated from the full forms: each form with one apostrophe dropped maps back ("dont"
+# -> "don't", "couldnt've" and "couldn'tve" -> "couldn't've"); its capitalised "Im" etc. never fire on lowercased text.
 _CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've
 hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've
 might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't
@@ -175,7 +148,6 @@ who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't w
 y'all'd've you'd you'd've you'll you're you've""".split()
 CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, ch in enumerate(w) if ch == "'"}
 CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one entry backwards
-# (its capitalised entries like "Im" never fire, since the text is lowercased first, so they are left out)
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
@@ -186,8 +158,7 @@ _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" kee
 def vqa_normalize(text):
     """EvalAI answer normalisation, as the TextVQA evaluator (MMF) and lmms-eval apply it."""
     s = str(text).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    s = s.replace("\n", " ").replace("\t", " ").strip()
-    out = s
+    out = s = s.replace("\n", " ").replace("\t", " ").strip()
     for p in PUNCT:  # glued punctuation splits words ("coca-cola" -> "coca cola"), spaced one is dropped
         out = out.replace(p, "" if (p + " " in s or " " + p in s) else " ")
     # the official code passes re.UNICODE (== 32) where sub() expects count: only 32 periods go
@@ -206,11 +177,13 @@ def _box(v):
     return (x1, y1, x2, y2) if ok else None
 
 
+def _inter(a, b):
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def iou(a, b):
     """Intersection over union of two [x1, y1, x2, y2] boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
+    inter = _inter(a, b)
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 # -----------------------------------------------------------------------------
@@ -238,32 +211,24 @@ def vqa_score(pred, answers):
 
 
 def anls(pred, answers, threshold=0.5):
-    """DocVQA ANLS as the official script computes it: NL = lev(normalised answer, normalised prediction)
-    / max(len(raw answer), len(raw prediction)), normalised = lowercased with whitespace stripped and
-    collapsed; q = 1 - min NL; 0 if q < threshold. So q == 0.5 exactly is kept (NL == 0.5 passes)."""
+    """DocVQA ANLS as the official script computes it: q = 1 - min over answers of lev(norm answer, norm pred) /
+    max(len(raw answer), len(raw pred)), norm = lowercased, whitespace collapsed; 0 if q < threshold (0.5 is kept)."""
     answers = _answers(answers)
     if not isinstance(pred, str):
         return 0.0
     p = " ".join(pred.strip().lower().split())
-    nls = []
-    for a in answers:
-        length = max(len(a.upper()), len(pred.upper()))  # the official code measures .upper() lengths
-        nls.append(0.0 if length == 0 else levenshtein(" ".join(a.strip().lower().split()), p) / length)
-    q = 1 - min(nls)
+    lengths = [max(len(a.upper()), len(pred.upper())) for a in answers]  # the official code measures .upper() lengths
+    q = 1 - min(levenshtein(" ".join(a.strip().lower().split()), p) / n if n else 0.0 for a, n in zip(answers, lengths))
     return 0.0 if q < threshold else q
 
 
 def soft_score(pred, answers):
-    """Groundlight's soft correctness: the top-3 similarities 1 - lev / max(len) against the answers,
-    summed and divided by 3 as their code does (so a single matching answer gives 1/3, like VQA accuracy)."""
+    """Groundlight's soft score, as their code: the top-3 similarities 1 - lev / max(len), summed / 3 (1 match: 1/3)."""
     answers = _answers(answers)
     if not isinstance(pred, str):
         return 0.0
-    p, sims = vqa_normalize(pred), []
-    for a in answers:
-        g = vqa_normalize(a)
-        n = max(len(p), len(g))
-        sims.append(0.0 if n == 0 else 1 - levenshtein(p, g) / n)  # two empty strings: they say "wrong"
+    p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
+    sims = [1 - levenshtein(p, g) / max(len(p), len(g)) if p or g else 0.0 for g in gts]  # two '': they say "wrong"
     return min(1.0, sum(sorted(sims, reverse=True)[:3]) / 3)
 
 
@@ -281,9 +246,8 @@ def _vsi_float(pred):
 
 
 def mra(pred, gt):
-    """VSI-Bench mean relative accuracy: mean over theta in linspace(0.5, 0.95, 10) of
-    [|pred - gt| / gt <= 1 - theta]; a non-numeric prediction scores 0. (VSI-Bench divides by gt itself;
-    we divide by |gt| and define gt == 0, which its data never has and its code cannot handle.)"""
+    """VSI-Bench mean relative accuracy: mean over theta in MRA_THRESHOLDS of [|pred - gt| / gt <= 1 - theta], 0 for
+    a non-numeric pred. (We divide by |gt| and define gt == 0, which its data never has and its code cannot handle.)"""
     g = to_number(gt)
     if g is None:
         raise ValueError(f"mra ground truth {gt!r} is not a number")
@@ -316,9 +280,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 def to_number(s):
     """A float from a number or a text holding exactly one number ('1,234', '3.5 cm', 'five'), else None."""
-    if isinstance(s, bool):
-        return None
-    if isinstance(s, (int, float, np.number)):
+    if isinstance(s, (int, float, np.number)) and not isinstance(s, bool):
         return float(s)
     if not isinstance(s, str):
         return None
@@ -340,10 +302,9 @@ def number_score(pred, gt, rel_tol=1e-4, abs_tol=1e-6):
 
 
 def mathvista_score(pred, record):
-    """MathVista's normalisation then exact string equality: a choice letter (or '(X)') maps to its
-    option text, anything else to the most similar option by edit distance; integer answers compare after
-    int(float()), floats after round(float(), precision); an empty prediction scores 0 (their
-    ignore_empty_extractions)."""
+    """MathVista's normalisation then exact string equality: a choice letter (or '(X)') maps to its option text,
+    anything else to the most similar option by edit distance; integer answers compare after int(float()), floats
+    after round(float(), precision); an empty prediction scores 0 (their ignore_empty_extractions)."""
     answer = str(record["answer"][0] if isinstance(record["answer"], list) else record["answer"]).strip()
     if not isinstance(pred, str) or not pred.strip():
         return 0.0
@@ -357,8 +318,7 @@ def mathvista_score(pred, record):
         s = found[0].upper() if found else pred
         pick = choices[letters.index(s)] if s in letters else min(choices, key=lambda c: levenshtein(s, c))
         return float(pick == answer)
-    kind = record.get("answer_type")
-    precision = record.get("precision")
+    kind, precision = record.get("answer_type"), record.get("precision")
     if kind is None:
         kind = "float" if precision is not None else "integer" if re.fullmatch(r"[-+]?\d+", answer) else "text"
     if kind == "float" and precision is None:
@@ -373,13 +333,11 @@ def mathvista_score(pred, record):
     return float(pred == answer)
 
 
-# the record types, each picking its scorer below (data.py validates records against this list)
-TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")
+TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")  # data.py checks records against it
 
 
 def accuracy(pred_text, record):
-    """Score a model output against a record: (value in [0, 1], reason). The answer is final_answer()
-    of the text (multiple choice: extract_choice). Raises ValueError only for a malformed record."""
+    """(value in [0, 1], reason) of a model output's final_answer (multiple choice: extract_choice) for a record."""
     kind = record.get("type")
     if kind not in TYPES:
         raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
@@ -401,20 +359,17 @@ def accuracy(pred_text, record):
     ans = final_answer(pred_text)
     if not ans:
         return 0.0, "no answer"
-    show = repr(ans[:40])
     if kind == "number":
         v = number_score(ans, gold, record.get("rel_tol", 1e-4), record.get("abs_tol", 1e-6))
     elif kind == "mra":
         v = mra(ans, gold[0] if isinstance(gold, (list, tuple)) else gold)
-    elif kind == "vqa":
-        v = vqa_score(ans, gold)
-    elif kind == "anls":
-        v = anls(ans, gold)
+    elif kind in ("vqa", "anls"):
+        v = (vqa_score if kind == "vqa" else anls)(ans, gold)
     elif kind == "text":
         v = float(vqa_normalize(ans) in {vqa_normalize(a) for a in gold})
     else:
         v = mathvista_score(ans, record)
-    return v, f"{kind} {v:.3f} for {show}"
+    return v, f"{kind} {v:.3f} for {ans[:40]!r}"
 
 # -----------------------------------------------------------------------------
 # 4. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
@@ -450,9 +405,8 @@ def r_format_r3(traj, record, acc):
 
 
 def r_format_vilasr(traj, record, acc):
-    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> followed by its action (a tool call, or
-    in the last turn the answer), only the last turn answers, and every operation parses. Parses, not
-    executes: an operation whose box falls outside the image still counts as well formed, as in the code."""
+    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> then its action (a tool call; in the last turn, and
+    only there, the answer) and every operation parses (as in the code, a box outside the image still counts)."""
     turns, calls = _turns(traj), _calls(traj)
     if not turns:
         return 0.0, "no turns"
@@ -471,10 +425,9 @@ def r_format_vilasr(traj, record, acc):
 
 
 def r_format_groundlight(traj, record, acc):
-    """Groundlight (tool_use_text_vqa_env.py), graded per assistant turn and averaged over the turns: 0.4 for
-    <think>...</think> and exactly one of a tool call or an answer, 0.2 when any of those fields parses
-    (their "spacing" check, which passes whenever a field parses), 0.2 for starting with <think>, 0.2 for
-    ending with the closing tag of its call or answer."""
+    """Groundlight (tool_use_text_vqa_env.py), averaged over the assistant turns: 0.4 for <think>...</think> and
+    exactly one of a tool call or an answer, 0.2 when any of those parses (their "spacing" check, which passes
+    whenever a field parses), 0.2 for starting with <think>, 0.2 for ending with its call's or answer's closing tag."""
     turns = _turns(traj)
     if not turns:
         return 0.0, "no turns"
@@ -490,16 +443,12 @@ def r_format_groundlight(traj, record, acc):
 
 
 def r_format_deepeyes(traj, record, acc):
-    """DeepEyes: -1 (a penalty) for unbalanced <think> tags, unbalanced <answer> tags after the last
-    </think>, or an answer of 1000+ characters; else 0."""
-    text, errors = _text(traj), []
-    if text.count("<think>") != text.count("</think>"):
-        errors.append("unbalanced <think>")
-    tail = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
-    if tail.count("<answer>") != tail.count("</answer>"):
-        errors.append("unbalanced <answer>")
-    if len(text.split("<answer>")[-1].split("</answer>")[0].strip()) >= 1000:  # their answer slice
-        errors.append("answer of 1000+ characters")
+    """DeepEyes: -1 for unbalanced <think>, unbalanced <answer> after the last </think>, a 1000+ char answer; else 0."""
+    text = _text(traj)
+    tail, answer = text.rpartition("</think>")[2], text.split("<answer>")[-1].split("</answer>")[0]  # their slices
+    errors = [why for why, bad in [("unbalanced <think>", text.count("<think>") != text.count("</think>")),
+                                   ("unbalanced <answer>", tail.count("<answer>") != tail.count("</answer>")),
+                                   ("answer of 1000+ characters", len(answer.strip()) >= 1000)] if bad]
     return (-1.0, "; ".join(errors)) if errors else (0.0, "well formed")
 
 
@@ -514,21 +463,17 @@ def r_tool_success(traj, record, acc):
 
 def r_tool_bonus(traj, record, acc):
     """DeepEyes: 1 only when the answer is correct and at least one tool call succeeded."""
-    used = any(c.get("ok") for c in _calls(traj))
-    if acc >= CORRECT and used:
+    if acc >= CORRECT and any(c.get("ok") for c in _calls(traj)):
         return 1.0, "correct with a successful tool call"
     return 0.0, "answer wrong" if acc < CORRECT else "no successful tool call"
 
 
 def r_region_valid(traj, record, acc):
-    """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if there is at least one box and
-    every box request parses, only when the answer is fully correct (accuracy 1). Parses, not executes: the
-    code checks the JSON, not the crop."""
+    """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if the answer is fully correct
+    (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop)."""
     calls = _calls(traj)
-    if acc < 1.0:
-        return 0.0, "answer not fully correct"
-    if not calls:
-        return 0.0, "no boxes"
+    if acc < 1.0 or not calls:
+        return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes"
     bad = sum(c.get("arguments") is None for c in calls)
     if bad:
         return 0.0, f"{bad} of {len(calls)} boxes do not parse"
@@ -559,46 +504,26 @@ def r_region_iou(traj, record, acc):
 
 
 def coverage(traj, record):
-    """Where the model looked (VLM-R3's analysis of accuracy against localisation): over the successful
-    zoom calls (call["zoom"], set by tools.execute from its table; their `region` is in original pixels, so a
-    zoom on a zoom counts where it really looked), the best zoom by IoU with the record's ground-truth bbox, ties broken by how much
-    of the ground truth it holds. -> (IoU, share of the gt area inside that zoom); (None, None) for a
-    record without bbox; (0.0, 0.0) when no zoom succeeded. Not a reward term: eval.py bins accuracy by
-    it and grpo.py logs its mean."""
+    """Where the model looked (VLM-R3's accuracy-vs-localisation analysis; not a reward term: eval.py bins accuracy by
+    it, grpo.py logs its mean): of the successful zooms (call["zoom"], set by tools.execute; `region` is in original
+    pixels, so a zoom on a zoom counts where it really looked), the best by IoU with the bbox, then by the share of the
+    bbox it holds -> (IoU, share); (None, None) without bbox, (0.0, 0.0) if no zoom succeeded."""
     if record.get("bbox") is None:
         return None, None
     gt = _box(record["bbox"])
     if gt is None:
         raise ValueError(f"record bbox {record['bbox']!r} is not [x1, y1, x2, y2] with positive area")
-    best = (0.0, 0.0)
-    for c in _calls(traj):
-        b = _box(c.get("region")) if c.get("ok") and c.get("zoom") else None
-        if b is not None:
-            w = max(0.0, min(b[2], gt[2]) - max(b[0], gt[0]))
-            h = max(0.0, min(b[3], gt[3]) - max(b[1], gt[1]))
-            best = max(best, (iou(b, gt), w * h / ((gt[2] - gt[0]) * (gt[3] - gt[1]))))  # tuples: IoU, then inside
-    return best
+    zooms = [b for b in (_box(c.get("region")) for c in _calls(traj) if c.get("ok") and c.get("zoom")) if b]
+    return max([(0.0, 0.0)] + [(iou(b, gt), _inter(b, gt) / ((gt[2] - gt[0]) * (gt[3] - gt[1]))) for b in zooms])
 
 
 def r_length(traj, record, acc):
-    """VLM-R3: min(0.1, 0.01 x characters of the shortest reasoning segment between crops). As in their
-    code: the text before the first <answer>, think tags dropped, whitespace collapsed, split at the tool
-    calls; empty segments count only at the two ends (no reasoning before the first crop or after the
-    last one scores 0)."""
-    text = _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")
-    text = re.sub(r"\s+", " ", text).strip()
-    segments, i = [], 0
-    while True:  # split at complete <tool_call>...</tool_call> blocks
-        j = text.find("<tool_call>", i)
-        k = text.find("</tool_call>", j) if j >= 0 else -1
-        if k < 0:
-            segments.append(text[i:])
-            break
-        segments.append(text[i:j])
-        i = k + len("</tool_call>")
-    segments = [s.strip() for s in segments]
-    kept = [s for n, s in enumerate(segments) if s or n in (0, len(segments) - 1)]
-    shortest = min(len(s) for s in kept)
+    """VLM-R3: min(0.1, 0.01 x characters of the shortest reasoning segment between crops). As in their code: the text
+    before the first <answer>, think tags dropped, whitespace collapsed, split at the tool calls; empty segments count
+    only at the two ends (no reasoning before the first crop or after the last one scores 0)."""
+    text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
+    segments = [s.strip() for s in _split_blocks(text, "<tool_call>", "</tool_call>")]
+    shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
 
 
@@ -609,17 +534,14 @@ def rethinker_waits(text):
 
 
 def r_rethink(traj, record, acc):
-    """VL-Rethinker (experience_maker.py: rule_reward, then the shaping of get_logprobs_and_logs). Invalid
-    (-0.1): the response was cut by the token limit, or says "wait" more than 5 times (any substring); else
-    1 correct, 0 wrong. A correct response the model wrote alone (not continued after a forced trigger)
-    gets 1.1 with 1-2 self-reflections and max(1 - 0.2 x n, -0.1) with n >= 3 (rethinker_waits); a forced
-    continuation gets the plain 1 / 0 / -0.1. (Their \\boxed requirement never fires: an argument-order slip
-    passes None; so a response without an answer is valid and wrong, as here.)"""
+    """VL-Rethinker (experience_maker.py: rule_reward, then get_logprobs_and_logs' shaping). Invalid (-0.1): cut by
+    the token limit or "wait" more than 5 times (any substring); else 1 correct, 0 wrong; a correct response not forced
+    to rethink with n self-reflections (rethinker_waits) gets 1.1 for n in 1-2, max(1 - 0.2 n, -0.1) for n >= 3.
+    (Their \\boxed check never fires, an argument-order slip passes None: no answer is valid and wrong, as here.)"""
     text = _text(traj)
-    if traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5:
-        shaped, why = -0.1, "invalid: cut off or more than 5 waits"
-    else:
-        shaped, why = (1.0, "correct") if acc >= CORRECT else (0.0, "wrong")
+    invalid = traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5
+    shaped, why = ((-0.1, "invalid: cut off or more than 5 waits") if invalid
+                   else (1.0, "correct") if acc >= CORRECT else (0.0, "wrong"))
     if acc < CORRECT or traj.get("rethinks"):
         return shaped, why + (" (forced rethink)" if traj.get("rethinks") else "")
     n = rethinker_waits(text)
@@ -632,13 +554,10 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
 
 
 def vilasr_accuracy(traj, record, acc):
-    """ViLaSR's own accuracy (gcot.py): the answer is the first <answer>...</answer> of the last turn, else
-    that whole turn. Multiple choice: the gold string exactly, after strip. Numbers (types number, mra): the
-    first number found in answer and gold, scored by MRA with a strict '<': the mean over theta in
-    linspace(0.5, 0.95, 10) of [|p - g| / (|g| + 1e-8) < 1 - theta]. Other types (not in ViLaSR's data):
-    `acc`, lookagain's accuracy()."""
-    turns = _turns(traj)
-    last = turns[-1] if turns else ""
+    """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn. Multiple choice:
+    the stripped gold string; number, mra: the first numbers of answer and gold by MRA with a strict '<', the mean over
+    theta in MRA_THRESHOLDS of [|p - g| / (|g| + 1e-8) < 1 - theta]; other types (not in their data): `acc`."""
+    last = (_turns(traj) or [""])[-1]
     m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
     ans = m.group(1) if m else last
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
@@ -654,8 +573,7 @@ def vilasr_accuracy(traj, record, acc):
 
 
 def r_vilasr(traj, record, acc, beta=0.0):
-    """ViLaSR: S = 1(acc > beta) x (0.5 acc + 0.5 format), so format only pays once the answer is right;
-    acc is ViLaSR's own (vilasr_accuracy), format r_format_vilasr."""
+    """ViLaSR: S = 1(acc > beta) x (0.5 acc + 0.5 format), acc by vilasr_accuracy, format by r_format_vilasr."""
     acc = vilasr_accuracy(traj, record, acc)
     fmt, why = r_format_vilasr(traj, record, acc)
     if not acc > beta:
@@ -664,8 +582,7 @@ def r_vilasr(traj, record, acc, beta=0.0):
 
 
 def r_vqa_hard(traj, record, acc):
-    """Groundlight's hard score (tool_use_text_vqa_env.py) on a VQA record: min(1, matches / 3) over the human
-    answers after the VQA normalisation (not the leave-one-out mean that eval's official VQA accuracy takes)."""
+    """Groundlight's hard score (tool_use_text_vqa_env.py): min(1, normalised matches / 3), no leave-one-out mean."""
     if record.get("type") != "vqa":  # one gold answer: the hard score is plain accuracy
         return acc, "accuracy (not a VQA record)"
     ans = final_answer(_text(traj))
@@ -685,10 +602,8 @@ TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("
 PRESETS = {
     # R-GRPO: r_acc + r_format (0.5) + r_valid (0.5, if correct) + r_length (<= 0.1), summed
     "vlm_r3": {"accuracy": 1.0, "format_r3": 1.0, "region_valid": 1.0, "length": 1.0},
-    # 1 / 0 / -0.1 / 1.1, accuracy already inside
-    "vl_rethinker": {"rethink": 1.0},
-    # the gated 0.5 acc + 0.5 format, accuracy already inside
-    "vilasr": {"vilasr": 1.0},
+    "vl_rethinker": {"rethink": 1.0},  # 1 / 0 / -0.1 / 1.1, accuracy already inside
+    "vilasr": {"vilasr": 1.0},  # the gated 0.5 acc + 0.5 format, accuracy already inside
     # hard min(1, matches / 3) + soft, graded format 0.1; tool success logged at weight 0 (their training code)
     "groundlight": {"vqa_hard": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
     # 0.8 acc + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
@@ -697,9 +612,8 @@ PRESETS = {
 
 
 def reward(traj, record, preset="vlm_r3", weights=None):
-    """Total reward of a trajectory: sum of weight x term over the preset's terms, `weights` overriding or
-    adding terms (preset=None starts from no terms). Returns (total, components, reasons); components
-    always hold "accuracy", weighted or not, for logging."""
+    """Sum of weight x term over the preset's terms, `weights` overriding or adding terms (preset=None: no terms).
+    -> (total, components, reasons); components always hold "accuracy", weighted or not, for logging."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown reward preset {preset!r}; known presets: {', '.join(PRESETS)}")
     w = {**(PRESETS[preset] if preset else {}), **(weights or {})}
@@ -711,5 +625,4 @@ def reward(traj, record, preset="vlm_r3", weights=None):
     for name in w:
         if name != "accuracy":
             components[name], reasons[name] = TERMS[name](traj, record, acc)
-    total = sum(float(weight) * components[name] for name, weight in w.items())
-    return float(total), components, reasons
+    return float(sum(float(weight) * components[name] for name, weight in w.items())), components, reasons
