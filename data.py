@@ -4,21 +4,18 @@ task that the CPU demo and the tests train on, and the benchmark loaders (V*, HR
 MathVista, ScienceQA-IMG in their published layouts, local files: nothing is downloaded) that eval.py uses.
 
 A record (one JSON object per line):
-    {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths,
-     "question": "...", "answer": "red" or ["ten", "10"], "type": "text",
+    {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths, "question": "...",
+     "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
      "options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
-type is one of rewards.TYPES; it picks the scorer.
 
-The synthetic task: a large image (896 px) with a small coloured square (24 px) near the centre of each
-cell of a 3x3 grid: "What colour is the square at the top left?" In the 112 px view the model gets first,
-each square is a 3 px smudge; in a zoom on the named cell's centre it is a block of ~40 px. The question
-names the place, so finding it is a text-to-coordinates mapping the model can memorise, and reading the
-colour needs the zoom. (A random tiny model learns colours quickly but not where things are in an image:
-with a ring to find instead, place words stayed at chance after 1400 steps.) Measured with the demo's
-defaults (README): 10% tools off (chance 12.5%), 71.5% after SFT, 88.5% after GRPO, with the zoom tool.
+The synthetic task: an 896 px image with a 24 px coloured square near the centre of each cell of a 3x3 grid: "What
+colour is the square at the top left?" In the model's first 112 px view each square is a 3 px smudge; zoomed on the
+named cell's centre, a block of ~40 px. The question names the place, so finding it is a text-to-coordinates mapping
+the model can memorise, and reading the colour needs the zoom. (A random tiny model learns colours quickly but not
+where things are in an image: with a ring to find instead, place words stayed at chance after 1400 steps.) Demo
+defaults (README): 10% tools off (chance 12.5%); with the zoom tool, 71.5% after SFT, 88.5% after GRPO.
 """
 import base64
-import binascii
 import csv
 import hashlib
 import io
@@ -46,8 +43,7 @@ PLACES = [f"{r} {c}".replace("middle centre", "centre") for r in ("top", "middle
 
 
 def synthetic_layout(rng, size=896, grid=3, side=24):
-    """The random draws of one item (cheap: no pixels yet): a small square of a random colour near the
-    centre of every cell, and which cell the question asks about. -> dict"""
+    """One item's random draws (no pixels yet): a square of a random colour near each cell's centre, the cell asked."""
     cell = size / grid
     names = list(COLOURS)
     squares = [((gx + 0.5) * cell + rng.uniform(-4, 4), (gy + 0.5) * cell + rng.uniform(-4, 4),
@@ -85,18 +81,20 @@ def write_jsonl(records, path):
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     with open(path, "w") as f:
         for r in records:
-            r = dict(r)
-            if callable(r["image"]):
-                r["image"] = r["image"]()
-            if isinstance(r["image"], Image.Image):
+            img = r["image"]() if callable(r["image"]) else r["image"]
+            if isinstance(img, Image.Image):
                 rel = os.path.join("images", f"{r['id']}.png")
-                r["image"].save(os.path.join(folder, rel))
-                r["image"] = rel
-            f.write(json.dumps(r) + "\n")
+                img.save(os.path.join(folder, rel))
+                img = rel
+            f.write(json.dumps(dict(r, image=img)) + "\n")
 
 
 # -----------------------------------------------------------------------------
 # lookagain JSONL
+
+
+def _finite(v):  # abs(v) < 1e9 is False for inf and NaN, and safe for an integer too big for a float
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9
 
 
 def validate(r, where):
@@ -120,10 +118,9 @@ def validate(r, where):
         bad("'options' must be a list of at least two strings")
     if r.get("type") == "multiple_choice" and not opts:
         bad("a multiple_choice record needs 'options'")
-    b = r.get("bbox")  # abs(v) < 1e9 is False for inf and NaN, and safe for an integer too big for a float
-    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
-            and b[0] < b[2] and b[1] < b[3]):
+    b = r.get("bbox")
+    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(map(_finite, b))
+                              and b[0] < b[2] and b[1] < b[3]):
         bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
     p = r.get("precision")
     if p is not None and (isinstance(p, bool) or p not in range(16)):
@@ -162,21 +159,19 @@ def jsonl_rows(path, bad=None):
 def load_jsonl(path, bad=None):
     """Read and validate every record; image paths become absolute (relative to the JSONL's folder).
     bad: None stops at the first bad record; a list collects the problems and skips those records."""
-    folder = os.path.dirname(os.path.abspath(path))
-    out = []
+    folder, out = os.path.dirname(os.path.abspath(path)), []
     for where, r in jsonl_rows(path, bad):
         try:
             validate(r, where)
             r.setdefault("id", where)
             r.setdefault("type", "text")
             paths = r["image"] if isinstance(r["image"], list) else [r["image"]]
-            r["image"] = [p if os.path.isabs(p) else os.path.join(folder, p) for p in paths]
+            r["image"] = [os.path.join(folder, p) for p in paths]  # an absolute p stays as it is
             for p in r["image"]:
                 check_image(p, where)
+            out.append(r)
         except (ValueError, FileNotFoundError) as e:
             problem(bad, str(e), type(e))
-            continue
-        out.append(r)
     if not out and bad is None:
         raise ValueError(f"{path}: no records")
     return out
@@ -187,11 +182,10 @@ MAX_ASPECT = 200          # Qwen2-VL's smart_resize refuses a longer side over 2
 
 
 def open_image(src, draft=False):
-    """One image (a path, a function that returns an image, or a PIL image) as RGB, the one way images are
-    read: its size checked before decoding (at most MAX_PIXELS, aspect at most MAX_ASPECT), EXIF orientation
-    applied, 16-bit and 32-bit grey scaled to 8 bits (not clipped: a 16-bit PNG would turn white), alpha
-    composited on white. draft: decode a JPEG at 1/8 scale (to check it is whole, cheaply).
-    Raises ValueError saying what is wrong, FileNotFoundError for a missing file."""
+    """One image (a path, a function that returns one, or a PIL image) as RGB, the one way images are read:
+    size checked before decoding, EXIF orientation applied, 16/32-bit grey scaled to 8 bits (not clipped: a
+    16-bit PNG would turn white), alpha composited on white. draft: decode a JPEG at 1/8 scale (a cheap check
+    that it is whole). Raises ValueError saying what is wrong, FileNotFoundError for a missing file."""
     if isinstance(src, str) and not os.path.isfile(src):
         raise FileNotFoundError(f"image {src} not found")
     try:
@@ -221,8 +215,7 @@ _checked = {}  # (path, size, mtime) -> the problem, or None: an image shared by
 
 
 def check_image(path, where):
-    """At load time: can `path` be read (open_image, the JPEG decoded at 1/8 scale, nothing kept)?
-    Raises ValueError/FileNotFoundError naming `where` (the file and line or row)."""
+    """At load time: can `path` be read (open_image at 1/8 scale, nothing kept)? Errors name `where`."""
     try:
         st = os.stat(path)
     except OSError:
@@ -252,8 +245,7 @@ def dataset(spec, split="train", n=None, seed=0):
     """--data: "synthetic" (n items; the test split uses a disjoint seed) or a JSONL path."""
     if spec == "synthetic":
         return synthetic(n or (2000 if split == "train" else 200), seed=seed if split == "train" else 10_000 + seed)
-    recs = load_jsonl(spec)
-    return recs[:n] if n else recs
+    return load_jsonl(spec)[:n or None]
 
 
 # -----------------------------------------------------------------------------
@@ -280,34 +272,30 @@ def _image(path, where, bad):
         problem(bad, str(e), type(e))
 
 
-def shuffle_options(options, correct, seed, key):
-    """Options in a seeded order (V*'s JSON lists the correct option first: unshuffled, "A" is always right).
-    The order depends only on (seed, key), never on the other items. -> (options, answer letter)."""
+def _vstar_record(key, img, question, options, correct, shuffle_seed, category, where, ann):
+    """One V* record: its options in a seeded order (V*'s JSON lists the correct one first: unshuffled, "A" is
+    always right) that depends only on (shuffle_seed, key), and as bbox the [x1, y1, x2, y2] box around all the
+    target boxes ([x, y, w, h], one per object): the region a model must see (both, for a relative position)."""
     order = list(range(len(options)))
-    random.Random(f"{seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
-    return [options[k] for k in order], chr(65 + order.index(correct))
-
-
-def _union_xywh(boxes):
-    """V*'s target boxes ([x, y, w, h], one per target object) -> the [x1, y1, x2, y2] box around them all:
-    the region a model must see to answer (both objects, for a relative-position question)."""
-    boxes = [b for b in (boxes if isinstance(boxes, list) else []) if isinstance(b, list) and len(b) == 4
-             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
-             and b[2] > 0 and b[3] > 0]
-    if not boxes:
-        return None
-    return [min(b[0] for b in boxes), min(b[1] for b in boxes),
-            max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
+    random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
+    r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
+             type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
+    boxes = ann.get("bbox") if isinstance(ann, dict) else None
+    boxes = [b for b in (boxes if isinstance(boxes, list) else [])
+             if isinstance(b, list) and len(b) == 4 and all(map(_finite, b)) and b[2] > 0 and b[3] > 0]
+    if boxes:
+        r["bbox"] = [min(b[0] for b in boxes), min(b[1] for b in boxes),
+                     max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
+    return r
 
 
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
 
 
 def load_vstar(path, shuffle_seed=0, bad=None):
-    """V* Bench: the folder with direct_attributes/ and relative_position/, each holding <name>.jpg and
-    <name>.json ({"question", "options" (the correct one first), "target_object", "bbox": [[x, y, w, h]]}),
-    or its test_questions.jsonl ({"image", "text" with "(A) ..." option lines, "category", "question_id",
-    "label"}). Options are shuffled with `shuffle_seed`."""
+    """V* Bench: the folder with direct_attributes/ and relative_position/, each holding <name>.jpg and <name>.json
+    ({"question", "options" (the correct one first), "target_object", "bbox": [[x, y, w, h]]}), or its
+    test_questions.jsonl ({"image", "text" with "(A) ..." option lines, "category", "question_id", "label"})."""
     if os.path.isfile(path):
         return _load_vstar_jsonl(path, shuffle_seed, bad)
     if not os.path.isdir(path):
@@ -321,9 +309,7 @@ def load_vstar(path, shuffle_seed=0, bad=None):
     for cat in cats:
         folder = os.path.join(path, cat)
         files = sorted(os.listdir(folder))
-        for name in files:
-            if not name.endswith(".json"):
-                continue
+        for name in [f for f in files if f.endswith(".json")]:
             where, stem = os.path.join(folder, name), name[:-len(".json")]
             try:
                 ann = _read_json(where)
@@ -338,13 +324,8 @@ def load_vstar(path, shuffle_seed=0, bad=None):
             elif not isinstance(ann.get("question"), str) or not (isinstance(opts, list) and len(opts) >= 2):
                 problem(bad, f"{where}: needs an object with a 'question' and at least two 'options'")
             elif _image(os.path.join(folder, imgs[0]), where, bad):
-                options, letter = shuffle_options([str(o) for o in opts], 0, shuffle_seed, f"{cat}/{stem}")
-                r = dict(id=f"vstar-{cat}-{stem}", image=os.path.join(folder, imgs[0]), question=ann["question"],
-                         answer=letter, type="multiple_choice", options=options, category=cat, source=where)
-                box = _union_xywh(ann.get("bbox"))
-                if box:
-                    r["bbox"] = box
-                out.append(r)
+                out.append(_vstar_record(f"{cat}/{stem}", os.path.join(folder, imgs[0]), ann["question"],
+                                         [str(o) for o in opts], 0, shuffle_seed, cat, where, ann))
     return out
 
 
@@ -354,9 +335,8 @@ def _load_vstar_jsonl(path, shuffle_seed, bad):
         if not isinstance(q, dict) or not all(isinstance(q.get(k), str) for k in ("image", "text", "label")):
             problem(bad, f"{where}: needs 'image', 'text' and 'label' strings")
             continue
-        text, label, rel, cat = q["text"], q["label"].strip().upper(), q["image"], q.get("category")
-        options, question = [], []
-        for s in text.split("\n"):
+        label, rel, options, question = q["label"].strip().upper(), q["image"], [], []
+        for s in q["text"].split("\n"):
             m = re.match(r"\s*\(([A-Z])\)\s*(.*)", s)
             if m:
                 options.append(m.group(2).strip())
@@ -368,21 +348,15 @@ def _load_vstar_jsonl(path, shuffle_seed, bad):
         img = _image(os.path.join(folder, rel), where, bad)
         if img is None:
             continue
-        stem = os.path.splitext(rel)[0]
-        options, letter = shuffle_options(options, ord(label) - 65, shuffle_seed, stem)
-        r = dict(id=f"vstar-{stem.replace('/', '-')}", image=img, question=" ".join(question), answer=letter,
-                 type="multiple_choice", options=options, category=cat or os.path.dirname(stem), source=where)
         side = os.path.splitext(img)[0] + ".json"  # the per-image JSON, when present, has the target boxes
-        if os.path.isfile(side):
-            try:
-                ann = _read_json(side)
-            except ValueError as e:
-                problem(bad, str(e))
-                continue
-            box = _union_xywh(ann.get("bbox") if isinstance(ann, dict) else None)
-            if box:
-                r["bbox"] = box
-        out.append(r)
+        try:
+            ann = _read_json(side) if os.path.isfile(side) else None
+        except ValueError as e:
+            problem(bad, str(e))
+            continue
+        stem = os.path.splitext(rel)[0]
+        out.append(_vstar_record(stem, img, " ".join(question), options, ord(label) - 65, shuffle_seed,
+                                 q.get("category") or os.path.dirname(stem), where, ann))
     return out
 
 
@@ -410,15 +384,12 @@ def load_hrbench(path, bad=None):
                 if len(s) > 64:
                     key = hashlib.blake2b(s.encode(), digest_size=16).digest()
                     if key not in opened:  # decoded once here (at 1/8 scale), to fail now rather than mid-run
-                        try:
-                            raw = base64.b64decode(s, validate=True)
-                        except (binascii.Error, ValueError):
-                            opened[key] = "image is not valid base64"
-                        else:
-                            try:
-                                open_image(partial(_open_bytes, raw), draft=True)
-                                opened[key] = partial(_open_bytes, raw)
-                            except ValueError as e:
+                        opened[key] = "image is not valid base64"
+                        try:  # b64decode raises a ValueError (binascii.Error is one) on bad base64
+                            opened[key] = partial(_open_bytes, base64.b64decode(s, validate=True))
+                            open_image(opened[key], draft=True)
+                        except ValueError as e:
+                            if callable(opened[key]):
                                 opened[key] = f"image is base64 of no image PIL can read whole ({e})"
                     by_index[row["index"]] = opened[key]
                     s = row["index"]
@@ -469,9 +440,8 @@ def load_textvqa(path, images=None, bad=None):
     """TextVQA: the official JSON ({"data": [{"question", "image_id", "answers": [10 strings], "question_id"}]})
     and its image folder (<image_id>.jpg; default: train_images/ next to the JSON, else the JSON's folder).
     Scored by VQA accuracy over the 10 answers."""
-    folder = os.path.dirname(os.path.abspath(path))
-    root = images or (os.path.join(folder, "train_images") if os.path.isdir(os.path.join(folder, "train_images"))
-                      else folder)
+    root = os.path.join(os.path.dirname(os.path.abspath(path)), "train_images")
+    root = images or (root if os.path.isdir(root) else os.path.dirname(root))
     return _load_answer_list(path, bad, "TextVQA", "vqa", lambda q: os.path.join(root, f"{q['image_id']}.jpg")
                              if "image_id" in q else None, "question_id")
 
@@ -487,8 +457,7 @@ def load_docvqa(path, images=None, bad=None):
 def load_mathvista(path, images=None, bad=None):
     """MathVista testmini: its JSON, {pid: {"question", "image": "images/1.jpg", "choices", "unit",
     "precision", "answer", "question_type", "answer_type", "metadata": {"category", ...}}} (a list of the same
-    objects works too); images relative to the JSON's folder (or --images). Scored by rewards.mathvista_score:
-    choices mapped to their text, integers by int(float()), floats rounded to the precision."""
+    objects works too); images relative to the JSON's folder (or --images). Scored by rewards.mathvista_score."""
     js = _read_json(path)
     problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
     if problems is None:
@@ -500,34 +469,28 @@ def load_mathvista(path, images=None, bad=None):
         where = f"{path}: pid {pid}"
         if not isinstance(p, dict) or not isinstance(p.get("question"), str) or not isinstance(p.get("image"), str):
             problem(bad, f"{where}: needs 'question' and 'image'")
-            continue
-        if p.get("answer") in (None, ""):
+        elif p.get("answer") in (None, ""):
             problem(bad, f"{where}: no 'answer' (MathVista's test split has none: evaluate on testmini)")
-            continue
-        if p.get("choices") and not isinstance(p["choices"], list):  # a string would become one option a letter
+        elif p.get("choices") and not isinstance(p["choices"], list):  # a string would become one option a letter
             problem(bad, f"{where}: 'choices' must be a list, got {str(p['choices'])[:40]!r}")
-            continue
-        if not isinstance(p.get("metadata") or {}, dict):
+        elif not isinstance(p.get("metadata") or {}, dict):
             problem(bad, f"{where}: 'metadata' must be an object, got {str(p['metadata'])[:40]!r}")
-            continue
-        img = _image(os.path.join(root, p["image"]), where, bad)
-        if img is None:
-            continue
-        q = p["question"] + (f" (Unit: {p['unit']})" if p.get("unit") else "")
-        r = dict(id=f"mathvista-{pid}", image=img, question=q, answer=str(p["answer"]), type="mathvista",
-                 answer_type=p.get("answer_type"), precision=p.get("precision"),
-                 question_type=p.get("question_type"), category=(p.get("metadata") or {}).get("category"), source=where)
-        if p.get("choices"):
-            r["options"] = [str(c) for c in p["choices"]]
-        out.append(r)
+        elif _image(os.path.join(root, p["image"]), where, bad):
+            q = p["question"] + (f" (Unit: {p['unit']})" if p.get("unit") else "")
+            r = dict(id=f"mathvista-{pid}", image=os.path.join(root, p["image"]), question=q, answer=str(p["answer"]),
+                     type="mathvista", answer_type=p.get("answer_type"), precision=p.get("precision"),
+                     question_type=p.get("question_type"), category=(p.get("metadata") or {}).get("category"),
+                     source=where)
+            if p.get("choices"):
+                r["options"] = [str(c) for c in p["choices"]]
+            out.append(r)
     return out
 
 
 def load_scienceqa(path, images=None, split="test", bad=None):
-    """ScienceQA-IMG: problems.json ({pid: {"question", "choices", "answer": index, "hint", "image":
-    "image.png" or null, "subject", "split", ...}}) and its images folder (images/<split>/<pid>/image.png;
-    default: images/ next to problems.json). Only problems of `split` with an image. Multiple choice by
-    option index; category = subject (natural / social / language science, as the paper reports)."""
+    """ScienceQA-IMG: problems.json ({pid: {"question", "choices", "answer": index, "hint", "image": "image.png" or
+    null, "subject", "split", ...}}) and its images folder (images/<split>/<pid>/image.png; default: images/ next to
+    it). Only `split`'s problems with an image; category = subject (natural/social/language, as in the paper)."""
     js = _read_json(path)
     if not isinstance(js, dict):
         raise ValueError(f"{path}: expected ScienceQA's {{pid: problem}} object")
@@ -558,25 +521,17 @@ BENCHES = ("vstar", "hrbench", "textvqa", "docvqa", "mathvista", "scienceqa", "j
 
 
 def load_benchmark(bench, path, images=None, split="test", shuffle_seed=0, bad=None):
-    """--bench -> records. bad: None to stop at the first bad row, or a list that collects them (--skip-bad).
-    A loader's records are validated as JSONL records are (e.g. a precision that is no number, a box of inf)."""
-    if bench == "vstar":
-        recs = load_vstar(path, shuffle_seed, bad)
-    elif bench == "hrbench":
-        recs = load_hrbench(path, bad)
-    elif bench == "textvqa":
-        recs = load_textvqa(path, images, bad)
-    elif bench == "docvqa":
-        recs = load_docvqa(path, images, bad)
-    elif bench == "mathvista":
-        recs = load_mathvista(path, images, bad)
-    elif bench == "scienceqa":
-        recs = load_scienceqa(path, images, split, bad)
-    elif bench == "jsonl":
+    """--bench -> records, validated as JSONL records are (e.g. a precision that is no number, a box of inf).
+    bad: None to stop at the first bad row, or a list that collects them (--skip-bad)."""
+    if bench == "jsonl":
         return load_jsonl(path, bad)
-    else:
+    load = dict(vstar=lambda: load_vstar(path, shuffle_seed, bad), hrbench=lambda: load_hrbench(path, bad),
+                textvqa=lambda: load_textvqa(path, images, bad), docvqa=lambda: load_docvqa(path, images, bad),
+                mathvista=lambda: load_mathvista(path, images, bad),
+                scienceqa=lambda: load_scienceqa(path, images, split, bad)).get(bench)
+    if load is None:
         raise ValueError(f"unknown --bench {bench!r}; known: {', '.join(BENCHES)}")
-    out = []
+    recs, out = load(), []
     for r in recs:
         try:
             validate(r, r["source"])

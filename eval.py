@@ -4,9 +4,8 @@ ScienceQA-IMG in their published layouts, or lookagain JSONL) through the same r
 or without tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked,
 and hard-example mining.
 
-CPU demo, no arguments: the demo checkpoint (runs/grpo, else runs/sft, else the untrained tiny model) on the
-synthetic held-out set (200 items), with zoom_in and with tools off, side by side:
-    python eval.py
+CPU demo, `python eval.py` (no arguments): the demo checkpoint (runs/grpo, else runs/sft, else the untrained tiny
+model) on the synthetic held-out set (200 items), with zoom_in and with tools off, side by side.
 1 CPU, a quick look:
     python eval.py --model tiny --data synthetic --limit 8 --out runs/ev
 1 GPU (V* on Qwen2.5-VL-7B, with the tools-off baseline measured at the same pixel budget):
@@ -17,24 +16,18 @@ synthetic held-out set (200 items), with zoom_in and with tools off, side by sid
         --samples 8 --out runs/ev-hr8k
 A method's own evaluation settings (pixel budgets, sampling, limits): --recipe vlm_r3 | vl_rethinker | vilasr |
 groundlight | deepeyes, e.g. python eval.py --recipe vlm_r3 --model runs/r3 --bench vstar --data vstar_bench
-Hard-example mining (Groundlight: TextVQA questions the base model gets wrong without tools), then train on them:
-    python eval.py --recipe groundlight --model Qwen/Qwen2.5-VL-3B-Instruct --tools none --bench textvqa \
-        --data TextVQA_0.5.1_train.json --images train_images --samples 8 --temperature 1.0 --max-turn-tokens 10 \
-        --keep-below 0.5 --write-subset runs/hard/train.jsonl
-    python grpo.py --recipe groundlight --model <a tool-free GRPO checkpoint> --data runs/hard/train.jsonl ...
-Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px); results.json
-records the budgets used.
+Hard-example mining (Groundlight's, TextVQA without tools; commands in the README): --samples 8 --keep-below 0.5
+--write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
+Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px).
 
 The run folder (--out) gets results.md (the table printed on screen), results.json (every setting: model,
 pixel budgets, tools, system prompt, question template, seeds, sampling, limits; and the aggregates) and
 items.jsonl (one line per item and setting: answer, prediction, score, turns, calls, stop reason, coverage,
 pass rate over the samples).
 
-Determinism (common.run_episodes). Sample j of item i draws from its own generator, seeded from (seed, i, j),
-so its randomness does not come from the other items of its batch. The episodes (item i, sample j), in that
-order, are cut into fixed batches of --batch-size and batch b runs on rank b % world: a sharded run computes
-exactly the batches of an unsharded one, padding included, so it gives the same results bit for bit (greedy
-too: no float noise from other batch neighbours) and items.jsonl does not depend on the number of processes.
+Determinism (common.run_episodes): each sample has its own generator, seeded from (seed, item, sample), and the
+episodes run in fixed batches of --batch-size, so a sharded run computes exactly the batches of an unsharded one
+(padding included) and gives the same results bit for bit, greedy too: items.jsonl does not depend on the world size.
 """
 import argparse
 import json
@@ -96,17 +89,10 @@ COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in z
 def coverage_bin(t):
     """Bin of one trajectory by the share of the ground-truth region inside its best zoom (rewards.coverage):
     no successful zoom / a zoom that missed it / partly / mostly / wholly inside. None: the item has no bbox."""
-    if t.get("coverage_inside") is None:
+    s = t.get("coverage_inside")
+    if s is None:
         return None
-    if not t["n_zooms"]:
-        return COVERAGE_BINS[0]
-    s = t["coverage_inside"]
-    return COVERAGE_BINS[1 if s <= 0 else 2 if s < 0.5 else 3 if s < 1 - 1e-9 else 4]
-
-
-def trajectories(item):
-    """Every sample of an item: the item itself holds sample 0, `other_samples` the rest."""
-    return [item] + item.get("other_samples", [])
+    return COVERAGE_BINS[0 if not t["n_zooms"] else 1 if s <= 0 else 2 if s < 0.5 else 3 if s < 1 - 1e-9 else 4]
 
 
 def summarize(items, bench=None, samples=1):
@@ -116,11 +102,10 @@ def summarize(items, bench=None, samples=1):
     s = dict(metric=METRIC.get(next((it.get("type") for it in ok), None), "accuracy"),
              accuracy=acc, per_category=per_cat, items=len(ok), skipped=len(items) - len(ok))
     if samples > 1:  # avg@k is `accuracy` (mean score over samples); pass@k counts score >= 0.5 as correct
-        ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
         s["pass@k"] = {str(k): aggregate(ok, bench, lambda it, k=k: pass_at_k(samples, it["n_correct"], k))[0]
-                       for k in ks}
+                       for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})}
         s["avg@k"] = acc
-    ts = [t for it in ok for t in trajectories(it)]
+    ts = [t for it in ok for t in [it] + it.get("other_samples", [])]  # every sample: the item holds sample 0
     used, unused = [t for t in ts if t["used_tool"]], [t for t in ts if not t["used_tool"]]
     calls = sum(t["n_calls"] for t in ts)
     s.update(tool_use=_mean(t["used_tool"] for t in ts), calls_per_item=_mean(t["n_calls"] for t in ts),
@@ -158,13 +143,10 @@ def score_episode(ep, record):
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
              batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
-    """Roll out every record `samples` times with the tools (tools=[]: the tools-off baseline) and the
-    episode cfg (common.episode_cfg: pixel budgets and limits), score, aggregate. The rollouts are
-    common.run_episodes': seeded per sample, sharded over ranks by fixed batches, merged on every rank.
-    -> (summary, items): summary has accuracy (the benchmark's metric; avg@k over samples), per_category,
-    pass@k (samples > 1), tool_use (share of trajectories with a successful call), calls_per_item, ...;
-    items[i] is records[i]'s result. skip_bad: an item whose image cannot be read, or whose record the
-    scorer rejects, is skipped (counted), not fatal."""
+    """Roll out every record `samples` times (common.run_episodes; tools=[]: the tools-off baseline; cfg:
+    common.episode_cfg), score, aggregate. -> (summary, items): summary has accuracy (the benchmark's metric;
+    avg@k over samples), per_category, pass@k (samples > 1), tool_use, calls_per_item, ...; items[i] is
+    records[i]'s result. skip_bad: an item whose image or record is bad is skipped (counted), not fatal."""
     t0 = time.time()
     done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
@@ -175,14 +157,14 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
         if r.get("cycle_category") is not None:
             item["cycle_category"] = r["cycle_category"]
         if i in errors:
-            items.append({**item, "error": errors[i]})
-            continue
-        ss = [done[(i, j)] for j in range(samples)]
-        scores = [t["score"] for t in ss]
-        item.update(ss[0], scores=scores, pass_rate=sum(scores) / samples,
-                    n_correct=sum(x >= R.CORRECT for x in scores))
-        if samples > 1:
-            item["other_samples"] = ss[1:]
+            item["error"] = errors[i]
+        else:
+            ss = [done[(i, j)] for j in range(samples)]
+            scores = [t["score"] for t in ss]
+            item.update(ss[0], scores=scores, pass_rate=sum(scores) / samples,
+                        n_correct=sum(x >= R.CORRECT for x in scores))
+            if samples > 1:
+                item["other_samples"] = ss[1:]
         items.append(item)
     summary = summarize(items, bench, samples)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -243,18 +225,9 @@ def _git_commit():
         return None
 
 
-def demo_model():
-    """The demo checkpoint: the GRPO demo's, else the SFT demo's, else the untrained tiny model."""
-    for d in (C.DEMO_GRPO, C.DEMO_SFT):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    return "tiny"
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
-    C.add_common_flags(p, model="demo", out="runs/eval")  # --model demo: runs/grpo, else runs/sft, else tiny
-    # the benchmark
+    C.add_common_flags(p, model="demo", out="runs/eval")
     p.add_argument("--bench", choices=D.BENCHES, default=None,
                    help="the loader for --data (default: --data synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
@@ -262,13 +235,11 @@ def get_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
-    # sampling
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
     p.add_argument("--temperature", type=float, default=None,
                    help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
     C.add_filter_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per rollout call")
-    # what to run and write
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
@@ -302,7 +273,8 @@ def main():
     records = records[:args.limit] if args.limit else records
     if not records:
         raise SystemExit(f"{args.data}: no items to evaluate")
-    name = demo_model() if args.model == "demo" else args.model
+    demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
+    name = (demo + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
     # settings: (column label, model, tools). The demo compares the SFT and GRPO checkpoints with tools,
     # and the final model with tools off (can it answer from the first look alone?)
     settings = [(args.tools if tools else "none", name, tools)]
@@ -360,9 +332,8 @@ def main():
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(dict(settings=settings_out, runs=runs, subset=subset), f, indent=2)
         with open(os.path.join(args.out, "items.jsonl"), "w") as f:
-            for label, items in all_items.items():
-                for it in items:
-                    f.write(json.dumps(dict(setting=label, **it)) + "\n")
+            f.writelines(json.dumps(dict(setting=label, **it)) + "\n" for label, items in all_items.items()
+                         for it in items)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(table + "\n")
         print(table)
