@@ -1,45 +1,27 @@
 """
-Two benchmarks, each printing a table: the fused log-prob kernel (below) and the rollout engine (--rollout).
+Two benchmarks, each printing a table: the fused log-prob kernel (1.) and the rollout engine (2., --rollout).
 
-1. The fused log-prob kernel: forward + backward of per-token log-probs
-logp = log_softmax(hidden @ weight.T)[targets], against the naive path
-(logits -> log_softmax -> gather), for time and peak memory.
-
-Run exactly:
-  CPU (2 cores, ~10 min): python bench.py --device cpu --threads 2
-                          (CPU defaults: N = 4096, H = 1024, V = 151936, fp32, 3 rounds of 1 run)
-  one GPU:                python bench.py --device cuda
-                          (GPU defaults: N = 2048, 8192, 16384, H = 2048, V = 151936, bf16, 1 round of 5 runs)
-  smoke test (seconds):   python bench.py --quick
-
-Implementations ("fwd+bwd" of the same loss L = sum_t g_t logp_t, g fixed random):
+1. Forward + backward of per-token log-probs logp = log_softmax(hidden @ weight.T)[targets] (the loss L =
+sum_t g_t logp_t, g fixed random), for time and peak memory. Run exactly (defaults per device: see the flags):
+`python bench.py --device cpu --threads 2` (CPU, 2 cores, ~10 min), `python bench.py --device cuda` (one GPU),
+or `python bench.py --quick` (a smoke test, seconds). Implementations:
   naive          logits = hidden @ weight.T (then .float()), log_softmax, gather; autograd backward
   chunked        fused_logprobs(impl="torch"): chunked PyTorch, logits recomputed in backward (8 N H V)
   chunked+loss   the same with the loss fused in (loss_fn=): gradient formed in forward (6 N H V)
   triton, triton+loss   the Triton row kernels instead (CUDA only)
-
-Every (implementation, N) runs in fresh subprocesses, so peak memory is its own, --rounds times,
-the implementations taking turns (on a shared machine a load change then hits all of them alike):
-  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus what was allocated before.
-  CPU:  the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) minus its
-        resident memory before the call.
-Reported: "extra" = that peak minus the two gradients (of hidden and weight) every implementation
-must return. Each subprocess first warms up on 8 tokens (code loading, Triton compilation), then
-runs once at full size (which gives the memory) and --reps - 1 more times. Time: the fastest of all
-the full-size runs (the least disturbed). TFLOP/s counts the 6 N H V floor, whatever the
-implementation actually computes.
+Each (implementation, N) runs --rounds times in fresh subprocesses (its own peak memory), implementations taking
+turns (a load change hits all alike); each warms up on 8 tokens (code loading, Triton compilation), then runs
+--reps times at full size. Time: the fastest run; TFLOP/s counts the 6 N H V floor. "extra": the first run's peak
+memory (max_memory_allocated, or VmHWM) beyond what was in use before and the two gradients of hidden and weight.
 
 2. The rollout engine (model.sample through tools.rollout) against transformers' generate and the uncached
-path (every turn's whole conversation prefilled again: tools.rollout(reuse_cache=False)):
+path (tools.rollout(reuse_cache=False): every turn's whole conversation prefilled again):
   CPU (the SFT demo checkpoint runs/sft when present, else tiny): python bench.py --rollout --threads 2
-  one GPU (a random-weight Qwen2.5-VL-3B, tiny tokenizer):
-      python bench.py --rollout --model random-3b --device cuda --max-new 512 --pixels 200704
---prompts P x --group G episodes (a GRPO step's groups), --reps rounds taking turns, the fastest kept.
-Single turn, greedy: generate (same prompts, same stop strings and max new tokens), uncached, engine: the
-same tokens (the table says how many rows agree with generate). Multi-turn with zoom_in (the demo's
-episodes: its turn, image and token limits), sampled at T = 1 from per-episode seeds: uncached, engine.
-tokens/s counts the tokens the trajectories keep; prefill/token: tokens prefilled per sampled token;
-rows/token: rows forwarded by decode steps per sampled token (1 when no row decodes padding).
+  one GPU (random weights): python bench.py --rollout --model random-3b --device cuda --max-new 512 --pixels 200704
+--prompts P x --group G episodes, --reps rounds taking turns, the fastest kept. Single turn, greedy: generate
+(same prompts, stop strings, max new tokens), uncached, engine; multi-turn with zoom_in (the demo's limits),
+T = 1, per-episode seeds: uncached, engine. Per token the trajectories keep: tokens prefilled (prefill/token),
+rows forwarded by decode steps (rows/token: 1 when none decodes padding); same tokens: rows as the setting's first.
 """
 
 import argparse
@@ -60,51 +42,52 @@ from kernel import fused_logprobs
 
 def make_step(impl, hidden, weight, targets, g):
     """A function doing one forward + backward of L = sum_t g_t logp_t for the given implementation."""
-    if impl == "naive":
-        def step():
-            logits = (hidden @ weight.T).float()                             # [N, V]
-            logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-            del logits
-            logp.backward(g)
-    elif impl in ("chunked", "triton"):
-        kind = "torch" if impl == "chunked" else "triton"
-        def step():
-            fused_logprobs(hidden, weight, targets, impl=kind).backward(g)
-    elif impl in ("chunked+loss", "triton+loss"):
-        kind = "torch" if impl == "chunked+loss" else "triton"
-        def step():
-            loss, _ = fused_logprobs(hidden, weight, targets, impl=kind, loss_fn=lambda lp, rows: lp * g[rows])
-            loss.backward()
-    else:
+    kind = "triton" if impl.startswith("triton") else "torch"
+    if impl in ("chunked", "triton"):
+        return lambda: fused_logprobs(hidden, weight, targets, impl=kind).backward(g)
+    if impl in ("chunked+loss", "triton+loss"):
+        return lambda: fused_logprobs(hidden, weight, targets, impl=kind,
+                                      loss_fn=lambda lp, rows: lp * g[rows])[0].backward()
+    if impl != "naive":
         raise ValueError(impl)
+
+    def step():
+        logits = (hidden @ weight.T).float()                             # [N, V]
+        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        del logits  # freed before the backward (log_softmax keeps its output, not its input)
+        logp.backward(g)
     return step
+
+
+def timed(fn, device):  # -> (seconds, what fn() returned), the device synchronised before and after
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
 
 
 def _rss_kib(field):
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def run_one(impl, N, H, V, dtype, device, reps):
     """Runs in a child process: a warm-up, then `reps` full-size runs; returns their times and the memory."""
     torch.manual_seed(0)
-    dt = getattr(torch, dtype)
-    hidden = torch.randn(N, H, device=device).to(dt).requires_grad_()
-    weight = (0.02 * torch.randn(V, H, device=device)).to(dt).requires_grad_()
+    hidden = torch.randn(N, H, device=device).to(getattr(torch, dtype)).requires_grad_()
+    weight = (0.02 * torch.randn(V, H, device=device)).to(hidden.dtype).requires_grad_()
     targets = torch.randint(0, V, (N,), device=device)
     g = torch.randn(N, device=device)
     grad_bytes = (N * H + V * H) * hidden.element_size()   # dh [N, H] + dW [V, H]
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cuda = device == "cuda"
 
     # warm-up on 8 tokens with the full weight (same V, so the same Triton specialisation)
     make_step(impl, hidden[:8].detach().requires_grad_(), weight, targets[:8], g[:8])()
     weight.grad = None
-    sync()
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
@@ -115,10 +98,7 @@ def run_one(impl, N, H, V, dtype, device, reps):
     step = make_step(impl, hidden, weight, targets, g)
     times = []
     for i in range(reps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        times.append(timed(step, device)[0])
         if i == 0:
             peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024) - base
         hidden.grad = weight.grad = None
@@ -126,7 +106,6 @@ def run_one(impl, N, H, V, dtype, device, reps):
 
 
 def rollout_bench(a, device):
-    """The rollout table (see the docstring, 2.)."""
     name, arch = a.model or (C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"), None
     if name == "random-3b":
         arch = dict(M.QWEN25_VL_3B, text=dict(M.QWEN25_VL_3B["text"], num_hidden_layers=a.layers))
@@ -135,7 +114,6 @@ def rollout_bench(a, device):
     records = D.dataset("synthetic", "test")[:a.prompts]
     cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([]), policy),
                view_max_pixels=a.pixels, crop_max_pixels=a.pixels, max_turn_tokens=a.max_new)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def episodes(turns):
         eps = [ep for r in records for ep in T.new_group(policy, r, ["zoom_in"], a.group, **dict(cfg, max_turns=turns))]
@@ -146,26 +124,19 @@ def rollout_bench(a, device):
     def engine(turns, reuse):  # -> seconds, sampled tokens, prefilled tokens, decode rows, what was sampled, episodes
         eps = episodes(turns)
         policy.stats.clear()
-        sync()
-        t = time.perf_counter()
-        T.rollout(policy, eps, greedy=turns == 1, reuse_cache=reuse)
-        sync()
-        dt, st = time.perf_counter() - t, policy.stats
+        dt, _ = timed(lambda: T.rollout(policy, eps, greedy=turns == 1, reuse_cache=reuse), device)
         sampled = [[t for t, m in zip(ep["seq"], ep["mask"]) if m] for ep in eps]
-        return dt, sum(map(len, sampled)), st["prefill_tokens"], st["decode_rows"], sampled, eps
+        return dt, sum(map(len, sampled)), policy.stats["prefill_tokens"], policy.stats["decode_rows"], sampled, eps
 
     def generate(_turns, _reuse):
         eps = episodes(1)
         batch = M.collate(policy, [ep["seq"] for ep in eps], [T.episode_images(policy, ep) for ep in eps])
         del batch["position_ids"]  # generate computes M-RoPE itself, from where the image tokens are
         batch["mm_token_type_ids"] = (batch["input_ids"] == policy.image_pad).int()
-        sync()
-        t = time.perf_counter()
-        out = policy.model.generate(**batch, max_new_tokens=a.max_new, do_sample=False, eos_token_id=policy.eos,
-                                    pad_token_id=policy.pad, stop_strings=["</tool_call>", "</answer>"],
-                                    tokenizer=policy.tok)
-        sync()
-        dt, new = time.perf_counter() - t, out[:, batch["input_ids"].shape[1]:].tolist()
+        dt, out = timed(lambda: policy.model.generate(
+            **batch, max_new_tokens=a.max_new, do_sample=False, eos_token_id=policy.eos, pad_token_id=policy.pad,
+            stop_strings=["</tool_call>", "</answer>"], tokenizer=policy.tok), device)
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
         steps = len(new[0])  # every row decodes until the last one stops
         def end(r):  # a row ends at its first eos or stop string (then generate pads it, with an eos token)
             return next((i + 1 for i, x in enumerate(r) if x in policy.eos or
@@ -210,7 +181,6 @@ def main():
     p.add_argument("--impls", nargs="+", default=None, help="naive chunked chunked+loss triton triton+loss")
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test of this script")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: IMPL N, run in a child
-    # the rollout benchmark
     p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
     p.add_argument("--model", default=None,
                    help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
@@ -224,11 +194,8 @@ def main():
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    H = a.H or (2048 if cuda else 1024)
-    Ns = a.N or ([2048, 8192, 16384] if cuda else [4096])
-    reps = a.reps or (5 if cuda else 1)
-    rounds = a.rounds or (1 if cuda else 3)
-    V = a.V
+    Ns, H, reps, rounds = ([2048, 8192, 16384], 2048, 5, 1) if cuda else ([4096], 1024, 1, 3)  # the defaults
+    Ns, H, V, reps, rounds = a.N or Ns, a.H or H, a.V, a.reps or reps, a.rounds or rounds
     if a.quick:
         Ns, H, V, reps, rounds = [1024], 256, 32000, 1, 1
     if a.threads:
@@ -247,33 +214,25 @@ def main():
     print("# time: fastest full-size fwd+bwd; speed: naive's time / this time; TFLOP/s: 6 N H V / time;")
     print("# extra: peak memory beyond the two gradients (of hidden and weight)")
     print(f"{'N':>6} {'impl':>13} {'time ms':>10} {'speed':>6} {'TFLOP/s':>8} {'extra MiB':>10} {'vs naive':>8}  all times (s)")
+    child = [sys.executable, os.path.abspath(__file__), "--device", device, "--dtype", dtype, "--H", str(H),
+             "--V", str(V), "--reps", str(reps)] + (["--threads", str(a.threads)] if a.threads else [])
     for N in Ns:
-        results = {impl: None for impl in impls}
+        times, extra = {impl: [] for impl in impls}, {}  # over the rounds
         for _ in range(rounds):
             for impl in impls:   # the implementations take turns
-                cmd = [sys.executable, os.path.abspath(__file__), "--_one", impl, str(N), "--device", device,
-                       "--dtype", dtype, "--H", str(H), "--V", str(V), "--reps", str(reps)]
-                cmd += ["--threads", str(a.threads)] if a.threads else []
-                cmd += ["--quick"] if a.quick else []
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(child + ["--_one", impl, str(N)], capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"# {impl} at N = {N} failed: {out.stderr.strip().splitlines()[-1:]}")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                if results[impl] is None:
-                    results[impl] = r
-                else:
-                    results[impl]["times"] += r["times"]
-                    results[impl]["extra"] = max(results[impl]["extra"], r["extra"])
-        naive = results.get("naive")
-        for impl, r in results.items():
-            if r is None:
-                continue
-            t = min(r["times"])
-            speed = f"{min(naive['times']) / t:.2f}" if naive else "-"
-            mem = f"{r['extra'] / naive['extra']:.3f}" if naive else "-"
+                times[impl] += r["times"]
+                extra[impl] = max(extra.get(impl, r["extra"]), r["extra"])
+        naive = times.get("naive")
+        for impl, ts in [(impl, ts) for impl, ts in times.items() if ts]:  # those that ran
+            t = min(ts)
+            speed, mem = (f"{min(naive) / t:.2f}", f"{extra[impl] / extra['naive']:.3f}") if naive else ("-", "-")
             print(f"{N:>6} {impl:>13} {t * 1e3:>10.1f} {speed:>6} {6 * N * H * V / t / 1e12:>8.3f} "
-                  f"{r['extra'] / 2**20:>10.0f} {mem:>8}  {' '.join(f'{x:.1f}' for x in r['times'])}", flush=True)
+                  f"{extra[impl] / 2**20:>10.0f} {mem:>8}  {' '.join(f'{x:.1f}' for x in ts)}", flush=True)
 
 
 if __name__ == "__main__":

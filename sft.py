@@ -4,32 +4,27 @@ ViLaSR's reflective rejection sampling that makes the data of the next SFT round
 
 CPU demo (tiny model, synthetic demonstrations; saves runs/sft, where `python grpo.py` starts):
     python sft.py
-The demo's demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places the
-demonstrator usually answers from the first look, without zooming. SFT copies that habit (greedy, it never
-zooms there and guesses); GRPO's reward is what teaches it to look there too.
+Its demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places they mostly answer without
+zooming. SFT copies the habit (greedy, it guesses there); GRPO's reward is what teaches it to look there too.
 1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data, with its SFT settings: --recipe vlm_r3):
     python sft.py --recipe vlm_r3 --convert-vlir vlir/train.json --to vlir/traj.jsonl
     python sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl --batch-size 2 \
         --grad-accum 8 --steps 500 --grad-ckpt --out runs/sft-3b
-8 GPUs (the same, data parallel: each rank replays and trains on its share of the trajectories):
+8 GPUs (data parallel, each rank replaying and training on its share; on CPU: --nproc_per_node=2 --device cpu):
     torchrun --standalone --nproc_per_node=8 sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct \
         --data vlir/traj.jsonl --batch-size 2 --grad-accum 2 --steps 500 --grad-ckpt --out runs/sft-3b
 Reflective rejection sampling from a cold-start model, then a second SFT round on what it kept:
     python sft.py --reflect --model runs/sft --data synthetic --n-items 200 --samples 4 --to runs/reflect.jsonl
     python sft.py --model runs/sft --data runs/reflect.jsonl --steps 40 --out runs/sft2
-2 processes on CPU (what the tests check against 1 process):
-    torchrun --standalone --nproc_per_node=2 sft.py --n-items 2 --batch-size 1 --steps 2 --device cpu --out runs/y
 
 A trajectory JSONL line is a lookagain record (data.py) plus the assistant turns, tool calls inside them:
-    {"id": "q1", "image": "images/q1.png", "question": "What colour is the square at the top left?",
-     "answer": "red", "type": "text", "bbox": [137.3, 136.0, 161.3, 160.0],
-     "turns": ["<think>Zoom in on the top left.</think>\\n<tool_call>\\n{\"name\": \"zoom_in\", \"arguments\":
-               {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}\\n</tool_call>",
-               "<think>I see the square.</think><answer>red</answer>"]}
-Nothing but the turns is stored: each trajectory is replayed through tools.py (new_episode, then advance
-per turn), so the observation images it trains on are exactly those a rollout would have produced, and a
-trajectory whose call fails, or whose answer disagrees with the record, is rejected (file and line named).
-Only the assistant tokens (the episode's mask) carry loss, each turn's closing <|im_end|> included.
+    {"id": "q1", "image": "images/q1.png", "question": "What colour is the square at the top left?", "answer": "red",
+     "type": "text", "bbox": [137.3, 136.0, 161.3, 160.0], "turns": ["<think>Zoom in on the top left.</think>\\n
+        <tool_call>\\n{\"name\": \"zoom_in\", \"arguments\": {\"image_index\": 0, \"bbox_2d\": [14, 14, 22, 22]}}
+        \\n</tool_call>", "<think>I see the square.</think><answer>red</answer>"]}
+Only the turns are stored: replayed through tools.py (new_episode, then advance per turn), a trajectory trains on
+exactly the images a rollout would have seen, and is rejected (file and line named) if a call fails or its answer
+disagrees with the record. Only the assistant tokens (the episode's mask) carry loss, each turn's <|im_end|> too.
 """
 import argparse
 import json
@@ -51,39 +46,31 @@ import model as M
 import rewards as R
 import tools as T
 
-# -----------------------------------------------------------------------------
-# trajectories: the JSONL format, and replaying one through the environment
+# ---- trajectories: the JSONL format, and replaying one through the environment
 
 
 def load_trajectories(path):
-    """A trajectory JSONL -> list of (record, turns, where). The record part is checked by data.py (image
-    paths resolved against the file's folder); `where` is "file:line" for messages."""
-    records = D.load_jsonl(path)  # raises ValueError naming file:line for a malformed line or record
-    out = []
-    for r, (where, _) in zip(records, D.jsonl_rows(path)):  # the same lines, in order: where = "file:line"
-        turns = r.pop("turns", None)
+    """A trajectory JSONL -> [(record, turns, "file:line")]; a bad line or record: ValueError naming file:line."""
+    items = [(r, r.pop("turns", None), where) for r, (where, _) in zip(D.load_jsonl(path), D.jsonl_rows(path))]
+    for _, turns, where in items:
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
             raise ValueError(f"{where}: 'turns' must be a non-empty list of strings (the assistant turns)")
-        out.append((r, turns, where))
-    return out
+    return items
 
 
 def rebuild(policy, record, turns, tools, cfg):
-    """Replay a trajectory: tools.new_episode, then tools.advance per turn with the turn's ids + <|im_end|>
-    and reason "eos" (so the model learns to close its turn; the mask marks exactly these ids).
-    -> (episode, None), or (None, (reason, message)) when it is not a trajectory a good rollout could make:
-    a failed call, a limit hit, no final answer, or an answer the record's scorer calls wrong."""
+    """Replay a trajectory, each turn its ids + <|im_end|> (reason "eos": the model learns to close its turn).
+    -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no answer or a wrong one."""
     budget = record.get("view_max_pixels")  # written by --convert-vlir: the view its boxes are drawn in
     if budget is not None and budget != cfg["view_max_pixels"]:
         raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
                          f"train with --view-max-pixels {budget}, or convert again at this run's budget")
     ep = T.new_episode(policy, record, tools, **cfg)
-    im_end = policy.tok.convert_tokens_to_ids("<|im_end|>")
     for k, text in enumerate(turns):
         if ep["stop"] is not None:
             return None, ("limit" if ep["truncated"] else "early_stop",
                           f"turn {k}: the episode already stopped ({ep['stop']}), {len(turns) - k} turn(s) left")
-        ids = M.ids(policy, text) + [im_end]
+        ids = M.ids(policy, text) + [policy.eos[0]]  # <|im_end|>
         if len(ids) > cfg["max_turn_tokens"]:  # a rollout would have cut this turn
             return None, ("limit", f"turn {k} has {len(ids)} tokens, over --max-turn-tokens {cfg['max_turn_tokens']}")
         n_calls = len(ep["calls"])
@@ -99,15 +86,10 @@ def rebuild(policy, record, turns, tools, cfg):
 
 
 def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
-    """Replay this rank's share of the trajectories (items rank::world) once: reject the bad ones, keep the
-    good ones as what training needs: the token ids, the loss mask, and the images the model sees (views:
-    encoded as the replay left them, 24 bytes a pixel, while this rank's fit in `enc_budget` bytes, so that
-    no step encodes them again; beyond it as PIL images, 3 bytes a pixel, encoded at each step; the
-    originals are not kept). -> (kept: list of dict(seq, mask, views), rejected: every rank's list of
-    (reason, "where: message"))"""
+    """Replay this rank's share once -> (kept: [dict(seq, mask, views)], rejected: every rank's [(reason, "where:
+    message")]). views stay encoded (24 bytes a pixel) while this rank's fit in `enc_budget`, then PIL (3 bytes)."""
     kept, rejected = [], []
-    for i in tqdm(range(rank, len(items), world), desc="replaying", disable=rank != 0, leave=False):
-        record, turns, where = items[i]
+    for record, turns, where in tqdm(items[rank::world], desc="replaying", disable=rank != 0, leave=False):
         try:
             record = {**record, "image": D.load_images(record)}  # read (or draw) the images once
             turns = turns(record) if callable(turns) else turns   # a demonstration is made from its record
@@ -127,20 +109,16 @@ def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
 def report_rejected(rejected, n_total, path=None):
     if not rejected:
         return
-    counts = Counter(r for r, _ in rejected)
     C.print0(f"rejected {len(rejected)} of {n_total} trajectories: "
-             + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    for _, msg in rejected[:5]:
-        C.print0("  " + msg)
+             + ", ".join(f"{k} {v}" for k, v in Counter(r for r, _ in rejected).most_common()))
+    C.print0("\n".join("  " + msg for _, msg in rejected[:5]))
     if path and int(os.environ.get("RANK", 0)) == 0:
         with open(path, "w") as f:
             f.writelines(f"{r}\t{m}\n" for r, m in rejected)
         C.print0(f"  (all of them in {path})")
 
 
-# -----------------------------------------------------------------------------
-# demonstrations for the synthetic task, from the records' ground-truth regions
-
+# ---- demonstrations for the synthetic task, from the records' ground-truth regions
 
 
 def zoom_call(box, image_index=0):
@@ -151,14 +129,10 @@ LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrato
 
 
 def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, half=4, lazy=0.0):
-    """A short demonstration for one synthetic record: zoom on the named cell's square (a box of 2*half
-    view pixels around it, each side jittered by up to `noise`; the square is 3 view pixels wide, so the
-    box always holds it), then answer the colour, named once. With probability `correct` the first zoom
-    is off (shifted just enough that the square is out of it, still overlapping the right box) and a
-    second zoom on image 0 refines it: a self-correction that the reflective filter recognises.
-    With probability `lazy`, on the LAZY_PLACES, the demonstrator answers from the first look without
-    zooming (the answer is still the record's): imperfect demonstrations whose habit SFT copies (it
-    guesses there) and GRPO's reward does not reward."""
+    """A demonstration for one synthetic record: zoom on the named cell's 3 px square (a box of 2*half view px
+    around it, each side jittered by up to `noise`), then answer. With probability `correct` a first zoom is
+    off (the square just out of it, still overlapping the right box), then refined: a self-correction that
+    `reflective` recognises. With probability `lazy`, on the LAZY_PLACES, it answers without zooming."""
     W, H = D.load_images(record)[0].size
     vh, vw = T.smart_resize(H, W, min_pixels=T.DEFAULTS["view_min_pixels"], max_pixels=view_max_pixels)
     x1, y1, x2, y2 = record["bbox"]
@@ -171,9 +145,8 @@ def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, hal
         return [f"<think>I can see the square.</think><answer>{record['answer']}</answer>"]
     turns = [f"<think>Zoom in on the {place}.</think>"]
     if rng.random() < correct:  # shift just far enough that the square (1.5 view px half side) is out
-        dx, dy = [(1, 0), (-1, 0), (0, 1), (0, -1)][rng.integers(4)]
-        need = {(1, 0): cx + 1.5 - box[0], (-1, 0): box[2] - cx + 1.5,
-                (0, 1): cy + 1.5 - box[1], (0, -1): box[3] - cy + 1.5}[(dx, dy)]
+        (dx, dy), need = [((1, 0), cx + 1.5 - box[0]), ((-1, 0), box[2] - cx + 1.5),
+                          ((0, 1), cy + 1.5 - box[1]), ((0, -1), box[3] - cy + 1.5)][rng.integers(4)]
         d = math.floor(need) + 1
         off = [box[0] + dx * d, box[1] + dy * d, box[2] + dx * d, box[3] + dy * d]
         size = box[2] - box[0] if dx else box[3] - box[1]
@@ -186,15 +159,13 @@ def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, hal
 
 
 def demonstrations(n, seed=0, noise=2, correct=0.2, view_max_pixels=112 * 112, lazy=0.0):
-    """n demonstrations on data.dataset("synthetic", "train", n): items (record, turns, where) whose turns
-    are made from the record when it is replayed (its image is drawn once, then). Reproducible from seed."""
+    """n items (record, turns, where) on data.dataset("synthetic", "train", n), turns made at replay."""
     records = D.dataset("synthetic", "train", n=n, seed=seed)
     return [(r, partial(demo_turns, rng=np.random.default_rng([seed, i, 1]), noise=noise, correct=correct,
                         view_max_pixels=view_max_pixels, lazy=lazy), f"demo {r['id']}") for i, r in enumerate(records)]
 
 
-# -----------------------------------------------------------------------------
-# VLM-R3's VLIR layout -> trajectories
+# ---- VLM-R3's VLIR layout -> trajectories
 
 # a crop request as VLM-R3 writes it, {"bbox_2d": [x1, y1, x2, y2]}, sometimes inside a ```json fence
 CROP = re.compile(r'(?:```(?:json)?\s*)?\{\s*"bbox_2d"\s*:\s*\[([^\]]*)\]\s*\}(?:\s*```)?')
@@ -202,14 +173,10 @@ CROP = re.compile(r'(?:```(?:json)?\s*)?\{\s*"bbox_2d"\s*:\s*\[([^\]]*)\]\s*\}(?
 
 def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min_pixels=3136,
                        vlir_max_pixels=1605632):
-    """One VLIR record -> a trajectory record. VLIR (VLM-R3's SFT data, qwen_vl_finetune/qwenvl/data):
-    {"image_path", "question", "response_list": [text_0, ..., text_n], "img_crop_list": [crop_0, ...]}:
-    text_i (i < n) ends in a crop request {"bbox_2d": [...]} in pixels of image 0 as VLM-R3's model saw it
-    (smart-resized within vlir_min/max_pixels: 3136 and 1605632 in their sft_7b.sh), crop_i is the crop
-    it produced (not needed: zoom_in cuts it again from the original), text_n ends in <answer>...</answer>.
-    Each box becomes a zoom_in call on image 0 in our view frame (the original smart-resized within
-    view_max_pixels, recorded in the trajectory: training at another budget would crop the wrong place, so
-    rebuild() refuses it); the reasoning before it goes in <think></think>. Raises ValueError on a bad record."""
+    """One VLIR record (VLM-R3's SFT data, qwen_vl_finetune/qwenvl/data) -> a trajectory record. VLIR: {"image_path",
+    "question", "response_list": [text_0, ..., text_n], "img_crop_list" (unused)}: text_i (i < n) ends in a crop
+    request {"bbox_2d": [...]} in image 0 as VLM-R3 saw it (within vlir_min/max_pixels, as in their sft_7b.sh),
+    text_n in <answer>. Each box becomes a zoom_in in our view (view_max_pixels, kept: rebuild() checks it)."""
     for k, kind in (("image_path", str), ("question", str), ("response_list", list)):
         if not isinstance(rec.get(k), kind) or not rec[k]:
             raise ValueError(f"missing or empty {k!r}")
@@ -232,14 +199,12 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
         if not m:
             raise ValueError(f"response_list[{i}] has no crop request {{\"bbox_2d\": [x1, y1, x2, y2]}}")
         try:
-            box = [float(v) for v in json.loads("[" + m[-1].group(1) + "]")]
-        except ValueError:
-            box = []
-        if len(box) != 4:
-            raise ValueError(f"response_list[{i}]: the crop box must be 4 numbers, got [{m[-1].group(1)}]")
+            x1, y1, x2, y2 = [float(v) for v in json.loads("[" + m[-1].group(1) + "]")]
+        except ValueError:  # not JSON, not numbers, or not 4 of them
+            raise ValueError(f"response_list[{i}]: the crop box must be 4 numbers, got [{m[-1].group(1)}]") from None
         # VLIR frame -> original pixels (x W/rw) -> our view (x vw/W): the original's size cancels out
-        x1, x2 = (min(max(round(v * vw / rw), 0), vw) for v in (box[0], box[2]))
-        y1, y2 = (min(max(round(v * vh / rh), 0), vh) for v in (box[1], box[3]))
+        x1, x2 = (min(max(round(v * vw / rw), 0), vw) for v in (x1, x2))
+        y1, y2 = (min(max(round(v * vh / rh), 0), vh) for v in (y1, y2))
         x1, y1 = min(x1, vw - 1), min(y1, vh - 1)
         box = [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]  # a box thinner than a view pixel keeps 1 px
         turns.append(think(text[:m[-1].start()]) + zoom_call(box))
@@ -254,8 +219,7 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
 
 
 def convert_vlir(src, dst, **kw):
-    """A VLIR file (a JSON list, as VLM-R3's loader reads it, or JSONL) -> a trajectory JSONL at dst, image
-    paths relative to dst's folder. An error names the file and the record."""
+    """A VLIR file (a JSON list, as VLM-R3's loader reads it, or JSONL) -> a trajectory JSONL at dst."""
     if not os.path.isfile(src):
         raise SystemExit(f"--convert-vlir {src}: no such file")
     with open(src) as f:
@@ -273,35 +237,27 @@ def convert_vlir(src, dst, **kw):
         for k, (where, r) in enumerate(recs):
             if not isinstance(r, dict):
                 raise SystemExit(f"{where}: a VLIR record must be a JSON object")
-            r = dict(r)
             path = r.get("image_path")
             if isinstance(path, str) and path:
-                r["image_path"] = path if os.path.isabs(path) else os.path.join(src_dir, path)
+                r["image_path"] = os.path.join(src_dir, path)  # an absolute path stays as it is
                 if not os.path.isfile(r["image_path"]):
                     raise SystemExit(f"{where}: image {r['image_path']} not found")
             try:
                 t = vlir_to_trajectory(r, **kw)
             except ValueError as e:
                 raise SystemExit(f"{where}: {e}") from None
-            t["id"] = t["id"] or f"vlir-{k}"
-            t["image"] = os.path.relpath(t["image"], dst_dir)
-            f.write(json.dumps(t) + "\n")
+            f.write(json.dumps(dict(t, id=t["id"] or f"vlir-{k}", image=os.path.relpath(t["image"], dst_dir))) + "\n")
     print(f"converted {len(recs)} VLIR records from {src} to {dst}")
 
 
-# -----------------------------------------------------------------------------
-# reflective rejection sampling (ViLaSR)
+# ---- reflective rejection sampling (ViLaSR)
 
 
 def reflective(calls):
-    """Did the trajectory revise its own looking? ViLaSR's test for drawings: some label drawn twice with
-    different coordinates. For zooms: a later successful zoom refines an earlier one, i.e. its region
-    (original pixels, the call's `region`) differs from the earlier zoom's and overlaps it: 0 < IoU < 1
-    (a region inside the earlier one counts: it overlaps)."""
+    """Did the trajectory revise its own looking? ViLaSR's test for drawings: a label drawn twice, elsewhere.
+    For zooms: a later zoom's region overlaps an earlier one's and differs, 0 < IoU < 1 (inside it counts)."""
     zooms, drawn = [], {}
-    for c in calls:
-        if not c.get("ok"):
-            continue
+    for c in [c for c in calls if c.get("ok")]:
         if c["zoom"]:
             if any(0 < R.iou(c["region"], z) < 1 for z in zooms):
                 return True
@@ -322,56 +278,46 @@ def judge(traj, record):
         return "failed call"
     if R.accuracy(traj["turns"][-1], record)[0] < R.CORRECT:
         return "wrong answer"
-    if not reflective(traj["calls"]):
-        return "not reflective"
-    return None
+    return None if reflective(traj["calls"]) else "not reflective"
 
 
 def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, batch_size=32, **filters):
-    """Roll out `samples` trajectories per record (common.run_episodes: each its own generator, sharded
-    over ranks, merged) and keep the correct, well-formed, reflective ones.
+    """Roll out `samples` trajectories per record (common.run_episodes) and keep those `judge` keeps.
     -> (kept: trajectory records (record + "turns"), counts: Counter of "kept" and each rejection reason)"""
     def finish(ep, record):
         return judge(T.trajectory(ep), record), ep["turns"]
     done, _ = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy=False, temperature=temperature,
                              seed=seed, batch_size=batch_size, desc="reflect", **filters)
-    kept, counts = [], Counter()
-    for (i, _), (why, turns) in sorted(done.items()):
-        counts[why or "kept"] += 1
-        if why is None:
-            kept.append({**records[i], "turns": turns})
-    return kept, counts
+    done = sorted(done.items())
+    kept = [{**records[i], "turns": turns} for (i, _), (why, turns) in done if why is None]
+    return kept, Counter(why or "kept" for _, (why, _) in done)
 
 
-# -----------------------------------------------------------------------------
-# training
+# ---- training
 
 
-def epoch_batches(lengths, batch_size, seed, epoch):
-    """Batches bucketed by length (little padding): sort by length, ties broken at random, cut into
-    batches, shuffle the batches. A function of (seed, epoch) only, so --resume needs no data state."""
+def batch_at(lengths, batch_size, seed, j):
+    """The j-th batch, bucketed by length (little padding): each epoch sorts by length, ties broken at random,
+    cuts into batches and shuffles them. A function of (seed, j) only, so --resume needs no data state."""
+    epoch, k = divmod(j, math.ceil(len(lengths) / batch_size))
     rng = np.random.default_rng([seed, epoch])
     idx = np.lexsort((rng.random(len(lengths)), lengths))  # by length, then by the random key
     batches = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
-    return [batches[k] for k in rng.permutation(len(batches))]
+    return batches[rng.permutation(len(batches))[k]]
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_flags(p, model="tiny", out=C.DEMO_SFT, steps=2400)
-    # synthetic demonstrations (--data synthetic)
     p.add_argument("--n-items", type=int, default=512, help="synthetic items to make demonstrations of (or to sample, --reflect)")
     p.add_argument("--demo-noise", type=int, default=2, help="jitter of each side of a demo's box, view pixels")
     p.add_argument("--demo-correct", type=float, default=0.1, help="share of demos whose first zoom is off, then refined")
     p.add_argument("--demo-lazy", type=float, default=0.7, help="share of demos on sft.LAZY_PLACES that answer without zooming")
-    # optimisation
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, per process")
     C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
-    # checkpoints
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
-    # other modes
     p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
     p.add_argument("--temperature", type=float, default=1.0, help="--reflect: sampling temperature")
@@ -401,7 +347,6 @@ def train(args):
     if items is None:  # the synthetic demonstrations, drawn in the view this model gets
         items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, cfg["view_max_pixels"],
                                args.demo_lazy)
-    # each rank replays its share of the trajectories once, and trains on those
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
@@ -411,13 +356,6 @@ def train(args):
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
     C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
-    n_batches = math.ceil(len(data) / args.batch_size)
-
-    def my_batch(j):
-        """This rank's j-th batch: its trajectories bucketed by length, reshuffled every epoch."""
-        epoch, k = divmod(j, n_batches)
-        return epoch_batches(lengths, args.batch_size, args.seed * 1000 + rank, epoch)[k]
-
     start = state["step"]
     C.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
              f"{lengths.mean():.0f} tokens), {world} process(es) x {args.grad_accum} x {args.batch_size} per step")
@@ -426,14 +364,14 @@ def train(args):
     for step in bar:
         t0 = time.time()
         lr = C.set_lr(opt, step, args)
-        batches = [[data[i] for i in my_batch(step * args.grad_accum + a)] for a in range(args.grad_accum)]
+        js = range(step * args.grad_accum, (step + 1) * args.grad_accum)  # this step's micro-batches
+        batches = [[data[i] for i in batch_at(lengths, args.batch_size, args.seed * 1000 + rank, j)] for j in js]
         # the loss is the mean over every trained token of the step (all ranks, all micro-batches): each rank
         # divides its sum by (global tokens / world), and the gradient average over ranks does the rest
         n_tok, n_seq = C.all_sum([float(sum(sum(t["mask"]) for b in batches for t in b)),
                                   float(sum(len(t["seq"]) for b in batches for t in b))])
         nll = 0.0
         for b in batches:
-            # the mean negative log-likelihood, fused into the log-prob kernel (model.token_logprobs)
             images = [[v if isinstance(v, dict) else M.encode_image(policy, v) for v in t["views"]] for t in b]
             loss, logp, m = M.token_logprobs(policy, [t["seq"] for t in b], images, [t["mask"] for t in b],
                                              token_loss=lambda lp, i, j: -lp * world / n_tok)
@@ -451,8 +389,7 @@ def train(args):
         row = dict(step=step + 1, loss=C.all_sum([nll])[0] / n_tok, tokens=int(n_tok), seq_tokens=int(n_seq),
                    lr=lr, grad_norm=gn, tokens_per_s=n_seq / dt, time=dt)
         C.log_metrics(args, rank, row)
-        if rank == 0:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
         C.save_run(args, policy, opt, step, rank)
     report_rejected(rejected, len(items))  # again at the end, where it is seen
     C.print0(f"done: {args.out} (metrics in {args.out}/metrics.jsonl); GRPO starts from it with --model {args.out}")
@@ -485,9 +422,7 @@ def main(argv=None):
         view = C.pixel_budgets(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
         return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
-    if args.reflect:
-        return reflect_main(args)
-    return train(args)
+    return reflect_main(args) if args.reflect else train(args)
 
 
 if __name__ == "__main__":
