@@ -44,8 +44,7 @@ import torch
 #   accumulates dh and dW: 6 N H V, no recomputation; the backward only scales them by the loss's (scalar)
 #   upstream gradient. Training uses this mode: grpo.update (PPO-clip and KL) and sft.py (NLL).
 # The entropy is returned detached (no gradient flows through it): it is for logging.
-_CPU_BUDGET_BYTES = 256 * 2**20   # one [rows, V] fp32 logits buffer on CPU (the PyTorch path adds a scratch
-                                  # of the same size, two with entropy=True)
+_CPU_BUDGET_BYTES = 256 * 2**20   # a [rows, V] fp32 logits buffer on CPU; the PyTorch path adds 1-2 scratches as big
 _GPU_BUDGET_CAP = 2**30           # at most 1 GiB on CUDA: GEMMs of ~1-2k rows are already efficient
 _BLOCK_V = 4096                   # Triton: columns of a row handled per loop step
 
@@ -233,10 +232,9 @@ class FusedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, tau, want_ent, loss_fn, rows, impl):
-        need_dh, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = loss_fn is not None
-        logp, lse, ent, loss, dh, dW = _forward(hidden, weight, targets, tau, want_ent, rows, impl,
-                                                loss_fn, need_dh and fused, need_dW and fused)
+        logp, lse, ent, loss, dh, dW = _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn,
+                                                ctx.needs_input_grad[0] and fused, ctx.needs_input_grad[1] and fused)
         if fused:
             ctx.grads = (dh, dW)   # the gradients of loss, formed chunk by chunk above
             ctx.mark_non_differentiable(logp)
