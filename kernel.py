@@ -4,16 +4,14 @@ their entropy and a per-token loss with its gradient, through the output layer w
 [N, V] logits: a chunked PyTorch path everywhere, Triton row kernels on CUDA. model.token_logprobs uses it for
 training, bench.py measures it. The derivation is in the comments below.
 """
+import functools
 import os
 
 import torch
 
 # -----------------------------------------------------------------------------
-#
-# Per-token log-probabilities of the sampled tokens without materialising the [N, V] logits.
-#
-# For N tokens with last hidden states h [N, H], the output embedding W [V, H], the sampled
-# tokens y [N] and a sampling temperature tau, GRPO needs, for every token t,
+# For N tokens with last hidden states h [N, H], the output embedding W [V, H], the sampled tokens y [N] and a
+# sampling temperature tau, GRPO needs, for every token t,
 #
 #     z    = h W^T                           [N, V]  the logits (never held whole)
 #     x    = z / tau                         [N, V]
@@ -28,45 +26,34 @@ import torch
 #     dh = dz W                              [N, H]
 #     dW = dz^T h                            [V, H]
 #
-# In fp32 the logits alone are N x V x 4 bytes: 10 GB for N = 16k tokens and Qwen's V = 151,936,
-# and a naive log_softmax + gather holds two or three such tensors. Here the tokens are processed in
-# chunks of `rows` tokens: one [rows, V] logits buffer is formed by a GEMM (torch.mm, i.e. cuBLAS or
-# the CPU BLAS), reduced row by row (online max and sum of exponentials over blocks of V, the target
-# logit, the entropy), and in the backward pass overwritten in place by dz, which two more GEMMs turn
-# into dh and dW. The row work is a Triton kernel on CUDA and a few PyTorch ops elsewhere.
+# In fp32 the logits alone are N x V x 4 bytes: 10 GB for N = 16k tokens and Qwen's V = 151,936, and a naive
+# log_softmax + gather holds two or three such tensors. Here the tokens go in chunks of `rows`: one [rows, V]
+# logits buffer is formed by a GEMM (torch.mm: cuBLAS or the CPU BLAS), reduced row by row (online max and sum
+# of exponentials over blocks of V, the target logit, the entropy), and in the backward pass overwritten in
+# place by dz, which two more GEMMs turn into dh and dW.
 #
-# FLOPs (one multiply-add = 2): each of the three GEMMs costs 2 N H V, so 6 N H V is the floor, which
-# a naive log_softmax + gather also pays. Two modes:
-#
-# - plain (default): the forward returns logp; the backward does not know g until it is called, and
-#   dz needs the softmax, so the backward recomputes the logits chunk by chunk: 8 N H V in all.
-#   Storing anything smaller than the logits cannot avoid this: dW = sum_t g_t (onehot_t - p_t) h_t^T
-#   needs every row of (onehot - p) scaled by a g that only exists later.
-# - fused loss (`loss_fn=`): when the loss is a sum of per-token terms whose gradient in logp_t is
-#   known as soon as logp_t is (GRPO's clipped ratio and KL terms are: advantages, old and reference
-#   log-probs are fixed before the forward), the forward computes each chunk's g right after its
-#   logp, forms dz at once and accumulates dh and dW: 6 N H V, no recomputation. The backward only
-#   scales them by the (scalar) upstream gradient of the loss.
-#   Training uses this mode: grpo.update (the PPO-clip and KL terms) and sft.py (the NLL) pass their
-#   per-token loss to token_logprobs; old-policy and reference log-probs take the forward-only path.
-#
+# FLOPs (one multiply-add = 2): each of the three GEMMs costs 2 N H V, so 6 N H V is the floor, which a naive
+# log_softmax + gather also pays. Two modes:
+# - plain (default): the forward returns logp; the backward does not know g until it is called, and dz needs
+#   the softmax, so the backward recomputes the logits chunk by chunk: 8 N H V in all. Storing anything smaller
+#   than the logits cannot avoid this: dW = sum_t g_t (onehot_t - p_t) h_t^T needs every row of (onehot - p)
+#   scaled by a g that only exists later.
+# - fused loss (`loss_fn=`): when the loss is a sum of per-token terms whose gradient in logp_t is known as
+#   soon as logp_t is (GRPO's clipped ratio and KL terms are: advantages, old and reference log-probs are fixed
+#   before the forward), the forward computes each chunk's g right after its logp, forms dz at once and
+#   accumulates dh and dW: 6 N H V, no recomputation; the backward only scales them by the loss's (scalar)
+#   upstream gradient. Training uses this mode: grpo.update (PPO-clip and KL) and sft.py (NLL).
 # The entropy is returned detached (no gradient flows through it): it is for logging.
-_CPU_BUDGET_BYTES = 256 * 2**20   # one [rows, V] fp32 logits buffer on CPU (the PyTorch path adds a scratch
-                                  # of the same size, two with entropy=True)
+_CPU_BUDGET_BYTES = 256 * 2**20   # a [rows, V] fp32 logits buffer on CPU; the PyTorch path adds 1-2 scratches as big
 _GPU_BUDGET_CAP = 2**30           # at most 1 GiB on CUDA: GEMMs of ~1-2k rows are already efficient
 _BLOCK_V = 4096                   # Triton: columns of a row handled per loop step
 
 
 def chunk_rows(N, V, device):
-    """Tokens per chunk: N split into as few equal chunks as keep one [rows, V] fp32 logits buffer
-    within a memory budget: on CUDA 1/8 of the free memory, capped at 1 GiB (larger chunks buy no
-    GEMM speed); on CPU a fixed 256 MiB. At least 1, at most N."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 8, _GPU_BUDGET_CAP)
-    else:
-        budget = _CPU_BUDGET_BYTES
+    """Tokens per chunk: N split into as few equal chunks as keep one [rows, V] fp32 logits buffer within
+    the budget (on CUDA 1/8 of the free memory, at most _GPU_BUDGET_CAP). At least 1, at most N."""
+    cuda = torch.device(device).type == "cuda"
+    budget = min(torch.cuda.mem_get_info(device)[0] // 8, _GPU_BUDGET_CAP) if cuda else _CPU_BUDGET_BYTES
     max_rows = max(1, budget // (V * 4))
     n_chunks = max(1, -(-N // max_rows))     # ceil(N / max_rows)
     return max(1, -(-N // n_chunks))          # equal chunks, rather than full ones and a small remainder
@@ -83,9 +70,8 @@ def _torch_row_stats(z, targets, inv_tau, want_ent):
     e = xm.exp() if want_ent else xm.exp_()              # [c, V] exp(x - m); the entropy needs x - m too
     s = e.sum(dim=1)                                     # [c]
     lse = m.squeeze(1) + s.log()
-    ent = None
-    if want_ent:  # -sum p log p with p = e / s: log s - sum_v p_v (x_v - m), as a batched dot product
-        ent = s.log() - torch.bmm(e[:, None, :], xm[:, :, None]).view(-1) / s
+    # the entropy -sum p log p with p = e / s: log s - sum_v p_v (x_v - m), as a batched dot product
+    ent = s.log() - torch.bmm(e[:, None, :], xm[:, :, None]).view(-1) / s if want_ent else None
     return lse, logit_t - lse, ent
 
 
@@ -101,15 +87,11 @@ def _torch_dz_(z, targets, lse, g, inv_tau):
 
 # ---- the per-row work in Triton (CUDA, or CPU under TRITON_INTERPRET=1) ----
 
-_KERNELS = None
-
-
+@functools.cache
 def _triton_kernels():
     """Import Triton and define the two kernels on first use, so importing this file never needs Triton
     and TRITON_INTERPRET=1 only has to be set before the first Triton call (not before this import)."""
-    global _KERNELS, triton, tl
-    if _KERNELS is not None:
-        return _KERNELS
+    global triton, tl
     import triton
     import triton.language as tl
 
@@ -155,12 +137,7 @@ def _triton_kernels():
             dz = gt * (tl.where(cols == tgt, 1.0, 0.0) - tl.exp(x - lse))
             tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=mask)
 
-    _KERNELS = (row_stats_kernel, dz_kernel)
-    return _KERNELS
-
-
-def _block_v(V):
-    return min(_BLOCK_V, triton.next_power_of_2(V))
+    return row_stats_kernel, dz_kernel
 
 
 def _triton_row_stats(z, targets, inv_tau, want_ent):
@@ -169,7 +146,7 @@ def _triton_row_stats(z, targets, inv_tau, want_ent):
     c, V = z.shape
     lse, logp, ent = (torch.empty(c, device=z.device, dtype=torch.float32) for _ in range(3))
     row_stats_kernel[(c,)](z, z.stride(0), targets, lse, logp, ent, V, inv_tau,
-                           WANT_ENT=want_ent, BLOCK_V=_block_v(V), num_warps=8)
+                           WANT_ENT=want_ent, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
     return lse, logp, (ent if want_ent else None)   # (ent is left unwritten without WANT_ENT)
 
 
@@ -178,22 +155,20 @@ def _triton_dz_(z, targets, lse, g, inv_tau):
     _, dz_kernel = _triton_kernels()
     c, V = z.shape
     dz_kernel[(c,)](z, z.stride(0), targets, lse.contiguous(), g.float().contiguous(), V, inv_tau,
-                    BLOCK_V=_block_v(V), num_warps=8)
+                    BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
 
 
 def _triton_available():
     try:
-        _triton_kernels()
-        return True
+        return _triton_kernels() is not None
     except Exception:   # not installed, or installed without a usable backend
         return False
 
 
 # ---- the chunk loops ----
 
-def _chunks(N, rows):
-    for s in range(0, N, rows):
-        yield s, min(s + rows, N)
+def _chunks(N, rows):  # (start, end) of each chunk of rows
+    return [(s, min(s + rows, N)) for s in range(0, N, rows)]
 
 
 def _add_grads(dz, h_c, weight, dh, dW, s, e):
@@ -207,8 +182,7 @@ def _add_grads(dz, h_c, weight, dh, dW, s, e):
 def _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn=None, need_dh=False, need_dW=False):
     """Chunked forward. Returns logp [N], lse [N], ent [N] or None, loss (scalar or None), dh, dW.
     With loss_fn and need_dh/need_dW it also forms dz per chunk and returns the loss's gradients."""
-    N, V = hidden.shape[0], weight.shape[0]
-    inv_tau = 1.0 / tau
+    N, V, inv_tau = hidden.shape[0], weight.shape[0], 1.0 / tau
     row_stats, dz_ = (_triton_row_stats, _triton_dz_) if impl == "triton" else (_torch_row_stats, _torch_dz_)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -253,16 +227,14 @@ def _backward(hidden, weight, targets, lse, g, tau, rows, impl, need_dh, need_dW
 
 
 class FusedLogProbs(torch.autograd.Function):
-    """Outputs (logp, ent, loss); ent and loss may be None. Plain mode: logp is differentiable and the
-    backward recomputes the logits. Fused-loss mode: loss is differentiable, its gradients were formed
-    in the forward, logp is returned detached."""
+    """Outputs (logp, ent, loss), ent and loss possibly None. Differentiable: logp in plain mode (the backward
+    recomputes the logits), loss in fused-loss mode (its gradients formed in the forward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, tau, want_ent, loss_fn, rows, impl):
-        need_dh, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = loss_fn is not None
-        logp, lse, ent, loss, dh, dW = _forward(hidden, weight, targets, tau, want_ent, rows, impl,
-                                                loss_fn, need_dh and fused, need_dW and fused)
+        logp, lse, ent, loss, dh, dW = _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn,
+                                                ctx.needs_input_grad[0] and fused, ctx.needs_input_grad[1] and fused)
         if fused:
             ctx.grads = (dh, dW)   # the gradients of loss, formed chunk by chunk above
             ctx.mark_non_differentiable(logp)
@@ -286,30 +258,23 @@ class FusedLogProbs(torch.autograd.Function):
         else:
             hidden, weight, targets, lse = ctx.saved_tensors
             tau, rows, impl = ctx.config
-            dh, dW = _backward(hidden, weight, targets, lse, g_logp.float(), tau, rows, impl,
-                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            dh, dW = _backward(hidden, weight, targets, lse, g_logp.float(), tau, rows, impl, *ctx.needs_input_grad[:2])
         return dh, dW, None, None, None, None, None, None
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
                    loss_fn=None, chunk_size=None, impl="auto"):
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), one chunk of logits at a time.
-
     hidden [N, H] and weight [V, H] (same dtype: fp32 or bf16), targets [N] int64 in [0, V).
-    Returns logp [N] fp32, or (logp, ent) with entropy=True; ent [N] fp32 is detached.
-    logp is differentiable with respect to hidden and weight (the backward recomputes the logits).
-    Under torch.no_grad(), or when neither input requires grad, nothing is kept for a backward
-    (old-policy and reference log-probs).
-
-    loss_fn: optional per-token loss, fused in to avoid recomputing the logits (see the module notes).
-        loss_fn(logp_chunk [c], rows: slice) -> per-token losses [c]; rows says which tokens these are,
-        for indexing the caller's own advantages, old log-probs, masks, normalisers. The total loss is
-        the sum of all per-token losses, so the loss must be a sum of per-token terms (divide by the
-        global token count inside loss_fn, not by the chunk's). Then returns (loss, logp) or
-        (loss, logp, ent): loss is a differentiable scalar, logp and ent are detached.
-    chunk_size: tokens per chunk; default from chunk_rows(N, V, device).
-    impl: "auto" (Triton on CUDA when importable, else PyTorch), "torch", or "triton" (on CPU tensors
-        only with TRITON_INTERPRET=1 set before Triton's first use, for testing).
+    Returns logp [N] fp32, differentiable in hidden and weight, or (logp, ent) with entropy=True. Under
+    torch.no_grad(), or when neither input requires grad, nothing is kept for a backward (old-policy and
+    reference log-probs).
+    loss_fn(logp_chunk [c], rows: slice) -> per-token losses [c]: the fused-loss mode. rows says which tokens
+        these are, to index the caller's advantages, old log-probs, masks; the loss is the sum of the per-token
+        terms (divide by the global token count, not the chunk's). Then returns (loss, logp) or (loss, logp,
+        ent): loss is a differentiable scalar, logp is detached.
+    chunk_size: tokens per chunk (default chunk_rows). impl: "auto" (Triton on CUDA when importable, else
+        PyTorch), "torch", or "triton" (on CPU tensors only with TRITON_INTERPRET=1 set before Triton's first use).
     """
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden [N, H], weight [V, H]"
     assert hidden.dtype == weight.dtype, "hidden and weight must have the same dtype"
@@ -326,7 +291,5 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
         logp, ent, loss = FusedLogProbs.apply(hidden, weight, targets, float(temperature), entropy, loss_fn, rows, impl)
     else:   # forward only: no autograd graph, no saved tensors
         logp, _, ent, loss, _, _ = _forward(hidden, weight, targets, float(temperature), entropy, rows, impl, loss_fn)
-    out = (logp, ent) if entropy else (logp,)
-    if loss_fn is not None:
-        out = (loss,) + out
+    out = ((loss,) if loss_fn is not None else ()) + ((logp, ent) if entropy else (logp,))
     return out if len(out) > 1 else out[0]

@@ -1,16 +1,12 @@
 """
 tools.py: the environment. The tools (zoom_in, zoom_point, draw_box, draw_line), strict tool-call parsing,
-the episode (images with their mapping to the original pixels, the token sequence, counters, stop rules),
-and the one multi-turn rollout loop that sft.py, grpo.py and eval.py share.
-
-Conventions (SPEC section 3):
-- a call is Qwen2.5's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one per assistant turn;
-- coordinates are absolute pixels of the image *as the model was shown it*; image 0 is the question's
-  image, each tool result gets the next index;
-- every image remembers which rectangle of which original it shows (`box`, in original pixels), so a zoom
-  on a zoom still cuts from the original full-resolution pixels, and drawings (kept in original
-  coordinates) are re-rendered on every image derived from the one they were drawn on;
-- a bad call is data: it becomes an error observation, counts as a failed call, and the episode goes on.
+the episode (images mapped to original pixels, the token sequence, counters, stop rules), and the one
+multi-turn rollout loop that sft.py, grpo.py and eval.py share. Conventions (SPEC section 3): one call per
+assistant turn, as Qwen2.5's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. Coordinates
+are pixels of the image *as the model was shown it* (image 0: the question's, then one per tool result).
+Each image knows the rectangle of its original it shows (`box`), so a zoom on a zoom cuts from the original,
+and drawings (kept in original pixels) reappear on every image derived from theirs. A bad call is data: an
+error observation, a failed call, and the episode goes on.
 """
 import json
 import math
@@ -43,14 +39,8 @@ def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 *
 
 
 def zoom_scale(crop_area, image_area):
-    """VLM-R3's adaptive zoom: small crops are magnified 2x, crops of half the image or more not at all,
-    linearly in between. r = crop area / image area."""
-    r = crop_area / image_area
-    if r < 0.125:
-        return 2.0
-    if r >= 0.5:
-        return 1.0
-    return 2.0 - (r - 0.125) / 0.375
+    """VLM-R3's adaptive zoom: 2x for crops under 1/8 of the image, 1x from half of it, linear in between."""
+    return min(2.0, max(1.0, 2.0 - (crop_area / image_area - 0.125) / 0.375))
 
 
 def to_original(view, x, y):
@@ -58,12 +48,6 @@ def to_original(view, x, y):
     x0, y0, x1, y1 = view["box"]
     w, h = view["img"].size
     return x0 + x * (x1 - x0) / w, y0 + y * (y1 - y0) / h
-
-
-def to_view(view, x, y):
-    x0, y0, x1, y1 = view["box"]
-    w, h = view["img"].size
-    return (x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)
 
 
 def fit_window(c, size, limit):
@@ -80,22 +64,24 @@ BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "pu
 
 
 def render(original, box, size, annots):
-    """Cut `box` (original pixels, floats allowed) from the original, resize to `size` (w, h), then draw
-    the annotations (kept in original pixels) in this frame: boxes as 4 px outlines with their label at
-    the top-left, lines black 4 px with a red start dot and a blue end dot (ViLaSR's rendering)."""
+    """Cut `box` (original pixels, floats allowed) from the original, resize to `size` (w, h), and draw the
+    annotations (original pixels) in this frame as ViLaSR renders them."""
     img = original.resize(size, Image.BICUBIC, box=tuple(box))
     if not annots:
         return img
-    view = dict(img=img, box=box)
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    (x0, y0, x1, y1), (w, h) = box, img.size
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+
+    def to_view(x, y):  # original pixels -> this image's
+        return (x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)
+
     for a in annots.values():
+        p, q = to_view(*a["xy"][:2]), to_view(*a["xy"][2:])
         if a["kind"] == "box":
-            (x0, y0), (x1, y1) = to_view(view, *a["xy"][:2]), to_view(view, *a["xy"][2:])
-            d.rectangle([x0, y0, x1, y1], outline=BOX_COLOURS[a["colour"] % len(BOX_COLOURS)], width=4)
-            d.text((x0 + 5, y0 + 4), a["label"], fill=BOX_COLOURS[a["colour"] % len(BOX_COLOURS)], font=font)
+            colour = BOX_COLOURS[a["colour"] % len(BOX_COLOURS)]
+            d.rectangle([*p, *q], outline=colour, width=4)
+            d.text((p[0] + 5, p[1] + 4), a["label"], fill=colour, font=font)
         else:
-            p, q = to_view(view, *a["xy"][:2]), to_view(view, *a["xy"][2:])
             d.line([p, q], fill="black", width=4)
             for (x, y), c in ((p, "red"), (q, "blue")):
                 d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=c)
@@ -129,8 +115,7 @@ def _clamped_box(view, box):
 
 
 def zoom_in(ep, image_index, bbox_2d, cfg):
-    """VLM-R3's crop: the box, in image k's frame, is mapped to original pixels, clamped, grown to at least
-    28 px a side, magnified by the adaptive zoom factor and smart-resized within the crop budget."""
+    """VLM-R3's crop: the box clamped, in original pixels, grown to >= 28 px a side, adaptively magnified."""
     view = ep["images"][image_index]
     x1, y1, x2, y2 = _clamped_box(view, bbox_2d)
     (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)
@@ -147,28 +132,24 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
 
 
 def zoom_point(ep, image_index, point_2d, cfg):
-    """Groundlight's zoom: a fixed window (cfg zoom_window pixels) centred on the keypoint, shifted to stay
-    inside the image. zoom_source "original": the window is in original pixels, cut from the original and
-    shown at the pixel count of the question image's view. "view" (Groundlight's code, zoom.py): the window is
-    in the pixels of the image as shown, cut from those pixels, its long side scaled to max(W, H, window) of
-    that image (less magnification on a large photo than cutting from the original)."""
-    view = ep["images"][image_index]
+    """Groundlight's zoom: a zoom_window window centred on the point, shifted inside the image. zoom_source
+    "original": in original pixels, shown at the question view's pixel count; "view" (Groundlight's zoom.py):
+    cut from the pixels shown, long side scaled to max(w, h, window) (less magnification on a large photo)."""
+    view, win = ep["images"][image_index], cfg["zoom_window"]
     w, h = view["img"].size
     if not (0 <= point_2d[0] <= w and 0 <= point_2d[1] <= h):
         raise ToolError(f"point {point_2d} is outside the image ({w}x{h})")
     if cfg["zoom_source"] == "view":
-        (x1, x2), (y1, y2) = fit_window(point_2d[0], cfg["zoom_window"], w), fit_window(point_2d[1], cfg["zoom_window"], h)
-        s = max(w, h, cfg["zoom_window"]) / max(x2 - x1, y2 - y1)
+        (x1, x2), (y1, y2) = fit_window(point_2d[0], win, w), fit_window(point_2d[1], win, h)
+        s = max(w, h, win) / max(x2 - x1, y2 - y1)
         hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, min_pixels=cfg["crop_min_pixels"],
                               max_pixels=cfg["crop_max_pixels"])
         box = (*to_original(view, x1, y1), *to_original(view, x2, y2))
         img = view["img"].resize((ww, hh), Image.BICUBIC, box=(x1, y1, x2, y2))
         return dict(img=img, src=view["src"], box=box, annots=dict(view["annots"]), enc=None)
-    ox, oy = to_original(view, *point_2d)
-    W, H = ep["originals"][view["src"]].size
-    x1, x2 = fit_window(ox, cfg["zoom_window"], W)
-    y1, y2 = fit_window(oy, cfg["zoom_window"], H)
-    target = ep["images"][0]["img"].size[0] * ep["images"][0]["img"].size[1]
+    (ox, oy), (W, H) = to_original(view, *point_2d), ep["originals"][view["src"]].size
+    (x1, x2), (y1, y2) = fit_window(ox, win, W), fit_window(oy, win, H)
+    target = math.prod(ep["images"][0]["img"].size)
     hh, ww = smart_resize(y2 - y1, x2 - x1, min_pixels=target, max_pixels=target)
     return make_view(ep["originals"], view["src"], (x1, y1, x2, y2), (ww, hh), view["annots"])
 
@@ -188,8 +169,7 @@ def _draw(ep, image_index, ops, kind):
                 raise ToolError(f"line from {op['start_point_2d']} to {op['end_point_2d']} leaves the image ({w}x{h})")
         xy = [*to_original(view, x1, y1), *to_original(view, x2, y2)]
         key = op["label"] or f"#{len(annots)}"
-        colour = annots[key]["colour"] if key in annots else len(annots)
-        annots.pop(key, None)  # re-insert at the end: replaced drawings are drawn on top
+        colour = annots.pop(key)["colour"] if key in annots else len(annots)  # redrawn: its colour, on top
         annots[key] = dict(kind=kind, xy=xy, label=op["label"], colour=colour)
     return make_view(ep["originals"], view["src"], view["box"], view["img"].size, annots)
 
@@ -203,10 +183,9 @@ def draw_line(ep, image_index, lines, cfg):
 
 
 # -----------------------------------------------------------------------------
-# what a tool is, said once: adding a tool is a function above and a row here (and its test)
-#   doc, params (name -> (type, description)): the system prompt's JSON schema and the argument checks
-#   run: the function; zoom: its result is a zoom of a region (coverage credit, `region` = that region)
-#   ops (drawings): the argument holding the drawing operations, each with a "label"
+# what a tool is, said once: adding a tool is a function above and a row here (and its test). run: the function;
+#   doc, params (name -> (type, description)): the system prompt's JSON schema and the argument checks;
+#   zoom: its result is a zoom of a region (coverage credit, `region`); ops (drawings): the argument holding them
 
 INDEX = ("integer", "Index of the image to use: 0 is the question's image, each tool result is the next.")
 TOOLS = {
@@ -225,18 +204,15 @@ TOOLS = {
                               "lines": ("lines", "A list of {\"start_point_2d\": [x, y], \"end_point_2d\": [x, y], "
                                                  "\"label\": \"...\"}.")}),
 }
-JSON_TYPES = {"integer": {"type": "integer"}, "box": {"type": "array", "items": {"type": "number"}},
-              "point": {"type": "array", "items": {"type": "number"}},
-              "boxes": {"type": "array", "items": {"type": "object"}},
-              "lines": {"type": "array", "items": {"type": "object"}}}
+NUMBERS, OBJECTS = ({"type": "array", "items": {"type": t}} for t in ("number", "object"))
+JSON_TYPES = {"integer": {"type": "integer"}, "box": NUMBERS, "point": NUMBERS, "boxes": OBJECTS, "lines": OBJECTS}
 
 
 def system_prompt(tools, compact=False, boxed=False):
-    """Qwen2.5's function-calling system prompt listing the enabled tools, plus the answer format (boxed: the
-    question itself asks for \\boxed{}, as VL-Rethinker's prompt does, and the system turn is Qwen's default).
-    compact: one line per tool instead of JSON schemas, for toy models (model.load sets policy.toy):
-    a random 2M-parameter model did not learn to copy a word from the question into its answer behind
-    the ~300-token Qwen tool prompt in 300 steps, and learned it in 100 without it."""
+    """Qwen2.5's function-calling system prompt for the enabled tools and the answer format (boxed: the question
+    asks for \\boxed{} as VL-Rethinker's does; the system turn is Qwen's default). compact (toy models): one line
+    per tool, as a random 2M-parameter model did not learn to copy a word from the question behind the ~300-token
+    tool prompt in 300 steps, and learned it in 100 without it."""
     s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
                                           "or give the final answer inside <answer></answer>.")
     if not tools:
@@ -279,6 +255,10 @@ def _number(v, what):
 
 def _check(kind, v, what):
     """Validate one argument by its spec type; returns it normalised."""
+    if kind == "string":
+        if not isinstance(v, str) or len(v) > 64:
+            raise ToolError("label must be a string of at most 64 characters")
+        return v
     if kind == "integer":
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise ToolError(f"{what} must be an integer")
@@ -297,16 +277,9 @@ def _check(kind, v, what):
         for i, op in enumerate(v):
             if not isinstance(op, dict) or set(op) != set(keys):
                 raise ToolError(f"{what}[{i}] must have exactly the keys {sorted(keys)}")
-            out.append({k: (_check(t, op[k], f"{what}[{i}].{k}") if t != "string" else _label(op[k]))
-                        for k, t in keys.items()})
+            out.append({k: _check(t, op[k], f"{what}[{i}].{k}") for k, t in keys.items()})
         return out
     raise AssertionError(kind)
-
-
-def _label(v):
-    if not isinstance(v, str) or len(v) > 64:
-        raise ToolError("label must be a string of at most 64 characters")
-    return v
 
 
 def parse_call(text, tools):
@@ -314,10 +287,8 @@ def parse_call(text, tools):
     -> (name, arguments, None) or (name or None, None, error message). Never raises, never evals."""
     start = text.find("<tool_call>")
     end = text.find("</tool_call>", start + 1)
-    if start < 0:
-        return None, None, "no <tool_call>"
-    if end < 0:
-        return None, None, "unclosed <tool_call>"
+    if start < 0 or end < 0:
+        return None, None, "no <tool_call>" if start < 0 else "unclosed <tool_call>"
     try:
         call = json.loads(text[start + len("<tool_call>"):end])
     except (ValueError, RecursionError) as e:
@@ -340,13 +311,11 @@ def parse_call(text, tools):
         return name, None, str(e)
 
 
-
 RESULT = "Image {i} ({w}x{h}), from image {j}."  # the observation of a successful call
 
 
 def render_call(name, arguments):
-    """A tool call as Qwen2.5's chat template renders one after an assistant turn's text (the demonstrations
-    and converters of sft.py write them so): `text` + render_call(...), i.e. text\n<tool_call>\n{json}\n</tool_call>."""
+    """What Qwen2.5's chat template appends to an assistant turn's text for a tool call (sft.py's demos too)."""
     return "\n<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
@@ -399,15 +368,13 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
         s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
         h, w = smart_resize(im.height * s, im.width * s, min_pixels=cfg["view_min_pixels"], max_pixels=cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
-    ep = dict(record=record, tools=list(tools), cfg=cfg, originals=originals, images=images, turns=[],
-              calls=[], stop=None, truncated=False, n_sampled=0, rethinks=0, gen=None)
     encs = [encode(policy, v) for v in images]
     boxed = cfg["answer_format"] == "boxed"
     question = question_text(record) + ("\n\n" + BOXED if boxed else "")
-    ep["seq"] = M.prompt_ids(policy, system_prompt(tools, compact=policy.toy, boxed=boxed), question, encs)
-    ep["mask"] = [0] * len(ep["seq"])
-    ep["logp"] = [0.0] * len(ep["seq"])
-    return ep
+    seq = M.prompt_ids(policy, system_prompt(tools, compact=policy.toy, boxed=boxed), question, encs)
+    return dict(record=record, tools=list(tools), cfg=cfg, originals=originals, images=images, turns=[], calls=[],
+                stop=None, truncated=False, n_sampled=0, rethinks=0, gen=None, seq=seq, mask=[0] * len(seq),
+                logp=[0.0] * len(seq))
 
 
 def copy_episode(ep):
@@ -438,8 +405,7 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
     """Add one assistant turn (token ids as sampled, or a scripted turn's ids) and act on it: run its tool
     call and add the observation, or stop. reason: how the turn ended ("eos", "stop", "length")."""
     cfg = ep["cfg"]
-    text = policy.tok.decode(new_ids, skip_special_tokens=False)
-    text = text.split("<|im_end|>")[0].split("<|endoftext|>")[0]
+    text = policy.tok.decode(new_ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
     _extend(ep, new_ids, True, logps)
     if reason != "eos":  # close the turn as the chat layout expects; not sampled, so never trained
         _extend(ep, M.ids(policy, "<|im_end|>"), False)
@@ -458,23 +424,17 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
             return _stop(ep, "tool_error")  # ViLaSR's rollout: a call that fails ends the episode
         if cfg["final_answer_turn"] and len(ep["turns"]) == cfg["max_turns"] - 1:
             obs += " " + FINAL_TURN
-        enc = None
         if view is not None:
             ep["images"].append(view)
-            enc = encode(policy, view)
-        _extend(ep, M.observation_ids(policy, obs, enc), False)
+        _extend(ep, M.observation_ids(policy, obs, encode(policy, view) if view else None), False)
         if len(ep["turns"]) >= cfg["max_turns"]:
             return _stop(ep, "max_turns")
         if ep["n_sampled"] >= cfg["max_tokens"]:
             return _stop(ep, "max_tokens")
     elif extract_answer(text) is not None:
         _stop(ep, "answer")
-    elif reason == "length":
-        _stop(ep, "max_tokens")
-    elif reason == "invalid":
-        _stop(ep, "invalid_token")  # the policy wrote a vision placeholder
-    else:
-        _stop(ep, "no_action")  # ViLaSR: neither an operation nor an answer
+    else:  # "invalid": the policy wrote a vision placeholder; no_action (ViLaSR): neither a call nor an answer
+        _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}.get(reason, "no_action"))
 
 
 def _stop(ep, why):
@@ -491,19 +451,16 @@ def seed_episode(ep, device, *key):
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
             reuse_cache=True):
-    """The multi-turn loop: sample the next turn of every active episode in one batch, run the tools,
-    repeat until every episode has stopped. Episodes are updated in place and returned. An episode's
-    ep["gen"] (seed_episode) makes its samples independent of the batch. Each episode's KV cache is kept
-    from turn to turn (model.sample), so a turn prefills only the new observation and its image;
-    reuse_cache=False prefills every turn's whole conversation again (the uncached path, for comparison)."""
-    # the per-turn cap: the same on every rank (sharded ranks step together, even with no episodes)
+    """The multi-turn loop: sample the next turn of every active episode in one batch (each with its own
+    ep["gen"]), run the tools, until all have stopped; episodes are updated in place and returned. Each keeps
+    its KV cache between turns (reuse_cache=False: prefill the whole conversation every turn, for comparison)."""
+    # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
     caches = {}  # id(episode) -> its cache, between its turns
     while True:
         active = [ep for ep in episodes if ep["stop"] is None]
         if not (M.any_rank(bool(active), policy) if M.lockstep(policy) else active):
             return episodes
-        # (a sharded rank with no episode left samples an empty batch: it steps along with the others)
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
                         [caches.pop(id(ep), None) for ep in active] if reuse_cache else None, max_new_tokens=cap,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
@@ -515,7 +472,6 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
 
 
 def episode_images(policy, ep):
-    """The encoded images that appear in the episode's sequence, in order (every image of the episode)."""
     return [encode(policy, v) for v in ep["images"]]
 
 
