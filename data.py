@@ -342,7 +342,7 @@ def _load_vstar_jsonl(path, shuffle_seed, bad):
                 options.append(m.group(2).strip())
             elif not options and s.strip() and not s.lower().startswith("answer with"):
                 question.append(s.strip())
-        if len(options) < 2 or not "A" <= label <= chr(64 + len(options)):
+        if len(options) < 2 or len(label) != 1 or not "A" <= label <= chr(64 + len(options)):
             problem(bad, f"{where}: label {label!r} is not one of the {len(options)} '(A) ...' options in 'text'")
             continue
         img = _image(os.path.join(folder, rel), where, bad)

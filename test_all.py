@@ -173,6 +173,10 @@ def test_data_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
     assert j["question"] == "What is the color of the cup?"
     assert {k: j[k] for k in ("id", "options", "answer", "bbox", "category")} == \
         {k: recs[0][k] for k in ("id", "options", "answer", "bbox", "category")}
+    # a label that is not one option letter ("AB" sorts between "A" and "D"): the file's line and the label
+    (root / "two.jsonl").write_text(json.dumps(dict(image="direct_attributes/sa_1.jpg", text=text, label="AB")) + "\n")
+    with pytest.raises(ValueError, match=r"two.jsonl:1: label 'AB' is not one of the 4"):
+        D.load_benchmark("vstar", str(root / "two.jsonl"))
     # a JSON without its image: an error naming the file, or counted and skipped
     os.remove(root / "relative_position" / "sa_2.jpg")
     with pytest.raises(FileNotFoundError, match="sa_2.json"):
