@@ -243,7 +243,8 @@ def episode_cfg(args, policy):
 
 
 def setup(args):
-    """Start torch.distributed when run under torchrun (gloo on CPU, NCCL on GPU). -> (rank, world, device)"""
+    """Start torch.distributed when run under torchrun. -> (rank, world, device). On GPUs, NCCL for CUDA tensors
+    and gloo for CPU ones: NCCL has no CPU collectives, and the metric sums and gathers reduce CPU values."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +252,7 @@ def setup(args):
         torch.cuda.set_device(local)
         dev = f"cuda:{local}"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.startswith("cuda") else "gloo")
     return rank, world, torch.device(dev)
 
 

@@ -2331,6 +2331,19 @@ def test_run_lr_schedule_hand_worked():
     assert opt.param_groups[0]["lr"] == pytest.approx(1 + math.cos(math.pi * 5 / 6))  # set on the optimizer
 
 
+def test_run_gpu_processes_reduce_cpu_values_too(monkeypatch):
+    """Under torchrun on GPUs the metric sums (all_sum) and gathers reduce CPU tensors, which NCCL cannot: the
+    process group must also have a CPU backend (torch's backend table: NCCL does no CPU collectives)."""
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.distributed, "init_process_group", backends.append)
+    C.setup(argparse.Namespace(device="cuda"))
+    C.setup(argparse.Namespace(device="cpu"))
+    assert dict(p.split(":") for p in backends[0].split(",")) == {"cpu": "gloo", "cuda": "nccl"}
+    assert backends[1] == "gloo"
+
+
 def test_run_no_script_imports_another():
     """grpo.py, sft.py, eval.py and bench.py share plumbing through common.py only; model.py stands below the
     environment (it imports neither tools.py nor data.py)."""
