@@ -286,9 +286,8 @@ def gather(obj):
 def mean_over_ranks(pairs):
     """{name: (sum, count)} of this rank -> {name: sum over ranks / count over ranks, None where no count}."""
     names = sorted(pairs)
-    sums = all_sum([float(pairs[n][0]) for n in names])
-    counts = all_sum([float(pairs[n][1]) for n in names])
-    return {n: (s / c if c else None) for n, s, c in zip(names, sums, counts)}
+    totals = all_sum([float(pairs[n][0]) for n in names] + [float(pairs[n][1]) for n in names])  # one collective
+    return {n: (s / c if c else None) for n, s, c in zip(names, totals, totals[len(names):])}
 
 # -----------------------------------------------------------------------------
 # 3. the policy
@@ -430,8 +429,7 @@ def start_run(args, rank, device, shard=False):
         for p in checkpoints(args.out):
             if p[0] > state["step"]:
                 _unmark(p[1])
-    path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
+        path = os.path.join(args.out, "metrics.jsonl")
         rows = read_metrics(path) if state["step"] else []
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= state["step"])
@@ -537,21 +535,19 @@ def save_run(args, policy, opt, step, rank, **state):
 def _save_aside(out, path, n, rank, policy, weights, trainer):
     """Write a checkpoint into <out>/step<n>.tmp, then mark it whole and move it to `path` (_publish)."""
     tmp = os.path.join(out, f"step{n}.tmp")
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if rank == 0:
         M.save(policy, tmp, state_dict=weights)
     if trainer is not None and (policy.sharded or rank == 0):
         torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if rank == 0:
         _publish(tmp, path, n)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 # A checkpoint is whole when its folder has MARKER, written last and listing every file with its size. A folder

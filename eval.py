@@ -87,11 +87,9 @@ COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in z
 
 
 def coverage_bin(t):
-    """Bin of one trajectory by the share of the ground-truth region inside its best zoom (rewards.coverage):
-    no successful zoom / a zoom that missed it / partly / mostly / wholly inside. None: the item has no bbox."""
-    s = t.get("coverage_inside")
-    if s is None:
-        return None
+    """Bin of one trajectory of an item with a bbox by the share of that region inside its best zoom
+    (rewards.coverage): no successful zoom / a zoom that missed it / partly / mostly / wholly inside."""
+    s = t["coverage_inside"]
     return COVERAGE_BINS[0 if not t["n_zooms"] else 1 if s <= 0 else 2 if s < 0.5 else 3 if s < 1 - 1e-9 else 4]
 
 
