@@ -13,7 +13,7 @@ colour is the square at the top left?" In the model's first 112 px view each squ
 named cell's centre, a block of ~40 px. The question names the place, so finding it is a text-to-coordinates mapping
 the model can memorise, and reading the colour needs the zoom. (A random tiny model learns colours quickly but not
 where things are in an image: with a ring to find instead, place words stayed at chance after 1400 steps.) Demo
-defaults (README): 10% tools off (chance 12.5%); with the zoom tool, 71.5% after SFT, 88.5% after GRPO.
+defaults (README): 10.5% tools off (chance 12.5%); with the zoom tool, 73.0% after SFT, 86.5% after GRPO.
 """
 import base64
 import csv
