@@ -21,10 +21,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from transformers import (AttentionInterface, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernel import fused_logprobs
 
@@ -121,6 +123,24 @@ def image_processor(folder):
     return Qwen2VLImageProcessorPil.from_pretrained(folder)
 
 
+SDPA = AttentionInterface()["sdpa"]
+
+
+def grouped_sdpa(module, q, k, v, attention_mask, **kw):
+    """transformers' sdpa attention, except when sampling on CPU with a mask (a padded batch): transformers
+    then copies K and V heads / kv_heads times (3x in tiny, 8x in the 3B), while torch's CPU kernel takes
+    them grouped and gives the same values. Training keeps transformers' path (the grouped backward sums
+    its gradients in another order). q [B, heads, Lq, D]; k, v [B, kv_heads, Lk, D]; mask [B, 1, Lq, Lk]."""
+    if torch.is_grad_enabled() or q.device.type != "cpu" or attention_mask is None:
+        return SDPA(module, q, k, v, attention_mask, **kw)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=kw.get("scaling"), enable_gqa=True)
+    return o.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("grouped_sdpa", grouped_sdpa)
+AttentionMaskInterface.register("grouped_sdpa", sdpa_mask)
+
+
 def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
          corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids.
@@ -146,7 +166,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
             model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
     else:
         tok = AutoTokenizer.from_pretrained(folder)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    model.set_attn_implementation("grouped_sdpa")
     model.to(device=device, dtype=dtype)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
