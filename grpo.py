@@ -44,9 +44,8 @@ import tools as T
 
 
 def micro_batches(policy, samples, size, filler, lockstep=False):
-    """Micro-batches of `size` samples. Sharded ranks (and, with lockstep, any ranks: a collective per
-    micro-batch) must all run the same number of forward/backward passes, so the ones with fewer pad with a
-    copy of `filler` that trains no token."""
+    """Micro-batches of `size` samples. Sharded ranks (with lockstep, any ranks: a collective per micro-batch)
+    run the same number of passes: those with fewer pad with a copy of `filler` that trains no token."""
     mbs = [samples[i:i + size] for i in range(0, len(samples), size)]
     if M.lockstep(policy) or (lockstep and dist.is_initialized()):
         n = torch.tensor([len(mbs)], device=policy.device)
@@ -76,11 +75,10 @@ def advantages(rewards, group_size, scale="group"):
 
 def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0, kl_ratio=True, delta=None,
                log_ratio=None, keep=1.0):
-    """Per token (elementwise, any shape; A broadcast against logp): PPO-clip with asymmetric clipping, the
-    ratio capped at `delta` in its unclipped branch (TRL's two-sided clip = dual-clip PPO's c when
-    delta >= 1 + eps_high), times `keep` (the entropy mask: the policy term only); plus beta x the k3 KL to a
-    reference, times the ratio when kl_ratio (TRL's use_bias_correction_kl: differentiable, unclipped).
-    log_ratio: the log importance ratio when it is not the token's own logp - old_logp (GSPO: [B, 1])."""
+    """Per token (elementwise; A broadcast against logp): PPO-clip with asymmetric clipping, the ratio capped at
+    `delta` in its unclipped branch (TRL's two-sided clip; dual-clip PPO's c when delta >= 1 + eps_high), times
+    `keep` (the entropy mask); plus beta x the k3 KL to a reference, times the ratio when kl_ratio (TRL's
+    use_bias_correction_kl). log_ratio: the log ratio when not the token's own logp - old_logp (GSPO: [B, 1])."""
     ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
     per_tok = -torch.min(capped * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A) * keep
@@ -92,10 +90,9 @@ def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, bet
 
 
 def loss_weights(mask, loss_type="dapo", max_completion_length=None, num_items=None, num_seqs=None):
-    """TRL's four reductions, each a weighted sum over tokens: loss = sum(per_tok * w). mask [B, T] -> w [B, T].
-    num_items (dapo): trained tokens in the whole global batch / world size, so that the gradient
-    average over ranks is the exact global token mean. num_seqs (dr_grpo): the sequences the constant
-    counts (default: the rows of mask)."""
+    """TRL's four reductions as weights, loss = sum(per_tok * w). mask [B, T] -> w [B, T]. num_items (dapo): the
+    global batch's trained tokens / world size (the gradient average over ranks is then the global token mean).
+    num_seqs (dr_grpo): the sequences the constant counts (default: the rows of mask)."""
     m = mask if mask.is_floating_point() else mask.float()
     if loss_type == "grpo":     # mean over each sequence's tokens, then over sequences
         return m / m.sum(-1, keepdim=True).clamp(min=1) / m.shape[0]
@@ -125,10 +122,9 @@ def top_entropy_mask(entropy, mask, rho):
 def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
                 ref_logp=None, beta=0.0, max_completion_length=None, num_items=None, kl_ratio=True, delta=None,
                 is_level="token", entropy=None, top_entropy_quantile=1.0, weights=None):
-    """The GRPO loss written out whole (update() forms the same sum inside the fused kernel for the per-token
-    options). logp, old_logp, ref_logp, mask, entropy: [B, T]; advantages: [B]. -> scalar. is_level
-    "sequence" (GSPO): one ratio per sequence, the gradient through the mean. top_entropy_quantile < 1: the
-    policy term only on the top-entropy tokens. weights: [B, T], when not loss_weights' (update's)."""
+    """The GRPO loss written out whole (update() forms the same sum in the fused kernel for per-token options).
+    logp, old_logp, ref_logp, mask, entropy, weights (default: loss_weights'): [B, T]; advantages: [B] -> scalar.
+    is_level "sequence": GSPO. top_entropy_quantile < 1: the policy term only on the top-entropy tokens."""
     m = mask.to(logp.dtype)
     log_ratio = seq_log_ratio(logp, old_logp, m) if is_level == "sequence" else None
     keep = top_entropy_mask(entropy, m, top_entropy_quantile) if top_entropy_quantile < 1 else 1.0
@@ -165,9 +161,8 @@ def cut_back(text):
 
 
 def rethink_episode(policy, ep, trigger, truncate):
-    """A copy of an answered episode, its last turn cut back (cut_back) when `truncate`, the trigger appended
-    and the turn left open for the policy to go on. The trigger is trained (mask 1) like the continuation, as
-    in VL-Rethinker's code. The copy shares the images; rollout() continues it like any other episode."""
+    """A copy of an answered episode (sharing its images), its last turn cut back when `truncate`, the trigger
+    appended (trained, mask 1, as in VL-Rethinker's code) and the turn left open for rollout() to go on."""
     new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
     # the last turn's sampled tokens are the last run of mask == 1
     end = max(i for i, m in enumerate(new["mask"]) if m) + 1
@@ -194,13 +189,11 @@ def rethink_episode(policy, ep, trigger, truncate):
 
 def forced_rethinking(policy, groups, scores, args, rng):
     """VL-Rethinker's forced rethinking as its code runs it (experience_maker.py, _generate_vllm). Candidates:
-    responses that ended with an answer and are at most half the token budget long (1024 of their 2048);
-    in a group more than 70% right the wrong ones are skipped; --rethink-prob (0.65) of the rest go on, cut
-    back with probability --rethink-truncate (0.5), a trigger appended, continued at --rethink-temperature
-    (0.9). A continuation is kept if its final answer is correct and it wrote more than 30 and fewer than
-    half the budget new tokens; at most 2 per group (a slot is taken before the last check), and at most 4
-    waits (the trigger's included). A kept one replaces the response it came from.
-    groups: lists of episodes; scores: matching lists of (reward, components). -> the number kept."""
+    answered responses at most half the token budget long; in a group more than 70% right the wrong ones are
+    skipped; --rethink-prob of the rest go on, cut back with probability --rethink-truncate, a trigger appended,
+    continued at --rethink-temperature. A continuation is kept (replacing its response) if its answer is correct
+    and it wrote more than 30 and fewer than half the budget new tokens; at most 2 per group (a slot is taken
+    before the last check) and 4 waits (the trigger's included). scores: (reward, components) per episode."""
     todo = []
     for gi, g in enumerate(groups):
         right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]

@@ -6,12 +6,9 @@ model inputs, batched sampling of the next assistant turn, and per-token log-pro
     policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
     policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
 
-A sequence, everywhere in lookagain, is the list of token ids of one whole conversation, with the images
-inline: each image is `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>`, n = grid_t*grid_h*grid_w
-/ merge^2, and a parallel list of the encoded images (pixel patches + grid). Nothing is ever re-tokenised
-from decoded text: sampled ids go into the sequence as they were sampled.
-
-Nothing here is run as a script; `python grpo.py`, `python sft.py` and `python eval.py` use it.
+A sequence, everywhere in lookagain, is the token ids of one whole conversation, each image inline as
+`<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>` (n = grid_t*grid_h*grid_w / merge^2), with a
+parallel list of the encoded images (pixel patches + grid). Sampled ids go in as sampled, never re-tokenised.
 """
 import json
 import os
@@ -143,13 +140,11 @@ AttentionMaskInterface.register("grouped_sdpa", sdpa_mask)
 
 def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
          corpus=None, arch=None):
-    """-> policy: a namespace with .model .tok .improc .device and the special token ids.
-    name: a model built here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`;
-    "random-3b", drawn on `device`: seconds on a GPU, not minutes on its host's CPU), a hub id, or a local
-    folder (a lookagain checkpoint is a plain Hugging Face folder). arch: tiny_config's overrides for a model
-    built here (bench.py --layers). On GPU: bf16 weights for inference; for training (train=True) fp32 master
-    weights with bf16 autocast, because an update of lr 1e-6 is far below bf16's resolution (2^-8 relative)
-    and would round away. fp32 on CPU unless `dtype` says otherwise."""
+    """-> policy: a namespace with .model .tok .improc .device and the special token ids. name: a model built
+    here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`; "random-3b", drawn on
+    `device`), a hub id, or a local folder (a lookagain checkpoint is a Hugging Face folder). arch: tiny_config's
+    overrides (bench.py --layers). On GPU: bf16 weights for inference; for training fp32 master weights under
+    bf16 autocast (an update of lr 1e-6 is far below bf16's 2^-8 resolution). fp32 on CPU unless `dtype` says."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
@@ -179,8 +174,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     sid = tok.convert_tokens_to_ids
     return SimpleNamespace(
         name=name, folder=folder, model=model, tok=tok, improc=improc, device=device, amp=amp, captured=captured,
-        sharded=False,
-        stats=Counter(),  # sample()'s work: prefill_tokens (tokens prefilled), decode_rows (rows x decode steps)
+        sharded=False, stats=Counter(),  # sample()'s work: prefill_tokens, decode_rows (rows x decode steps)
         # a toy model (the tiny demo) gets the compact system prompt: see tools.system_prompt
         toy=sum(p.numel() for p in model.parameters()) < 50e6,
         merge=model.config.vision_config.spatial_merge_size,
@@ -190,8 +184,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         eos=[sid("<|im_end|>"), sid("<|endoftext|>")],
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
-        forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                    "<|video_pad|>")})
+        forbidden={sid(t) for t in SPECIAL[9:]})
 
 
 # checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
@@ -202,8 +195,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
 
 def save(policy, path, state_dict=None):
     """A Hugging Face folder that transformers 4.5x and 5.x, vLLM and load() read: the weights of `state_dict`
-    (default: the policy's, usually fp32 master weights) in bf16 with the published tensor names, and the
-    published config, generation, tokenizer and preprocessor fields (load() reads it back)."""
+    (default: the policy's) in bf16 with the published tensor names, and the published config, generation,
+    tokenizer and preprocessor fields."""
     os.makedirs(path, exist_ok=True)
     model, tok, improc = policy.model, policy.tok, policy.improc
     c, t, v = model.config, model.config.text_config, model.config.vision_config
@@ -250,11 +243,9 @@ def save(policy, path, state_dict=None):
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
     for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
-        if policy.folder and os.path.isfile(os.path.join(policy.folder, f)):
-            try:
-                shutil.copy(os.path.join(policy.folder, f), path)
-            except shutil.SameFileError:  # saved into the folder it was loaded from
-                pass
+        src = os.path.join(policy.folder or "", f)
+        if policy.folder and os.path.isfile(src) and not os.path.samefile(policy.folder, path):
+            shutil.copy(src, path)
 
 # -----------------------------------------------------------------------------
 # the chat layout (Qwen2.5): one prompt builder for sampling, SFT and evaluation
@@ -289,8 +280,7 @@ def assistant_header(policy):
 
 
 def observation_ids(policy, text, image_enc=None):
-    """A tool result as Qwen's tool-response turn, then the next assistant header. The assistant turn it
-    follows has been closed by <|im_end|>. -> list of ids."""
+    """A tool result as Qwen's tool-response turn (after the closed assistant turn), then the next header."""
     out = ids(policy, "\n<|im_start|>user\n<tool_response>\n")
     if image_enc is not None:
         out += image_ids(policy, image_enc)
@@ -324,13 +314,11 @@ def mrope_positions(seq, grids, policy, start=0):
 
 
 def collate(policy, seqs, image_lists, starts=None):
-    """Left-pad a batch. seqs: B lists of ids; image_lists: B lists of encoded images (in order of
-    appearance); starts: B first positions (continuations; default 0). -> dict of model inputs: input_ids,
-    attention_mask [B, L]; position_ids [3, B, L]; pixel_values [sum patches, D] and image_grid_thw
-    [n_images, 3] concatenated row by row, so the model's split by grid.prod(-1) gives each image back
-    its own patches."""
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
+    """Left-pad a batch. seqs: B lists of ids; image_lists: B lists of encoded images (in order of appearance);
+    starts: B first positions (continuations; default 0). -> model inputs: input_ids, attention_mask [B, L];
+    position_ids [3, B, L]; pixel_values [sum patches, D] and image_grid_thw [n_images, 3] concatenated row by
+    row, so the model's split by grid.prod(-1) gives each image its own patches."""
+    B, L = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((B, L), policy.pad, dtype=torch.long)
     attn = torch.zeros(B, L, dtype=torch.long)
     pos = torch.ones(3, B, L, dtype=torch.long)  # padding positions are never attended to
@@ -360,9 +348,8 @@ def forward(policy, batch, past=None, use_cache=False):
 
 
 def shard(policy):
-    """FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer is its own unit, gathered only while
-    it runs; the rest (embeddings, vision tower, output layer) forms the root unit. For a 7B model whose
-    fp32 weights + Adam states (~130 GB) do not fit one GPU."""
+    """FSDP2: each decoder layer its own unit, gathered only while it runs; the rest (embeddings, vision tower,
+    output layer) the root unit. For a 7B model, whose fp32 weights + Adam states (~130 GB) fit no GPU."""
     from torch.distributed.fsdp import fully_shard
     for layer in policy.model.model.language_model.layers:
         fully_shard(layer)
@@ -384,14 +371,12 @@ def any_rank(flag, policy):
 # -----------------------------------------------------------------------------
 # sampling the next assistant turn, for many episodes at once
 #
-# A row's KV cache outlives the call: sample() returns it and takes it back next time (tools.rollout keeps
-# it across an episode's tool turns), so a call prefills only what is new in a row: the prompt at the first
-# turn (once for identical rows: a GRPO group), then the last sampled token, the tool's observation and its
-# image. Between calls a row's cache is its own tensors, without padding. A call stacks them right-aligned
-# (left-padded, masked) and forwards each row's new tokens on top, right-aligned too: the 2-D attention mask
-# then has zeros in the middle, and M-RoPE positions go on from the row's own next position. A row that
-# has finished its turn leaves the batch at once. Stop strings are sought in a rolling tail of each row's
-# text, each new token decoded once.
+# A row's KV cache outlives the call (tools.rollout keeps it across an episode's tool turns), so a call
+# prefills only what is new in a row: the prompt at the first turn (once for identical rows: a GRPO group),
+# then the last sampled token, the tool's observation and its image. Between calls a row's cache is its own
+# unpadded tensors; a call stacks them right-aligned and forwards each row's new tokens on top, right-aligned
+# too (the attention mask has zeros in the middle; M-RoPE positions go on from the row's own next position).
+# A finished row leaves the batch at once. Stop strings are sought in a rolling tail of each row's text.
 
 
 def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, generators=None):
