@@ -25,7 +25,6 @@ Usage (in grpo.py):
     store = new_store(capacity=size)            # VL-Rethinker: half a rollout buffer for both
     batch = ssr(samples, store, size, alpha=1.0, rng=rng)  # [] (nothing useful, nothing stored): skip the update
 A sample is a plain dict with "adv" (float) and "group" (hashable); other keys ride along untouched.
-Returned samples are shallow copies with "replayed" set; the output is not shuffled (current first).
 """
 import numpy as np
 import torch
@@ -77,7 +76,7 @@ def _extend(store, samples):
 
 
 def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
-    """`size` samples for this update, [] only if nothing is usable; extend_first: see the module docstring."""
+    """`size` samples as shallow copies with "replayed" set, current first (not shuffled); [] if nothing is usable."""
     if size <= 0:
         raise ValueError(f"SSR update size must be > 0, got {size}")
     if alpha < 0:

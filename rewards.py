@@ -25,8 +25,6 @@ CORRECT = 0.5            # accuracy at or above this counts as "correct" for the
 # -----------------------------------------------------------------------------
 # 1. answer extraction
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>")
-
 
 def _split_blocks(text, open_tag, close_tag):
     """text split at its complete open_tag...close_tag blocks (str.find: a lazy regex is quadratic on unclosed tags)."""
@@ -76,7 +74,7 @@ def final_answer(text):
         return None
     parts = _split_blocks(tail, "<tool_call>", "</tool_call>")
     tail = "".join(parts[:-1]) + parts[-1].partition("<tool_call>")[0]  # an unclosed call was cut off: drop it
-    for tag in TAGS:
+    for tag in ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>"):
         tail = tail.replace(tag, "")
     tail = tail.strip()
     return tail if 0 < len(tail) <= MAX_ANSWER_CHARS else None
@@ -147,7 +145,6 @@ CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, ch in enumerate
 CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one entry backwards
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
 PUNCT = ';/[]"{}()=+\\_-><@`!'  # EvalAI's list also has , and ?, which are already gone by then
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
 
@@ -158,10 +155,9 @@ def vqa_normalize(text):
     out = s = s.replace("\n", " ").replace("\t", " ").strip()
     for p in PUNCT:  # glued punctuation splits words ("coca-cola" -> "coca cola"), spaced one is dropped
         out = out.replace(p, "" if (p + " " in s or " " + p in s) else " ")
-    # the official code passes re.UNICODE (== 32) where sub() expects count: only 32 periods go
-    out = _PERIOD.sub("", out, count=32)
+    out = _PERIOD.sub("", out, count=32)  # only 32 go: the official code passes re.UNICODE (== 32) as sub()'s count
     words = [NUMBER_WORDS.get(w, w) for w in out.split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in {"a", "an", "the"})
 
 
 def _box(v):
@@ -271,9 +267,6 @@ def choice_score(pred, answer, options):
     return float(extract_choice(pred, options) == _gold_letter(answer, options))
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def to_number(s):
     """A float from a number or a text holding exactly one number ('1,234', '3.5 cm', 'five'), else None."""
     if isinstance(s, (int, float, np.number)) and not isinstance(s, bool):
@@ -284,7 +277,7 @@ def to_number(s):
     word = t.rstrip(".")
     if word in NUMBER_WORDS and word != "none":  # EvalAI's "none" -> 0 is not a count
         return float(NUMBER_WORDS[word])
-    found = _NUMBER.findall(t)
+    found = re.findall(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", t)
     return float(found[0]) if len(found) == 1 else None  # '2 or 3' is no answer
 
 
