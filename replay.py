@@ -8,33 +8,30 @@ advantages". As the policy improves more groups saturate (VL-Rethinker: useful g
 
 What SSR does, each step (one rollout -> one update):
   1. drop zero-advantage samples;
-  2. draw the update from the rest with probability proportional to |A|^alpha (alpha = 1 in the paper):
-     samples far from their group's mean (e.g. the one right answer to a question the model usually
-     fails) are the most informative, as in prioritized experience replay;
+  2. draw the update from the rest with probability proportional to |A|^alpha (alpha = 1 in the paper), as in
+     prioritized experience replay: samples far from their group's mean (a group's lone right answer) teach most;
   3. when the step has fewer useful samples than the fixed update size, fill the rest from a bounded store
      of recent non-zero-advantage samples (oldest evicted first), drawn with probability proportional to
      |A| + 1e-4. Replayed samples keep their old log-probs: the PPO ratio and clip handle the policy's drift.
 `drop_zero_groups` is the plain alternative (DAPO-style filtering without resampling or replay).
 
 Sampling follows VL-Rethinker's `NaiveReplayBuffer.active_sampling` (openrlhf/trainer/ppo_utils/replay_buffer.py):
-current samples are drawn WITH replacement, min(size, n_current) draws; the fill takes the whole store once per
-full pass while more is needed than the store holds, then draws the remainder WITH replacement; this step's
-samples join the store before drawing, as in their code (extend_first=False: after). Differences: zero means
-|A| <= eps (they test A == 0 exactly), and the update always has `size` samples.
+current samples are drawn WITH replacement, min(size, n_current) draws; the fill takes the whole store once per full
+pass while more is needed than the store holds, then draws the remainder WITH replacement; this step's samples join
+the store before drawing, as in their code (extend_first=False: after, so the fill never replays them). Differences:
+zero means |A| <= eps (they test A == 0 exactly), and the update always has `size` samples.
 
 Usage (in grpo.py):
     store = new_store(capacity=size)            # VL-Rethinker: half a rollout buffer for both
     batch = ssr(samples, store, size, alpha=1.0, rng=rng)  # [] (nothing useful, nothing stored): skip the update
 A sample is a plain dict with "adv" (float) and "group" (hashable); other keys ride along untouched.
-Returned samples are shallow copies with "replayed" set; the output is not shuffled (current first).
 """
 import numpy as np
 import torch
 
 
 def new_store(capacity):
-    """A replay store: the `capacity` most recent non-zero-advantage samples, oldest evicted first. Plain
-    lists, numbers and tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
+    """Plain lists, numbers and tensors only, so a checkpoint holding the store loads with weights_only=True."""
     if capacity <= 0:
         raise ValueError(f"replay store capacity must be > 0, got {capacity}")
     return {"items": [], "capacity": int(capacity)}
@@ -79,8 +76,7 @@ def _extend(store, samples):
 
 
 def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
-    """`size` samples for this update, [] only if nothing is usable at all. extend_first=False adds this step's
-    non-zero samples to the store after drawing, so the fill never replays them (VL-Rethinker's code: before)."""
+    """`size` samples as shallow copies with "replayed" set, current first (not shuffled); [] if nothing is usable."""
     if size <= 0:
         raise ValueError(f"SSR update size must be > 0, got {size}")
     if alpha < 0:

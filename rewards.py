@@ -25,8 +25,6 @@ CORRECT = 0.5            # accuracy at or above this counts as "correct" for the
 # -----------------------------------------------------------------------------
 # 1. answer extraction
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>")
-
 
 def _split_blocks(text, open_tag, close_tag):
     """text split at its complete open_tag...close_tag blocks (str.find: a lazy regex is quadratic on unclosed tags)."""
@@ -54,8 +52,7 @@ def _last_boxed(text):
 
 
 def extract_answer(text):
-    """The last closed <answer>...</answer> (innermost if nested), else the last balanced \\boxed{...},
-    else None. Returns the stripped content, possibly ''."""
+    """Stripped content (maybe '') of the last closed <answer> (innermost if nested), else _last_boxed(text)."""
     if not isinstance(text, str) or not text:
         return None
     end = text.rfind("</answer>")
@@ -77,7 +74,7 @@ def final_answer(text):
         return None
     parts = _split_blocks(tail, "<tool_call>", "</tool_call>")
     tail = "".join(parts[:-1]) + parts[-1].partition("<tool_call>")[0]  # an unclosed call was cut off: drop it
-    for tag in TAGS:
+    for tag in ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>"):
         tail = tail.replace(tag, "")
     tail = tail.strip()
     return tail if 0 < len(tail) <= MAX_ANSWER_CHARS else None
@@ -123,8 +120,7 @@ def extract_choice(text, options=None):
 
 
 def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
-    """Textbook DP edit distance. To bound the work, strings are cut to max_chars and each cut character counts as
-    one edit: an upper bound, so similarity scores can only err low on enormous model outputs (which score ~0)."""
+    """DP edit distance; past max_chars each character counts as one edit (bounded work; such texts score ~0 anyway)."""
     extra = max(0, len(a) - max_chars) + max(0, len(b) - max_chars)
     a, b = a[:max_chars], b[:max_chars]
     prev = list(range(len(b) + 1))
@@ -138,19 +134,17 @@ def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
 
 # EvalAI's contraction table, generated from the full forms: each form with one apostrophe dropped maps back ("dont"
 # -> "don't", "couldnt've" and "couldn'tve" -> "couldn't've"); its capitalised "Im" etc. never fire on lowercased text.
-_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've
-hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've
-might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't
-shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd
-something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're
-they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've
-who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll
-y'all'd've you'd you'd've you'll you're you've""".split()
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll
+somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd
+there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're
+what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
+wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
 CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, ch in enumerate(w) if ch == "'"}
 CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one entry backwards
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
 PUNCT = ';/[]"{}()=+\\_-><@`!'  # EvalAI's list also has , and ?, which are already gone by then
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
 
@@ -161,10 +155,9 @@ def vqa_normalize(text):
     out = s = s.replace("\n", " ").replace("\t", " ").strip()
     for p in PUNCT:  # glued punctuation splits words ("coca-cola" -> "coca cola"), spaced one is dropped
         out = out.replace(p, "" if (p + " " in s or " " + p in s) else " ")
-    # the official code passes re.UNICODE (== 32) where sub() expects count: only 32 periods go
-    out = _PERIOD.sub("", out, count=32)
+    out = _PERIOD.sub("", out, count=32)  # only 32 go: the official code passes re.UNICODE (== 32) as sub()'s count
     words = [NUMBER_WORDS.get(w, w) for w in out.split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in {"a", "an", "the"})
 
 
 def _box(v):
@@ -211,8 +204,7 @@ def vqa_score(pred, answers):
 
 
 def anls(pred, answers, threshold=0.5):
-    """DocVQA ANLS as the official script computes it: q = 1 - min over answers of lev(norm answer, norm pred) /
-    max(len(raw answer), len(raw pred)), norm = lowercased, whitespace collapsed; 0 if q < threshold (0.5 is kept)."""
+    """DocVQA ANLS as the official script computes it: 1 - the least normalised edit distance, 0 below threshold."""
     answers = _answers(answers)
     if not isinstance(pred, str):
         return 0.0
@@ -275,9 +267,6 @@ def choice_score(pred, answer, options):
     return float(extract_choice(pred, options) == _gold_letter(answer, options))
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def to_number(s):
     """A float from a number or a text holding exactly one number ('1,234', '3.5 cm', 'five'), else None."""
     if isinstance(s, (int, float, np.number)) and not isinstance(s, bool):
@@ -288,7 +277,7 @@ def to_number(s):
     word = t.rstrip(".")
     if word in NUMBER_WORDS and word != "none":  # EvalAI's "none" -> 0 is not a count
         return float(NUMBER_WORDS[word])
-    found = _NUMBER.findall(t)
+    found = re.findall(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", t)
     return float(found[0]) if len(found) == 1 else None  # '2 or 3' is no answer
 
 
@@ -302,9 +291,8 @@ def number_score(pred, gt, rel_tol=1e-4, abs_tol=1e-6):
 
 
 def mathvista_score(pred, record):
-    """MathVista's normalisation then exact string equality: a choice letter (or '(X)') maps to its option text,
-    anything else to the most similar option by edit distance; integer answers compare after int(float()), floats
-    after round(float(), precision); an empty prediction scores 0 (their ignore_empty_extractions)."""
+    """MathVista's normalisation, then ==: a letter or '(X)' picks its option, other text the nearest by edit distance;
+    integers via int(float()), floats via round(float(), precision); '' scores 0 (ignore_empty_extractions)."""
     answer = str(record["answer"][0] if isinstance(record["answer"], list) else record["answer"]).strip()
     if not isinstance(pred, str) or not pred.strip():
         return 0.0
@@ -425,9 +413,8 @@ def r_format_vilasr(traj, record, acc):
 
 
 def r_format_groundlight(traj, record, acc):
-    """Groundlight (tool_use_text_vqa_env.py), averaged over the assistant turns: 0.4 for <think>...</think> and
-    exactly one of a tool call or an answer, 0.2 when any of those parses (their "spacing" check, which passes
-    whenever a field parses), 0.2 for starting with <think>, 0.2 for ending with its call's or answer's closing tag."""
+    """Groundlight (tool_use_text_vqa_env.py), mean over turns of 0.4 (think and exactly one of call or answer), 0.2
+    (any of them parses: their "spacing" check), 0.2 (starts with <think>), 0.2 (ends in the call's or answer's tag)."""
     turns = _turns(traj)
     if not turns:
         return 0.0, "no turns"
@@ -481,8 +468,7 @@ def r_region_valid(traj, record, acc):
 
 
 def r_region_executed(traj, record, acc):
-    """r_region_valid's stricter variant (lookagain's before it followed the code; opt in with --weights
-    '{"region_valid": 0, "region_executed": 1}'): 0.5 only if every box was cut (the call ran), not just parsed."""
+    """Stricter r_region_valid, every box cut (opt in: --weights '{"region_valid": 0, "region_executed": 1}')."""
     calls = _calls(traj)
     if acc < 1.0 or not calls or not all(c.get("ok") for c in calls):
         return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes" if not calls else "a box failed"
@@ -505,9 +491,8 @@ def r_region_iou(traj, record, acc):
 
 def coverage(traj, record):
     """Where the model looked (VLM-R3's accuracy-vs-localisation analysis; not a reward term: eval.py bins accuracy by
-    it, grpo.py logs its mean): of the successful zooms (call["zoom"], set by tools.execute; `region` is in original
-    pixels, so a zoom on a zoom counts where it really looked), the best by IoU with the bbox, then by the share of the
-    bbox it holds -> (IoU, share); (None, None) without bbox, (0.0, 0.0) if no zoom succeeded."""
+    it, grpo.py logs its mean): (IoU, share of the bbox held) of the successful zoom (call["zoom"], from tools.execute)
+    best by IoU, then share; `region` is in original pixels: a zoom on a zoom counts where it really looked."""
     if record.get("bbox") is None:
         return None, None
     gt = _box(record["bbox"])
@@ -518,9 +503,8 @@ def coverage(traj, record):
 
 
 def r_length(traj, record, acc):
-    """VLM-R3: min(0.1, 0.01 x characters of the shortest reasoning segment between crops). As in their code: the text
-    before the first <answer>, think tags dropped, whitespace collapsed, split at the tool calls; empty segments count
-    only at the two ends (no reasoning before the first crop or after the last one scores 0)."""
+    """VLM-R3, as their code: min(0.1, 0.01 x characters of the shortest reasoning segment between the tool calls before
+    the first <answer>); empty segments count only at the ends (no reasoning before the first or after the last: 0)."""
     text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
     segments = [s.strip() for s in _split_blocks(text, "<tool_call>", "</tool_call>")]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
@@ -554,9 +538,8 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
 
 
 def vilasr_accuracy(traj, record, acc):
-    """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn. Multiple choice:
-    the stripped gold string; number, mra: the first numbers of answer and gold by MRA with a strict '<', the mean over
-    theta in MRA_THRESHOLDS of [|p - g| / (|g| + 1e-8) < 1 - theta]; other types (not in their data): `acc`."""
+    """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn: multiple choice
+    by stripped ==, number and mra by MRA of the first numbers (strict '<'); other types (none in their data): acc."""
     last = (_turns(traj) or [""])[-1]
     m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
     ans = m.group(1) if m else last
@@ -593,7 +576,6 @@ def r_vqa_hard(traj, record, acc):
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 
-# every r_* function above, by its name without the prefix: "soft", "format_r3", ..., "vqa_hard"
 TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("r_") and callable(f)}
 
 # -----------------------------------------------------------------------------
@@ -612,8 +594,7 @@ PRESETS = {
 
 
 def reward(traj, record, preset="vlm_r3", weights=None):
-    """Sum of weight x term over the preset's terms, `weights` overriding or adding terms (preset=None: no terms).
-    -> (total, components, reasons); components always hold "accuracy", weighted or not, for logging."""
+    """Weighted sum of the preset's terms, `weights` overriding or adding; components always hold "accuracy"."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown reward preset {preset!r}; known presets: {', '.join(PRESETS)}")
     w = {**(PRESETS[preset] if preset else {}), **(weights or {})}
