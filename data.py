@@ -2,10 +2,9 @@
 data.py: lookagain's JSONL records (format, loader, validator), the synthetic "look again" task (CPU demo, tests) and
 eval.py's benchmark loaders (V*, HR-Bench, TextVQA, DocVQA, MathVista, ScienceQA-IMG; local files, nothing downloaded).
 
-A record (one JSON object per line):
-    {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths, "question": "...",
-     "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
-     "options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
+A record, one JSON object per line: {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths,
+"question": "...", "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
+"options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
 
 The synthetic task: an 896 px image, a 24 px coloured square near the centre of each cell of a 3x3 grid, "What colour is
 the square at the top left?" In the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a
@@ -50,8 +49,7 @@ def synthetic_layout(rng, size=896, grid=3, side=24):
                 noise_seed=int(rng.integers(2**31)))
 
 
-def draw_synthetic(lay):
-    """The pixels of a layout: grey noise and the squares."""
+def draw_synthetic(lay):  # grey noise and the squares
     size, side = lay["size"], lay["side"]
     img = np.random.default_rng(lay["noise_seed"]).normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
     for x, y, c in lay["squares"]:
@@ -90,13 +88,13 @@ def write_jsonl(records, path):
 # lookagain JSONL
 
 
-def _finite(v):  # abs(v) < 1e9: False for inf and NaN, and safe for an integer too big for a float
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9
+def _box(b):  # 4 finite numbers (abs(v) < 1e9: False for inf and NaN, and safe for an integer too big for a float)
+    return isinstance(b, list) and len(b) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
 
 
 def validate(r, where):
-    """Check one record; raise ValueError naming the file and line (`where`) and the problem."""
-    def bad(msg):
+    def bad(msg):  # where: "file:line"
         raise ValueError(f"{where}: {msg}")
     if not isinstance(r, dict):
         bad("a record must be a JSON object")
@@ -116,8 +114,7 @@ def validate(r, where):
     if r.get("type") == "multiple_choice" and not opts:
         bad("a multiple_choice record needs 'options'")
     b = r.get("bbox")
-    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(map(_finite, b))
-                              and b[0] < b[2] and b[1] < b[3]):
+    if b is not None and not (_box(b) and b[0] < b[2] and b[1] < b[3]):
         bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
     p = r.get("precision")
     if p is not None and (isinstance(p, bool) or p not in range(16)):
@@ -255,8 +252,7 @@ def _read_json(path):
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def _image(path, where, bad):
-    """The image path if it can be read (check_image), else a bad row (None)."""
+def _image(path, where, bad):  # path if check_image passes, else a bad row (None)
     try:
         check_image(path, where)
         return path
@@ -272,8 +268,7 @@ def _vstar_record(key, img, question, options, correct, shuffle_seed, category, 
     r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
              type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
     boxes = ann.get("bbox") if isinstance(ann, dict) else None
-    boxes = [b for b in (boxes if isinstance(boxes, list) else [])
-             if isinstance(b, list) and len(b) == 4 and all(map(_finite, b)) and b[2] > 0 and b[3] > 0]
+    boxes = [b for b in (boxes if isinstance(boxes, list) else []) if _box(b) and b[2] > 0 and b[3] > 0]
     if boxes:
         r["bbox"] = [min(b[0] for b in boxes), min(b[1] for b in boxes),
                      max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
@@ -444,9 +439,8 @@ def load_docvqa(path, images=None, bad=None):
 
 
 def load_mathvista(path, images=None, bad=None):
-    """MathVista testmini: its JSON, {pid: {"question", "image": "images/1.jpg", "choices", "unit",
-    "precision", "answer", "question_type", "answer_type", "metadata": {"category", ...}}} (a list of the same
-    objects works too); images relative to the JSON's folder (or --images). Scored by rewards.mathvista_score."""
+    """MathVista testmini: {pid: {"question", "image": "images/1.jpg", "choices", "unit", "precision", "answer",
+    "question_type", "answer_type", "metadata": {"category"}}} or a list; images under its folder (or --images)."""
     js = _read_json(path)
     problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
     if problems is None:
