@@ -2,8 +2,7 @@
 eval.py: the evaluation harness. A benchmark (data.load_benchmark) through training's rollout loop, with or without
 tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked, hard-example mining.
 
-CPU demo, `python eval.py` (no arguments): the demo checkpoint (runs/grpo, else runs/sft, else the untrained tiny
-model) on the synthetic held-out set (200 items), with zoom_in and with tools off, side by side.
+CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out synthetic items, zoom_in vs tools off.
 1 CPU, a quick look:
     python eval.py --model tiny --data synthetic --limit 8 --out runs/ev
 1 GPU (V* on Qwen2.5-VL-7B, with the tools-off baseline measured at the same pixel budget):
@@ -60,9 +59,8 @@ def _mean(xs):
 
 
 def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
-    """A benchmark's score of a per-item value -> (overall, {category: score}). HR-Bench (its official evaluate()):
-    the mean within each rotation of the options (cycle_category), then over rotations, overall and per category.
-    Else the micro mean over items (V*'s overall) and the mean per category."""
+    """(overall, {category: score}) of a per-item value. HR-Bench (its official evaluate()): the mean per rotation
+    (cycle_category), then over rotations, also per category. Else the micro mean (V*'s overall) and per category."""
     if not items:
         return None, {}
     cats = sorted({it["category"] for it in items if it.get("category") is not None})
@@ -70,10 +68,9 @@ def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
         cycles = defaultdict(list)
         for it in items:
             cycles[it.get("cycle_category")].append(it)
-        overall = _mean(_mean(value(it) for it in g) for g in cycles.values())
         per = {c: _mean(v for v in (_mean(value(it) for it in g if it.get("category") == c) for g in cycles.values())
                         if v is not None) for c in cats}
-        return overall, per
+        return _mean(_mean(value(it) for it in g) for g in cycles.values()), per
     per = {c: _mean(value(it) for it in items if it.get("category") == c) for c in cats}
     return _mean(value(it) for it in items), per
 
@@ -135,9 +132,8 @@ def score_episode(ep, record):
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
              batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
-    """Roll out every record `samples` times (common.run_episodes; tools=[]: the tools-off baseline; cfg:
-    common.episode_cfg), score, aggregate -> (summary (see summarize), items: items[i] is records[i]'s result).
-    skip_bad: an item whose image or record is bad is skipped (counted), not fatal."""
+    """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
+    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted)."""
     t0 = time.time()
     done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
