@@ -175,8 +175,7 @@ MAX_ASPECT = 200          # Qwen2-VL's smart_resize refuses a longer side over 2
 
 
 def open_image(src, draft=False):
-    """A path, a function returning an image, or an image -> RGB, the one way images are read (all the steps below).
-    draft: decode a JPEG at 1/8 scale, a cheap check that it is whole."""
+    """A path, a function returning an image, or an image -> RGB, the one way images are read; draft: at 1/8 scale."""
     if isinstance(src, str) and not os.path.isfile(src):
         raise FileNotFoundError(f"image {src} not found")
     try:
@@ -279,9 +278,8 @@ VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
 
 
 def load_vstar(path, shuffle_seed=0, bad=None):
-    """V* Bench: the folder with direct_attributes/ and relative_position/, each holding <name>.jpg and <name>.json
-    ({"question", "options" (the correct one first), "target_object", "bbox": [[x, y, w, h]]}), or its
-    test_questions.jsonl ({"image", "text" with "(A) ..." option lines, "category", "question_id", "label"})."""
+    """V*: its folder (direct_attributes/, relative_position/: <name>.jpg, <name>.json {"question", "options" (correct
+    first), "bbox": [[x, y, w, h]]}) or test_questions.jsonl ({"image", "category", "label", "text" with "(A) ..."})."""
     if os.path.isfile(path):
         return _load_vstar_jsonl(path, shuffle_seed, bad)
     if not os.path.isdir(path):
@@ -350,9 +348,8 @@ HRBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "category", "cycle_c
 
 
 def load_hrbench(path, bad=None):
-    """HR-Bench 4K/8K's TSV: index, question, A-D, answer (a letter), category (single/cross), cycle_category (which
-    rotation of the options), image (base64 JPEG, or as in VLMEvalKit's TSVs the index of the row whose image it
-    reuses). A record's image is a function decoding the bytes when needed, so no 8K image stays decoded."""
+    """HR-Bench 4K/8K TSV: index, question, A-D, answer (letter), category, cycle_category (option rotation), image
+    (base64 JPEG, or as in VLMEvalKit the index of the row with it), decoded when needed: no 8K image stays decoded."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)  # a base64 8K image is tens of MB in one field
@@ -422,8 +419,7 @@ def _load_answer_list(path, bad, name, kind, image_of, id_key):
 
 
 def load_textvqa(path, images=None, bad=None):
-    """TextVQA: the official JSON ({"data": [{"question", "image_id", "answers": [10 strings], "question_id"}]}), images
-    <image_id>.jpg (default folder: train_images/ next to the JSON, else the JSON's). Scored by VQA accuracy."""
+    """TextVQA (VQA accuracy): <image_id>.jpg in --images, else in train_images/ next to the JSON, else its folder."""
     root = os.path.join(os.path.dirname(os.path.abspath(path)), "train_images")
     root = images or (root if os.path.isdir(root) else os.path.dirname(root))
     return _load_answer_list(path, bad, "TextVQA", "vqa", lambda q: os.path.join(root, f"{q['image_id']}.jpg")
@@ -431,8 +427,7 @@ def load_textvqa(path, images=None, bad=None):
 
 
 def load_docvqa(path, images=None, bad=None):
-    """DocVQA: the official JSON ({"data": [{"questionId", "question", "image": "documents/x.png",
-    "answers"}]}); images relative to the JSON's folder (or --images). Scored by ANLS."""
+    """DocVQA (ANLS): "image": "documents/x.png", relative to --images, else to the JSON's folder."""
     root = images or os.path.dirname(os.path.abspath(path))
     return _load_answer_list(path, bad, "DocVQA", "anls", lambda q: os.path.join(root, q["image"])
                              if isinstance(q.get("image"), str) else None, "questionId")
@@ -471,9 +466,8 @@ def load_mathvista(path, images=None, bad=None):
 
 
 def load_scienceqa(path, images=None, split="test", bad=None):
-    """ScienceQA-IMG: problems.json ({pid: {"question", "choices", "answer": index, "hint", "image": "image.png" or
-    null, "subject", "split", ...}}) and its images folder (images/<split>/<pid>/image.png; default: images/ next to
-    it). Only `split`'s problems with an image; category = subject (natural/social/language, as in the paper)."""
+    """ScienceQA-IMG: problems.json {pid: {"question", "choices", "answer": index, "hint", "image", "subject", "split"}}
+    and images/<split>/<pid>/ next to it (or --images); only `split`'s with an image; category: subject (paper's)."""
     js = _read_json(path)
     if not isinstance(js, dict):
         raise ValueError(f"{path}: expected ScienceQA's {{pid: problem}} object")
