@@ -11,15 +11,13 @@ CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out
 8 GPUs (HR-Bench 8K, 8 samples per item: pass@k and avg@k):
     torchrun --standalone --nproc_per_node=8 eval.py --model runs/r3 --bench hrbench --data hr_bench_8k.tsv \
         --samples 8 --out runs/ev-hr8k
-A method's own evaluation settings (pixel budgets, sampling, limits): --recipe vlm_r3 | vl_rethinker | vilasr |
-groundlight | deepeyes, e.g. python eval.py --recipe vlm_r3 --model runs/r3 --bench vstar --data vstar_bench
+--recipe vlm_r3 | vl_rethinker | vilasr | groundlight | deepeyes: a method's evaluation settings (pixel budgets,
+sampling, limits; README); else pixel budgets are the model processor's (Qwen2.5-VL: 3136 to 12845056 px).
 Hard-example mining (Groundlight's, TextVQA without tools; commands in the README): --samples 8 --keep-below 0.5
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
-Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px).
 
-The run folder (--out) gets results.md (the table printed on screen), results.json (every setting: model, pixel budgets,
-tools, system prompt, question template, seeds, sampling, limits; and the aggregates) and items.jsonl (one line per item
-and setting: answer, prediction, score, turns, calls, stop reason, coverage, pass rate over the samples).
+--out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
+sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage).
 
 Determinism (common.run_episodes): fixed batches (--batch-size), a generator per sample seeded by (seed, item, sample):
 shards compute an unsharded run's batches, padding included; items.jsonl is bit-identical at any world size, greedy too.
