@@ -260,8 +260,7 @@ def _image(path, where, bad):  # path if check_image passes, else a bad row (Non
 
 
 def _vstar_record(key, img, question, options, correct, shuffle_seed, category, where, ann):
-    """One V* record: options in an order seeded by (shuffle_seed, key) (V* lists the correct one first: unshuffled,
-    "A" is always right); bbox: the box around all target boxes ([x, y, w, h] each; both, for a relative position)."""
+    """One V* record: options shuffled by (shuffle_seed, key) (V* puts the answer first); bbox around all targets."""
     order = list(range(len(options)))
     random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
     r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
@@ -434,8 +433,7 @@ def load_docvqa(path, images=None, bad=None):
 
 
 def load_mathvista(path, images=None, bad=None):
-    """MathVista testmini: {pid: {"question", "image": "images/1.jpg", "choices", "unit", "precision", "answer",
-    "question_type", "answer_type", "metadata": {"category"}}} or a list; images under its folder (or --images)."""
+    """MathVista testmini: {pid: {"question", "image", "choices", "unit", "precision", "answer", ...}} or a list."""
     js = _read_json(path)
     problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
     if problems is None:
