@@ -275,7 +275,6 @@ def main():
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad)
-        # rows the loader skipped (--skip-bad) count with the items evaluate() skipped
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            system_prompt=T.system_prompt(ts, compact=policy.toy),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
