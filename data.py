@@ -1,19 +1,16 @@
 """
-data.py: datasets. lookagain's JSONL record format, its loader and validator, the synthetic "look again"
-task that the CPU demo and the tests train on, and the benchmark loaders (V*, HR-Bench, TextVQA, DocVQA,
-MathVista, ScienceQA-IMG in their published layouts, local files: nothing is downloaded) that eval.py uses.
+data.py: lookagain's JSONL records (format, loader, validator), the synthetic "look again" task (CPU demo, tests) and
+eval.py's benchmark loaders (V*, HR-Bench, TextVQA, DocVQA, MathVista, ScienceQA-IMG; local files, nothing downloaded).
 
-A record (one JSON object per line):
-    {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths, "question": "...",
-     "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
-     "options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
+A record, one JSON object per line: {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths,
+"question": "...", "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
+"options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
 
-The synthetic task: an 896 px image with a 24 px coloured square near the centre of each cell of a 3x3 grid: "What
-colour is the square at the top left?" In the model's first 112 px view each square is a 3 px smudge; zoomed on the
-named cell's centre, a block of ~40 px. The question names the place, so finding it is a text-to-coordinates mapping
-the model can memorise, and reading the colour needs the zoom. (A random tiny model learns colours quickly but not
-where things are in an image: with a ring to find instead, place words stayed at chance after 1400 steps.) Demo
-defaults (README): 10.5% tools off (chance 12.5%); with the zoom tool, 73.0% after SFT, 86.5% after GRPO.
+The synthetic task: an 896 px image, a 24 px coloured square near the centre of each cell of a 3x3 grid, "What colour is
+the square at the top left?" In the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a
+~40 px block. Where to look is named (a text-to-coordinates mapping the model can memorise); the colour needs the zoom.
+(A random tiny model learns colours quickly but not where things are: with a ring to find instead, place words stayed
+at chance after 1400 steps.) Demo (README): 10.5% tools off (chance 12.5%); zoom_in: 73.0% after SFT, 86.5% after GRPO.
 """
 import base64
 import csv
@@ -52,8 +49,7 @@ def synthetic_layout(rng, size=896, grid=3, side=24):
                 noise_seed=int(rng.integers(2**31)))
 
 
-def draw_synthetic(lay):
-    """The pixels of a layout: grey noise and the squares."""
+def draw_synthetic(lay):  # grey noise and the squares
     size, side = lay["size"], lay["side"]
     img = np.random.default_rng(lay["noise_seed"]).normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
     for x, y, c in lay["squares"]:
@@ -62,8 +58,7 @@ def draw_synthetic(lay):
 
 
 def synthetic(n, seed=0, **kw):
-    """n records of the synthetic task, reproducible from the seed (item i depends only on seed and i).
-    The image is drawn when first needed (record["image"] is a function until then)."""
+    """n records of the synthetic task; item i depends only on (seed, i). "image" is a function that draws it."""
     out = []
     for i in range(n):
         lay = synthetic_layout(np.random.default_rng([seed, i]), **kw)
@@ -93,13 +88,13 @@ def write_jsonl(records, path):
 # lookagain JSONL
 
 
-def _finite(v):  # abs(v) < 1e9 is False for inf and NaN, and safe for an integer too big for a float
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9
+def _box(b):  # 4 finite numbers (abs(v) < 1e9: False for inf and NaN, and safe for an integer too big for a float)
+    return isinstance(b, list) and len(b) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
 
 
 def validate(r, where):
-    """Check one record; raise ValueError naming the file and line (`where`) and the problem."""
-    def bad(msg):
+    def bad(msg):  # where: "file:line"
         raise ValueError(f"{where}: {msg}")
     if not isinstance(r, dict):
         bad("a record must be a JSON object")
@@ -119,8 +114,7 @@ def validate(r, where):
     if r.get("type") == "multiple_choice" and not opts:
         bad("a multiple_choice record needs 'options'")
     b = r.get("bbox")
-    if b is not None and not (isinstance(b, list) and len(b) == 4 and all(map(_finite, b))
-                              and b[0] < b[2] and b[1] < b[3]):
+    if b is not None and not (_box(b) and b[0] < b[2] and b[1] < b[3]):
         bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
     p = r.get("precision")
     if p is not None and (isinstance(p, bool) or p not in range(16)):
@@ -157,8 +151,7 @@ def jsonl_rows(path, bad=None):
 
 
 def load_jsonl(path, bad=None):
-    """Read and validate every record; image paths become absolute (relative to the JSONL's folder).
-    bad: None stops at the first bad record; a list collects the problems and skips those records."""
+    """Every record, validated, its image paths made absolute (relative to the JSONL's folder); bad: see problem()."""
     folder, out = os.path.dirname(os.path.abspath(path)), []
     for where, r in jsonl_rows(path, bad):
         try:
@@ -182,10 +175,7 @@ MAX_ASPECT = 200          # Qwen2-VL's smart_resize refuses a longer side over 2
 
 
 def open_image(src, draft=False):
-    """One image (a path, a function that returns one, or a PIL image) as RGB, the one way images are read:
-    size checked before decoding, EXIF orientation applied, 16/32-bit grey scaled to 8 bits (not clipped: a
-    16-bit PNG would turn white), alpha composited on white. draft: decode a JPEG at 1/8 scale (a cheap check
-    that it is whole). Raises ValueError saying what is wrong, FileNotFoundError for a missing file."""
+    """A path, a function returning an image, or an image -> RGB, the one way images are read; draft: at 1/8 scale."""
     if isinstance(src, str) and not os.path.isfile(src):
         raise FileNotFoundError(f"image {src} not found")
     try:
@@ -200,7 +190,7 @@ def open_image(src, draft=False):
         if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the camera was turned
             im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grey: 0..65535 -> 0..255
-            a = np.asarray(im, dtype=np.float64)
+            a = np.asarray(im, dtype=np.float64)  # scaled, not clipped: a 16-bit PNG would turn white
             a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
             im = Image.fromarray(np.rint(a.clip(0, 255)).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
@@ -232,8 +222,7 @@ def check_image(path, where):
 
 
 def load_images(record):
-    """The record's images as RGB PIL images (open_image), at full resolution (the view is resized later,
-    by tools.py, to the pixel budget; originals are kept whole because zooms cut from them)."""
+    """The record's images (open_image), full size: tools.py resizes the view; zooms cut from the originals."""
     imgs = record["image"] if isinstance(record["image"], list) else [record["image"]]
     try:
         return [open_image(im) for im in imgs]
@@ -249,8 +238,7 @@ def dataset(spec, split="train", n=None, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# loaders: a benchmark in its published layout -> lookagain records (data.py's format, plus `category`
-# where the benchmark has one and `source`, the file and row it came from, for error messages)
+# loaders: a benchmark as published -> lookagain records, plus `category` (if any) and `source` (file and row)
 
 
 def _read_json(path):
@@ -263,8 +251,7 @@ def _read_json(path):
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def _image(path, where, bad):
-    """The image path if it can be read (check_image), else a bad row (None)."""
+def _image(path, where, bad):  # path if check_image passes, else a bad row (None)
     try:
         check_image(path, where)
         return path
@@ -273,16 +260,13 @@ def _image(path, where, bad):
 
 
 def _vstar_record(key, img, question, options, correct, shuffle_seed, category, where, ann):
-    """One V* record: its options in a seeded order (V*'s JSON lists the correct one first: unshuffled, "A" is
-    always right) that depends only on (shuffle_seed, key), and as bbox the [x1, y1, x2, y2] box around all the
-    target boxes ([x, y, w, h], one per object): the region a model must see (both, for a relative position)."""
+    """One V* record: options shuffled by (shuffle_seed, key) (V* puts the answer first); bbox around all targets."""
     order = list(range(len(options)))
     random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
     r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
              type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
     boxes = ann.get("bbox") if isinstance(ann, dict) else None
-    boxes = [b for b in (boxes if isinstance(boxes, list) else [])
-             if isinstance(b, list) and len(b) == 4 and all(map(_finite, b)) and b[2] > 0 and b[3] > 0]
+    boxes = [b for b in (boxes if isinstance(boxes, list) else []) if _box(b) and b[2] > 0 and b[3] > 0]
     if boxes:
         r["bbox"] = [min(b[0] for b in boxes), min(b[1] for b in boxes),
                      max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
@@ -293,9 +277,8 @@ VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
 
 
 def load_vstar(path, shuffle_seed=0, bad=None):
-    """V* Bench: the folder with direct_attributes/ and relative_position/, each holding <name>.jpg and <name>.json
-    ({"question", "options" (the correct one first), "target_object", "bbox": [[x, y, w, h]]}), or its
-    test_questions.jsonl ({"image", "text" with "(A) ..." option lines, "category", "question_id", "label"})."""
+    """V*: its folder (direct_attributes/, relative_position/: <name>.jpg, <name>.json {"question", "options" (correct
+    first), "bbox": [[x, y, w, h]]}) or test_questions.jsonl ({"image", "category", "label", "text" with "(A) ..."})."""
     if os.path.isfile(path):
         return _load_vstar_jsonl(path, shuffle_seed, bad)
     if not os.path.isdir(path):
@@ -364,10 +347,8 @@ HRBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "category", "cycle_c
 
 
 def load_hrbench(path, bad=None):
-    """HR-Bench 4K/8K: a TSV with index, question, A, B, C, D, answer (a letter), category (single/cross),
-    cycle_category (which rotation of the options) and image (base64 JPEG; as in VLMEvalKit's TSVs, a short
-    image field is the index of the row whose image it reuses). A record's image is a function that decodes
-    the JPEG bytes when an episode needs them (data.load_images calls it), so no 8K image stays decoded."""
+    """HR-Bench 4K/8K TSV: index, question, A-D, answer (letter), category, cycle_category (option rotation), image
+    (base64 JPEG, or as in VLMEvalKit the index of the row with it), decoded when needed: no 8K image stays decoded."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)  # a base64 8K image is tens of MB in one field
@@ -437,9 +418,7 @@ def _load_answer_list(path, bad, name, kind, image_of, id_key):
 
 
 def load_textvqa(path, images=None, bad=None):
-    """TextVQA: the official JSON ({"data": [{"question", "image_id", "answers": [10 strings], "question_id"}]})
-    and its image folder (<image_id>.jpg; default: train_images/ next to the JSON, else the JSON's folder).
-    Scored by VQA accuracy over the 10 answers."""
+    """TextVQA (VQA accuracy): <image_id>.jpg in --images, else in train_images/ next to the JSON, else its folder."""
     root = os.path.join(os.path.dirname(os.path.abspath(path)), "train_images")
     root = images or (root if os.path.isdir(root) else os.path.dirname(root))
     return _load_answer_list(path, bad, "TextVQA", "vqa", lambda q: os.path.join(root, f"{q['image_id']}.jpg")
@@ -447,17 +426,14 @@ def load_textvqa(path, images=None, bad=None):
 
 
 def load_docvqa(path, images=None, bad=None):
-    """DocVQA: the official JSON ({"data": [{"questionId", "question", "image": "documents/x.png",
-    "answers"}]}); images relative to the JSON's folder (or --images). Scored by ANLS."""
+    """DocVQA (ANLS): "image": "documents/x.png", relative to --images, else to the JSON's folder."""
     root = images or os.path.dirname(os.path.abspath(path))
     return _load_answer_list(path, bad, "DocVQA", "anls", lambda q: os.path.join(root, q["image"])
                              if isinstance(q.get("image"), str) else None, "questionId")
 
 
 def load_mathvista(path, images=None, bad=None):
-    """MathVista testmini: its JSON, {pid: {"question", "image": "images/1.jpg", "choices", "unit",
-    "precision", "answer", "question_type", "answer_type", "metadata": {"category", ...}}} (a list of the same
-    objects works too); images relative to the JSON's folder (or --images). Scored by rewards.mathvista_score."""
+    """MathVista testmini: {pid: {"question", "image", "choices", "unit", "precision", "answer", ...}} or a list."""
     js = _read_json(path)
     problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
     if problems is None:
@@ -488,9 +464,8 @@ def load_mathvista(path, images=None, bad=None):
 
 
 def load_scienceqa(path, images=None, split="test", bad=None):
-    """ScienceQA-IMG: problems.json ({pid: {"question", "choices", "answer": index, "hint", "image": "image.png" or
-    null, "subject", "split", ...}}) and its images folder (images/<split>/<pid>/image.png; default: images/ next to
-    it). Only `split`'s problems with an image; category = subject (natural/social/language, as in the paper)."""
+    """ScienceQA-IMG: problems.json {pid: {"question", "choices", "answer": index, "hint", "image", "subject", "split"}}
+    and images/<split>/<pid>/ next to it (or --images); only `split`'s with an image; category: subject (paper's)."""
     js = _read_json(path)
     if not isinstance(js, dict):
         raise ValueError(f"{path}: expected ScienceQA's {{pid: problem}} object")
@@ -521,8 +496,7 @@ BENCHES = ("vstar", "hrbench", "textvqa", "docvqa", "mathvista", "scienceqa", "j
 
 
 def load_benchmark(bench, path, images=None, split="test", shuffle_seed=0, bad=None):
-    """--bench -> records, validated as JSONL records are (e.g. a precision that is no number, a box of inf).
-    bad: None to stop at the first bad row, or a list that collects them (--skip-bad)."""
+    """--bench's records, validated as JSONL's are (a precision that is no number, a box of inf); bad: see problem()."""
     if bench == "jsonl":
         return load_jsonl(path, bad)
     load = dict(vstar=lambda: load_vstar(path, shuffle_seed, bad), hrbench=lambda: load_hrbench(path, bad),

@@ -1,11 +1,8 @@
 """
-eval.py: the evaluation harness. A benchmark (data.load_benchmark: V*, HR-Bench, TextVQA, DocVQA, MathVista,
-ScienceQA-IMG in their published layouts, or lookagain JSONL) through the same rollout loop as training, with
-or without tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked,
-and hard-example mining.
+eval.py: the evaluation harness. A benchmark (data.load_benchmark) through training's rollout loop, with or without
+tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked, hard-example mining.
 
-CPU demo, `python eval.py` (no arguments): the demo checkpoint (runs/grpo, else runs/sft, else the untrained tiny
-model) on the synthetic held-out set (200 items), with zoom_in and with tools off, side by side.
+CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out synthetic items, zoom_in vs tools off.
 1 CPU, a quick look:
     python eval.py --model tiny --data synthetic --limit 8 --out runs/ev
 1 GPU (V* on Qwen2.5-VL-7B, with the tools-off baseline measured at the same pixel budget):
@@ -14,20 +11,16 @@ model) on the synthetic held-out set (200 items), with zoom_in and with tools of
 8 GPUs (HR-Bench 8K, 8 samples per item: pass@k and avg@k):
     torchrun --standalone --nproc_per_node=8 eval.py --model runs/r3 --bench hrbench --data hr_bench_8k.tsv \
         --samples 8 --out runs/ev-hr8k
-A method's own evaluation settings (pixel budgets, sampling, limits): --recipe vlm_r3 | vl_rethinker | vilasr |
-groundlight | deepeyes, e.g. python eval.py --recipe vlm_r3 --model runs/r3 --bench vstar --data vstar_bench
+--recipe vlm_r3 | vl_rethinker | vilasr | groundlight | deepeyes: a method's evaluation settings (pixel budgets,
+sampling, limits; README); else pixel budgets are the model processor's (Qwen2.5-VL: 3136 to 12845056 px).
 Hard-example mining (Groundlight's, TextVQA without tools; commands in the README): --samples 8 --keep-below 0.5
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
-Pixel budgets default to the model's image processor's (a Qwen2.5-VL's: 3136 to 12845056 px).
 
-The run folder (--out) gets results.md (the table printed on screen), results.json (every setting: model,
-pixel budgets, tools, system prompt, question template, seeds, sampling, limits; and the aggregates) and
-items.jsonl (one line per item and setting: answer, prediction, score, turns, calls, stop reason, coverage,
-pass rate over the samples).
+--out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
+sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage).
 
-Determinism (common.run_episodes): each sample has its own generator, seeded from (seed, item, sample), and the
-episodes run in fixed batches of --batch-size, so a sharded run computes exactly the batches of an unsharded one
-(padding included) and gives the same results bit for bit, greedy too: items.jsonl does not depend on the world size.
+Determinism (common.run_episodes): fixed batches (--batch-size), a generator per sample seeded by (seed, item, sample):
+shards compute an unsharded run's batches, padding included; items.jsonl is bit-identical at any world size, greedy too.
 """
 import argparse
 import json
@@ -64,10 +57,8 @@ def _mean(xs):
 
 
 def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
-    """The benchmark's score of a per-item value -> (overall, {category: score}).
-    HR-Bench: average within each rotation of the options (cycle_category), then over rotations, overall and
-    per category (its official evaluate()). Everything else: the micro mean over items (V*'s overall) and
-    the mean per category."""
+    """(overall, {category: score}) of a per-item value. HR-Bench (its official evaluate()): the mean per rotation
+    (cycle_category), then over rotations, also per category. Else the micro mean (V*'s overall) and per category."""
     if not items:
         return None, {}
     cats = sorted({it["category"] for it in items if it.get("category") is not None})
@@ -75,10 +66,9 @@ def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
         cycles = defaultdict(list)
         for it in items:
             cycles[it.get("cycle_category")].append(it)
-        overall = _mean(_mean(value(it) for it in g) for g in cycles.values())
         per = {c: _mean(v for v in (_mean(value(it) for it in g if it.get("category") == c) for g in cycles.values())
                         if v is not None) for c in cats}
-        return overall, per
+        return _mean(_mean(value(it) for it in g) for g in cycles.values()), per
     per = {c: _mean(value(it) for it in items if it.get("category") == c) for c in cats}
     return _mean(value(it) for it in items), per
 
@@ -87,8 +77,7 @@ COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in z
 
 
 def coverage_bin(t):
-    """Bin of one trajectory of an item with a bbox by the share of that region inside its best zoom
-    (rewards.coverage): no successful zoom / a zoom that missed it / partly / mostly / wholly inside."""
+    """A trajectory's bin by the share of the item's bbox inside its best successful zoom (rewards.coverage)."""
     s = t["coverage_inside"]
     return COVERAGE_BINS[0 if not t["n_zooms"] else 1 if s <= 0 else 2 if s < 0.5 else 3 if s < 1 - 1e-9 else 4]
 
@@ -141,10 +130,8 @@ def score_episode(ep, record):
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
              batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
-    """Roll out every record `samples` times (common.run_episodes; tools=[]: the tools-off baseline; cfg:
-    common.episode_cfg), score, aggregate. -> (summary, items): summary has accuracy (the benchmark's metric;
-    avg@k over samples), per_category, pass@k (samples > 1), tool_use, calls_per_item, ...; items[i] is
-    records[i]'s result. skip_bad: an item whose image or record is bad is skipped (counted), not fatal."""
+    """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
+    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted)."""
     t0 = time.time()
     done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
@@ -164,9 +151,7 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
             if samples > 1:
                 item["other_samples"] = ss[1:]
         items.append(item)
-    summary = summarize(items, bench, samples)
-    summary["seconds"] = round(time.time() - t0, 2)
-    return summary, items
+    return dict(summarize(items, bench, samples), seconds=round(time.time() - t0, 2)), items
 
 # -----------------------------------------------------------------------------
 # outputs: the table, results.json, items.jsonl, the hard subset
@@ -206,8 +191,7 @@ def results_table(runs):
 
 
 def write_subset(items, records, path, keep_below):
-    """Hard-example mining: the records whose pass rate over the samples is at most keep_below, as
-    lookagain JSONL (image paths kept as they are; in-memory images saved next to the file). -> (kept, of)."""
+    """Hard-example mining: write the records with pass rate <= keep_below (write_jsonl) -> (kept, scored items)."""
     scored = [it for it in items if "error" not in it]
     keep = [records[it["idx"]] for it in scored if it["pass_rate"] <= keep_below]
     D.write_jsonl(keep, path)
@@ -216,9 +200,8 @@ def write_subset(items, records, path, keep_below):
 
 def _git_commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -226,16 +209,14 @@ def _git_commit():
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
     C.add_common_flags(p, model="demo", out="runs/eval")
-    p.add_argument("--bench", choices=D.BENCHES, default=None,
-                   help="the loader for --data (default: --data synthetic, or lookagain JSONL)")
+    p.add_argument("--bench", choices=D.BENCHES, help="the loader for --data (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
     p.add_argument("--split", default="test", help="ScienceQA split")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
+    p.add_argument("--temperature", type=float, help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
     C.add_filter_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per rollout call")
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
@@ -273,8 +254,7 @@ def main():
         raise SystemExit(f"{args.data}: no items to evaluate")
     demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
     name = (demo + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
-    # settings: (column label, model, tools). The demo compares the SFT and GRPO checkpoints with tools,
-    # and the final model with tools off (can it answer from the first look alone?)
+    # settings: (column label, model, tools); the demo's: SFT and GRPO with tools, GRPO with tools off (first look only)
     settings = [(args.tools if tools else "none", name, tools)]
     if args.baseline and tools:
         settings.append(("none", name, []))
@@ -292,11 +272,9 @@ def main():
         cfg = C.episode_cfg(args, policy)  # the pixel budgets: the flags', else this model's processor's
         if device.type == "cpu" and sum(p.numel() for p in policy.model.parameters()) < 50e6:
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
-        summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy,
+        summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
-                                  seed=args.seed, batch_size=args.batch_size, desc=f"{label}",
-                                  bench=bench, skip_bad=args.skip_bad)
-        # rows the loader skipped (--skip-bad) count with the items evaluate() skipped
+                                  batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad)
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            system_prompt=T.system_prompt(ts, compact=policy.toy),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
