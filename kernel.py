@@ -83,8 +83,7 @@ def _torch_dz_(z, targets, lse, g, inv_tau):
 
 @functools.cache
 def _triton_kernels():
-    """Import Triton and define the two kernels on first use, so importing this file never needs Triton
-    and TRITON_INTERPRET=1 only has to be set before the first Triton call (not before this import)."""
+    """Import Triton and define the kernels on first use: neither Triton nor TRITON_INTERPRET=1 is needed at import."""
     global triton, tl
     import triton
     import triton.language as tl
