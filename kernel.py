@@ -261,7 +261,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
     if neither input requires grad, nothing is kept for a backward (old-policy and reference log-probs).
     loss_fn(logp_chunk [c], rows: slice) -> per-token losses [c]: the fused-loss mode. rows indexes the caller's
         advantages, old log-probs, masks; the loss is the sum of the terms (divide by the global token count,
-        not the chunk's). Returns (loss, logp) or (loss, logp, ent): loss differentiable, logp detached.
+        not the chunk's). Returns (loss, logp) or (loss, logp, ent): loss a differentiable scalar, logp detached.
     chunk_size: tokens per chunk (default chunk_rows). impl: "auto" (Triton on CUDA when importable, else
         PyTorch), "torch", or "triton" (on CPU tensors only with TRITON_INTERPRET=1 set before Triton's first use)."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden [N, H], weight [V, H]"
