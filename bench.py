@@ -10,9 +10,8 @@ or `python bench.py --quick` (a smoke test, seconds). Implementations:
   chunked+loss   the same with the loss fused in (loss_fn=): gradient formed in forward (6 N H V)
   triton, triton+loss   the Triton row kernels instead (CUDA only)
 Each (implementation, N) runs --rounds times in fresh subprocesses (its own peak memory), implementations taking
-turns (a load change hits all alike); each warms up on 8 tokens (code loading, Triton compilation), then runs
---reps times at full size. Time: the fastest run; TFLOP/s counts the 6 N H V floor. "extra": the first run's peak
-memory (max_memory_allocated, or VmHWM) beyond what was in use before and the two gradients of hidden and weight.
+turns (a load change hits all alike): a warm-up on 8 tokens (code loading, Triton compilation), then --reps runs at
+full size. "extra": the first run's peak memory (max_memory_allocated or VmHWM) beyond prior use and the gradients.
 
 2. The rollout engine (model.sample through tools.rollout) against transformers' generate and the uncached
 path (tools.rollout(reuse_cache=False): every turn's whole conversation prefilled again):
@@ -182,8 +181,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test of this script")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: IMPL N, run in a child
     p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
-    p.add_argument("--model", default=None,
-                   help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
+    p.add_argument("--model", help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
     p.add_argument("--layers", type=int, default=36, help="--rollout --model random-3b: decoder layers")
     p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
     p.add_argument("--group", type=int, default=8)

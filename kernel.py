@@ -1,8 +1,7 @@
 """
-kernel.py: the fused log-prob kernel (SPEC section 5). Per-token log-probs of sampled tokens, and optionally
-their entropy and a per-token loss with its gradient, through the output layer without ever holding the
-[N, V] logits: a chunked PyTorch path everywhere, Triton row kernels on CUDA. model.token_logprobs uses it for
-training, bench.py measures it. The derivation is in the comments below.
+kernel.py: the fused log-prob kernel (SPEC section 5). Per-token log-probs of sampled tokens, optionally their entropy
+and a per-token loss with its gradient, through the output layer without ever holding the [N, V] logits: chunked PyTorch
+everywhere, Triton row kernels on CUDA. Used by model.token_logprobs in training, measured by bench.py.
 """
 import functools
 import os
@@ -27,23 +26,18 @@ import torch
 #     dW = dz^T h                            [V, H]
 #
 # In fp32 the logits alone are N x V x 4 bytes: 10 GB for N = 16k tokens and Qwen's V = 151,936, and a naive
-# log_softmax + gather holds two or three such tensors. Here the tokens go in chunks of `rows`: one [rows, V]
-# logits buffer is formed by a GEMM (torch.mm: cuBLAS or the CPU BLAS), reduced row by row (online max and sum
-# of exponentials over blocks of V, the target logit, the entropy), and in the backward pass overwritten in
-# place by dz, which two more GEMMs turn into dh and dW.
+# log_softmax + gather holds two or three such tensors. Here the tokens go in chunks of `rows`: a GEMM (torch.mm:
+# cuBLAS or the CPU BLAS) forms one [rows, V] logits buffer, reduced row by row (online max and sum of exponentials
+# over blocks of V, target logit, entropy); the backward overwrites it in place by dz, and two GEMMs give dh, dW.
 #
-# FLOPs (one multiply-add = 2): each of the three GEMMs costs 2 N H V, so 6 N H V is the floor, which a naive
-# log_softmax + gather also pays. Two modes:
-# - plain (default): the forward returns logp; the backward does not know g until it is called, and dz needs
-#   the softmax, so the backward recomputes the logits chunk by chunk: 8 N H V in all. Storing anything smaller
-#   than the logits cannot avoid this: dW = sum_t g_t (onehot_t - p_t) h_t^T needs every row of (onehot - p)
-#   scaled by a g that only exists later.
-# - fused loss (`loss_fn=`): when the loss is a sum of per-token terms whose gradient in logp_t is known as
-#   soon as logp_t is (GRPO's clipped ratio and KL terms are: advantages, old and reference log-probs are fixed
-#   before the forward), the forward computes each chunk's g right after its logp, forms dz at once and
-#   accumulates dh and dW: 6 N H V, no recomputation; the backward only scales them by the loss's (scalar)
-#   upstream gradient. Training uses this mode: grpo.update (PPO-clip and KL) and sft.py (NLL).
-# The entropy is returned detached (no gradient flows through it): it is for logging.
+# FLOPs (multiply-add = 2): three GEMMs of 2 N H V each: the 6 N H V floor, which a naive version pays too. Two modes:
+# - plain (default): the forward returns logp; g is unknown until the backward, and dz needs the softmax, so the
+#   backward recomputes the logits chunk by chunk: 8 N H V in all. No store smaller than the logits avoids this:
+#   dW = sum_t g_t (onehot_t - p_t) h_t^T needs every row of (onehot - p), scaled by a g that only exists later.
+# - fused loss (`loss_fn=`): when the loss is a sum of per-token terms whose gradient in logp_t is known with logp_t
+#   (GRPO's clipped ratio and KL terms: advantages, old and reference log-probs are fixed before the forward), the
+#   forward forms each chunk's g, then dz, and accumulates dh and dW: 6 N H V, no recomputation; the backward only
+#   scales them by the loss's scalar upstream gradient. Used in training: grpo.update (PPO-clip, KL), sft.py (NLL).
 _CPU_BUDGET_BYTES = 256 * 2**20   # a [rows, V] fp32 logits buffer on CPU; the PyTorch path adds 1-2 scratches as big
 _GPU_BUDGET_CAP = 2**30           # at most 1 GiB on CUDA: GEMMs of ~1-2k rows are already efficient
 _BLOCK_V = 4096                   # Triton: columns of a row handled per loop step
@@ -89,8 +83,7 @@ def _torch_dz_(z, targets, lse, g, inv_tau):
 
 @functools.cache
 def _triton_kernels():
-    """Import Triton and define the two kernels on first use, so importing this file never needs Triton
-    and TRITON_INTERPRET=1 only has to be set before the first Triton call (not before this import)."""
+    """Import Triton and define the kernels on first use: neither Triton nor TRITON_INTERPRET=1 is needed at import."""
     global triton, tl
     import triton
     import triton.language as tl
@@ -180,8 +173,7 @@ def _add_grads(dz, h_c, weight, dh, dW, s, e):
 
 
 def _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn=None, need_dh=False, need_dW=False):
-    """Chunked forward. Returns logp [N], lse [N], ent [N] or None, loss (scalar or None), dh, dW.
-    With loss_fn and need_dh/need_dW it also forms dz per chunk and returns the loss's gradients."""
+    """Chunked forward -> logp, lse, ent or None [N], loss or None, and the loss's dh, dW if need_dh/need_dW."""
     N, V, inv_tau = hidden.shape[0], weight.shape[0], 1.0 / tau
     row_stats, dz_ = (_triton_row_stats, _triton_dz_) if impl == "triton" else (_torch_row_stats, _torch_dz_)
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -227,8 +219,7 @@ def _backward(hidden, weight, targets, lse, g, tau, rows, impl, need_dh, need_dW
 
 
 class FusedLogProbs(torch.autograd.Function):
-    """Outputs (logp, ent, loss), ent and loss possibly None. Differentiable: logp in plain mode (the backward
-    recomputes the logits), loss in fused-loss mode (its gradients formed in the forward)."""
+    """-> (logp, ent or None, loss or None); differentiable: logp in plain mode, loss in fused-loss mode."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, tau, want_ent, loss_fn, rows, impl):
@@ -265,17 +256,14 @@ class FusedLogProbs(torch.autograd.Function):
 def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
                    loss_fn=None, chunk_size=None, impl="auto"):
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), one chunk of logits at a time.
-    hidden [N, H] and weight [V, H] (same dtype: fp32 or bf16), targets [N] int64 in [0, V).
-    Returns logp [N] fp32, differentiable in hidden and weight, or (logp, ent) with entropy=True. Under
-    torch.no_grad(), or when neither input requires grad, nothing is kept for a backward (old-policy and
-    reference log-probs).
-    loss_fn(logp_chunk [c], rows: slice) -> per-token losses [c]: the fused-loss mode. rows says which tokens
-        these are, to index the caller's advantages, old log-probs, masks; the loss is the sum of the per-token
-        terms (divide by the global token count, not the chunk's). Then returns (loss, logp) or (loss, logp,
-        ent): loss is a differentiable scalar, logp is detached.
+    hidden [N, H] and weight [V, H] (same dtype: fp32 or bf16), targets [N] int64 in [0, V). Returns logp [N] fp32,
+    differentiable in hidden and weight, or (logp, ent) with entropy=True, ent detached (for logging). Under no_grad, or
+    if neither input requires grad, nothing is kept for a backward (old-policy and reference log-probs).
+    loss_fn(logp_chunk [c], rows: slice) -> per-token losses [c]: the fused-loss mode. rows indexes the caller's
+        advantages, old log-probs, masks; the loss is the sum of the terms (divide by the global token count,
+        not the chunk's). Returns (loss, logp) or (loss, logp, ent): loss a differentiable scalar, logp detached.
     chunk_size: tokens per chunk (default chunk_rows). impl: "auto" (Triton on CUDA when importable, else
-        PyTorch), "torch", or "triton" (on CPU tensors only with TRITON_INTERPRET=1 set before Triton's first use).
-    """
+        PyTorch), "torch", or "triton" (on CPU tensors only with TRITON_INTERPRET=1 set before Triton's first use)."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden [N, H], weight [V, H]"
     assert hidden.dtype == weight.dtype, "hidden and weight must have the same dtype"
     assert targets.shape == hidden.shape[:1], "targets [N]"

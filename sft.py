@@ -129,10 +129,9 @@ LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrato
 
 
 def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, half=4, lazy=0.0):
-    """A demonstration for one synthetic record: zoom on the named cell's 3 px square (a box of 2*half view px
-    around it, each side jittered by up to `noise`), then answer. With probability `correct` a first zoom is
-    off (the square just out of it, still overlapping the right box), then refined: a self-correction that
-    `reflective` recognises. With probability `lazy`, on the LAZY_PLACES, it answers without zooming."""
+    """Zoom on the named cell's 3 px square (a 2*half view px box around it, each side jittered by up to `noise`),
+    then answer. With probability `correct` a first zoom is off (the square just out, still overlapping the right
+    box), then refined: a self-correction `reflective` recognises. With probability `lazy`, on LAZY_PLACES, no zoom."""
     W, H = D.load_images(record)[0].size
     vh, vw = T.smart_resize(H, W, min_pixels=T.DEFAULTS["view_min_pixels"], max_pixels=view_max_pixels)
     x1, y1, x2, y2 = record["bbox"]
@@ -282,8 +281,7 @@ def judge(traj, record):
 
 
 def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, batch_size=32, **filters):
-    """Roll out `samples` trajectories per record (common.run_episodes) and keep those `judge` keeps.
-    -> (kept: trajectory records (record + "turns"), counts: Counter of "kept" and each rejection reason)"""
+    """`samples` rollouts per record (common.run_episodes) -> (records + "turns" `judge` keeps, Counter of verdicts)."""
     def finish(ep, record):
         return judge(T.trajectory(ep), record), ep["turns"]
     done, _ = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy=False, temperature=temperature,
@@ -356,11 +354,10 @@ def train(args):
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
     C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
     lengths = np.array([len(t["seq"]) for t in data])
-    start = state["step"]
     C.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
              f"{lengths.mean():.0f} tokens), {world} process(es) x {args.grad_accum} x {args.batch_size} per step")
     policy.model.train()
-    bar = tqdm(range(start, args.steps), disable=rank != 0, desc="sft", initial=start, total=args.steps)
+    bar = tqdm(range(state["step"], args.steps), disable=rank != 0, desc="sft", initial=state["step"], total=args.steps)
     for step in bar:
         t0 = time.time()
         lr = C.set_lr(opt, step, args)
