@@ -225,10 +225,9 @@ def pixel_budgets(args, improc):
 
 def episode_cfg(args, policy):
     """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
-    return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
-                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens,
-                view_max_side=args.view_max_side, adaptive_zoom=args.adaptive_zoom, zoom_source=args.zoom_source,
-                stop_on=args.stop_on, final_answer_turn=args.final_answer_turn, answer_format=args.answer_format)
+    flags = ("zoom_window", "max_turns", "max_images", "max_turn_tokens", "max_tokens", "view_max_side",
+             "adaptive_zoom", "zoom_source", "stop_on", "final_answer_turn", "answer_format")
+    return dict(pixel_budgets(args, policy.improc), **{k: getattr(args, k) for k in flags})
 
 # -----------------------------------------------------------------------------
 # 2. processes
@@ -369,7 +368,6 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 
 # -----------------------------------------------------------------------------
 # 4. the training-run skeleton (sft.py and grpo.py)
-#
 #   policy, opt, state = start_run(args, rank, device)     # state: {"step": 0} or the resumed trainer state
 #   for step in range(state["step"], args.steps):
 #       lr = set_lr(opt, step, args)

@@ -63,8 +63,7 @@ BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "pu
 
 
 def render(original, box, size, annots):
-    """Cut `box` (original pixels, floats allowed) from the original, resize to `size` (w, h), and draw the
-    annotations (original pixels) in this frame as ViLaSR renders them."""
+    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations as ViLaSR does."""
     img = original.resize(size, Image.BICUBIC, box=tuple(box))
     if not annots:
         return img
