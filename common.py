@@ -478,8 +478,7 @@ def log_metrics(args, rank, row):
 
 
 def restore_master_weights(policy, weights):
-    """Load the fp32 weights kept in the trainer state (rank 0's when sharded): the Hugging Face folder's are
-    bf16, and a resume from them would not continue the run exactly."""
+    """Load the trainer state's fp32 weights (rank 0's if sharded): resuming from the Hugging Face bf16 would drift."""
     if policy.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(policy.model, weights or {},
@@ -603,8 +602,7 @@ def checkpoints(out):
 
 
 def find_checkpoint(out):
-    """--resume auto: the newest whole checkpoint in <out> (step<N>/, a finished step<N>.tmp/, <out>), skipping
-    (and naming) damaged ones; None to start a new run."""
+    """--resume auto: the newest whole checkpoint in <out> (step<N>/, a finished step<N>.tmp/, <out>), else None."""
     for step, path in reversed(checkpoints(out)):
         problem = checkpoint_problem(path)
         if problem is None:
