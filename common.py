@@ -1,11 +1,9 @@
 """
-common.py: the plumbing that sft.py, grpo.py and eval.py share, and nothing more (no script imports another).
-
-Read top to bottom: 1. flags (the shared ones, --recipe, every range checked before anything loads);
-2. processes (torchrun setup, print0, sums and gathers over ranks); 3. the policy (load_policy) and
-run_episodes: a dataset rolled out, sharded over ranks (eval.py, sft.py --reflect, grpo.py --eval-every);
-4. the one training-run skeleton of sft.py and grpo.py (start_run, set_lr, log_metrics, save_run) and its
-checkpoints (written aside, marked whole last; --resume auto finds the newest). Not run as a script.
+common.py: the plumbing sft.py, grpo.py and eval.py share, and nothing more (no script imports another; not run as a
+script). Top to bottom: 1. flags (the shared ones, --recipe, all ranges checked before anything loads); 2. processes
+(torchrun, print0, sums and gathers over ranks); 3. the policy (load_policy) and run_episodes (a dataset rolled out over
+ranks: eval.py, sft.py --reflect, grpo.py --eval-every); 4. the training skeleton of sft.py and grpo.py (start_run,
+set_lr, log_metrics, save_run) and its checkpoints (written aside, marked whole last; --resume auto finds the newest).
 """
 import argparse
 import json
@@ -43,10 +41,8 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--seed", type=int, default=0)
     # the environment
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, default=None,
-                   help="pixel budget of the first look at each image (default: the model's image processor's)")
-    p.add_argument("--crop-max-pixels", type=int, default=None,
-                   help="pixel budget of a zoom (default: the model's image processor's)")
+    p.add_argument("--view-max-pixels", type=int, help="first look's pixel budget (default: the image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, help="a zoom's pixel budget (default: the image processor's)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-images", type=int, default=6)
@@ -56,15 +52,15 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--view-max-side", type=int, default=0, help="resize each image to this long side first (0: off)")
     p.add_argument("--adaptive-zoom", action=argparse.BooleanOptionalAction, default=True, help="VLM-R3's 1-2x zoom factor")
     p.add_argument("--zoom-source", default="original", choices=["original", "view"], help="zoom_point cuts from")
-    p.add_argument("--stop-on", type=stop_list, default=("repeat",),
-                   help="what ends an episode early, comma-separated: repeat (a repeated call), error (a failed call), or none")
+    p.add_argument("--stop-on", type=stop_list, default=("repeat",), help="what ends an episode early, "
+                   "comma-separated: repeat (a repeated call), error (a failed call), or none")
     p.add_argument("--final-answer-turn", action="store_true", help="the last allowed turn is told to answer")
     p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"])
     # the model
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
     # each paper's settings in one flag (RECIPES); an explicit flag wins
-    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="a method's settings, as its released code runs it")
+    p.add_argument("--recipe", choices=list(RECIPES), help="a method's settings, as its released code runs it")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     return p
 
@@ -95,8 +91,7 @@ def betas(s):
 
 
 def parse_args(p, argv, script):
-    """p.parse_args, then --recipe fills every flag of this script (grpo, sft or eval) that the command line did
-    not give, and --print-config prints the resolved settings (flag names as keys) and exits."""
+    """p.parse_args, then --recipe fills the flags the command line did not give; --print-config prints all, exits."""
     args = p.parse_args(argv)
     if args.recipe:
         typed = set(argv if argv is not None else sys.argv[1:])
@@ -172,16 +167,15 @@ RECIPES = {
 }
 
 
-# the allowed ranges of the number flags (those a script has): each checked before any work by check_flags
+# the allowed ranges of the number flags (those a script has), checked by check_flags
 AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, zoom_window=1, max_turns=1,
                 max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
                 save_every=0, top_k=0, min_p=0, view_max_side=0, lr_min_ratio=0)
 
 
 def check_flags(args, ge=None, gt=None, le=None):
-    """One-line SystemExit for a flag out of its range, before anything is loaded: ge (>=, added to AT_LEAST),
-    gt (>) and le (<=) map a flag's dest to its bound (None: not checked). Also --device cuda without a GPU,
-    and --resume (a missing folder, an unfinished or damaged checkpoint, or `auto`)."""
+    """One-line SystemExit, before anything loads, for a flag out of its range (ge: >=, added to AT_LEAST; gt: >;
+    le: <=; each {dest: bound}), --device cuda without a GPU, a bad --resume (also resolves `auto`)."""
     for bounds, op, sign in (({**AT_LEAST, **(ge or {})}, operator.ge, ">="), (gt or {}, operator.gt, ">"),
                              (le or {}, operator.le, "<=")):
         for k, b in bounds.items():
@@ -198,12 +192,10 @@ def check_flags(args, ge=None, gt=None, le=None):
 
 
 def add_filter_flags(p):
-    """The sampler's filters after the temperature, in transformers' order (model.draw): grpo.py, eval.py and
-    sft.py --reflect take them."""
+    """The sampler's filters after the temperature, in transformers' order (model.draw)."""
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="then among the likeliest with this mass (1: off)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="then drop tokens below min-p x the top probability (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="then drop tokens below min-p x top probability (0: off)")
 
 
 def filters(args):
@@ -219,8 +211,8 @@ def parse_tools(s):
 
 
 def pixel_budgets(args, improc):
-    """The pixel budgets of an image's first look and of a zoom: the flags where given (or --recipe's), else the
-    loaded image processor's (a real Qwen's 3136 to 12845056 px; tiny: 112 x 112), never below 56 x 56 px."""
+    """The first look's and a zoom's pixel budgets: the flags' (or --recipe's), else the image processor's (a real
+    Qwen's 3136 to 12845056 px; tiny: 112 x 112), never below 56 x 56 px."""
     lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
     for flag in ("view_max_pixels", "crop_max_pixels"):
@@ -233,18 +225,17 @@ def pixel_budgets(args, improc):
 
 def episode_cfg(args, policy):
     """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
-    return dict(pixel_budgets(args, policy.improc), zoom_window=args.zoom_window, max_turns=args.max_turns,
-                max_images=args.max_images, max_turn_tokens=args.max_turn_tokens, max_tokens=args.max_tokens,
-                view_max_side=args.view_max_side, adaptive_zoom=args.adaptive_zoom, zoom_source=args.zoom_source,
-                stop_on=args.stop_on, final_answer_turn=args.final_answer_turn, answer_format=args.answer_format)
+    flags = ("zoom_window", "max_turns", "max_images", "max_turn_tokens", "max_tokens", "view_max_side",
+             "adaptive_zoom", "zoom_source", "stop_on", "final_answer_turn", "answer_format")
+    return dict(pixel_budgets(args, policy.improc), **{k: getattr(args, k) for k in flags})
 
 # -----------------------------------------------------------------------------
 # 2. processes
 
 
 def setup(args):
-    """Start torch.distributed when run under torchrun. -> (rank, world, device). On GPUs, NCCL for CUDA tensors
-    and gloo for CPU ones: NCCL has no CPU collectives, and the metric sums and gathers reduce CPU values."""
+    """Start torch.distributed under torchrun: NCCL for CUDA tensors, gloo for CPU ones (NCCL has no CPU
+    collectives, and the metric sums and gathers reduce CPU values). -> (rank, world, device)"""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,8 +285,7 @@ def mean_over_ranks(pairs):
 
 
 def tiny_corpus():
-    """The text the tiny tokenizer's BPE merges are learned from, made by the code that writes it into episodes
-    (system prompts, tool results, the synthetic task), so it cannot drift from what the model reads."""
+    """The tiny tokenizer's BPE text, written by the episode code so it cannot drift from what the model reads."""
     lines = [T.system_prompt(ts, compact) for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"],
                                                      ["draw_box", "draw_line"], []) for compact in (False, True)]
     lines += [T.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
@@ -316,8 +306,7 @@ def load_policy(name="tiny", **kw):
 
 
 def dataset(args, split="train", n=None):
-    """--data's records (data.dataset): a bad file, record or image stops the run here, before any step,
-    with its file and line."""
+    """--data's records: a bad file, record or image stops the run here, before any step, with its file and line."""
     try:
         return D.dataset(args.data, split, n=n, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
@@ -326,12 +315,11 @@ def dataset(args, split="train", n=None):
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
                  seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0):
-    """Roll out every record `samples` times (tools=[]: tools off), each episode reduced by finish(episode,
-    record) -> a small picklable result. Sample j of item i draws from its own generator, seeded from (seed,
-    i, j). The episodes (i, j), in order, are cut into fixed batches and batch b runs on rank b % world, so a
-    sharded run computes the batches of an unsharded one and returns the same results bit for bit. A record
-    whose image cannot be read, or that finish() rejects with ValueError: ValueError naming it, or with
-    skip_bad an entry in `errors`. -> (results {(i, j): finish(...)}, errors {i: message}), on every rank."""
+    """Roll out every record `samples` times (tools=[]: off), each episode reduced by finish(episode, record) to a
+    small picklable result; sample j of item i draws from its own generator, seeded from (seed, i, j). Episodes
+    (i, j), in order, are cut into fixed batches, batch b on rank b % world, so a sharded run returns an unsharded
+    one's results bit for bit. A record whose image cannot be read or that finish() rejects with ValueError raises
+    ValueError naming it (skip_bad: goes to `errors`). -> ({(i, j): result}, {i: message}), on every rank."""
     if greedy and samples > 1:
         raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -380,7 +368,6 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 
 # -----------------------------------------------------------------------------
 # 4. the training-run skeleton (sft.py and grpo.py)
-#
 #   policy, opt, state = start_run(args, rank, device)     # state: {"step": 0} or the resumed trainer state
 #   for step in range(state["step"], args.steps):
 #       lr = set_lr(opt, step, args)
@@ -390,10 +377,9 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 
 
 def start_run(args, rank, device, shard=False):
-    """Load the policy for training (from --resume when given; FSDP2-sharded with shard=True), AdamW over its
-    trainable parameters, and for a resumed run the optimizer, RNG and trainer state. A new run gets a fresh
-    metrics.jsonl; a resumed one keeps the rows up to its step (it then reads as one run; a torn line from a
-    kill is dropped). -> (policy, optimizer, state with at least "step")."""
+    """The policy for training (from --resume if given; FSDP2-sharded with shard=True), AdamW over its trainable
+    parameters, and a resumed run's optimizer, RNG and trainer state. A new run gets a fresh metrics.jsonl; a
+    resumed one keeps the rows up to its step (reading as one run). -> (policy, optimizer, state with "step")"""
     state = dict(step=0)
     if args.resume:  # the trainer state first: a damaged one is named before the model is loaded
         path = os.path.join(args.resume, f"trainer_rank{rank}.pt" if shard else "trainer.pt")
@@ -448,16 +434,14 @@ def read_metrics(path):
 
 
 def write_config(args, rank, **extra):
-    """The run's settings (every flag, and what the run adds) as <out>/run.json, beside the checkpoint's own
-    config.json (which this never touches)."""
+    """Every flag and what the run adds as <out>/run.json (the checkpoint's own config.json is left alone)."""
     if rank == 0:
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**vars(args), **extra}, f, indent=1)
 
 
 def set_lr(opt, step, args):
-    """Linear warmup (--warmup steps, or that share of --steps when below 1), then constant, or cosine from
-    --lr down to --lr-min-ratio x --lr."""
+    """Linear warmup (--warmup), then constant or cosine from --lr down to --lr-min-ratio x --lr."""
     warmup = round(args.warmup * args.steps) if args.warmup < 1 else args.warmup
     cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
     lr = (args.lr * (step + 1) / warmup if step < warmup else args.lr if args.schedule == "constant"
@@ -468,8 +452,7 @@ def set_lr(opt, step, args):
 
 
 def allreduce_grads(model):
-    """Data parallel by hand: average every gradient over ranks (what DDP does, minus the bucketing and
-    the overlap with backward)."""
+    """Data parallel by hand: average every gradient over ranks (DDP minus the bucketing and backward overlap)."""
     if not dist.is_initialized():
         return
     for p in model.parameters():
@@ -487,8 +470,7 @@ def peak_memory_gb():
 
 
 def log_metrics(args, rank, row):
-    """One JSONL line per step in <out>/metrics.jsonl (rank 0), with the largest peak memory of any rank.
-    Every rank calls it (the peak is gathered)."""
+    """One line per step in <out>/metrics.jsonl, with the largest peak memory of any rank (so every rank calls)."""
     row = dict(row, peak_mem_gb=max(gather(peak_memory_gb())))
     if rank == 0:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
@@ -496,8 +478,7 @@ def log_metrics(args, rank, row):
 
 
 def restore_master_weights(policy, weights):
-    """The fp32 weights a resumable checkpoint keeps in its trainer state (rank 0's file when sharded): the
-    Hugging Face folder's are bf16, and a resume from them would not continue the run exactly."""
+    """Load the trainer state's fp32 weights (rank 0's if sharded): resuming from the Hugging Face bf16 would drift."""
     if policy.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(policy.model, weights or {},
@@ -507,11 +488,10 @@ def restore_master_weights(policy, weights):
 
 
 def save_run(args, policy, opt, step, rank, **state):
-    """After step `step` (0-based): every --save-every steps a checkpoint to resume from, <out>/step<N>: a
-    Hugging Face folder (bf16 weights) plus the trainer state (fp32 master weights, optimizer, step, RNG and
-    `state`, as weights_only loading takes); after the last step the final model in <out> (the Hugging Face
-    folder only). Each is written aside, marked whole, then moved into place (_save_aside). Called on every
-    rank: a sharded model is gathered to rank 0, each rank saves its optimizer shard (resume on as many)."""
+    """After 0-based `step`: every --save-every steps <out>/step<N> to resume from, a Hugging Face folder (bf16)
+    plus the trainer state (fp32 master weights, optimizer, step, RNG, `state`; weights_only-loadable); after the
+    last step the final model (Hugging Face folder only) in <out>. Called on every rank: a sharded model is
+    gathered to rank 0, each rank saves its optimizer shard (resume on as many)."""
     n = step + 1
     resumable = bool(args.save_every) and n % args.save_every == 0
     if not (resumable or n == args.steps):
@@ -533,7 +513,7 @@ def save_run(args, policy, opt, step, rank, **state):
 
 
 def _save_aside(out, path, n, rank, policy, weights, trainer):
-    """Write a checkpoint into <out>/step<n>.tmp, then mark it whole and move it to `path` (_publish)."""
+    """Write a checkpoint into <out>/step<n>.tmp, then mark it whole and move it to `path`."""
     tmp = os.path.join(out, f"step{n}.tmp")
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     if rank == 0:
@@ -567,8 +547,8 @@ def _unmark(folder):
 
 
 def _publish(tmp, path, step):
-    """Mark the finished folder `tmp` whole, then make it `path`: a step folder by a rename; <out> itself (the run
-    folder, which holds more than the checkpoint) file by file, unmarked meanwhile, while tmp stays whole."""
+    """Mark `tmp` whole, then make it `path`: a step folder by a rename; <out> itself (which holds more than the
+    checkpoint) file by file, unmarked meanwhile, while tmp stays whole."""
     files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
     _write_marker(tmp, step, files)
     if os.path.abspath(path) != os.path.abspath(os.path.dirname(tmp)):
@@ -622,8 +602,7 @@ def checkpoints(out):
 
 
 def find_checkpoint(out):
-    """--resume auto: the newest whole checkpoint in <out> (its step<N>/ folders, a finished step<N>.tmp/, and <out>
-    itself), skipping damaged ones (said); None to start a new run."""
+    """--resume auto: the newest whole checkpoint in <out> (step<N>/, a finished step<N>.tmp/, <out>), else None."""
     for step, path in reversed(checkpoints(out)):
         problem = checkpoint_problem(path)
         if problem is None:

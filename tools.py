@@ -1,12 +1,11 @@
 """
-tools.py: the environment. The tools (zoom_in, zoom_point, draw_box, draw_line), strict tool-call parsing,
-the episode (images mapped to original pixels, the token sequence, counters, stop rules), and the one
-multi-turn rollout loop that sft.py, grpo.py and eval.py share. Conventions (SPEC section 3): one call per
-assistant turn, as Qwen2.5's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. Coordinates
-are pixels of the image *as the model was shown it* (image 0: the question's, then one per tool result).
-Each image knows the rectangle of its original it shows (`box`), so a zoom on a zoom cuts from the original,
-and drawings (kept in original pixels) reappear on every image derived from theirs. A bad call is data: an
-error observation, a failed call, and the episode goes on.
+tools.py: the environment: the tools (zoom_in, zoom_point, draw_box, draw_line), strict tool-call parsing, the episode
+(images mapped to original pixels, the token sequence, counters, stop rules), and the one multi-turn rollout loop that
+sft.py, grpo.py and eval.py share. Conventions (SPEC section 3): one call per assistant turn, as Qwen2.5's
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. Coordinates are pixels of the image *as the model was
+shown it* (image 0: the question's, then one per tool result). Each image knows the rectangle of its original it shows
+(`box`), so a zoom on a zoom cuts from the original, and drawings (kept in original pixels) reappear on every image
+derived from theirs. A bad call is data: an error observation, a failed call, and the episode goes on.
 """
 import json
 import math
@@ -24,8 +23,8 @@ from rewards import extract_answer
 
 
 def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 * 112):
-    """Qwen2-VL's resize rule: the nearest size with both sides multiples of `factor` (the 14 px patch
-    times the 2x2 merge) and min_pixels <= h*w <= max_pixels, keeping the aspect ratio. -> (h, w)"""
+    """Qwen2-VL's resize rule: the nearest (h, w) with both sides multiples of `factor` (the 14 px patch times the
+    2x2 merge) and min_pixels <= h*w <= max_pixels, keeping the aspect ratio."""
     if max(h, w) / min(h, w) > 200:
         raise ValueError(f"aspect ratio {max(h, w) / min(h, w):.0f} is over Qwen's limit of 200")
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
@@ -64,19 +63,15 @@ BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "pu
 
 
 def render(original, box, size, annots):
-    """Cut `box` (original pixels, floats allowed) from the original, resize to `size` (w, h), and draw the
-    annotations (original pixels) in this frame as ViLaSR renders them."""
+    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations as ViLaSR does."""
     img = original.resize(size, Image.BICUBIC, box=tuple(box))
     if not annots:
         return img
     (x0, y0, x1, y1), (w, h) = box, img.size
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
 
-    def to_view(x, y):  # original pixels -> this image's
-        return (x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)
-
-    for a in annots.values():
-        p, q = to_view(*a["xy"][:2]), to_view(*a["xy"][2:])
+    for a in annots.values():  # original pixels -> this image's
+        p, q = [((x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)) for x, y in (a["xy"][:2], a["xy"][2:])]
         if a["kind"] == "box":
             colour = BOX_COLOURS[a["colour"] % len(BOX_COLOURS)]
             d.rectangle([*p, *q], outline=colour, width=4)
@@ -132,9 +127,9 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
 
 
 def zoom_point(ep, image_index, point_2d, cfg):
-    """Groundlight's zoom: a zoom_window window centred on the point, shifted inside the image. zoom_source
-    "original": in original pixels, shown at the question view's pixel count; "view" (Groundlight's zoom.py):
-    cut from the pixels shown, long side scaled to max(w, h, window) (less magnification on a large photo)."""
+    """Groundlight's zoom: a zoom_window window centred on the point, shifted inside the image. zoom_source "original":
+    in original pixels, shown at the question view's pixel count; "view" (Groundlight's zoom.py): cut from the pixels
+    shown, long side scaled to max(w, h, window) (less magnification on a large photo)."""
     view, win = ep["images"][image_index], cfg["zoom_window"]
     w, h = view["img"].size
     if not (0 <= point_2d[0] <= w and 0 <= point_2d[1] <= h):
@@ -155,8 +150,8 @@ def zoom_point(ep, image_index, point_2d, cfg):
 
 
 def _draw(ep, image_index, ops, kind):
-    """ViLaSR's drawing: a copy of image k with k's drawings plus these (a label drawn again replaces its
-    earlier drawing), kept in original pixels so they follow the image into later zooms."""
+    """ViLaSR's drawing: a copy of image k with k's drawings plus these (a label drawn again replaces its earlier
+    drawing), kept in original pixels so they follow the image into later zooms."""
     view = ep["images"][image_index]
     w, h = view["img"].size
     annots = dict(view["annots"])
@@ -183,9 +178,9 @@ def draw_line(ep, image_index, lines, cfg):
 
 
 # -----------------------------------------------------------------------------
-# what a tool is, said once: adding a tool is a function above and a row here (and its test). run: the function;
-#   doc, params (name -> (type, description)): the system prompt's JSON schema and the argument checks;
-#   zoom: its result is a zoom of a region (coverage credit, `region`); ops (drawings): the argument holding them
+# what a tool is, said once: adding one is a function above and a row here (and its test). run: the function; doc,
+# params (name -> (type, description)): the system prompt's JSON schema and the argument checks; zoom: its result
+# is a zoom of a region (coverage credit, `region`); ops (drawings): the argument holding them
 
 INDEX = ("integer", "Index of the image to use: 0 is the question's image, each tool result is the next.")
 TOOLS = {
@@ -197,22 +192,20 @@ TOOLS = {
                        params={"image_index": INDEX,
                                "point_2d": ("point", "The centre [x, y] in pixels of that image as you see it.")}),
     "draw_box": dict(run=draw_box, zoom=False, ops="boxes", doc="Draw labelled boxes on a copy of an image.",
-                     params={"image_index": INDEX,
-                             "boxes": ("boxes", "A list of {\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"...\"}.")}),
+                     params={"image_index": INDEX, "boxes": ("boxes", 'A list of {"bbox_2d": [x1, y1, x2, y2], '
+                                                                      '"label": "..."}.')}),
     "draw_line": dict(run=draw_line, zoom=False, ops="lines", doc="Draw labelled auxiliary lines on a copy of an image.",
-                      params={"image_index": INDEX,
-                              "lines": ("lines", "A list of {\"start_point_2d\": [x, y], \"end_point_2d\": [x, y], "
-                                                 "\"label\": \"...\"}.")}),
+                      params={"image_index": INDEX, "lines": ("lines", 'A list of {"start_point_2d": [x, y], '
+                                                                       '"end_point_2d": [x, y], "label": "..."}.')}),
 }
 NUMBERS, OBJECTS = ({"type": "array", "items": {"type": t}} for t in ("number", "object"))
 JSON_TYPES = {"integer": {"type": "integer"}, "box": NUMBERS, "point": NUMBERS, "boxes": OBJECTS, "lines": OBJECTS}
 
 
 def system_prompt(tools, compact=False, boxed=False):
-    """Qwen2.5's function-calling system prompt for the enabled tools and the answer format (boxed: the question
-    asks for \\boxed{} as VL-Rethinker's does; the system turn is Qwen's default). compact (toy models): one line
-    per tool, as a random 2M-parameter model did not learn to copy a word from the question behind the ~300-token
-    tool prompt in 300 steps, and learned it in 100 without it."""
+    """Qwen2.5's function-calling system prompt (boxed: the question asks for \\boxed{} as VL-Rethinker's does; the
+    system turn is Qwen's default). compact (toy models): one line per tool, as a random 2M-parameter model did not
+    learn to copy a word from the question behind the ~300-token tool prompt in 300 steps, and did in 100 without."""
     s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
                                           "or give the final answer inside <answer></answer>.")
     if not tools:
@@ -227,10 +220,9 @@ def system_prompt(tools, compact=False, boxed=False):
         schema = {"type": "function", "function": {"name": name, "description": TOOLS[name]["doc"], "parameters": {
             "type": "object", "properties": props, "required": list(params)}}}
         s += "\n" + json.dumps(schema)
-    return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-                "\"arguments\": <args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you "
-                "see it.")
+    return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+                '<args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you see it.')
 
 
 def question_text(record):
@@ -254,7 +246,7 @@ def _number(v, what):
 
 
 def _check(kind, v, what):
-    """Validate one argument by its spec type; returns it normalised."""
+    """One argument checked by its spec type, normalised."""
     if kind == "string":
         if not isinstance(v, str) or len(v) > 64:
             raise ToolError("label must be a string of at most 64 characters")
@@ -283,8 +275,8 @@ def _check(kind, v, what):
 
 
 def parse_call(text, tools):
-    """Strict parsing of the first <tool_call>...</tool_call> in an assistant turn.
-    -> (name, arguments, None) or (name or None, None, error message). Never raises, never evals."""
+    """A turn's first <tool_call>, parsed strictly (never raises, never evals). -> (name, args, None) or (name or
+    None, None, error)"""
     start = text.find("<tool_call>")
     end = text.find("</tool_call>", start + 1)
     if start < 0 or end < 0:
@@ -320,9 +312,8 @@ def render_call(name, arguments):
 
 
 def execute(ep, text, cfg):
-    """Parse and run the tool call in an assistant turn. -> (call record, new view or None, observation).
-    The call record is what rewards.py reads: name, arguments, ok, error, zoom (the tool zooms), and the
-    region (original pixels) the call looked at: the zoomed region, or the whole image it drew on."""
+    """Parse and run a turn's tool call. -> (call, new view or None, observation); call (what rewards.py reads): name,
+    arguments, ok, error, zoom, and region: the zoomed region or the image drawn on, in original pixels."""
     name, args, err = parse_call(text, ep["tools"])
     call = dict(name=name, arguments=args, ok=False, error=err, region=None, zoom=bool(name and TOOLS[name]["zoom"]))
     if err is None:
@@ -356,8 +347,7 @@ BOXED = "Please reason step by step, and put your final answer within \\boxed{}.
 
 
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
-    """A fresh episode for one record: its images resized to the view budget (the model's first look),
-    the prompt as token ids, and empty counters. cfg overrides DEFAULTS (limits and pixel budgets)."""
+    """A fresh episode: the record's images resized to the view budget, the prompt's ids, empty counters."""
     unknown = set(tools) - set(TOOLS)
     if unknown:
         raise ValueError(f"unknown tool(s) {sorted(unknown)}; available: {', '.join(TOOLS)}")
@@ -402,8 +392,8 @@ def _extend(ep, ids, sampled, logps=None):
 
 
 def advance(policy, ep, new_ids, logps=None, reason="eos"):
-    """Add one assistant turn (token ids as sampled, or a scripted turn's ids) and act on it: run its tool
-    call and add the observation, or stop. reason: how the turn ended ("eos", "stop", "length")."""
+    """Add one assistant turn (sampled or scripted ids) and act on it: run its tool call and add the observation,
+    or stop. reason: how the turn ended ("eos", "stop", "length")."""
     cfg = ep["cfg"]
     text = policy.tok.decode(new_ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
     _extend(ep, new_ids, True, logps)
@@ -445,15 +435,15 @@ def _stop(ep, why):
 
 def seed_episode(ep, device, *key):
     """Give an episode its own generator, seeded from `key` (ints >= 0, e.g. (seed, step, prompt, member)) alone:
-    its samples then do not depend on the other episodes of its batch, nor on how work is split over ranks."""
+    its samples then depend neither on the other episodes of its batch nor on how work is split over ranks."""
     ep["gen"] = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
             reuse_cache=True):
-    """The multi-turn loop: sample the next turn of every active episode in one batch (each with its own
-    ep["gen"]), run the tools, until all have stopped; episodes are updated in place and returned. Each keeps
-    its KV cache between turns (reuse_cache=False: prefill the whole conversation every turn, for comparison)."""
+    """The multi-turn loop: sample every active episode's next turn in one batch (each with its ep["gen"]) and run
+    the tools until all have stopped; each keeps its KV cache between turns (reuse_cache=False: prefill the whole
+    conversation every turn, for comparison). The episodes are updated in place and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
     caches = {}  # id(episode) -> its cache, between its turns
