@@ -124,10 +124,10 @@ SDPA = AttentionInterface()["sdpa"]
 
 
 def grouped_sdpa(module, q, k, v, attention_mask, **kw):
-    """transformers' sdpa attention, except when sampling on CPU with a mask (a padded batch): transformers
-    then copies K and V heads / kv_heads times (3x in tiny, 8x in the 3B), while torch's CPU kernel takes
-    them grouped and gives the same values. Training keeps transformers' path (the grouped backward sums
-    its gradients in another order). q [B, heads, Lq, D]; k, v [B, kv_heads, Lk, D]; mask [B, 1, Lq, Lk]."""
+    """transformers' sdpa attention, except in a forward without gradients on CPU with a mask (sampling a
+    padded batch, old log-probs): transformers then copies K and V heads / kv_heads times (3x in tiny, 8x in
+    the 3B), while torch's CPU kernel takes them grouped and gives the same values. Training keeps
+    transformers' path (the grouped backward sums its gradients in another order). q [B, heads, Lq, D]; k, v [B, kv_heads, Lk, D]; mask [B, 1, Lq, Lk]."""
     if torch.is_grad_enabled() or q.device.type != "cpu" or attention_mask is None:
         return SDPA(module, q, k, v, attention_mask, **kw)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=kw.get("scaling"), enable_gqa=True)
@@ -184,7 +184,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         eos=[sid("<|im_end|>"), sid("<|endoftext|>")],
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
-        forbidden={sid(t) for t in SPECIAL[9:]})
+        forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                                    "<|video_pad|>")})
 
 
 # checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
@@ -242,10 +243,10 @@ def save(policy, path, state_dict=None):
     for name, obj in files.items():
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
-    for f in ("vocab.json", "merges.txt", "chat_template.json"):  # the rest of a published folder, as loaded
-        src = os.path.join(policy.folder or "", f)
-        if policy.folder and os.path.isfile(src) and not os.path.samefile(policy.folder, path):
-            shutil.copy(src, path)
+    if policy.folder and not os.path.samefile(policy.folder, path):  # the rest of a published folder, as loaded
+        for f in ("vocab.json", "merges.txt", "chat_template.json"):
+            if os.path.isfile(os.path.join(policy.folder, f)):
+                shutil.copy(os.path.join(policy.folder, f), path)
 
 # -----------------------------------------------------------------------------
 # the chat layout (Qwen2.5): one prompt builder for sampling, SFT and evaluation

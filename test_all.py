@@ -757,8 +757,11 @@ def cached_equals_uncached(policy, monkeypatch, stop="7"):
     scripted_zooms(monkeypatch, policy, stop)
     grouped = []  # the attention calls that took K/V grouped, with a padding mask
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: (
-        grouped.append(k.get("enable_gqa") and k.get("attn_mask") is not None), sdpa(*a, **k))[1])
+
+    def counting_sdpa(*a, **k):
+        grouped.append(k.get("enable_gqa") and k.get("attn_mask") is not None)
+        return sdpa(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     for greedy in (True, False):
         runs = [T.rollout(policy, zoom_episodes(policy), greedy=greedy, reuse_cache=r) for r in (True, False)]
         policy.model.set_attn_implementation("sdpa")  # transformers' own: K/V repeated per head under a mask
