@@ -10,19 +10,17 @@ import json
 import math
 import operator
 import os
-import random
 import resource
-import shutil
-import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import data as D
 import model as M
 import tools as T
+from recipes import RECIPES
 
 DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sft.py` and `python grpo.py` save
 
@@ -94,77 +92,19 @@ def parse_args(p, argv, script):
     """p.parse_args, then --recipe fills the flags the command line did not give; --print-config prints all, exits."""
     args = p.parse_args(argv)
     if args.recipe:
-        typed = set(argv if argv is not None else sys.argv[1:])
-        given = {a.dest for a in p._actions if any(s.split("=")[0] in a.option_strings for s in typed)}
+        # what the user typed, in any spelling argparse accepts (--temp for --temperature, --lr=1e-6): parse again
+        # into a namespace that already holds a marker for every flag; argparse fills in defaults only for the
+        # attributes a namespace lacks, so whatever is not the marker afterwards was given on the command line
+        unset = object()
+        typed = p.parse_args(argv, namespace=argparse.Namespace(**{a.dest: unset for a in p._actions}))
         recipe = RECIPES[args.recipe]
         for k, v in {**recipe["all"], **recipe.get(script, {})}.items():
-            if hasattr(args, k) and k not in given:
+            if hasattr(args, k) and getattr(typed, k) is unset:
                 setattr(args, k, v)
     if args.print_config:
         print(json.dumps({k.replace("_", "-"): v for k, v in vars(args).items() if k != "print_config"}, indent=1))
         raise SystemExit(0)
     return args
-
-
-# Each paper's settings as its released code runs them (SPEC 2.5; README's recipe table names the file of
-# each value): "all" for every script, then grpo.py's, sft.py's and eval.py's own. A flag given on the command
-# line wins; a script takes the keys it has flags for. Pixel budgets in Qwen's units of 28 x 28 = 784 px.
-RECIPES = {
-    # justgogorunrun/VLM-R3: run_rgrpo_vllm.sh, src/r1-v/src/open_r1/rgrpo.py and trainer/vllm_rgrpo_trainer.py
-    # (RL), qwen_vl_finetune/sft_7b.sh (SFT), src/eval/test_vstar_r3.py (eval)
-    "vlm_r3": dict(
-        all=dict(tools="zoom_in", view_max_pixels=4096 * 784, crop_max_pixels=1024 * 784, max_turns=8,
-                 max_turn_tokens=2048, max_tokens=8 * 2048, freeze_vision=True),
-        grpo=dict(preset="vlm_r3", group_size=5, prompts=8, lr=1e-6, schedule="constant", warmup=0, weight_decay=0.0,
-                  adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.28, beta=0.0, temperature=1.0,
-                  top_p=1.0, loss_type="grpo", scale_rewards="group"),
-        sft=dict(lr=2e-7, schedule="cosine", warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
-                 view_max_pixels=2048 * 784, crop_max_pixels=2048 * 784, max_tokens=4096),
-        eval=dict(view_max_pixels=8192 * 784, crop_max_pixels=4096 * 784, temperature=0.0)),
-    # TIGER-AI-Lab/VL-Rethinker: scripts/train_vlm_multi.sh, openrlhf/trainer/ppo_utils/experience_maker.py,
-    # replay_buffer.py, openrlhf/models/loss.py, openrlhf/cli/train_ppo_ray.py; eval: scripts/eval_vlm_new.sh
-    "vl_rethinker": dict(
-        all=dict(tools="none", view_max_pixels=1280 * 784, max_turn_tokens=2048, max_tokens=2048, answer_format="boxed"),
-        grpo=dict(preset="vl_rethinker", group_size=8, prompts=512, mini_batches=8, lr=1e-6, schedule="cosine",
-                  lr_min_ratio=0.5, warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.95), grad_clip=1.0, eps_low=0.2,
-                  eps_high=0.35, beta=0.0, temperature=1.0, top_p=0.95, top_k=40, loss_type="bnpo",
-                  scale_rewards="none", ssr=True, ssr_extend="before", rethink=True, rethink_prob=0.65,
-                  rethink_truncate=0.5, rethink_temperature=0.9, aux_nll=0.05),
-        eval=dict(temperature=0.0)),
-    # AntResearchNLP/ViLaSR: train/rl/train_grpo.sh, config_grpo.yaml, verl/workers/actor/config.py,
-    # verl/workers/rollout/vllm_rollout/vllm_rollout_spmd_video.py, verl/utils/reward_score/gcot.py;
-    # train/cold_start/*/config_cold_start.yaml (SFT); eval/infer.sh, eval/infer.py (eval)
-    "vilasr": dict(
-        all=dict(tools="draw_box,draw_line", view_max_pixels=256 * 784, max_turns=10, max_images=43,
-                 max_turn_tokens=1024, max_tokens=13312, stop_on=("error",), final_answer_turn=True),
-        grpo=dict(preset="vilasr", group_size=8, prompts=32, mini_batches=2, lr=1e-6, schedule="constant", warmup=0,
-                  weight_decay=1e-2, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.3, delta=3.0,
-                  beta=0.0, temperature=1.0, top_p=1.0, loss_type="grpo", scale_rewards="group"),
-        sft=dict(lr=1e-5, schedule="cosine", warmup=0.1, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
-                 view_max_pixels=1280 * 784, freeze_vision=True, max_tokens=18432),
-        eval=dict(view_max_pixels=448 * 784, temperature=0.75, top_p=0.9, max_turn_tokens=16384, max_images=45)),
-    # groundlight/r1_vlm: src/r1_vlm/environments/tool_use_text_vqa_env/ (tool_use_text_vqa_train.py,
-    # tool_use_text_vqa_env.py), src/r1_vlm/tools/zoom.py, datasets/text_vqa/text_vqa_tool_use_r1.py;
-    # its TRL fork: trl/trainer/qwen_grpo_trainer.py, grpo_config.py, callbacks.py
-    "groundlight": dict(
-        all=dict(tools="zoom_point", view_max_side=1024, view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784,
-                 zoom_window=400, zoom_source="view", max_turns=2, max_images=2, max_turn_tokens=2048,
-                 max_tokens=2048, final_answer_turn=True),
-        grpo=dict(preset="groundlight", group_size=3, prompts=4, lr=1e-5, schedule="cosine", warmup=10,
-                  weight_decay=0.0, adam_betas=(0.9, 0.98), grad_clip=1e-4, eps_low=0.2, eps_high=0.28, beta=1e-4,
-                  ref_sync_every=64, ref_sync_alpha=0.9, temperature=1.0, top_p=1.0, loss_type="grpo",
-                  scale_rewards="group"),
-        eval=dict(temperature=0.1)),
-    # Visual-Agent/DeepEyes: examples/agent/final_merged_v1v8_thinklite.sh, verl/trainer/config/ppo_trainer.yaml,
-    # verl/utils/reward_score/vl_agent.py, verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py
-    "deepeyes": dict(
-        all=dict(tools="zoom_in", view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784, adaptive_zoom=False,
-                 max_turns=5, max_turn_tokens=10240, max_tokens=20480),
-        grpo=dict(preset="deepeyes", group_size=16, prompts=256, lr=1e-6, schedule="constant", warmup=0,
-                  weight_decay=0.01, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.2, delta=3.0,
-                  beta=0.0, temperature=1.0, top_p=1.0, loss_type="bnpo", scale_rewards="group"),
-        eval=dict(temperature=0.0)),
-}
 
 
 # the allowed ranges of the number flags (those a script has), checked by check_flags
@@ -185,8 +125,8 @@ def check_flags(args, ge=None, gt=None, le=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU here (use --device cpu)")
     if getattr(args, "resume", None):
-        args.resume = find_checkpoint(args.out) if args.resume == "auto" else args.resume
-        problem = checkpoint_problem(args.resume) if args.resume else None
+        args.resume = checkpoint.find_checkpoint(args.out, print0) if args.resume == "auto" else args.resume
+        problem = checkpoint.checkpoint_problem(args.resume) if args.resume else None
         if problem:
             raise SystemExit(f"--resume: {problem}")
 
@@ -378,17 +318,11 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 
 def start_run(args, rank, device, shard=False):
     """The policy for training (from --resume if given; FSDP2-sharded with shard=True), AdamW over its trainable
-    parameters, and a resumed run's optimizer, RNG and trainer state. A new run gets a fresh metrics.jsonl; a
-    resumed one keeps the rows up to its step (reading as one run). -> (policy, optimizer, state with "step")"""
+    parameters, and a resumed run's optimizer, RNG and trainer state (checkpoint.py). A new run gets a fresh
+    metrics.jsonl; a resumed one keeps the rows up to its step (reading as one run). -> (policy, optimizer, state)"""
     state = dict(step=0)
     if args.resume:  # the trainer state first: a damaged one is named before the model is loaded
-        path = os.path.join(args.resume, f"trainer_rank{rank}.pt" if shard else "trainer.pt")
-        try:  # weights_only: tensors and plain containers, never code (a checkpoint may come from anyone)
-            state = torch.load(path, weights_only=True)
-        except Exception as e:  # torch.load raises many kinds for a damaged file (RuntimeError, EOFError...)
-            raise SystemExit(f"--resume: {path} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
-        if state["step"] >= args.steps:
-            raise SystemExit(f"--steps {args.steps}: {args.resume} is at step {state['step']} already")
+        state = checkpoint.load_state(args.resume, rank, shard, args.steps)
     try:
         policy = load_policy(args.resume or args.model, seed=args.seed, device=device, grad_ckpt=args.grad_ckpt,
                              freeze_vision=args.freeze_vision, train=True)
@@ -401,20 +335,10 @@ def start_run(args, rank, device, shard=False):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
     if args.resume:
-        restore_master_weights(policy, state.pop("model", None))
-        try:
-            opt.load_state_dict(state.pop("optimizer"))
-        except ValueError as e:  # e.g. saved without --freeze-vision, resumed with it
-            raise SystemExit(f"--resume {args.resume}: its optimizer does not fit this model's flags ({e})") from None
-        rng = state.pop("rng")
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-        random.setstate(rng["python"])
+        checkpoint.restore(policy, opt, state, args.resume)
     os.makedirs(args.out, exist_ok=True)
-    if rank == 0:  # checkpoints in <out> past this run's start are not this run's: never resumed from
-        for p in checkpoints(args.out):
-            if p[0] > state["step"]:
-                _unmark(p[1])
+    if rank == 0:
+        checkpoint.forget_after(args.out, state["step"])
         path = os.path.join(args.out, "metrics.jsonl")
         rows = read_metrics(path) if state["step"] else []
         with open(path, "w") as f:
@@ -475,139 +399,3 @@ def log_metrics(args, rank, row):
     if rank == 0:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def restore_master_weights(policy, weights):
-    """Load the trainer state's fp32 weights (rank 0's if sharded): resuming from the Hugging Face bf16 would drift."""
-    if policy.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(policy.model, weights or {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    elif weights is not None:
-        policy.model.load_state_dict(weights)
-
-
-def save_run(args, policy, opt, step, rank, **state):
-    """After 0-based `step`: every --save-every steps <out>/step<N> to resume from, a Hugging Face folder (bf16)
-    plus the trainer state (fp32 master weights, optimizer, step, RNG, `state`; weights_only-loadable); after the
-    last step the final model (Hugging Face folder only) in <out>. Called on every rank: a sharded model is
-    gathered to rank 0, each rank saves its optimizer shard (resume on as many)."""
-    n = step + 1
-    resumable = bool(args.save_every) and n % args.save_every == 0
-    if not (resumable or n == args.steps):
-        return
-    weights = policy.model.state_dict()
-    if policy.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if resumable:
-        np_rng = np.random.get_state()  # (name, uint32 array, ints, float): the array as a list, for weights_only
-        trainer = dict(state, optimizer=opt.state_dict(), step=n,
-                       rng=dict(torch=torch.get_rng_state(), numpy=(np_rng[0], np_rng[1].tolist(), *np_rng[2:]),
-                                python=random.getstate()))
-        if rank == 0:
-            trainer["model"] = {k: w.detach().cpu() for k, w in weights.items()}
-        _save_aside(args.out, os.path.join(args.out, f"step{n}"), n, rank, policy, weights, trainer)
-    if n == args.steps:
-        _save_aside(args.out, args.out, n, rank, policy, weights, None)
-
-
-def _save_aside(out, path, n, rank, policy, weights, trainer):
-    """Write a checkpoint into <out>/step<n>.tmp, then mark it whole and move it to `path`."""
-    tmp = os.path.join(out, f"step{n}.tmp")
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    if rank == 0:
-        M.save(policy, tmp, state_dict=weights)
-    if trainer is not None and (policy.sharded or rank == 0):
-        torch.save(trainer, os.path.join(tmp, f"trainer_rank{rank}.pt" if policy.sharded else "trainer.pt"))
-    barrier()
-    if rank == 0:
-        _publish(tmp, path, n)
-    barrier()
-
-
-# A checkpoint is whole when its folder has MARKER, written last and listing every file with its size. A folder
-# without it (a save that never finished) is never resumed from; a file of another size is named as damaged.
-MARKER = "checkpoint.json"
-
-
-def _write_marker(folder, step, files):
-    with open(os.path.join(folder, MARKER + ".tmp"), "w") as f:
-        json.dump(dict(step=step, files=files), f)
-    os.replace(os.path.join(folder, MARKER + ".tmp"), os.path.join(folder, MARKER))
-
-
-def _unmark(folder):
-    if os.path.exists(os.path.join(folder, MARKER)):
-        os.remove(os.path.join(folder, MARKER))
-
-
-def _publish(tmp, path, step):
-    """Mark `tmp` whole, then make it `path`: a step folder by a rename; <out> itself (which holds more than the
-    checkpoint) file by file, unmarked meanwhile, while tmp stays whole."""
-    files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-    _write_marker(tmp, step, files)
-    if os.path.abspath(path) != os.path.abspath(os.path.dirname(tmp)):
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
-        return
-    _unmark(path)
-    for f in files:
-        src, dst = os.path.join(tmp, f), os.path.join(path, f + ".tmp")
-        try:  # a hard link costs no copy (a 7B checkpoint is 15 GB); a copy where links are not allowed
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-        os.replace(dst, os.path.join(path, f))
-    _write_marker(path, step, files)
-    shutil.rmtree(tmp)
-
-
-def _marker(folder):
-    """The folder's marker ({"step": N, "files": {name: size}}), or None where it has none (or a torn one)."""
-    try:
-        with open(os.path.join(folder, MARKER)) as f:
-            m = json.load(f)
-        return m if isinstance(m["step"], int) and isinstance(m["files"], dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def checkpoint_problem(path):
-    """Why `path` is not a whole checkpoint, or None when it is."""
-    if not os.path.isdir(path):
-        return f"{path}: no such folder"
-    m = _marker(path)
-    if m is None:
-        return f"{path} is not a whole checkpoint (no {MARKER}: its save never finished); --resume auto finds one"
-    if not any(f.startswith("trainer") for f in m["files"]):
-        return (f"{path} holds a final model only (no trainer state): a run resumes from its <out>/step<N> "
-                f"checkpoints (--save-every)")
-    for name, size in m["files"].items():
-        p = os.path.join(path, name)
-        if not os.path.isfile(p) or os.path.getsize(p) != size:
-            got = f"{os.path.getsize(p)} bytes" if os.path.isfile(p) else "missing"
-            return f"{p} is damaged ({got}; it was written with {size} bytes)"
-    return None
-
-
-def checkpoints(out):
-    """[(step, folder)] of the folders in <out> (and <out> itself) marked as checkpoints, by step."""
-    dirs = [out] + [os.path.join(out, d) for d in os.listdir(out) if d.startswith("step")] if os.path.isdir(out) else []
-    return sorted((m["step"], d) for d, m in ((d, _marker(d)) for d in dirs) if m)
-
-
-def find_checkpoint(out):
-    """--resume auto: the newest whole checkpoint in <out> (step<N>/, a finished step<N>.tmp/, <out>), else None."""
-    for step, path in reversed(checkpoints(out)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            print0(f"--resume auto: {path} (step {step})")
-            return path
-        print0(f"--resume auto: skipping {problem}")
-    print0(f"--resume auto: no checkpoint in {out}: a new run")
-    return None

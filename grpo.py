@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import common as C
 import data as D
 import model as M
@@ -585,7 +586,7 @@ def main(argv=None):
             sync_reference(ref, policy, args.ref_sync_alpha)
         if nan_run >= args.max_nan:
             raise SystemExit(f"stopping: {nan_run} steps in a row had a non-finite loss or gradient (lr {lr:g})")
-        C.save_run(args, policy, opt, step, rank, store=store, nan_run=nan_run)
+        checkpoint.save(args, policy, opt, step, rank, store=store, nan_run=nan_run)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     C.print0(f"done: {args.out} (metrics in {metrics_path})")
     if rank == 0:

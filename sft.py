@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import common as C
 import data as D
 import model as M
@@ -387,7 +388,7 @@ def train(args):
                    lr=lr, grad_norm=gn, tokens_per_s=n_seq / dt, time=dt)
         C.log_metrics(args, rank, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
-        C.save_run(args, policy, opt, step, rank)
+        checkpoint.save(args, policy, opt, step, rank)
     report_rejected(rejected, len(items))  # again at the end, where it is seen
     C.print0(f"done: {args.out} (metrics in {args.out}/metrics.jsonl); GRPO starts from it with --model {args.out}")
     C.teardown()

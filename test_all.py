@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoint
 import common as C
 import data as D
 import eval as E
@@ -36,6 +37,7 @@ import rewards as R
 import sft
 import tools as T
 from kernel import chunk_rows, fused_logprobs
+from recipes import RECIPES
 from replay import drop_zero_groups, new_store, nonzero, nonzero_group_share, ssr
 from rewards import (PRESETS, accuracy, anls, choice_score, extract_answer, extract_choice, final_answer,
                      iou, levenshtein, mathvista_score, mra, number_score, r_format_deepeyes,
@@ -2364,7 +2366,7 @@ def test_run_no_script_imports_another():
     environment (it imports neither tools.py nor data.py)."""
     import ast
     scripts = {"grpo", "sft", "eval", "bench"}
-    core = scripts | {"common", "model", "kernel", "tools", "data", "rewards", "replay"}
+    core = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
     imports = {}
     for name in core:
         tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
@@ -2373,6 +2375,7 @@ def test_run_no_script_imports_another():
     for name in core:
         assert not imports[name] & scripts, (name, imports[name] & scripts)
     assert not imports["model"] & {"tools", "data", "common"}
+    assert not imports["checkpoint"] & {"common"} and not imports["recipes"] & core  # the layout's arrows point down
     assert not imports["rewards"] & core and not imports["kernel"] & core  # the scorers and the kernel stand alone
 
 
@@ -2463,7 +2466,7 @@ def test_run_recipes_set_each_papers_settings(capsys):
     flags = set()
     for main in mains.values():
         flags |= {k.replace("-", "_") for k in _config(main, [], capsys)}
-    for recipe in C.RECIPES.values():
+    for recipe in RECIPES.values():
         for part in recipe.values():
             assert set(part) <= flags, set(part) - flags
 
@@ -2523,7 +2526,7 @@ def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         sft.main(flags + ["--save-every", "2", "--out", str(a)])
     monkeypatch.undo()
-    assert [step for step, _ in C.checkpoints(str(a))] == [2]  # step 4 never finished: no checkpoint
+    assert [step for step, _ in checkpoint.checkpoints(str(a))] == [2]  # step 4 never finished: no checkpoint
     with pytest.raises(SystemExit, match="not a whole checkpoint"):
         sft.main(flags + ["--resume", str(a / "step4.tmp"), "--out", str(a)])
     sft.main(flags + ["--save-every", "2", "--resume", "auto", "--out", str(a)])
@@ -2533,8 +2536,8 @@ def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkey
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
     state = torch.load(a / "step4" / "trainer.pt", weights_only=True)
-    assert state["step"] == 4 and C.checkpoint_problem(str(a / "step4")) is None
-    assert "final model only" in C.checkpoint_problem(str(a))  # <out> holds the final model, not a run to resume
+    assert state["step"] == 4 and checkpoint.checkpoint_problem(str(a / "step4")) is None
+    assert "final model only" in checkpoint.checkpoint_problem(str(a))  # <out> holds the final model, not a run to resume
     # damaged: a file cut short is named before anything loads; one of the right size but garbled, when it loads
     with open(a / "step4" / "model.safetensors", "r+b") as f:
         f.truncate(1000)
@@ -2560,13 +2563,13 @@ def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
             monkeypatch.setattr(os, "replace", lambda s, d: (_ for _ in ()).throw(KeyboardInterrupt)
                                 if d.endswith("trainer.pt") else real(s, d))
             with pytest.raises(KeyboardInterrupt):
-                C._publish(str(tmp), str(out), step)
+                checkpoint._publish(str(tmp), str(out), step)
             monkeypatch.undo()
         else:
-            C._publish(str(tmp), str(out), step)
-            assert C.checkpoints(str(out)) == [(2, str(out))] and not tmp.exists()
-    assert "no checkpoint.json" in C.checkpoint_problem(str(out))
-    assert C.find_checkpoint(str(out)) == str(out / "step4.tmp")
+            checkpoint._publish(str(tmp), str(out), step)
+            assert checkpoint.checkpoints(str(out)) == [(2, str(out))] and not tmp.exists()
+    assert "no checkpoint.json" in checkpoint.checkpoint_problem(str(out))
+    assert checkpoint.find_checkpoint(str(out)) == str(out / "step4.tmp")
     assert (out / "model.safetensors").read_bytes() == b"new!" and (out / "trainer.pt").read_bytes() == b"old"
 
 
