@@ -2462,6 +2462,13 @@ def test_run_recipes_set_each_papers_settings(capsys):
     # an explicit flag wins, in either spelling; the rest of the recipe stays
     got = _config(G.main, ["--recipe", "vilasr", "--lr=3e-6", "--group-size", "4"], capsys)
     assert (got["lr"], got["group-size"], got["weight-decay"]) == (3e-6, 4, 0.01)
+    # ... and in any abbreviation argparse accepts: --temp is --temperature (VLM-R3's recipe says 1.0)
+    for argv in (["--temp", "0.7"], ["--temp=0.7"], ["--tempe", "0.7"]):
+        assert _config(G.main, ["--recipe", "vlm_r3"] + argv, capsys)["temperature"] == 0.7, argv
+    got = _config(G.main, ["--recipe", "deepeyes", "--no-adapt", "--group", "6"], capsys)
+    assert (got["adaptive-zoom"], got["group-size"], got["lr"]) == (False, 6, 1e-6)
+    got = _config(G.main, ["--recipe", "deepeyes", "--adapt"], capsys)  # the recipe's False, overridden by --adaptive-zoom
+    assert got["adaptive-zoom"] is True
     # every key of every recipe is a flag of some script (a misspelt key would be dropped silently)
     flags = set()
     for main in mains.values():
