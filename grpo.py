@@ -37,6 +37,7 @@ import common as C
 import data as D
 import model as M
 import replay
+import rethink
 import rewards as R
 import tools as T
 
@@ -133,93 +134,6 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2,
                          log_ratio, keep)
     w = loss_weights(m, loss_type, max_completion_length, num_items) if weights is None else weights
     return (per_tok * w.to(per_tok.dtype)).sum()
-
-
-# -----------------------------------------------------------------------------
-# forced rethinking (VL-Rethinker, SPEC 2.2)
-
-# VL-Rethinker's triggers (experience_maker.py): "Wait" 0.2, "does it seem right?" 0.3, and with 0.5 the one that
-# follows the first answer: "let's double check" after a right one, "there might be a mistake" after a wrong one
-TRIGGERS = ["\n\nWait", "\n\nWait, does it seem right?"]
-TRIGGER_RIGHT, TRIGGER_WRONG = "\n\nWait, let's double check", "\n\nWait, there might be a mistake"
-
-
-def pick_trigger(correct, rng):
-    if rng.random() < 0.5:
-        return TRIGGERS[0] if rng.random() < 0.4 else TRIGGERS[1]
-    return TRIGGER_RIGHT if correct else TRIGGER_WRONG
-
-
-def cut_back(text):
-    """VL-Rethinker's truncation of a response before rethinking: before the last "Wait", then before the last
-    "\\boxed", then before the first "answer" (any case; here the <answer> tag), then at the last blank line."""
-    for i in (text.rfind("Wait"), text.rfind("\\boxed")):
-        text = text[:i] if i >= 0 else text
-    i = text.lower().find("answer")
-    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text
-    i = text.rfind("\n\n")
-    return (text[:i] if i >= 0 else text).strip()
-
-
-def rethink_episode(policy, ep, trigger, truncate):
-    """A copy of an answered episode (sharing its images), its last turn cut back when `truncate`, the trigger
-    appended (trained, mask 1, as in VL-Rethinker's code) and the turn left open for rollout() to go on."""
-    new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
-    # the last turn's sampled tokens are the last run of mask == 1
-    end = max(i for i, m in enumerate(new["mask"]) if m) + 1
-    start = end
-    while start > 0 and new["mask"][start - 1]:
-        start -= 1
-    turn = new["seq"][start:end]
-    if policy.eos and turn and turn[-1] in policy.eos:
-        turn = turn[:-1]
-    text = policy.tok.decode(turn)
-    n = len(cut_back(text)) if truncate else len(text)
-    lo, keep = 0, len(turn)  # the longest token prefix whose text fits in the cut text (binary search)
-    while lo < keep:
-        mid = (lo + keep + 1) // 2
-        lo, keep = (mid, keep) if len(policy.tok.decode(turn[:mid])) <= n else (lo, mid - 1)
-    cut, tids = start + keep, M.ids(policy, trigger)
-    new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [1] * len(tids),
-                                            new["logp"][:cut] + [0.0] * len(tids))
-    new["turns"][-1] = policy.tok.decode(turn[:keep]) + trigger
-    new["n_sampled"] = ep["n_sampled"] - (end - start - keep)  # what was cut, a stripped end-of-turn token too
-    new["rethink_from"] = (len(new["turns"]), new["n_sampled"])  # where the continuation starts
-    return new
-
-
-def forced_rethinking(policy, groups, scores, args, rng):
-    """VL-Rethinker's forced rethinking as its code runs it (experience_maker.py, _generate_vllm). Candidates:
-    answered responses at most half the token budget long; in a group more than 70% right the wrong ones are
-    skipped; --rethink-prob of the rest go on, cut back with probability --rethink-truncate, a trigger appended,
-    continued at --rethink-temperature. A continuation is kept (replacing its response) if its answer is correct
-    and it wrote more than 30 and fewer than half the budget new tokens; at most 2 per group (a slot is taken
-    before the last check) and 4 waits (the trigger's included). scores: (reward, components) per episode."""
-    todo = []
-    for gi, g in enumerate(groups):
-        right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]
-        easy = sum(right) / len(right) > 0.7
-        for ei, ep in enumerate(g):
-            if ep["stop"] != "answer" or ep["n_sampled"] > args.max_tokens // 2 or (easy and not right[ei]):
-                continue
-            if rng.random() < args.rethink_prob:
-                trigger = pick_trigger(right[ei], rng)
-                todo.append((gi, ei, rethink_episode(policy, ep, trigger, rng.random() < args.rethink_truncate)))
-    if not todo and not M.lockstep(policy):
-        return 0
-    T.rollout(policy, [t[2] for t in todo], temperature=args.rethink_temperature, max_turn_tokens=args.max_turn_tokens,
-              **C.filters(args))
-    kept, slots = 0, {}
-    for gi, ei, ep in todo:
-        total, comp, _ = R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)
-        k, n0 = ep["rethink_from"]
-        if comp["accuracy"] < R.CORRECT or not 30 < ep["n_sampled"] - n0 < args.max_tokens // 2 or slots.get(gi, 0) >= 2:
-            continue
-        slots[gi] = slots.get(gi, 0) + 1
-        if 1 + R.rethinker_waits("".join(ep["turns"][k:])) <= 4:
-            groups[gi][ei], scores[gi][ei] = ep, (total, comp)
-            kept += 1
-    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -552,7 +466,12 @@ def main(argv=None):
         t1 = time.time()
         # 2. rewards (and forced rethinking, which rolls out again)
         scores = [[R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)[:2] for ep in g] for g in groups]
-        n_rethink = forced_rethinking(policy, groups, scores, args, pyrng) if args.rethink else 0
+        n_rethink = rethink.forced_rethinking(
+            policy, groups, scores, pyrng, score=lambda ep: R.reward(T.trajectory(ep), ep["record"], args.preset,
+                                                                     args.weights)[:2],
+            max_tokens=args.max_tokens, prob=args.rethink_prob, truncate=args.rethink_truncate,
+            temperature=args.rethink_temperature, max_turn_tokens=args.max_turn_tokens,
+            **C.filters(args)) if args.rethink else 0
         samples = make_samples(policy, groups, scores, args, step, rank)
         # 3. what to train on: everything, the useful groups, or SSR's resampled batch
         if args.ssr:

@@ -33,6 +33,7 @@ import data as D
 import eval as E
 import grpo as G
 import model as M
+import rethink
 import rewards as R
 import sft
 import tools as T
@@ -1942,11 +1943,11 @@ def _answered(policy, answer, seed=9):
 
 def test_grpo_rethink_cut_back_as_vl_rethinkers_code():
     # before the last "Wait", then the last "\\boxed", then the first "answer", then at the last blank line
-    assert G.cut_back("I think B. Wait, maybe C.\n\nSo the answer is C") == "I think B."
-    assert G.cut_back("Step 1.\n\nStep 2: so \\boxed{3}") == "Step 1."
-    assert G.cut_back("Step 1. Step 2: the Answer is 3") == "Step 1. Step 2: the"
-    assert G.cut_back("<think>it is red</think><answer>red</answer>") == "<think>it is red</think>"
-    assert G.cut_back("no marks at all") == "no marks at all"
+    assert rethink.cut_back("I think B. Wait, maybe C.\n\nSo the answer is C") == "I think B."
+    assert rethink.cut_back("Step 1.\n\nStep 2: so \\boxed{3}") == "Step 1."
+    assert rethink.cut_back("Step 1. Step 2: the Answer is 3") == "Step 1. Step 2: the"
+    assert rethink.cut_back("<think>it is red</think><answer>red</answer>") == "<think>it is red</think>"
+    assert rethink.cut_back("no marks at all") == "no marks at all"
 
 
 def test_grpo_rethink_trains_trigger_and_continuation(policy):
@@ -1955,15 +1956,15 @@ def test_grpo_rethink_trains_trigger_and_continuation(policy):
     ep = _answered(policy, "red")
     before = list(ep["seq"])
     first = [t for t, m in zip(ep["seq"], ep["mask"]) if m]
-    cut = G.rethink_episode(policy, ep, G.TRIGGER_WRONG, truncate=True)
-    trig = M.ids(policy, G.TRIGGER_WRONG)
+    cut = rethink.rethink_episode(policy, ep, rethink.TRIGGER_WRONG, truncate=True)
+    trig = M.ids(policy, rethink.TRIGGER_WRONG)
     assert cut["seq"][-len(trig):] == trig and cut["mask"][-len(trig):] == [1] * len(trig)
-    assert policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m]) == "<think>it is</think>" + G.TRIGGER_WRONG
+    assert policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m]) == "<think>it is</think>" + rethink.TRIGGER_WRONG
     assert cut["stop"] is None and cut["rethinks"] == 1 and ep["seq"] == before  # the original is untouched
     T.advance(policy, cut, M.ids(policy, ", it is blue.</think><answer>blue</answer>"), reason="stop")
     trained = policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m])
-    assert trained == "<think>it is</think>" + G.TRIGGER_WRONG + ", it is blue.</think><answer>blue</answer>"
-    kept = G.rethink_episode(policy, ep, G.TRIGGERS[0], truncate=False)
+    assert trained == "<think>it is</think>" + rethink.TRIGGER_WRONG + ", it is blue.</think><answer>blue</answer>"
+    kept = rethink.rethink_episode(policy, ep, rethink.TRIGGERS[0], truncate=False)
     assert policy.tok.decode([t for t, m in zip(kept["seq"], kept["mask"]) if m]) == \
         policy.tok.decode(first) + "\n\nWait"
 
@@ -1975,19 +1976,19 @@ def test_grpo_rethink_counts_only_the_sampled_tokens_it_keeps(policy):
     ep = T.new_episode(policy, D.synthetic(1, seed=9)[0])
     T.advance(policy, ep, M.ids(policy, "<think>it is</think><answer>red</answer><|im_end|>"), reason="eos")
     assert ep["seq"][-1] in policy.eos and ep["n_sampled"] == sum(ep["mask"])
-    n_trig = len(M.ids(policy, G.TRIGGERS[1]))
+    n_trig = len(M.ids(policy, rethink.TRIGGERS[1]))
     for truncate in (False, True):
-        new = G.rethink_episode(policy, ep, G.TRIGGERS[1], truncate=truncate)
+        new = rethink.rethink_episode(policy, ep, rethink.TRIGGERS[1], truncate=truncate)
         assert new["n_sampled"] == sum(new["mask"]) - n_trig < ep["n_sampled"], truncate
 
 
 def test_grpo_rethink_trigger_probabilities():
     # "Wait" 0.2, "does it seem right?" 0.3, and 0.5 the one that follows the first answer's correctness
     rng, n = random.Random(0), 20000
-    for correct, third in ((True, G.TRIGGER_RIGHT), (False, G.TRIGGER_WRONG)):
-        got = Counter(G.pick_trigger(correct, rng) for _ in range(n))
-        assert set(got) == {G.TRIGGERS[0], G.TRIGGERS[1], third}
-        for trig, p in ((G.TRIGGERS[0], 0.2), (G.TRIGGERS[1], 0.3), (third, 0.5)):
+    for correct, third in ((True, rethink.TRIGGER_RIGHT), (False, rethink.TRIGGER_WRONG)):
+        got = Counter(rethink.pick_trigger(correct, rng) for _ in range(n))
+        assert set(got) == {rethink.TRIGGERS[0], rethink.TRIGGERS[1], third}
+        for trig, p in ((rethink.TRIGGERS[0], 0.2), (rethink.TRIGGERS[1], 0.3), (third, 0.5)):
             assert abs(got[trig] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (trig, got[trig])
 
 
@@ -2024,8 +2025,6 @@ def test_grpo_forced_rethinking_filters_as_vl_rethinkers_code(policy, monkeypatc
     long["n_sampled"] = 200
     groups[1].append(long)
     scores = [[R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2] for ep in g] for g in groups]
-    args = argparse.Namespace(rethink_prob=1.0, rethink_truncate=1.0, rethink_temperature=0.9, top_p=1.0, top_k=0, min_p=0.0,
-                              max_turn_tokens=96, max_tokens=256, preset="vl_rethinker", weights=None)
     pad = " look again" * 8
     assert 30 < len(M.ids(policy, pad + "</think><answer>red</answer>")) < 128    # new tokens within the bounds
     answers = [right, right, right, wrong, right, right, right]                 # the 7 candidates, in order
@@ -2040,7 +2039,9 @@ def test_grpo_forced_rethinking_filters_as_vl_rethinkers_code(policy, monkeypatc
                 thought += " wait, wait a bit, alternatively, wait, "  # 4 more waits
             T.advance(policy_, ep, M.ids(policy_, f"{thought}</think><answer>{answers[i]}</answer>"), reason="stop")
     monkeypatch.setattr(G.T, "rollout", scripted)
-    n = G.forced_rethinking(policy, groups, scores, args, random.Random(0))
+    n = rethink.forced_rethinking(policy, groups, scores, random.Random(0), max_tokens=256, prob=1.0, truncate=1.0,
+                                  temperature=0.9, max_turn_tokens=96, top_p=1.0, top_k=0, min_p=0.0,
+                                  score=lambda ep: R.reward(T.trajectory(ep), ep["record"], "vl_rethinker")[:2])
     assert len(seen) == 7                                            # the skipped and the long ones never went on
     assert n == 3
     assert [ep["rethinks"] for ep in groups[0]] == [1, 1, 0, 0]

@@ -1,0 +1,113 @@
+"""
+rethink.py: VL-Rethinker's forced rethinking (arXiv 2504.08837), as its released code runs it
+(openrlhf/trainer/ppo_utils/experience_maker.py, _generate_vllm).
+
+Why. Vision-language models rarely check themselves: "reflection inertia". RL alone seldom makes them start, since a
+response that says "wait" is rare and so is its reward. Forced rethinking writes the start for them: after a first
+answer, a trigger ("Wait, does it seem right?") is appended and the model continues. A continuation that ends right is
+kept in its group in place of the original, and the trigger with everything after it is TRAINED: that is how the
+policy learns to say "wait" on its own (rewards.r_rethink then pays 1.1 for 1-2 self-generated reflections).
+
+What it does, each GRPO step, after the rollouts are scored:
+  1. candidates: responses that ended in an answer and used at most half the token budget; in a group more than
+     EASY_GROUP right, its wrong responses are skipped (a lone slip in an easy group is noise, not a lesson);
+  2. --rethink-prob of the candidates go on; each is first cut back with probability --rethink-truncate (cut_back:
+     before its last "Wait", its last \\boxed, its first "answer", then to the last blank line), then a trigger is
+     appended (pick_trigger) and the turn is continued at --rethink-temperature;
+  3. a continuation replaces its original if its answer is correct, it wrote more than MIN_NEW_TOKENS and fewer
+     than half the budget new tokens, at most MAX_PER_GROUP per group (a slot is taken before the last check) and
+     MAX_WAITS waits (the trigger's included).
+
+Usage (in grpo.py):
+    n_kept = forced_rethinking(policy, groups, scores, rng, score=..., max_tokens=..., prob=0.65, truncate=0.5,
+                               temperature=0.9, max_turn_tokens=..., top_p=..., top_k=..., min_p=...)
+"""
+import model as M
+import rewards as R
+import tools as T
+
+# the triggers and how often each is drawn: "Wait" 0.2, "Wait, does it seem right?" 0.3, and with 0.5 the one that
+# follows the first answer: "let's double check" after a right one, "there might be a mistake" after a wrong one
+TRIGGERS = ["\n\nWait", "\n\nWait, does it seem right?"]
+TRIGGER_RIGHT, TRIGGER_WRONG = "\n\nWait, let's double check", "\n\nWait, there might be a mistake"
+EASY_GROUP = 0.7     # a group with more than this share right: its wrong responses are not continued
+MIN_NEW_TOKENS = 30  # a continuation must write more than this many tokens (and fewer than half the budget)
+MAX_PER_GROUP = 2    # continuations kept per group
+MAX_WAITS = 4        # self-reflections allowed in a kept continuation, the trigger's own "Wait" included
+
+
+def pick_trigger(correct, rng):
+    if rng.random() < 0.5:
+        return TRIGGERS[0] if rng.random() < 0.4 else TRIGGERS[1]
+    return TRIGGER_RIGHT if correct else TRIGGER_WRONG
+
+
+def cut_back(text):
+    """VL-Rethinker's truncation of a response before rethinking: before the last "Wait", then before the last
+    "\\boxed", then before the first "answer" (any case; here the <answer> tag), then at the last blank line."""
+    for i in (text.rfind("Wait"), text.rfind("\\boxed")):
+        text = text[:i] if i >= 0 else text
+    i = text.lower().find("answer")
+    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text
+    i = text.rfind("\n\n")
+    return (text[:i] if i >= 0 else text).strip()
+
+
+def rethink_episode(policy, ep, trigger, truncate):
+    """A copy of an answered episode (sharing its images), its last turn cut back when `truncate`, the trigger
+    appended (trained, mask 1, as in VL-Rethinker's code) and the turn left open for rollout() to go on."""
+    new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
+    # the last turn's sampled tokens are the last run of mask == 1
+    end = max(i for i, m in enumerate(new["mask"]) if m) + 1
+    start = end
+    while start > 0 and new["mask"][start - 1]:
+        start -= 1
+    turn = new["seq"][start:end]
+    if policy.eos and turn and turn[-1] in policy.eos:
+        turn = turn[:-1]
+    text = policy.tok.decode(turn)
+    n = len(cut_back(text)) if truncate else len(text)
+    lo, keep = 0, len(turn)  # the longest token prefix whose text fits in the cut text (binary search)
+    while lo < keep:
+        mid = (lo + keep + 1) // 2
+        lo, keep = (mid, keep) if len(policy.tok.decode(turn[:mid])) <= n else (lo, mid - 1)
+    cut, tids = start + keep, M.ids(policy, trigger)
+    new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [1] * len(tids),
+                                            new["logp"][:cut] + [0.0] * len(tids))
+    new["turns"][-1] = policy.tok.decode(turn[:keep]) + trigger
+    new["n_sampled"] = ep["n_sampled"] - (end - start - keep)  # what was cut, a stripped end-of-turn token too
+    new["rethink_from"] = (len(new["turns"]), new["n_sampled"])  # where the continuation starts
+    return new
+
+
+def forced_rethinking(policy, groups, scores, rng, score, max_tokens, prob, truncate, temperature, max_turn_tokens,
+                      **sampling):
+    """Continue some answered responses after a trigger and keep the good continuations in their groups, in place.
+    groups: lists of finished episodes; scores: (reward, components) per episode, in the same shape, replaced where
+    a continuation is kept; score(episode) -> (reward, components); sampling: rollout's top_p / top_k / min_p.
+    -> the number of continuations kept."""
+    todo = []
+    for gi, g in enumerate(groups):
+        right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]
+        easy = sum(right) / len(right) > EASY_GROUP
+        for ei, ep in enumerate(g):
+            if ep["stop"] != "answer" or ep["n_sampled"] > max_tokens // 2 or (easy and not right[ei]):
+                continue
+            if rng.random() < prob:
+                trigger = pick_trigger(right[ei], rng)
+                todo.append((gi, ei, rethink_episode(policy, ep, trigger, rng.random() < truncate)))
+    if not todo and not M.lockstep(policy):  # sharded ranks roll out together, even with nothing to continue
+        return 0
+    T.rollout(policy, [t[2] for t in todo], temperature=temperature, max_turn_tokens=max_turn_tokens, **sampling)
+    kept, slots = 0, {}
+    for gi, ei, ep in todo:
+        total, comp = score(ep)
+        k, n0 = ep["rethink_from"]
+        if (comp["accuracy"] < R.CORRECT or not MIN_NEW_TOKENS < ep["n_sampled"] - n0 < max_tokens // 2
+                or slots.get(gi, 0) >= MAX_PER_GROUP):
+            continue
+        slots[gi] = slots.get(gi, 0) + 1
+        if 1 + R.rethinker_waits("".join(ep["turns"][k:])) <= MAX_WAITS:
+            groups[gi][ei], scores[gi][ei] = ep, (total, comp)
+            kept += 1
+    return kept
