@@ -1,6 +1,12 @@
 """
 grpo.py: the hand-written GRPO loop, with Selective Sample Replay, forced rethinking and torchrun.
 
+How GRPO departs from PPO: there is no value network. For each prompt the policy samples a group of G trajectories
+(here: multi-turn episodes with tool calls and the images they return), a rule scores each (rewards.py), and a
+trajectory's advantage is its reward minus its group's mean (optionally divided by the group's std): the group is the
+baseline. Every trained token of a trajectory gets its advantage; the loss is PPO's clipped surrogate per token,
+usually without a KL penalty, averaged in one of four ways (loss_weights). Only sampled tokens are trained.
+
 CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs/sft when present):
     python grpo.py
 1 GPU (VLM-R3's R-GRPO on Qwen2.5-VL-3B, from a cold-start SFT checkpoint; --recipe sets every setting of the
@@ -14,10 +20,10 @@ give the SFT run's --view-max-pixels/--crop-max-pixels so that RL trains on the 
 2 processes on CPU (what the tests check against 1 process):
     torchrun --standalone --nproc_per_node=2 grpo.py --model tiny --data synthetic --steps 1 --device cpu --out runs/y
 
-One step: this rank's prompts -> G trajectories each through tools.rollout -> rewards (rewards.py preset)
--> group advantages -> optional forced rethinking and SSR -> PPO-clip updates over micro-batches ->
-one JSONL line in <out>/metrics.jsonl. The run around it (flags, torchrun, load, optimizer, resume, lr,
-metrics file, checkpoints) is common.py's, shared with sft.py.
+One step (main): this rank's prompts -> G trajectories each through tools.rollout -> rewards (a rewards.py preset)
+-> group advantages -> optional forced rethinking (rethink.py) and SSR (replay.py) -> PPO-clip updates over
+mini-batches of micro-batches -> one JSONL line in <out>/metrics.jsonl. The run around it (flags, torchrun, load,
+optimizer, resume, lr, metrics file) is common.py's and checkpoint.py's, shared with sft.py.
 """
 import argparse
 import json
@@ -42,22 +48,7 @@ import rewards as R
 import tools as T
 
 # -----------------------------------------------------------------------------
-# micro-batches (sharded ranks in lockstep)
-
-
-def micro_batches(policy, samples, size, filler, lockstep=False):
-    """Micro-batches of `size` samples. Sharded ranks (with lockstep, any ranks: a collective per micro-batch)
-    run the same number of passes: those with fewer pad with a copy of `filler` that trains no token."""
-    mbs = [samples[i:i + size] for i in range(0, len(samples), size)]
-    if M.lockstep(policy) or (lockstep and dist.is_initialized()):
-        n = torch.tensor([len(mbs)], device=policy.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        mbs += [[dict(filler, mask=[0] * len(filler["mask"]), old=None, adv=0.0)]] * (int(n) - len(mbs))
-    return mbs
-
-
-# -----------------------------------------------------------------------------
-# GRPO, exactly (SPEC section 4): two plain functions that can be checked against TRL's formulas
+# 1. advantages: the group is the baseline
 
 
 def advantages(rewards, group_size, scale="group"):
@@ -75,19 +66,36 @@ def advantages(rewards, group_size, scale="group"):
     return a.view(-1)
 
 
-def token_loss(logp, old_logp, A, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0, kl_ratio=True, delta=None,
+# -----------------------------------------------------------------------------
+# 2. the loss, as TRL's GRPOTrainer computes it (the tests check both against TRL's formulas, term for term)
+
+
+def k3(other_logp, logp):
+    """The k3 estimate of KL(policy || other) per token: exp(d) - d - 1, d = other_logp - logp (logged: kl_old to the
+    policy that sampled the tokens, how far the update moved; kl_ref to the reference, what --beta penalises)."""
+    d = other_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def token_loss(logp, old_logp, adv, *, eps_low, eps_high, ref_logp=None, beta=0.0, kl_ratio=True, delta=None,
                log_ratio=None, keep=1.0):
-    """Per token (elementwise; A broadcast against logp): PPO-clip with asymmetric clipping, the ratio capped at
-    `delta` in its unclipped branch (TRL's two-sided clip; dual-clip PPO's c when delta >= 1 + eps_high), times
-    `keep` (the entropy mask); plus beta x the k3 KL to a reference, times the ratio when kl_ratio (TRL's
-    use_bias_correction_kl). log_ratio: the log ratio when not the token's own logp - old_logp (GSPO: [B, 1])."""
+    """The loss of each trained token, elementwise (adv broadcasts against logp):
+
+        ratio = exp(logp - old_logp)                         (GSPO: exp(log_ratio), one per sequence)
+        loss  = -min(min(ratio, delta) * adv, clip(ratio, 1 - eps_low, 1 + eps_high) * adv) * keep
+                + beta * k3 * (ratio if kl_ratio else 1),    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+    The clip is PPO's, asymmetric (DAPO's clip-higher: eps_high > eps_low lets unlikely tokens rise); `delta` caps
+    the ratio in the unclipped branch (TRL's two-sided clip, dual-clip PPO's c when delta >= 1 + eps_high), so a
+    negative advantage cannot push a huge ratio without bound. k3 is the low-variance, always positive estimator of
+    KL(policy || reference); TRL multiplies it by the ratio (use_bias_correction_kl) since the tokens were sampled
+    from the old policy. keep: 1, or the top-entropy mask (top_entropy_mask)."""
     ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    per_tok = -torch.min(capped * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A) * keep
+    per_tok = -torch.min(capped * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv) * keep
     if beta != 0.0:
-        d = ref_logp - logp
-        k3 = torch.exp(d) - d - 1                                                    # k3 estimator
-        per_tok = per_tok + beta * (k3 * ratio if kl_ratio else k3)
+        kl = k3(ref_logp, logp)
+        per_tok = per_tok + beta * (kl * ratio if kl_ratio else kl)
     return per_tok
 
 
@@ -124,20 +132,167 @@ def top_entropy_mask(entropy, mask, rho):
 def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.28,
                 ref_logp=None, beta=0.0, max_completion_length=None, num_items=None, kl_ratio=True, delta=None,
                 is_level="token", entropy=None, top_entropy_quantile=1.0, weights=None):
-    """The GRPO loss written out whole (update() forms the same sum in the fused kernel for per-token options).
+    """The GRPO loss written out whole over [B, T] tensors: update()'s unfused path, and the tests' reference for
+    the fused one (which forms the same sum inside the kernel).
     logp, old_logp, ref_logp, mask, entropy, weights (default: loss_weights'): [B, T]; advantages: [B] -> scalar.
     is_level "sequence": GSPO. top_entropy_quantile < 1: the policy term only on the top-entropy tokens."""
     m = mask.to(logp.dtype)
     log_ratio = seq_log_ratio(logp, old_logp, m) if is_level == "sequence" else None
     keep = top_entropy_mask(entropy, m, top_entropy_quantile) if top_entropy_quantile < 1 else 1.0
-    per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low, eps_high, ref_logp, beta, kl_ratio, delta,
-                         log_ratio, keep)
+    per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low=eps_low, eps_high=eps_high, ref_logp=ref_logp,
+                         beta=beta, kl_ratio=kl_ratio, delta=delta, log_ratio=log_ratio, keep=keep)
     w = loss_weights(m, loss_type, max_completion_length, num_items) if weights is None else weights
     return (per_tok * w.to(per_tok.dtype)).sum()
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# 3. from episodes to the samples an update trains on
+
+
+def make_samples(policy, groups, scores, args, step, rank):
+    """Episodes -> the dicts the update needs (CPU): token ids, trained mask, images, advantage."""
+    # TRL gathers every rank's rewards first: a group's statistics are its own (groups never span ranks here)
+    # and the "batch" std is over all ranks' rewards, so N processes give the advantages of one
+    every = C.gather([s[0] for g in scores for s in g])
+    adv = advantages(sum(every, []), args.group_size, args.scale_rewards)[sum(map(len, every[:rank])):]
+    out, k = [], 0
+    for gi, g in enumerate(groups):
+        for ep in g:
+            mask = ep["mask"] if not (args.mask_truncated and ep["truncated"]) else [0] * len(ep["mask"])
+            # VL-Rethinker's auxiliary NLL trains positive-advantage samples that rethink ("wait", or a trigger)
+            nll = float(adv[k]) > 0 and bool(ep["rethinks"] or R.rethinker_waits("".join(ep["turns"])))
+            out.append(dict(seq=ep["seq"], mask=mask, images=T.episode_images(policy, ep), adv=float(adv[k]),
+                            group=(step, rank, gi), old=None, nll=nll))
+            k += 1
+    return out
+
+
+@torch.no_grad()
+def fill_old_logprobs(policy, samples, args, filler):
+    """Log-probs under the policy that generated the samples (forward only), kept with each sample so
+    later epochs and replays measure the ratio against it."""
+    for mb in micro_batches(policy, samples, args.micro_batch, filler):
+        lp, m = M.token_logprobs(policy, [s["seq"] for s in mb], [s["images"] for s in mb],
+                                 [s["mask"] for s in mb], args.temperature)
+        for s, row in zip(mb, lp):
+            s["old"] = row[-len(s["seq"]):].cpu()
+
+
+# -----------------------------------------------------------------------------
+# 4. the update
+#
+# Two paths compute the same loss and gradient. The fused path (the default) hands token_loss to the log-prob kernel
+# (model.token_logprobs(token_loss=...)): each chunk of tokens forms its log-probs, its loss and the gradient of the
+# loss with respect to the chunk's logits in one pass, so the [N, V] logits are never held and the backward pass
+# does not recompute them (6NHV FLOPs). The unfused path computes the log-probs [B, T] first and the loss over them
+# (policy_loss), so the backward recomputes the logits (8NHV): it serves the options that need a statistic of a whole
+# sequence or micro-batch before any token's loss is known (GSPO's sequence ratio, the entropy quantile).
+
+
+def update(policy, ref, opt, samples, args, world, filler):
+    """PPO-clip on this step's samples: --ppo-epochs passes, each --mini-batches optimizer steps over consecutive
+    mini-batches of them (main shuffled them), each step's gradient accumulated over micro-batches of at most
+    --micro-batch sequences, then averaged over ranks. -> dict of update metrics (means over trained tokens), or None
+    when the loss or the gradient was not finite (every rank then skips the step)."""
+    K, n = args.mini_batches, len(samples)
+    mini_batches = [samples[k * n // K:(k + 1) * n // K] for k in range(K)]
+    # dapo: an optimizer step's global trained tokens / world size; with several steps per rollout, the
+    # average step's, as TRL (num_items_in_batch x gradient_accumulation_steps / steps_per_generation)
+    num_items = C.all_sum(float(sum(sum(s["mask"]) for s in samples))) / world / K
+    fused = args.is_level == "token" and args.top_entropy_quantile == 1  # see the block comment above
+    stats = dict(loss=0.0, tokens=0.0, clip_frac=0.0, clip_low=0.0, clip_high=0.0, kl_old=0.0, entropy=0.0)
+    if ref is not None:
+        stats["kl_ref"] = 0.0
+    gn, bad = 0.0, 0
+    for mini in mini_batches * args.ppo_epochs:  # each pass replays the same mini-batches in the same order, as TRL
+        n_micro = max(1, math.ceil(len(mini) / args.micro_batch))
+        for micro in micro_batches(policy, mini, args.micro_batch, filler, lockstep=args.top_entropy_quantile < 1):
+            seqs, images, masks = [s["seq"] for s in micro], [s["images"] for s in micro], [s["mask"] for s in micro]
+            L, dev = max(len(q) for q in seqs), policy.device
+            # the stored behaviour log-probs [B, L]; a sample with none is on-policy: old = logp.detach()
+            on_policy = torch.tensor([s["old"] is None for s in micro], device=dev)
+            old = M.left_pad([s["old"] if s["old"] is not None else [] for s in micro], L, dev)
+            adv = torch.tensor([s["adv"] for s in micro], device=dev)                  # [B]
+            ref_lp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
+            # dr_grpo: sum / (this rank's sequences in the step x --max-tokens), the run's constant; over equal
+            # micro-batches this is TRL's mean over micro-batches of sum / (micro-batch size x max_completion_length)
+            mpad = M.left_pad(masks, L, dev)                                            # [B, L]
+            w = loss_weights(mpad, args.loss_type, args.max_tokens, num_items, len(mini) or 1)
+            if args.loss_type in ("grpo", "bnpo"):
+                w = w / n_micro  # gradient accumulation: the mean over micro-batches, as TRL does
+            # --aux-nll (VL-Rethinker): + coef x the token-mean NLL of the micro-batch's selected samples
+            sel = mpad * torch.tensor([float(s.get("nll", False)) for s in micro], device=dev)[:, None]
+            nll_w = args.aux_nll * sel / sel.sum().clamp(min=1) / n_micro
+            clip = dict(eps_low=args.eps_low, eps_high=args.eps_high, kl_ratio=args.kl_ratio, delta=args.delta)
+            if fused:
+                def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at rows b, positions t
+                    o = torch.where(on_policy[b], lp.detach(), old[b, t])
+                    r = ref_lp[b, t] if ref_lp is not None else None
+                    return token_loss(lp, o, adv[b], ref_logp=r, beta=args.beta, **clip) * w[b, t] - lp * nll_w[b, t]
+                loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
+                                                      entropy=True, token_loss=per_token)
+            else:
+                logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature, entropy=True)
+                loss = policy_loss(logp, torch.where(on_policy[:, None], logp.detach(), old), adv, m, args.loss_type,
+                                   ref_logp=ref_lp, beta=args.beta, is_level=args.is_level, entropy=ent,
+                                   top_entropy_quantile=args.top_entropy_quantile, weights=w, **clip)
+                loss = loss - (logp * nll_w).sum()
+                logp = logp.detach()
+            bad += not bool(torch.isfinite(loss))
+            loss.backward()
+            with torch.no_grad():  # diagnostics over trained tokens; clip fractions as TRL logs them
+                old = torch.where(on_policy[:, None], logp, old)
+                ratio = torch.exp(seq_log_ratio(logp, old, m) if args.is_level == "sequence" else logp - old)
+                low = (ratio < 1 - args.eps_low) & (adv[:, None] < 0)
+                high = (ratio > 1 + args.eps_high) & (adv[:, None] > 0)
+                per_token_stats = dict(clip_frac=low | high, clip_low=low, clip_high=high, kl_old=k3(old, logp),
+                                       entropy=ent, tokens=torch.ones_like(m))
+                if ref_lp is not None:
+                    per_token_stats["kl_ref"] = k3(ref_lp, logp)
+                for k, v in per_token_stats.items():
+                    stats[k] += float((v * m).sum())
+                stats["loss"] += loss.item()
+        if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
+            C.allreduce_grads(policy.model)
+        gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
+        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        if C.all_sum(float(bad)) > 0 or not math.isfinite(gn):  # decided together: every rank skips
+            opt.zero_grad(set_to_none=True)
+            return None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss, t = stats.pop("loss") / (args.ppo_epochs * K), max(stats.pop("tokens"), 1.0)
+    return dict(loss=loss, grad_norm=gn, **{k: v / t for k, v in stats.items()})
+
+
+@torch.no_grad()
+def sync_reference(ref, policy, alpha):
+    """TRL's SyncRefModelCallback (Groundlight re-syncs every 64 steps with alpha 0.9): ref <- (1 - a) ref + a policy.
+    Both are laid out alike (sharded alike under FSDP), so parameters pair up one to one."""
+    for r, p in zip(ref.model.parameters(), policy.model.parameters()):
+        r.mul_(1 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
+
+
+# -----------------------------------------------------------------------------
+# distributed padding: sharded ranks (FSDP) run a collective in every forward, so all must run as many
+
+
+def micro_batches(policy, samples, size, filler, lockstep=False):
+    """Micro-batches of `size` samples. Sharded ranks (with lockstep, any ranks: a collective per micro-batch)
+    run the same number of passes: those with fewer pad with a copy of `filler` that trains no token."""
+    mbs = [samples[i:i + size] for i in range(0, len(samples), size)]
+    if M.lockstep(policy) or (lockstep and dist.is_initialized()):
+        n = torch.tensor([len(mbs)], device=policy.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        mbs += [[dict(filler, mask=[0] * len(filler["mask"]), old=None, adv=0.0)]] * (int(n) - len(mbs))
+    return mbs
+
+
+# -----------------------------------------------------------------------------
+# 5. the training loop
 
 
 def get_args(argv=None):
@@ -215,122 +370,6 @@ def get_args(argv=None):
     except ValueError as e:
         raise SystemExit(f"--weights: {e}")
     return args
-
-
-def make_samples(policy, groups, scores, args, step, rank):
-    """Episodes -> the dicts the update needs (CPU): token ids, trained mask, images, advantage."""
-    # TRL gathers every rank's rewards first: a group's statistics are its own (groups never span ranks here)
-    # and the "batch" std is over all ranks' rewards, so N processes give the advantages of one
-    every = C.gather([s[0] for g in scores for s in g])
-    adv = advantages(sum(every, []), args.group_size, args.scale_rewards)[sum(map(len, every[:rank])):]
-    out, k = [], 0
-    for gi, g in enumerate(groups):
-        for ep in g:
-            mask = ep["mask"] if not (args.mask_truncated and ep["truncated"]) else [0] * len(ep["mask"])
-            # VL-Rethinker's auxiliary NLL trains positive-advantage samples that rethink ("wait", or a trigger)
-            nll = float(adv[k]) > 0 and bool(ep["rethinks"] or R.rethinker_waits("".join(ep["turns"])))
-            out.append(dict(seq=ep["seq"], mask=mask, images=T.episode_images(policy, ep), adv=float(adv[k]),
-                            group=(step, rank, gi), old=None, nll=nll))
-            k += 1
-    return out
-
-
-@torch.no_grad()
-def fill_old_logprobs(policy, samples, args, filler):
-    """Log-probs under the policy that generated the samples (forward only), kept with each sample so
-    later epochs and replays measure the ratio against it."""
-    for mb in micro_batches(policy, samples, args.micro_batch, filler):
-        lp, m = M.token_logprobs(policy, [s["seq"] for s in mb], [s["images"] for s in mb],
-                                 [s["mask"] for s in mb], args.temperature)
-        for s, row in zip(mb, lp):
-            s["old"] = row[-len(s["seq"]):].cpu()
-
-
-def update(policy, ref, opt, samples, args, world, filler):
-    """PPO-clip: `--ppo-epochs` passes over `samples`, each `--mini-batches` optimizer steps over consecutive
-    parts of them (main shuffled them), each step's gradient accumulated over micro-batches, then averaged
-    over ranks.
-    -> dict of update metrics, or None when the loss was not finite (the step is skipped)."""
-    K, n = args.mini_batches, len(samples)
-    parts = [samples[k * n // K:(k + 1) * n // K] for k in range(K)]
-    # dapo: an optimizer step's global trained tokens / world size; with several steps per rollout, the
-    # average step's, as TRL (num_items_in_batch x gradient_accumulation_steps / steps_per_generation)
-    num_items = C.all_sum(float(sum(sum(s["mask"]) for s in samples))) / world / K
-    # GSPO's ratio (a mean over a whole sequence) and the entropy threshold (a quantile over the whole
-    # micro-batch, on all ranks) are not known while the fused forward forms each chunk's gradient: these
-    # take the kernel's plain mode (logp differentiable, the loss on [B, L]; the backward recomputes the
-    # logits, 8NHV instead of 6NHV). Every per-token option stays fused.
-    plain = args.is_level == "sequence" or args.top_entropy_quantile < 1
-    stats = dict(loss=0.0, tokens=0.0, clip_frac=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
-    gn, bad = 0.0, 0
-    for part in parts * args.ppo_epochs:  # each pass replays the same parts in the same order, as TRL does
-        n_mb = max(1, math.ceil(len(part) / args.micro_batch))
-        for mb in micro_batches(policy, part, args.micro_batch, filler, lockstep=args.top_entropy_quantile < 1):
-            seqs, images, masks = [s["seq"] for s in mb], [s["images"] for s in mb], [s["mask"] for s in mb]
-            L, dev = max(len(q) for q in seqs), policy.device
-            # the stored behaviour log-probs [B, L]; a sample with none is on-policy: old = logp.detach()
-            on_policy = torch.tensor([s["old"] is None for s in mb], device=dev)
-            old = M.left_pad([s["old"] if s["old"] is not None else [] for s in mb], L, dev)
-            A = torch.tensor([s["adv"] for s in mb], device=dev)
-            ref_lp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
-            # dr_grpo: sum / (this rank's sequences in the step x --max-tokens), the run's constant; over equal
-            # micro-batches this is TRL's mean over micro-batches of sum / (micro-batch size x max_completion_length)
-            mpad = M.left_pad(masks, L, dev)
-            w = loss_weights(mpad, args.loss_type, args.max_tokens, num_items, len(part) or 1)
-            if args.loss_type in ("grpo", "bnpo"):
-                w = w / n_mb  # gradient accumulation: the mean over micro-batches, as TRL does
-            # --aux-nll (VL-Rethinker): + coef x the token-mean NLL of the micro-batch's selected samples
-            sel = mpad * torch.tensor([float(s.get("nll", False)) for s in mb], device=dev)[:, None]
-            nll_w = args.aux_nll * sel / sel.sum().clamp(min=1) / n_mb
-            opts = dict(kl_ratio=args.kl_ratio, delta=args.delta)
-            if plain:
-                logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature, entropy=True)
-                loss = policy_loss(logp, torch.where(on_policy[:, None], logp.detach(), old), A, m, args.loss_type,
-                                   args.eps_low, args.eps_high, ref_lp, args.beta, is_level=args.is_level,
-                                   entropy=ent, top_entropy_quantile=args.top_entropy_quantile, weights=w, **opts)
-                loss = loss - (logp * nll_w).sum()
-                logp = logp.detach()
-            else:
-                def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at (b, t), fused in
-                    o = torch.where(on_policy[b], lp.detach(), old[b, t])
-                    r = ref_lp[b, t] if ref_lp is not None else None
-                    return (token_loss(lp, o, A[b], args.eps_low, args.eps_high, r, args.beta, **opts) * w[b, t]
-                            - lp * nll_w[b, t])
-                loss, logp, m, ent = M.token_logprobs(policy, seqs, images, masks, args.temperature,
-                                                      entropy=True, token_loss=per_token)
-            bad += not bool(torch.isfinite(loss))
-            loss.backward()
-            with torch.no_grad():  # diagnostics over trained tokens; clip fractions as TRL logs them
-                old = torch.where(on_policy[:, None], logp, old)
-                ratio = torch.exp(seq_log_ratio(logp, old, m) if args.is_level == "sequence" else logp - old)
-                low, high = (ratio < 1 - args.eps_low) & (A[:, None] < 0), (ratio > 1 + args.eps_high) & (A[:, None] > 0)
-                d = (ref_lp if ref_lp is not None else old) - logp
-                for k, v in dict(clip_frac=low | high, clip_low=low, clip_high=high, kl=torch.exp(d) - d - 1,
-                                 entropy=ent, tokens=torch.ones_like(m)).items():
-                    stats[k] += float((v * m).sum())
-                stats["loss"] += loss.item()
-        if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
-            C.allreduce_grads(policy.model)
-        gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
-        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        if C.all_sum(float(bad)) > 0 or not math.isfinite(gn):  # decided together: every rank skips
-            opt.zero_grad(set_to_none=True)
-            return None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    loss, t = stats.pop("loss") / (args.ppo_epochs * K), max(stats.pop("tokens"), 1.0)
-    return dict(loss=loss, grad_norm=gn, **{k: v / t for k, v in stats.items()})  # the rest: means over trained tokens
-
-
-@torch.no_grad()
-def sync_reference(ref, policy, alpha):
-    """TRL's SyncRefModelCallback (Groundlight re-syncs every 64 steps with alpha 0.9): ref <- (1 - a) ref + a policy.
-    Both are laid out alike (sharded alike under FSDP), so parameters pair up one to one."""
-    for r, p in zip(ref.model.parameters(), policy.model.parameters()):
-        r.mul_(1 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
 
 
 def prompt_indices(n_records, step, n_prompts, rank, world, seed):

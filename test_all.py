@@ -1689,8 +1689,8 @@ def test_grpo_fused_grpo_loss_equals_the_loss_written_out(policy):
         w = G.loss_weights(m, lt, 40, 7.5)
 
         def per_token(lp, b, t):
-            return G.token_loss(lp, torch.where(on_policy[b], lp.detach(), old[b, t]), A[b], 0.2, 0.28,
-                                ref[b, t], 0.04) * w[b, t]
+            return G.token_loss(lp, torch.where(on_policy[b], lp.detach(), old[b, t]), A[b], eps_low=0.2, eps_high=0.28,
+                                ref_logp=ref[b, t], beta=0.04) * w[b, t]
         got, logp2, _ = M.token_logprobs(policy, seqs, imgs, masks, token_loss=per_token)
         got_grads = torch.autograd.grad(got, params)
         assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-7), lt
@@ -1779,6 +1779,22 @@ def test_grpo_update_every_loss_option_equals_the_loss_written_out(policy):
         for key in ("clip_frac", "clip_low", "clip_high"):
             assert 0 <= up[key] <= 1
         assert up["clip_frac"] == pytest.approx(up["clip_low"] + up["clip_high"])
+        if K == 1 and args.ppo_epochs == 1:  # one optimizer step: every micro-batch saw the policy before it
+            seqs, masks = [s["seq"] for s in samples], [s["mask"] for s in samples]
+            with torch.no_grad():
+                lp, m = (t.double() for t in M.token_logprobs(policy, seqs, [[] for _ in seqs], masks))
+            old = M.left_pad([s["old"] if s["old"] is not None else [] for s in samples], lp.shape[1], "cpu").double()
+            old = torch.where(torch.tensor([s["old"] is None for s in samples])[:, None], lp, old)
+            # the logged KLs, written out in float64: k3 = e^d - d - 1 per trained token, d = other - logp
+            assert up["kl_old"] == pytest.approx(float(((old - lp).exp() - (old - lp) - 1).mul(m).sum() / m.sum()),
+                                                 rel=1e-4), flags
+            if args.beta:
+                with torch.no_grad():
+                    r = M.token_logprobs(ref, seqs, [[] for _ in seqs], masks)[0].double()
+                assert up["kl_ref"] == pytest.approx(float(((r - lp).exp() - (r - lp) - 1).mul(m).sum() / m.sum()),
+                                                     rel=1e-4), flags
+            else:
+                assert "kl_ref" not in up  # no reference, nothing to log
 
 
 def test_grpo_aux_nll_on_positive_samples_that_rethink(policy):
@@ -1862,7 +1878,7 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
     G.main(GRPO_TINY + ["--steps", "2", "--out", str(tmp_path)])
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
-    for k in ("reward", "accuracy", "tool_use", "failed_calls", "nonzero_groups", "clip_frac", "kl", "entropy",
+    for k in ("reward", "accuracy", "tool_use", "failed_calls", "nonzero_groups", "clip_frac", "kl_old", "entropy",
               "grad_norm", "lr", "tokens_per_s", "time_rollout", "time_scoring", "time_update", "turns", "images"):
         assert k in rows[0], k
     # the peak memory so far (CPU: resident set), against the kernel's own count of this process's peak
