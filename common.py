@@ -37,23 +37,9 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
-    # the environment
+    # the environment: the tools, then the episode's settings (tools.add_episode_flags)
     p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
-    p.add_argument("--view-max-pixels", type=int, help="first look's pixel budget (default: the image processor's)")
-    p.add_argument("--crop-max-pixels", type=int, help="a zoom's pixel budget (default: the image processor's)")
-    p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
-    p.add_argument("--max-turns", type=int, default=4)
-    p.add_argument("--max-images", type=int, default=6)
-    p.add_argument("--max-turn-tokens", type=int, default=96)
-    p.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per trajectory")
-    # the methods' own variants of the environment (tools.DEFAULTS says what each does)
-    p.add_argument("--view-max-side", type=int, default=0, help="resize each image to this long side first (0: off)")
-    p.add_argument("--adaptive-zoom", action=argparse.BooleanOptionalAction, default=True, help="VLM-R3's 1-2x zoom factor")
-    p.add_argument("--zoom-source", default="original", choices=["original", "view"], help="zoom_point cuts from")
-    p.add_argument("--stop-on", type=stop_list, default=("repeat",), help="what ends an episode early, "
-                   "comma-separated: repeat (a repeated call), error (a failed call), or none")
-    p.add_argument("--final-answer-turn", action="store_true", help="the last allowed turn is told to answer")
-    p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"])
+    T.add_episode_flags(p)
     # the model
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
@@ -72,13 +58,6 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--warmup", type=float, default=warmup, help="warmup steps, or a share of --steps when below 1")
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
-
-
-def stop_list(s):
-    stops = tuple(x for x in s.split(",") if x not in ("", "none"))
-    if set(stops) - {"repeat", "error"}:
-        raise argparse.ArgumentTypeError(f"{s!r}: a comma-separated list of repeat, error (or none)")
-    return stops
 
 
 def betas(s):
@@ -150,24 +129,14 @@ def parse_tools(s):
     return tools
 
 
-def pixel_budgets(args, improc):
-    """The first look's and a zoom's pixel budgets: the flags' (or --recipe's), else the image processor's (a real
-    Qwen's 3136 to 12845056 px; tiny: 112 x 112), never below 56 x 56 px."""
-    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
-    hi = max(lo, improc.size["longest_edge"])
-    for flag in ("view_max_pixels", "crop_max_pixels"):
-        v = getattr(args, flag)
-        if v is not None and v < lo:
-            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
-    return dict(view_min_pixels=lo, view_max_pixels=args.view_max_pixels or hi, crop_min_pixels=lo,
-                crop_max_pixels=args.crop_max_pixels or hi)
-
-
-def episode_cfg(args, policy):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
-    flags = ("zoom_window", "max_turns", "max_images", "max_turn_tokens", "max_tokens", "view_max_side",
-             "adaptive_zoom", "zoom_source", "stop_on", "final_answer_turn", "answer_format")
-    return dict(pixel_budgets(args, policy.improc), **{k: getattr(args, k) for k in flags})
+def episode_cfg(args, policy_or_improc):
+    """The episode's settings (tools.DEFAULTS' keys) from the flags, the pixel budgets they leave open from the model's
+    image processor (tools.settings). A budget below the model's minimum: one line, SystemExit."""
+    improc = getattr(policy_or_improc, "improc", policy_or_improc)
+    try:
+        return T.settings(improc, **{k: getattr(args, k) for k in T.DEFAULTS})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 # -----------------------------------------------------------------------------
 # 2. processes

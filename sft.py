@@ -134,7 +134,7 @@ def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, hal
     then answer. With probability `correct` a first zoom is off (the square just out, still overlapping the right
     box), then refined: a self-correction `reflective` recognises. With probability `lazy`, on LAZY_PLACES, no zoom."""
     W, H = D.load_images(record)[0].size
-    vh, vw = T.smart_resize(H, W, min_pixels=T.DEFAULTS["view_min_pixels"], max_pixels=view_max_pixels)
+    vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
     x1, y1, x2, y2 = record["bbox"]
     cx, cy = (x1 + x2) / 2 * vw / W, (y1 + y2) / 2 * vh / H              # the square's centre, view pixels
     j = rng.integers(-noise, noise + 1, size=4) if noise > 0 else np.zeros(4, int)
@@ -188,7 +188,7 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
             image_size = im.size
     W, H = image_size
     rh, rw = T.smart_resize(H, W, min_pixels=vlir_min_pixels, max_pixels=vlir_max_pixels)
-    vh, vw = T.smart_resize(H, W, min_pixels=T.DEFAULTS["view_min_pixels"], max_pixels=view_max_pixels)
+    vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
 
     def think(s):  # VLIR's one <think> spans all the turns; ours closes in each turn
         return "<think>" + s.replace("<think>", "").replace("</think>", "").strip() + "</think>"
@@ -417,7 +417,7 @@ def main(argv=None):
         if not args.to:
             raise SystemExit("--convert-vlir needs --to OUT.jsonl")
         # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
-        view = C.pixel_budgets(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
+        view = C.episode_cfg(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
         return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     return reflect_main(args) if args.reflect else train(args)

@@ -47,6 +47,10 @@ from rewards import (PRESETS, accuracy, anls, choice_score, extract_answer, extr
                      vqa_normalize, vqa_score)
 
 
+# an episode's settings as the flags' defaults give them for the tiny model (112 x 112 px views and zooms)
+TINY_CFG = T.settings(M.image_processor(None))
+
+
 @pytest.fixture(scope="session")
 def policy():
     torch.set_num_threads(2)
@@ -56,7 +60,7 @@ def policy():
 def blank_episode(w=1000, h=800, tools=("zoom_in", "zoom_point", "draw_box", "draw_line"), **cfg):
     """An episode without a policy: just the images, for geometry tests. The view is 500x400 (half size)."""
     img = Image.new("RGB", (w, h), (128, 128, 128))
-    cfg = {**T.DEFAULTS, **cfg}
+    cfg = {**TINY_CFG, **cfg}
     return dict(tools=list(tools), cfg=cfg, originals=[img], calls=[],
                 images=[T.make_view([img], 0, (0, 0, w, h), (w // 2, h // 2))])
 
@@ -84,8 +88,8 @@ def test_data_synthetic_target_legible_only_after_zoom():
         view = img.resize((112, 112), Image.BICUBIC)
         assert footprint(view, [v * s for v in rec["bbox"]], 2) <= 9          # at most a 3x3 px smudge
         cx, cy = (rec["bbox"][0] + rec["bbox"][2]) / 2 * s, (rec["bbox"][1] + rec["bbox"][3]) / 2 * s
-        ep = dict(cfg=T.DEFAULTS, originals=[img], images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
-        z = T.zoom_in(ep, 0, [cx - 4, cy - 4, cx + 4, cy + 4], T.DEFAULTS)
+        ep = dict(cfg=TINY_CFG, originals=[img], images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
+        z = T.zoom_in(ep, 0, [cx - 4, cy - 4, cx + 4, cy + 4], TINY_CFG)
         assert footprint(z["img"], [0, 0, 112, 112], 0) >= 30 * 30              # a 30+ px block in the zoom
 
 
@@ -510,7 +514,7 @@ def test_tools_zoom_reads_original_pixels():
     arr = np.zeros((200, 200, 3), np.uint8)
     arr[::2, ::2] = arr[1::2, 1::2] = 255
     img = Image.fromarray(arr)
-    ep = dict(tools=["zoom_in"], cfg=dict(T.DEFAULTS, crop_max_pixels=200 * 200), originals=[img], calls=[],
+    ep = dict(tools=["zoom_in"], cfg=dict(TINY_CFG, crop_max_pixels=200 * 200), originals=[img], calls=[],
               images=[T.make_view([img], 0, (0, 0, 200, 200), (100, 100))])
     view = np.asarray(ep["images"][0]["img"]).astype(float)
     assert view[10:90, 10:90].std() < 20                  # the view has lost the pattern
@@ -1336,7 +1340,7 @@ def test_rewards_coverage_hand_computed_boxes():
     assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), {}) == (None, None)
     # a zoom on a zoom, measured in original pixels: 1000x800 image, the model's view 500x400
     img = Image.new("RGB", (1000, 800), (128, 128, 128))
-    ep = dict(tools=["zoom_in"], cfg=dict(T.DEFAULTS), originals=[img], calls=[],
+    ep = dict(tools=["zoom_in"], cfg=dict(TINY_CFG), originals=[img], calls=[],
               images=[T.make_view([img], 0, (0, 0, 1000, 800), (500, 400))])
     call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [0, 0, 250, 200]}}
     c1, v1, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
@@ -2601,7 +2605,7 @@ def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
 #      python -m pytest -q test_all.py -k test_sft_
 
 
-CFG = {**T.DEFAULTS, "max_turns": 4, "max_images": 6, "max_turn_tokens": 96, "max_tokens": 256}
+CFG = TINY_CFG  # the flags' defaults: 4 turns, 6 images, 96 tokens a turn, 256 in all
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ shown it* (image 0: the question's, then one per tool result). Each image knows 
 (`box`), so a zoom on a zoom cuts from the original, and drawings (kept in original pixels) reappear on every image
 derived from theirs. A bad call is data: an error observation, a failed call, and the episode goes on.
 """
+import argparse
 import json
 import math
 
@@ -333,15 +334,55 @@ def execute(ep, text, cfg):
 # -----------------------------------------------------------------------------
 # the episode
 
-DEFAULTS = dict(max_turns=6, max_images=8, max_turn_tokens=256, max_tokens=1024, view_min_pixels=M.QWEN_MIN_PIXELS,
-                view_max_pixels=112 * 112, crop_min_pixels=M.QWEN_MIN_PIXELS, crop_max_pixels=112 * 112, zoom_window=400,
-                # the methods' own variants (common.RECIPES sets them per paper):
-                view_max_side=0,          # Groundlight: the image is first resized to this long side (0: off)
-                adaptive_zoom=True,       # VLM-R3's 1-2x zoom factor; DeepEyes shows the crop as it is
-                zoom_source="original",   # zoom_point cuts its window from the original, or (Groundlight) the view
-                stop_on=("repeat",),      # a repeated call ends the episode; ViLaSR: any failed call ("error")
-                final_answer_turn=False,  # ViLaSR, Groundlight: the last allowed turn is told to answer
-                answer_format="tags")     # <answer>...</answer>, or (VL-Rethinker) "boxed": \boxed{} in the question
+def add_episode_flags(p):
+    """The episode's settings as command-line flags, the one source of their defaults: sft.py, grpo.py and eval.py
+    add them (common.add_common_flags), and DEFAULTS is what they parse to when none is given."""
+    p.add_argument("--view-max-pixels", type=int, help="first look's pixel budget (default: the image processor's)")
+    p.add_argument("--crop-max-pixels", type=int, help="a zoom's pixel budget (default: the image processor's)")
+    p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
+    p.add_argument("--max-turns", type=int, default=4, help="assistant turns per episode")
+    p.add_argument("--max-images", type=int, default=6, help="images per episode, the question's included")
+    p.add_argument("--max-turn-tokens", type=int, default=96, help="sampled tokens per turn")
+    p.add_argument("--max-tokens", type=int, default=256, help="sampled tokens per trajectory")
+    # the methods' own variants of the environment (common.RECIPES sets them per paper)
+    p.add_argument("--view-max-side", type=int, default=0,
+                   help="Groundlight: resize each image to this long side first (0: off)")
+    p.add_argument("--adaptive-zoom", action=argparse.BooleanOptionalAction, default=True,
+                   help="VLM-R3's 1-2x zoom factor (DeepEyes shows the crop as it is)")
+    p.add_argument("--zoom-source", default="original", choices=["original", "view"],
+                   help="zoom_point cuts its window from the original, or (Groundlight) from the pixels shown")
+    p.add_argument("--stop-on", type=stop_list, default=("repeat",), help="what ends an episode early, "
+                   "comma-separated: repeat (a repeated call), error (a failed call: ViLaSR), or none")
+    p.add_argument("--final-answer-turn", action="store_true",
+                   help="ViLaSR, Groundlight: the last allowed turn is told to answer")
+    p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"],
+                   help="<answer>...</answer>, or (VL-Rethinker) \\boxed{} asked for in the question")
+    return p
+
+
+def stop_list(s):
+    stops = tuple(x for x in s.split(",") if x not in ("", "none"))
+    if set(stops) - {"repeat", "error"}:
+        raise argparse.ArgumentTypeError(f"{s!r}: a comma-separated list of repeat, error (or none)")
+    return stops
+
+
+DEFAULTS = vars(add_episode_flags(argparse.ArgumentParser()).parse_args([]))
+
+
+def settings(improc, **cfg):
+    """An episode's settings: DEFAULTS updated by cfg, the pixel budgets left open (None) taken from the model's image
+    processor (a real Qwen2.5-VL's 3136 to 12845056 px; tiny: 112 x 112 px), none below 56 x 56 px (ValueError)."""
+    cfg = {**DEFAULTS, **cfg}
+    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    hi = max(lo, improc.size["longest_edge"])
+    for k in ("view_max_pixels", "crop_max_pixels"):
+        if cfg[k] is not None and cfg[k] < lo:
+            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+        cfg[k] = cfg[k] or hi
+    return dict(cfg, view_min_pixels=lo, crop_min_pixels=lo)
+
+
 FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the question now."
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -351,7 +392,7 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     unknown = set(tools) - set(TOOLS)
     if unknown:
         raise ValueError(f"unknown tool(s) {sorted(unknown)}; available: {', '.join(TOOLS)}")
-    cfg = {**DEFAULTS, **cfg}
+    cfg = settings(policy.improc, **cfg)
     originals = load_images(record)
     images = []
     for i, im in enumerate(originals):
@@ -445,7 +486,7 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
     the tools until all have stopped; each keeps its KV cache between turns (reuse_cache=False: prefill the whole
     conversation every turn, for comparison). The episodes are updated in place and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
-    cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
+    cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=1)
     caches = {}  # id(episode) -> its cache, between its turns
     while True:
         active = [ep for ep in episodes if ep["stop"] is None]
