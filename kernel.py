@@ -1,5 +1,5 @@
 """
-kernel.py: the fused log-prob kernel (SPEC section 5). Per-token log-probs of sampled tokens, optionally their entropy
+kernel.py: the fused log-prob kernel (docs/methods.md). Per-token log-probs of sampled tokens, optionally their entropy
 and a per-token loss with its gradient, through the output layer without ever holding the [N, V] logits: chunked PyTorch
 everywhere, Triton row kernels on CUDA. Used by model.token_logprobs in training, measured by bench.py.
 """

@@ -2449,7 +2449,7 @@ def _config(main, argv, capsys):
 
 
 def test_run_recipes_set_each_papers_settings(capsys):
-    """--recipe resolves to the values of each method's released code, written out here from SPEC 2.5 (and the
+    """--recipe resolves to the values of each method's released code, written out here from docs/methods.md (and the
     files README's recipe table names), one script at a time; a flag given explicitly wins."""
     want = {
         ("vlm_r3", "grpo"): {"tools": "zoom_in", "preset": "vlm_r3", "group-size": 5, "prompts": 8, "lr": 1e-6,

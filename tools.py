@@ -1,7 +1,7 @@
 """
 tools.py: the environment: the tools (zoom_in, zoom_point, draw_box, draw_line), strict tool-call parsing, the episode
 (images mapped to original pixels, the token sequence, counters, stop rules), and the one multi-turn rollout loop that
-sft.py, grpo.py and eval.py share. Conventions (SPEC section 3): one call per assistant turn, as Qwen2.5's
+sft.py, grpo.py and eval.py share. Conventions (docs/methods.md): one call per assistant turn, as Qwen2.5's
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. Coordinates are pixels of the image *as the model was
 shown it* (image 0: the question's, then one per tool result). Each image knows the rectangle of its original it shows
 (`box`), so a zoom on a zoom cuts from the original, and drawings (kept in original pixels) reappear on every image
@@ -83,6 +83,14 @@ def render(original, box, size, annots):
                 d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=c)
             d.text((p[0] + 7, p[1] - 7), a["label"], fill="black", font=font)
     return img
+
+
+# A view is one image the model was shown, a dict:
+#   img     PIL image, exactly as shown (its size is a multiple of the patch factor, within the pixel budget)
+#   src     index of the original (in the episode's "originals") it was cut from
+#   box     (x1, y1, x2, y2): the rectangle of that original it shows, in original pixels (floats)
+#   annots  {label: dict(kind "box" | "line", xy [x1, y1, x2, y2] in original pixels, label, colour)}: ViLaSR's drawings
+#   enc     the encoded image (model.encode_image: pixels, grid, n tokens), filled in once, on first use
 
 
 def make_view(originals, src, box, size, annots=None):
@@ -387,6 +395,20 @@ FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the q
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
+# An episode is a dict; rollout() and advance() update it in place:
+#   record     the data record (data.py); tools: the tool names enabled; cfg: its settings (settings())
+#   originals  the record's images at full resolution (PIL); images: the views shown so far, image 0 first
+#   turns      the assistant turns' texts; calls: one dict per tool call (execute(): name, arguments, ok, error,
+#              zoom, region)
+#   stop       None while running, then why it ended (advance()'s table); truncated: it ended at a limit
+#   seq        the token ids of the whole conversation so far, prompt included
+#   mask       per token of seq: 1 for tokens the policy sampled (trained), 0 for prompt, observations, images
+#   logp       per token of seq: the sampler's log-prob (0 where not sampled). Diagnostic only: training recomputes
+#              log-probs (grpo.fill_old_logprobs, or the update's own forward when on-policy)
+#   n_sampled  tokens sampled so far (the --max-tokens budget); rethinks: forced rethinks (rethink.py)
+#   gen        the episode's own torch.Generator (seed_episode), or None for the global RNG
+
+
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
     """A fresh episode: the record's images resized to the view budget, the prompt's ids, empty counters."""
     unknown = set(tools) - set(TOOLS)
@@ -434,7 +456,17 @@ def _extend(ep, ids, sampled, logps=None):
 
 def advance(policy, ep, new_ids, logps=None, reason="eos"):
     """Add one assistant turn (sampled or scripted ids) and act on it: run its tool call and add the observation,
-    or stop. reason: how the turn ended ("eos", "stop", "length")."""
+    or stop. reason: how the sampler ended the turn ("eos": <|im_end|>; "stop": a stop string; "length": the turn's
+    token cap; "invalid": a vision placeholder, not kept). The episode's stop reasons:
+
+        answer         the turn has an answer and no tool call
+        no_action      the turn ended with neither a call nor an answer (ViLaSR ends the episode there too)
+        max_tokens     the turn was cut by its token cap without a call, or the trajectory's budget is spent
+        invalid_token  the policy wrote a vision placeholder (an image token with no image behind it)
+        repeat         a call identical to an earlier one (--stop-on repeat, the default)
+        tool_error     a call failed (--stop-on error: ViLaSR)
+        max_images     a call when the episode holds --max-images images already
+        max_turns      the turn after a call was the last allowed one"""
     cfg = ep["cfg"]
     text = policy.tok.decode(new_ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
     _extend(ep, new_ids, True, logps)
