@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data as D
+import dialects
 import model as M
 import tools as T
 from recipes import RECIPES
@@ -195,15 +196,16 @@ def mean_over_ranks(pairs):
 
 def tiny_corpus():
     """The tiny tokenizer's BPE text, written by the episode code so it cannot drift from what the model reads."""
-    lines = [T.system_prompt(ts, compact) for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"],
-                                                     ["draw_box", "draw_line"], []) for compact in (False, True)]
-    lines += [T.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
+    lines = [dialects.system_prompt({t: T.TOOLS[t] for t in ts}, compact)
+             for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"], ["draw_box", "draw_line"], [])
+             for compact in (False, True)]
+    lines += [dialects.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
               for w, h in [(112, 112), (224, 224), (56, 84)]]
     lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
     lines += [f"{D.QUESTION.format(place=p)} <think>Zoom in on the {p}.</think><answer>{c}</answer>"
               for c in D.COLOURS for p in D.PLACES]
-    lines += [T.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
-    lines += [T.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
+    lines += [dialects.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
+    lines += [dialects.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
     return lines * 4

@@ -35,6 +35,7 @@ import torch
 
 import common as C
 import data as D
+import model as M
 import rewards as R
 import tools as T
 
@@ -117,9 +118,10 @@ def summarize(items, bench=None, samples=1):
 def score_episode(ep, record):
     """One finished episode -> what items.jsonl keeps of it. Scored by rewards.accuracy on the turns."""
     text = "".join(ep["turns"])
-    score, why = R.accuracy(text, record)
-    pred = (R.extract_choice(text, record["options"]) if record.get("type") == "multiple_choice"
-            else R.final_answer(text))
+    extract = ep["dialect"]["answer"]  # the answer as the dialect's own harness reads it
+    score, why = R.accuracy(text, record, extract)
+    pred = (R.extract_choice(text, record["options"], extract) if record.get("type") == "multiple_choice"
+            else extract(text))
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],
@@ -276,7 +278,7 @@ def main():
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad)
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
-                           system_prompt=T.system_prompt(ts, compact=policy.toy),
+                           first_prompt=M.chat_text(policy, T.new_episode(policy, records[0], ts, **cfg)["messages"]),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
         all_items[label] = items
     if rank == 0:
@@ -299,9 +301,7 @@ def main():
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
             pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
-            question_template="the record's question, then for multiple choice '\\nOptions:\\nA. ...\\nB. ...' "
-                              "(tools.question_text), after the image(s) in the user turn",
-            question_example=T.question_text(records[0]), skipped_rows=bad or [], skip_bad=args.skip_bad,
+            dialect=cfg["dialect"], skipped_rows=bad or [], skip_bad=args.skip_bad,
             versions=dict(torch=torch.__version__, python=sys.version.split()[0],
                           transformers=__import__("transformers").__version__), git_commit=_git_commit(),
             flags={k: v for k, v in vars(args).items() if k != "print_config"})  # every flag, --recipe's included

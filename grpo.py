@@ -418,7 +418,8 @@ def heldout_eval(policy, records, args, cfg):
     """--eval-every: greedy rollouts on the held-out records (sharded over ranks by common.run_episodes).
     -> {eval_accuracy, eval_tool_use, eval_calls_per_item}"""
     def finish(ep, record):
-        return R.accuracy("".join(ep["turns"]), record)[0], any(c["ok"] for c in ep["calls"]), len(ep["calls"])
+        score = R.accuracy("".join(ep["turns"]), record, ep["dialect"]["answer"])[0]
+        return score, any(c["ok"] for c in ep["calls"]), len(ep["calls"])
     done, _ = C.run_episodes(policy, records, args.tools, cfg, finish, seed=args.seed, desc="eval", progress=False)
     acc, used, calls = (sum(v) / len(done) for v in zip(*done.values()))
     return dict(eval_accuracy=acc, eval_tool_use=used, eval_calls_per_item=calls)

@@ -182,6 +182,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         pad=tok.pad_token_id if tok.pad_token_id is not None else sid("<|endoftext|>"),
         # a turn ends at <|im_end|> (Qwen's end of turn) or <|endoftext|>
         eos=[sid("<|im_end|>"), sid("<|endoftext|>")],
+        # Qwen2.5-VL's chat template writes this system turn when a conversation has none (_chunks)
+        default_system="You are a helpful assistant.",
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
         forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -268,24 +270,74 @@ def image_ids(policy, enc):
     return [policy.vision_start] + [policy.image_pad] * enc["n"] + [policy.vision_end]
 
 
-def prompt_ids(policy, system, question, image_encs):
-    """system turn + user turn (images, then the question) + the assistant header. -> list of ids."""
-    out = ids(policy, f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
-    for enc in image_encs:
-        out += image_ids(policy, enc)
-    return out + ids(policy, f"{question}<|im_end|>\n") + assistant_header(policy)
+# A conversation is a list of messages, each dict(role, parts, closed). A part is text the harness wrote (str), an
+# image (int: its index in the episode's images), or what the policy sampled (dict(ids, logps): kept as sampled, never
+# re-tokenised). role None: parts written before any header (VL-Rethinker puts its image before the system turn). An
+# open last message (closed False) is where sampling goes on. dialects.py decides the messages of each format; this
+# is how the model's family lays them out (Qwen's ChatML: <|im_start|>role\n ... <|im_end|>\n).
 
 
-def assistant_header(policy):
-    return ids(policy, "<|im_start|>assistant\n")
+def _chunks(policy, messages, trained_text=False):
+    """The conversation in order, as ("text", str, trained), ("image", k) and ("sampled", part). Without a system
+    message first, Qwen2.5-VL's chat template writes its default one, and so does this. A closed message ends in
+    <|im_end|> (unless the policy sampled it) and, when another message follows, "\n". trained: the harness text
+    inside an assistant message and its closing <|im_end|> (VLM-R3 trains them), with trained_text."""
+    roles = [m["role"] for m in messages if m["role"]]
+    if roles and roles[0] != "system" and policy.default_system is not None:
+        yield "text", f"<|im_start|>system\n{policy.default_system}<|im_end|>\n", False
+    for i, m in enumerate(messages):
+        train = trained_text and m["role"] == "assistant"
+        if m["role"]:
+            yield "text", f"<|im_start|>{m['role']}\n", False
+        for p in m["parts"]:
+            if isinstance(p, str):
+                yield "text", p, train
+            else:
+                yield ("image", p) if isinstance(p, int) else ("sampled", p)
+        if m["closed"] and m["role"]:
+            last = m["parts"][-1] if m["parts"] else None
+            if not (isinstance(last, dict) and last["ids"] and last["ids"][-1] in policy.eos):  # not sampled
+                yield "text", "<|im_end|>", train
+            if i + 1 < len(messages):
+                yield "text", "\n", False
 
 
-def observation_ids(policy, text, image_enc=None):
-    """A tool result as Qwen's tool-response turn (after the closed assistant turn), then the next header."""
-    out = ids(policy, "\n<|im_start|>user\n<tool_response>\n")
-    if image_enc is not None:
-        out += image_ids(policy, image_enc)
-    return out + ids(policy, f"{text}\n</tool_response><|im_end|>\n") + assistant_header(policy)
+def render(policy, messages, images, trained_text=False):
+    """A conversation -> (ids, mask, logps), one value each per token. images: the encoded images (each image part
+    becomes <|vision_start|> + n x <|image_pad|> + <|vision_end|>). Harness text is tokenised in maximal runs, as a
+    chat template's output is (BPE merges across the pieces of a run), so a prompt equals the processor's token for
+    token. mask: 1 on sampled tokens (and trained harness text), 0 elsewhere; logps: the sampler's, 0 elsewhere."""
+    ids_, mask, logps, run = [], [], [], ["", False]
+
+    def flush():
+        if run[0]:
+            t = ids(policy, run[0])
+            ids_.extend(t), mask.extend([int(run[1])] * len(t)), logps.extend([0.0] * len(t))
+        run[:] = ["", False]
+    for kind, *x in _chunks(policy, messages, trained_text):
+        if kind == "text":
+            if x[1] != run[1]:
+                flush()
+            run[0], run[1] = run[0] + x[0], x[1]
+            continue
+        flush()
+        if kind == "image":
+            t = image_ids(policy, images[x[0]])
+            ids_.extend(t), mask.extend([0] * len(t)), logps.extend([0.0] * len(t))
+        else:
+            ids_.extend(x[0]["ids"]), mask.extend([1] * len(x[0]["ids"])), logps.extend(x[0]["logps"])
+    flush()
+    return ids_, mask, logps
+
+
+def chat_text(policy, messages):
+    """The conversation as text, one <|image_pad|> per image (before the processor expands it): what a chat template
+    prints, for a user to check a format against a released harness's own prompt (eval.py --print-prompt)."""
+    out = []
+    for kind, *x in _chunks(policy, messages):
+        out.append(x[0] if kind == "text" else "<|vision_start|><|image_pad|><|vision_end|>" if kind == "image"
+                   else policy.tok.decode(x[0]["ids"], skip_special_tokens=False))
+    return "".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -451,10 +503,11 @@ def _keep_rows(past, attn, idx):
 
 @torch.no_grad()
 def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-           min_p=0.0, greedy=False, stop_strings=("</tool_call>", "</answer>"), generators=None):
+           min_p=0.0, greedy=False, stops=None, generators=None):
     """Sample one assistant turn per sequence (each ends with the assistant header, or is a turn to go on).
-    A row stops at <|im_end|>/<|endoftext|>, at the first stop string, after max_new_tokens, or at a vision
-    placeholder token (not kept). caches: None (the uncached path: whole sequences prefilled, nothing kept)
+    A row stops at <|im_end|>/<|endoftext|>, at the first of its stop strings (stops: one tuple per row, or None),
+    after max_new_tokens, or at a vision placeholder token (not kept): what the turn's text does with a stop string
+    (keep it, cut it) is the caller's (tools.advance asks the dialect). caches: None (the uncached path: whole sequences prefilled, nothing kept)
     or per row None (new) or the cache this returned for it, its sequence grown only at the end since.
     generators: one per row (None: the global RNG), so results depend neither on batching nor on sharding.
     -> list of (new_ids, logps, reason, cache), reason in {"eos", "stop", "length", "invalid"}, logps as
@@ -488,7 +541,8 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
         standin()
     caches = None  # (the batch cache holds them now)
     out, logps, reason, kept = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B, [None] * B
-    tails, width, pieces = [""] * B, max(map(len, stop_strings), default=1) - 1, {}
+    stops = stops or [()] * B
+    tails, width, pieces = [""] * B, max((len(s) for ss in stops for s in ss), default=1) - 1, {}
     gens = generators or [None] * B
     rows = list(range(B))  # the rows of the batch: those still sampling
     while True:
@@ -506,7 +560,7 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
                 tails[b] = text[max(0, len(text) - width):]  # where a stop string ending later can begin
                 if t in policy.eos:
                     reason[b] = "eos"
-                elif any(s in text for s in stop_strings):
+                elif any(s in text for s in stops[b]):
                     reason[b] = "stop"
                 elif len(out[b]) >= max_new_tokens:
                     reason[b] = "length"

@@ -55,29 +55,24 @@ def cut_back(text):
 
 def rethink_episode(policy, ep, trigger, truncate):
     """A copy of an answered episode (sharing its images), its last turn cut back when `truncate`, the trigger
-    appended (trained, mask 1, as in VL-Rethinker's code) and the turn left open for rollout() to go on."""
+    appended (trained, as in VL-Rethinker's code: a part of what the policy wrote) and the turn left open for
+    rollout() to go on."""
     new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
-    # the last turn's sampled tokens are the last run of mask == 1
-    end = max(i for i, m in enumerate(new["mask"]) if m) + 1
-    start = end
-    while start > 0 and new["mask"][start - 1]:
-        start -= 1
-    turn = new["seq"][start:end]
-    if policy.eos and turn and turn[-1] in policy.eos:
+    msg = new["messages"][-1]  # the answering assistant message; its last sampled part is the answer's turn
+    k = max(i for i, p in enumerate(msg["parts"]) if isinstance(p, dict))
+    turn, logps = msg["parts"][k]["ids"], msg["parts"][k]["logps"]
+    n_turn = len(turn)
+    if turn and turn[-1] in policy.eos:
         turn = turn[:-1]
     text = policy.tok.decode(turn)
-    n = len(cut_back(text)) if truncate else len(text)
-    lo, keep = 0, len(turn)  # the longest token prefix whose text fits in the cut text (binary search)
-    while lo < keep:
-        mid = (lo + keep + 1) // 2
-        lo, keep = (mid, keep) if len(policy.tok.decode(turn[:mid])) <= n else (lo, mid - 1)
-    cut, tids = start + keep, M.ids(policy, trigger)
-    new["seq"], new["mask"], new["logp"] = (new["seq"][:cut] + tids, new["mask"][:cut] + [1] * len(tids),
-                                            new["logp"][:cut] + [0.0] * len(tids))
-    new["turns"][-1] = policy.tok.decode(turn[:keep]) + trigger
-    new["n_sampled"] = ep["n_sampled"] - (end - start - keep)  # what was cut, a stripped end-of-turn token too
+    kept = T.prefix_ids(policy, turn, len(cut_back(text)) if truncate else len(text))
+    tids = M.ids(policy, trigger)
+    msg["parts"][k:] = [dict(ids=kept + tids, logps=logps[:len(kept)] + [0.0] * len(tids))]
+    msg["closed"] = False
+    new["turns"][-1] = policy.tok.decode(kept) + trigger
+    new["n_sampled"] = ep["n_sampled"] - (n_turn - len(kept))  # what was cut, a stripped end-of-turn token too
     new["rethink_from"] = (len(new["turns"]), new["n_sampled"])  # where the continuation starts
-    return new
+    return T.render(policy, new)
 
 
 def forced_rethinking(policy, groups, scores, rng, score, max_tokens, prob, truncate, temperature, max_turn_tokens,

@@ -88,11 +88,12 @@ _BARE_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?[.:)]?")
 _PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*", re.I)
 
 
-def extract_choice(text, options=None):
+def extract_choice(text, options=None, extract=None):
     """The option letter a (possibly tool-using) output chose, or None. Accepts B, (B), B., b, B) text,
-    Answer: B, and the option's own text; only letters of the given options count (A-Z without options)."""
+    Answer: B, and the option's own text; only letters of the given options count (A-Z without options).
+    extract: how the answer is found in the text (a dialect's own; default final_answer)."""
     letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
-    s = final_answer(text)
+    s = (extract or final_answer)(text)
     if not s:
         return None
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s).replace("**", "").replace("$", "").strip().strip("`").strip()
@@ -324,8 +325,9 @@ def mathvista_score(pred, record):
 TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")  # data.py checks records against it
 
 
-def accuracy(pred_text, record):
-    """(value in [0, 1], reason) of a model output's final_answer (multiple choice: extract_choice) for a record."""
+def accuracy(pred_text, record, extract=None):
+    """(value in [0, 1], reason) of a model output's answer (extract: a dialect's extractor, default final_answer;
+    multiple choice: extract_choice) for a record."""
     kind = record.get("type")
     if kind not in TYPES:
         raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
@@ -336,7 +338,7 @@ def accuracy(pred_text, record):
         options = record.get("options")
         if not options:
             raise ValueError(f"multiple_choice record {record.get('id')!r} needs 'options'")
-        want, got = _gold_letter(gold, options), extract_choice(pred_text, options)
+        want, got = _gold_letter(gold, options), extract_choice(pred_text, options, extract)
         if got is None:
             return 0.0, "no option letter or option text found"
         return float(got == want), f"chose {got}, answer {want}"
@@ -344,7 +346,7 @@ def accuracy(pred_text, record):
         gold = _answers(gold)
     elif kind in ("number", "mra"):
         number_score(0, gold)  # validates the ground truth, whatever the model said
-    ans = final_answer(pred_text)
+    ans = (extract or final_answer)(pred_text)
     if not ans:
         return 0.0, "no answer"
     if kind == "number":
@@ -601,7 +603,7 @@ def reward(traj, record, preset="vlm_r3", weights=None):
     unknown = [k for k in w if k != "accuracy" and k not in TERMS]
     if unknown:
         raise ValueError(f"unknown reward terms {unknown}; known terms: accuracy, {', '.join(TERMS)}")
-    acc, why = accuracy(_text(traj), record)
+    acc, why = accuracy(_text(traj), record, traj.get("extract"))
     components, reasons = {"accuracy": acc}, {"accuracy": why}
     for name in w:
         if name != "accuracy":

@@ -43,6 +43,7 @@ from tqdm import tqdm
 import checkpoint
 import common as C
 import data as D
+import dialects
 import model as M
 import rewards as R
 import tools as T
@@ -123,7 +124,7 @@ def report_rejected(rejected, n_total, path=None):
 
 
 def zoom_call(box, image_index=0):
-    return T.render_call("zoom_in", {"image_index": image_index, "bbox_2d": [int(v) for v in box]})
+    return dialects.render_call("zoom_in", {"image_index": image_index, "bbox_2d": [int(v) for v in box]})
 
 
 LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrator often skips the zoom

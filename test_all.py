@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 import checkpoint
 import common as C
 import data as D
+import dialects
 import eval as E
 import grpo as G
 import model as M
@@ -61,8 +62,17 @@ def blank_episode(w=1000, h=800, tools=("zoom_in", "zoom_point", "draw_box", "dr
     """An episode without a policy: just the images, for geometry tests. The view is 500x400 (half size)."""
     img = Image.new("RGB", (w, h), (128, 128, 128))
     cfg = {**TINY_CFG, **cfg}
-    return dict(tools=list(tools), cfg=cfg, originals=[img], calls=[],
+    return dict(tools=list(tools), specs={t: T.TOOLS[t] for t in tools}, cfg=cfg, originals=[img], calls=[],
                 images=[T.make_view([img], 0, (0, 0, w, h), (w // 2, h // 2))])
+
+
+def execute(ep, text):
+    """lookagain's tool call in `text`, read and run on a policy-less episode (the new image not kept) -> (call,
+    its new view or None, the observation's text)."""
+    call = T.run_tool(ep, dialects.lookagain_read(ep, text, "stop")["calls"][0])
+    view = ep["images"].pop() if call["ok"] else None
+    obs = dialects.lookagain_observe(ep, [call], False)["messages"][0]["parts"][-1]
+    return call, view, obs[:-len("\n</tool_response>")]
 
 
 
@@ -481,8 +491,8 @@ def test_tools_groundlight_window_in_the_frame_of_the_image_shown(policy):
 
 def test_tools_vilasr_stops_on_a_failed_call_and_the_last_turn_is_told_to_answer(policy):
     rec = D.synthetic(1, seed=3)[0]
-    call = '<think>x</think>' + T.render_call("draw_box", {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
-    bad = '<think>x</think>' + T.render_call("draw_box", {"image_index": 7, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    call = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    bad = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 7, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
     # stop_on error (ViLaSR's rollout): a failed call ends the episode; lookagain's default goes on
     for stop_on, want in ((("error",), "tool_error"), (("repeat",), None)):
         ep = T.new_episode(policy, rec, ["draw_box"], stop_on=stop_on)
@@ -491,17 +501,17 @@ def test_tools_vilasr_stops_on_a_failed_call_and_the_last_turn_is_told_to_answer
     # without "repeat" a repeated call runs again; the turn before the last allowed one gets FINAL_TURN
     ep = T.new_episode(policy, rec, ["draw_box"], stop_on=(), final_answer_turn=True, max_turns=3)
     T.advance(policy, ep, M.ids(policy, call), reason="stop")
-    assert T.FINAL_TURN not in policy.tok.decode(ep["seq"])
+    assert dialects.FINAL_TURN not in policy.tok.decode(ep["seq"])
     T.advance(policy, ep, M.ids(policy, call), reason="stop")
     assert ep["stop"] is None and len(ep["images"]) == 3
-    assert policy.tok.decode(ep["seq"]).count(T.FINAL_TURN) == 1
+    assert policy.tok.decode(ep["seq"]).count(dialects.FINAL_TURN) == 1
 
 
 def test_tools_boxed_answer_format_and_plain_crops(policy):
     rec = D.synthetic(1, seed=3)[0]
     ep = T.new_episode(policy, rec, [], answer_format="boxed")
     text = policy.tok.decode(ep["seq"])
-    assert rec["question"] + "\n\n" + T.BOXED in text and "<answer>" not in text  # VL-Rethinker's prompt
+    assert rec["question"] + "\n\n" + dialects.BOXED in text and "<answer>" not in text  # VL-Rethinker's prompt
     # DeepEyes shows a crop as it is: no 1-2x zoom factor (VLM-R3's), only the budget's 28 px rounding
     ep = blank_episode(crop_max_pixels=10**6)
     assert T.zoom_in(ep, 0, [0, 0, 56, 56], ep["cfg"])["img"].size == (224, 224)        # 112 px box x 2
@@ -553,9 +563,9 @@ def test_tools_draw_box_pixels_source_unchanged_and_accumulation():
 
 
 def test_tools_parse_valid_and_each_error():
-    tools = ["zoom_in", "zoom_point"]
+    tools = {t: T.TOOLS[t] for t in ("zoom_in", "zoom_point")}
     ok = '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1, 2, 3, 4]}}</tool_call>'
-    assert T.parse_call(ok, tools) == ("zoom_in", {"image_index": 0, "bbox_2d": [1.0, 2.0, 3.0, 4.0]}, None)
+    assert dialects.parse_call(ok, tools) == ("zoom_in", {"image_index": 0, "bbox_2d": [1.0, 2.0, 3.0, 4.0]}, None)
     cases = {
         '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1, 2, 3, 4]}': "unclosed",
         "<tool_call>{'name': 'zoom_in'}</tool_call>": "invalid JSON",
@@ -568,7 +578,7 @@ def test_tools_parse_valid_and_each_error():
         '<tool_call>[1, 2]</tool_call>': "must be",
     }
     for text, err in cases.items():
-        name, args, e = T.parse_call(text, tools)
+        name, args, e = dialects.parse_call(text, tools)
         assert args is None and err in e, (text, e)
 
 
@@ -581,7 +591,7 @@ def test_tools_execute_errors_are_observations():
         ('<tool_call>{"name": "draw_line", "arguments": {"image_index": 0, "lines": [{"start_point_2d": [0, 0], '
          '"end_point_2d": [600, 0], "label": "a"}]}}</tool_call>', "leaves the image"),
     ]:
-        call, view, obs = T.execute(ep, text, ep["cfg"])
+        call, view, obs = execute(ep, text)
         assert view is None and not call["ok"] and obs.startswith("Error:") and err in obs, obs
 
 
@@ -659,7 +669,7 @@ def test_tools_fuzz_tool_calls_never_raise(policy):
         ep["images"] = [T.make_view(ep["originals"], 0, (0, 0, w, h), T.smart_resize(h, w)[::-1])]
         vw, vh = ep["images"][0]["img"].size
         for text in _fuzz_calls(rng, n, vw, vh):
-            call, view, obs = T.execute(ep, text, ep["cfg"])
+            call, view, obs = execute(ep, text)
             n_ok += _check_call(ep, call, view, obs)
     assert 300 < n_ok < 1200, n_ok
     # through the episode: the observation goes into the token sequence, a zoom's image is encoded
@@ -729,7 +739,7 @@ def scripted_zooms(monkeypatch, policy, stop="7", calls=3, log=None):
     real = M.sample
 
     def sample(pol, seqs, *a, **k):
-        outs = real(pol, seqs, *a, **dict(k, stop_strings=(stop,)))
+        outs = real(pol, seqs, *a, **dict(k, stops=[(stop,)] * len(seqs)))
         if log is not None:
             log.append(([len(s) for s in seqs], [len(o[0]) + (o[2] == "invalid") for o in outs]))
         res = []
@@ -737,7 +747,7 @@ def scripted_zooms(monkeypatch, policy, stop="7", calls=3, log=None):
             n = s.count(policy.vision_start)
             if reason in ("stop", "length", "invalid") and n <= calls:  # (a vision token a random model drew: not kept)
                 box = [8 * n, 8, 8 * n + 16 + 24 * (sum(s) % 3), 48]
-                call = M.ids(policy, T.render_call("zoom_in", {"image_index": 0, "bbox_2d": box}))
+                call = M.ids(policy, dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": box}))
                 ids, lps, reason = ids + call, lps + [math.nan] * len(call), "stop"
             res.append((ids, lps, reason, cache))
         return res
@@ -886,7 +896,7 @@ def test_model_stop_strings_found_across_tokens(policy):
     for seed in range(100):  # a seed whose 40 random tokens hold no <|im_end|> or vision token
         gen = lambda: torch.Generator().manual_seed(seed)
         (ids, _, reason, _), = M.sample(policy, [ep["seq"]], [T.episode_images(policy, ep)], max_new_tokens=40,
-                                        stop_strings=(), generators=[gen()])
+                                        stops=None, generators=[gen()])
         if reason == "length":
             break
     assert reason == "length"
@@ -895,7 +905,7 @@ def test_model_stop_strings_found_across_tokens(policy):
         stop = texts[b][len(texts[a]) + 1:]     # starting inside token a
         want = next(k for k in range(len(ids) + 1) if stop in texts[k])  # the first prefix holding it
         (got, _, r, _), = M.sample(policy, [ep["seq"]], [T.episode_images(policy, ep)], max_new_tokens=40,
-                                   stop_strings=("never there", stop), generators=[gen()])
+                                   stops=[("never there", stop)], generators=[gen()])
         assert stop and got == ids[:want] and r == "stop"
 
 
@@ -1340,14 +1350,14 @@ def test_rewards_coverage_hand_computed_boxes():
     assert R.coverage(dict(calls=[zoom([100, 100, 200, 200])]), {}) == (None, None)
     # a zoom on a zoom, measured in original pixels: 1000x800 image, the model's view 500x400
     img = Image.new("RGB", (1000, 800), (128, 128, 128))
-    ep = dict(tools=["zoom_in"], cfg=dict(TINY_CFG), originals=[img], calls=[],
-              images=[T.make_view([img], 0, (0, 0, 1000, 800), (500, 400))])
+    ep = dict(tools=["zoom_in"], specs={"zoom_in": T.TOOLS["zoom_in"]}, cfg=dict(TINY_CFG), originals=[img],
+              calls=[], images=[T.make_view([img], 0, (0, 0, 1000, 800), (500, 400))])
     call = {"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [0, 0, 250, 200]}}
-    c1, v1, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
+    c1, v1, _ = execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>")
     ep["images"].append(v1)
     w, h = v1["img"].size
     call = {"name": "zoom_in", "arguments": {"image_index": 1, "bbox_2d": [w / 2, h / 2, w, h]}}
-    c2, _, _ = T.execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>", ep["cfg"])
+    c2, _, _ = execute(ep, f"<tool_call>{json.dumps(call)}</tool_call>")
     assert c1["region"] == [0, 0, 500, 400] and c2["region"] == pytest.approx([250, 200, 500, 400])
     # gt = the bottom-right quarter of the first zoom: the second zoom is exactly it; the first has IoU 1/4
     assert R.coverage(dict(calls=[c1, c2]), dict(bbox=[250, 200, 500, 400])) == pytest.approx((1.0, 1.0))
@@ -2407,12 +2417,12 @@ def test_run_a_new_tool_is_one_row_of_the_table(policy, monkeypatch):
         return T.zoom_in(ep, image_index, bbox_2d, cfg)
     monkeypatch.setitem(T.TOOLS, "crop", dict(run=crop, zoom=True, doc="Crop a region.",
                                               params={"image_index": T.INDEX, "bbox_2d": ("box", "The region.")}))
-    assert '"name": "crop"' in T.system_prompt(["crop"])
+    assert '"name": "crop"' in dialects.system_prompt({"crop": T.TOOLS["crop"]})
     rec = D.synthetic(1, seed=10_000)[0]
     ep = T.new_episode(policy, rec, ["crop"])
     box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
     for b in (box, [box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1]):
-        T.advance(policy, ep, M.ids(policy, "<think>look</think>" + T.render_call("crop", {"image_index": 0, "bbox_2d": b})),
+        T.advance(policy, ep, M.ids(policy, "<think>look</think>" + dialects.render_call("crop", {"image_index": 0, "bbox_2d": b})),
                   reason="stop")
     T.advance(policy, ep, M.ids(policy, f"<answer>{rec['answer']}</answer>"), reason="stop")
     assert [c["ok"] for c in ep["calls"]] == [True, True] and ep["stop"] == "answer"
@@ -2634,20 +2644,26 @@ def test_sft_mask_is_exactly_the_assistant_turns(policy, demo_rec):
     # an independent reconstruction from the chat layout: prompt, then each turn + <|im_end|> (trained)
     # followed by the tool's observation turn (not trained)
     encs = [M.encode_image(policy, v["img"]) for v in ep["images"]]
-    want = M.prompt_ids(policy, T.system_prompt(["zoom_in"], compact=policy.toy), demo_rec["question"], encs[:1])
+    def image(enc):
+        return [policy.vision_start] + [policy.image_pad] * enc["n"] + [policy.vision_end]
+    system = dialects.system_prompt({"zoom_in": T.TOOLS["zoom_in"]}, compact=policy.toy)
+    want = (M.ids(policy, f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n") + image(encs[0])
+            + M.ids(policy, demo_rec["question"] + "<|im_end|>\n<|im_start|>assistant\n"))
     want_mask = [0] * len(want)
     for k, t in enumerate(turns):
         ids = M.ids(policy, t) + [im_end]
         want, want_mask = want + ids, want_mask + [1] * len(ids)
         if k < 2:
             w, h = ep["images"][k + 1]["img"].size
-            obs = M.observation_ids(policy, f"Image {k + 1} ({w}x{h}), from image 0.", encs[k + 1])
+            obs = (M.ids(policy, "\n<|im_start|>user\n<tool_response>\n") + image(encs[k + 1])
+                   + M.ids(policy, f"Image {k + 1} ({w}x{h}), from image 0.\n</tool_response><|im_end|>\n"
+                                   "<|im_start|>assistant\n"))
             want, want_mask = want + obs, want_mask + [0] * len(obs)
     assert ep["seq"] == want and ep["mask"] == want_mask
     # and read the other way: the trained runs are the turns, in order, each right after an assistant header
     runs = mask_runs(ep["mask"])
     assert [ep["seq"][a:b] for a, b in runs] == [M.ids(policy, t) + [im_end] for t in turns]
-    head = M.assistant_header(policy)
+    head = M.ids(policy, "<|im_start|>assistant\n")
     assert all(ep["seq"][a - len(head):a] == head for a, _ in runs)
     assert all(ep["seq"][i] != policy.image_pad for i in range(len(ep["seq"])) if ep["mask"][i])
 
@@ -3047,7 +3063,7 @@ def test_eval_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
                           samples=2, greedy=False, temperature=1.0, seed=0, batch_size=2, progress=False)
     assert [{k: v for k, v in line.items() if k != "setting"} for line in lines] == json.loads(json.dumps(items))
     sharded = {k: v for k, v in results["runs"]["zoom_in"].items()
-               if k not in ("seconds", "tools", "system_prompt", "model", "pixels")}
+               if k not in ("seconds", "tools", "first_prompt", "model", "pixels")}
     assert sharded == json.loads(json.dumps({k: v for k, v in s.items() if k != "seconds"}))
     assert all(len(line["other_samples"]) == 1 for line in lines)
 
@@ -3224,7 +3240,7 @@ def test_qwen_tool_episode_is_qwens_chat_template(qwen):
     assert qwen.eos == [151645, 151643] and qwen.pad == 151643
     rec = D.synthetic(1, seed=3)[0]
     place = rec["question"].split(" at the ")[-1].rstrip("?")
-    turns = [f"<think>Zoom in on the {place}.</think>" + T.render_call("zoom_in", {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}),
+    turns = [f"<think>Zoom in on the {place}.</think>" + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}),
              f"<think>I see it.</think><answer>{rec['answer']}</answer>"]
     ep, err = sft.rebuild(qwen, rec, turns, ["zoom_in"], CFG)  # the 896 px image at 112 x 112, the zoom too
     assert err is None
@@ -3232,7 +3248,7 @@ def test_qwen_tool_episode_is_qwens_chat_template(qwen):
     # the zoom: 30 x 32 view px = 240 x 256 original px (8 per view px), r = 0.077 < 0.125 -> 2x: 480 x 512, into
     # 112 x 112 px: beta = sqrt(480 * 512 / 12544) = 4.43 -> 84 x 112 px (floor to 28s), 3 x 4 = 12 tokens
     pad12 = "<|vision_start|>" + "<|image_pad|>" * 12 + "<|vision_end|>"
-    text = ("<|im_start|>system\n" + T.system_prompt(["zoom_in"]) + "<|im_end|>\n"
+    text = ("<|im_start|>system\n" + dialects.system_prompt({"zoom_in": T.TOOLS["zoom_in"]}) + "<|im_end|>\n"
             "<|im_start|>user\n" + pad16 + rec["question"] + "<|im_end|>\n"
             f"<|im_start|>assistant\n<think>Zoom in on the {place}.</think>\n<tool_call>\n"
             '{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}}\n</tool_call><|im_end|>\n'
@@ -3243,7 +3259,9 @@ def test_qwen_tool_episode_is_qwens_chat_template(qwen):
     encs = [dict(n=4), dict(n=2)]
     want = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
             "<|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
-    assert M.prompt_ids(qwen, "S", "Q?", encs) == qwen.tok(want, add_special_tokens=False)["input_ids"]
+    messages = [dict(role="system", parts=["S"], closed=True), dict(role="user", parts=[0, 1, "Q?"], closed=True),
+                dict(role="assistant", parts=[], closed=False)]
+    assert M.render(qwen, messages, encs)[0] == qwen.tok(want, add_special_tokens=False)["input_ids"]
 
 
 def test_qwen_mrope_positions_match_transformers(qwen):
@@ -3251,7 +3269,7 @@ def test_qwen_mrope_positions_match_transformers(qwen):
     eps = [T.new_episode(qwen, r, **CFG) for r in D.synthetic(3, seed=5)]
     for ep, boxes in zip(eps, ([], [[0, 0, 50, 60]], [[0, 0, 50, 60], [10, 10, 40, 30]])):
         for k, b in enumerate(boxes):
-            T.advance(qwen, ep, M.ids(qwen, "<think>z</think>" + T.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
+            T.advance(qwen, ep, M.ids(qwen, "<think>z</think>" + dialects.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
                       reason="stop")
     assert [len(ep["images"]) for ep in eps] == [1, 2, 3]
     assert_positions_match_transformers(qwen, eps)

@@ -8,7 +8,6 @@ shown it* (image 0: the question's, then one per tool result). Each image knows 
 derived from theirs. A bad call is data: an error observation, a failed call, and the episode goes on.
 """
 import argparse
-import json
 import math
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import model as M
 from data import load_images
-from rewards import extract_answer
+from dialects import DIALECTS
 
 # -----------------------------------------------------------------------------
 # geometry
@@ -63,7 +62,7 @@ def fit_window(c, size, limit):
 BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
 
 
-def render(original, box, size, annots):
+def render_view(original, box, size, annots):
     """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations as ViLaSR does."""
     img = original.resize(size, Image.BICUBIC, box=tuple(box))
     if not annots:
@@ -95,7 +94,7 @@ def render(original, box, size, annots):
 
 def make_view(originals, src, box, size, annots=None):
     annots = dict(annots or {})
-    return dict(img=render(originals[src], box, size, annots), src=src, box=tuple(box), annots=annots, enc=None)
+    return dict(img=render_view(originals[src], box, size, annots), src=src, box=tuple(box), annots=annots, enc=None)
 
 
 # -----------------------------------------------------------------------------
@@ -158,13 +157,15 @@ def zoom_point(ep, image_index, point_2d, cfg):
     return make_view(ep["originals"], view["src"], (x1, y1, x2, y2), (ww, hh), view["annots"])
 
 
-def _draw(ep, image_index, ops, kind):
+def _draw(ep, image_index, ops):
     """ViLaSR's drawing: a copy of image k with k's drawings plus these (a label drawn again replaces its earlier
-    drawing), kept in original pixels so they follow the image into later zooms."""
+    drawing), kept in original pixels so they follow the image into later zooms. An op with a bbox_2d is a box, one
+    with start_point_2d / end_point_2d a line (ViLaSR's Object Mapper and Path Tracer; one call may hold both)."""
     view = ep["images"][image_index]
     w, h = view["img"].size
     annots = dict(view["annots"])
     for op in ops:
+        kind = "box" if "bbox_2d" in op else "line"
         if kind == "box":
             x1, y1, x2, y2 = _clamped_box(view, op["bbox_2d"])
         else:
@@ -179,11 +180,11 @@ def _draw(ep, image_index, ops, kind):
 
 
 def draw_box(ep, image_index, boxes, cfg):
-    return _draw(ep, image_index, boxes, "box")
+    return _draw(ep, image_index, boxes)
 
 
 def draw_line(ep, image_index, lines, cfg):
-    return _draw(ep, image_index, lines, "line")
+    return _draw(ep, image_index, lines)
 
 
 # -----------------------------------------------------------------------------
@@ -207,138 +208,6 @@ TOOLS = {
                       params={"image_index": INDEX, "lines": ("lines", 'A list of {"start_point_2d": [x, y], '
                                                                        '"end_point_2d": [x, y], "label": "..."}.')}),
 }
-NUMBERS, OBJECTS = ({"type": "array", "items": {"type": t}} for t in ("number", "object"))
-JSON_TYPES = {"integer": {"type": "integer"}, "box": NUMBERS, "point": NUMBERS, "boxes": OBJECTS, "lines": OBJECTS}
-
-
-def system_prompt(tools, compact=False, boxed=False):
-    """Qwen2.5's function-calling system prompt (boxed: the question asks for \\boxed{} as VL-Rethinker's does; the
-    system turn is Qwen's default). compact (toy models): one line per tool, as a random 2M-parameter model did not
-    learn to copy a word from the question behind the ~300-token tool prompt in 300 steps, and did in 100 without."""
-    s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
-                                          "or give the final answer inside <answer></answer>.")
-    if not tools:
-        return s
-    if compact:
-        return s + " Tools: " + "; ".join(f"{n}({', '.join(TOOLS[n]['params'])})" for n in tools) + "."
-    s += ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-          "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-    for name in tools:
-        params = TOOLS[name]["params"]
-        props = {k: {**JSON_TYPES[t], "description": d} for k, (t, d) in params.items()}
-        schema = {"type": "function", "function": {"name": name, "description": TOOLS[name]["doc"], "parameters": {
-            "type": "object", "properties": props, "required": list(params)}}}
-        s += "\n" + json.dumps(schema)
-    return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-                '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
-                '<args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you see it.')
-
-
-def question_text(record):
-    """The user's text: the question, then lettered options for multiple choice."""
-    q = record["question"]
-    if record.get("options"):
-        q += "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(record["options"]))
-    return q
-
-
-def _show(v):
-    """At most 40 characters of what the model wrote (a number, a string, else its type), for an error message."""
-    return repr(v[:40]) if isinstance(v, str) else str(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
-
-
-def _number(v, what):
-    # abs(v) <= 1e6 is False for inf and NaN, and compares an integer too big for a float without converting it
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= 1e6:
-        raise ToolError(f"{what} must be a number in [-1e6, 1e6], got {_show(v)}")
-    return float(v)
-
-
-def _check(kind, v, what):
-    """One argument checked by its spec type, normalised."""
-    if kind == "string":
-        if not isinstance(v, str) or len(v) > 64:
-            raise ToolError("label must be a string of at most 64 characters")
-        return v
-    if kind == "integer":
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-            raise ToolError(f"{what} must be an integer")
-        return int(v)
-    if kind in ("box", "point"):
-        n = 4 if kind == "box" else 2
-        if not isinstance(v, list) or len(v) != n:
-            raise ToolError(f"{what} must be a list of {n} numbers")
-        return [_number(x, what) for x in v]
-    if kind in ("boxes", "lines"):  # several drawing operations in one call (ViLaSR)
-        keys = {"boxes": {"bbox_2d": "box", "label": "string"},
-                "lines": {"start_point_2d": "point", "end_point_2d": "point", "label": "string"}}[kind]
-        if not isinstance(v, list) or not 1 <= len(v) <= 16:
-            raise ToolError(f"{what} must be a list of 1 to 16 objects")
-        out = []
-        for i, op in enumerate(v):
-            if not isinstance(op, dict) or set(op) != set(keys):
-                raise ToolError(f"{what}[{i}] must have exactly the keys {sorted(keys)}")
-            out.append({k: _check(t, op[k], f"{what}[{i}].{k}") for k, t in keys.items()})
-        return out
-    raise AssertionError(kind)
-
-
-def parse_call(text, tools):
-    """A turn's first <tool_call>, parsed strictly (never raises, never evals). -> (name, args, None) or (name or
-    None, None, error)"""
-    start = text.find("<tool_call>")
-    end = text.find("</tool_call>", start + 1)
-    if start < 0 or end < 0:
-        return None, None, "no <tool_call>" if start < 0 else "unclosed <tool_call>"
-    try:
-        call = json.loads(text[start + len("<tool_call>"):end])
-    except (ValueError, RecursionError) as e:
-        return None, None, f"invalid JSON in tool call ({str(e)[:60]})"
-    if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
-        return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
-    name, args = call["name"], call["arguments"]
-    if not isinstance(name, str) or name not in tools:  # echo at most 40 characters of what the model wrote
-        return None, None, f"unknown tool {_show(name)}; available: {', '.join(tools)}"
-    params = TOOLS[name]["params"]
-    if not isinstance(args, dict):
-        return name, None, "arguments must be an object"
-    if set(args) != set(params):
-        missing, extra = set(params) - set(args), set(args) - set(params)
-        return name, None, (f"missing argument(s) {sorted(missing)}" if missing
-                            else f"unexpected argument(s) {[k[:40] for k in sorted(extra)[:5]]}")
-    try:
-        return name, {k: _check(t, args[k], k) for k, (t, _) in params.items()}, None
-    except ToolError as e:
-        return name, None, str(e)
-
-
-RESULT = "Image {i} ({w}x{h}), from image {j}."  # the observation of a successful call
-
-
-def render_call(name, arguments):
-    """What Qwen2.5's chat template appends to an assistant turn's text for a tool call (sft.py's demos too)."""
-    return "\n<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
-
-
-def execute(ep, text, cfg):
-    """Parse and run a turn's tool call. -> (call, new view or None, observation); call (what rewards.py reads): name,
-    arguments, ok, error, zoom, and region: the zoomed region or the image drawn on, in original pixels."""
-    name, args, err = parse_call(text, ep["tools"])
-    call = dict(name=name, arguments=args, ok=False, error=err, region=None, zoom=bool(name and TOOLS[name]["zoom"]))
-    if err is None:
-        try:
-            if not 0 <= args["image_index"] < len(ep["images"]):
-                raise ToolError(f"image_index {_show(args['image_index'])} out of range: images are 0..{len(ep['images']) - 1}")
-            view = TOOLS[name]["run"](ep, **args, cfg=cfg)
-            region = view["box"] if call["zoom"] else ep["images"][args["image_index"]]["box"]
-            call.update(ok=True, region=[round(v, 2) for v in region])
-            w, h = view["img"].size
-            return call, view, RESULT.format(i=len(ep["images"]), w=w, h=h, j=args["image_index"])
-        except ToolError as e:
-            call["error"] = err = str(e)
-    return call, None, f"Error: {err}"
-
-
 # -----------------------------------------------------------------------------
 # the episode
 
@@ -363,6 +232,9 @@ def add_episode_flags(p):
                    "comma-separated: repeat (a repeated call), error (a failed call: ViLaSR), or none")
     p.add_argument("--final-answer-turn", action="store_true",
                    help="ViLaSR, Groundlight: the last allowed turn is told to answer")
+    p.add_argument("--dialect", default="lookagain", choices=list(DIALECTS),
+                   help="the format the model is spoken to in (dialects.py): lookagain's own, or a released "
+                   "checkpoint's; --recipe X selects dialect X where there is one")
     p.add_argument("--answer-format", default="tags", choices=["tags", "boxed"],
                    help="<answer>...</answer>, or (VL-Rethinker) \\boxed{} asked for in the question")
     return p
@@ -391,49 +263,57 @@ def settings(improc, **cfg):
     return dict(cfg, view_min_pixels=lo, crop_min_pixels=lo)
 
 
-FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the question now."
-BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
 # An episode is a dict; rollout() and advance() update it in place:
-#   record     the data record (data.py); tools: the tool names enabled; cfg: its settings (settings())
+#   record     the data record (data.py); tools: the tool names enabled, specs: their TOOLS rows; cfg: its settings
+#   dialect    its format (a dialects.DIALECTS entry): how the conversation is written, calls parsed, results shown
 #   originals  the record's images at full resolution (PIL); images: the views shown so far, image 0 first
-#   turns      the assistant turns' texts; calls: one dict per tool call (execute(): name, arguments, ok, error,
-#              zoom, region)
+#   messages   the conversation so far (model.py's: role, parts, closed), its last message the open assistant one
+#   turns      the text of each model call (what the model wrote, and what the harness appended in its message)
+#   calls      one dict per tool call (run_tool: name, arguments as written, ok, error, zoom, region, size, image)
 #   stop       None while running, then why it ended (advance()'s table); truncated: it ended at a limit
-#   seq        the token ids of the whole conversation so far, prompt included
-#   mask       per token of seq: 1 for tokens the policy sampled (trained), 0 for prompt, observations, images
-#   logp       per token of seq: the sampler's log-prob (0 where not sampled). Diagnostic only: training recomputes
-#              log-probs (grpo.fill_old_logprobs, or the update's own forward when on-policy)
+#   seq, mask, logp  the conversation rendered (model.render): token ids, 1 on trained tokens, the sampler's
+#              log-probs (0 where not sampled). logp is diagnostic only: training recomputes log-probs
+#              (grpo.fill_old_logprobs, or the update's own forward when on-policy)
 #   n_sampled  tokens sampled so far (the --max-tokens budget); rethinks: forced rethinks (rethink.py)
+#   guide      tags a regex-shaped step still has to write (Groundlight's last step), else []
 #   gen        the episode's own torch.Generator (seed_episode), or None for the global RNG
 
 
 def new_episode(policy, record, tools=("zoom_in",), **cfg):
-    """A fresh episode: the record's images resized to the view budget, the prompt's ids, empty counters."""
+    """A fresh episode: the record's images resized to the view budget, the dialect's prompt, empty counters."""
     unknown = set(tools) - set(TOOLS)
     if unknown:
         raise ValueError(f"unknown tool(s) {sorted(unknown)}; available: {', '.join(TOOLS)}")
     cfg = settings(policy.improc, **cfg)
+    if cfg["dialect"] not in DIALECTS:
+        raise ValueError(f"unknown dialect {cfg['dialect']!r}; known: {', '.join(DIALECTS)}")
     originals = load_images(record)
     images = []
     for i, im in enumerate(originals):
         s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
         h, w = smart_resize(im.height * s, im.width * s, min_pixels=cfg["view_min_pixels"], max_pixels=cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
-    encs = [encode(policy, v) for v in images]
-    boxed = cfg["answer_format"] == "boxed"
-    question = question_text(record) + ("\n\n" + BOXED if boxed else "")
-    seq = M.prompt_ids(policy, system_prompt(tools, compact=policy.toy, boxed=boxed), question, encs)
-    return dict(record=record, tools=list(tools), cfg=cfg, originals=originals, images=images, turns=[], calls=[],
-                stop=None, truncated=False, n_sampled=0, rethinks=0, gen=None, seq=seq, mask=[0] * len(seq),
-                logp=[0.0] * len(seq))
+    d = DIALECTS[cfg["dialect"]]
+    ep = dict(record=record, tools=list(tools), specs={t: TOOLS[t] for t in tools}, cfg=cfg, dialect=d,
+              compact=policy.toy, originals=originals, images=images, turns=[], calls=[], stop=None, truncated=False,
+              n_sampled=0, rethinks=0, guide=[], gen=None)
+    ep["messages"] = d["prompt"](ep) + [dict(role="assistant", parts=[d["prefill"]] if d["prefill"] else [],
+                                             closed=False)]
+    return render(policy, ep)
+
+
+def render(policy, ep):
+    """The episode's conversation as token ids (seq, mask, logp), its images encoded; returns the episode."""
+    ep["seq"], ep["mask"], ep["logp"] = M.render(policy, ep["messages"], episode_images(policy, ep),
+                                                 ep["dialect"]["trained_text"])
+    return ep
 
 
 def copy_episode(ep):
-    """An independent copy that shares the (immutable) images and originals."""
+    """An independent copy that shares the (immutable) images, originals and sampled parts."""
     return dict(ep, seq=list(ep["seq"]), mask=list(ep["mask"]), logp=list(ep["logp"]), turns=list(ep["turns"]),
-                calls=list(ep["calls"]), images=list(ep["images"]))
+                calls=list(ep["calls"]), images=list(ep["images"]), guide=list(ep["guide"]),
+                messages=[dict(m, parts=list(m["parts"])) for m in ep["messages"]])
 
 
 def new_group(policy, record, tools, n, **cfg):
@@ -448,60 +328,141 @@ def encode(policy, view):
     return view["enc"]
 
 
-def _extend(ep, ids, sampled, logps=None):
-    ep["seq"] += ids
-    ep["mask"] += [int(sampled)] * len(ids)
-    ep["logp"] += list(logps) if logps is not None else [0.0] * len(ids)
+def run_tool(ep, req):
+    """Run a call a dialect read (dialects.py's request) -> its record (what items.jsonl and rewards.py read: name and
+    arguments as the model wrote them, ok, error, zoom, region: the zoomed region or the image drawn on in original
+    pixels, point: a keypoint in original pixels, image: the index of the image it acted on, size: [w, h] of the image
+    it returned, new_image: that image's index), appended to ep["calls"], and the new image (a view) appended too."""
+    call = dict(name=req["name"], arguments=req["arguments"], ok=False, error=req.get("error"), region=None,
+                size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]))
+    if call["error"] is None:
+        args = req["args"]
+        try:
+            k = args["image_index"]
+            if not 0 <= k < len(ep["images"]):
+                raise ToolError(f"image_index {str(k)[:40]} out of range: images are 0..{len(ep['images']) - 1}")
+            view = TOOLS[req["tool"]]["run"](ep, **args, cfg=ep["cfg"])
+            region = view["box"] if call["zoom"] else ep["images"][k]["box"]
+            call.update(ok=True, region=[round(v, 2) for v in region], size=list(view["img"].size), image=k,
+                        new_image=len(ep["images"]))
+            if "point_2d" in args:
+                call["point"] = [round(v, 2) for v in to_original(ep["images"][k], *args["point_2d"])]
+            ep["images"].append(view)
+        except ToolError as e:
+            call["error"] = str(e)
+    ep["calls"].append(call)
+    return call
+
+
+def prefix_ids(policy, ids, n_chars):
+    """The longest prefix of `ids` whose text fits in n_chars characters (binary search over decodes)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(policy.tok.decode(ids[:mid])) <= n_chars else (lo, mid - 1)
+    return ids[:lo]
+
+
+def _cut(policy, ep, ids, logps, reason):
+    """One model call's ids -> (ids kept, their log-probs, its text, text the harness writes in place of what was cut).
+    The text ends before <|im_end|>; at a stop string the dialect keeps it (the ids as sampled) or cuts it off (and
+    what was sampled after it): the ids whose text fits before it stay, a token the cut splits is written as text."""
+    text = policy.tok.decode(ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
+    if ep["guide"] and reason == "eos":  # a regex-shaped step cannot end before its last tag: the end is not kept
+        return ids[:-1], logps[:-1], text, ""
+    stops = ("<",) if ep["guide"] else ep["dialect"]["stops"]
+    if reason != "stop" or (ep["dialect"]["keep_stop"] and not ep["guide"]):
+        return ids, logps, text, ""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    kept = prefix_ids(policy, ids, at)
+    rest = text[len(policy.tok.decode(kept)):at]
+    return kept, logps[:len(kept)], text[:at], rest
 
 
 def advance(policy, ep, new_ids, logps=None, reason="eos"):
-    """Add one assistant turn (sampled or scripted ids) and act on it: run its tool call and add the observation,
-    or stop. reason: how the sampler ended the turn ("eos": <|im_end|>; "stop": a stop string; "length": the turn's
-    token cap; "invalid": a vision placeholder, not kept). The episode's stop reasons:
+    """Add one model call's output (sampled or scripted ids) to the open assistant message and act on it as the
+    episode's dialect reads it: run its tool calls and add what they return, go on in the same message, or stop.
+    reason: how the sampler ended it ("eos": <|im_end|>; "stop": a stop string; "length": the token cap of a call;
+    "invalid": a vision placeholder, not kept). The episode's stop reasons:
 
-        answer         the turn has an answer and no tool call
+        answer         the turn has an answer (and, in most dialects, no tool call)
         no_action      the turn ended with neither a call nor an answer (ViLaSR ends the episode there too)
         max_tokens     the turn was cut by its token cap without a call, or the trajectory's budget is spent
         invalid_token  the policy wrote a vision placeholder (an image token with no image behind it)
         repeat         a call identical to an earlier one (--stop-on repeat, the default)
-        tool_error     a call failed (--stop-on error: ViLaSR)
+        tool_error     a call failed where the dialect (ViLaSR, DeepEyes) or --stop-on error ends the episode
         max_images     a call when the episode holds --max-images images already
         max_turns      the turn after a call was the last allowed one"""
-    cfg = ep["cfg"]
-    text = policy.tok.decode(new_ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
-    _extend(ep, new_ids, True, logps)
-    if reason != "eos":  # close the turn as the chat layout expects; not sampled, so never trained
-        _extend(ep, M.ids(policy, "<|im_end|>"), False)
-    ep["turns"].append(text)
+    _act(policy, ep, new_ids, list(logps) if logps is not None else [0.0] * len(new_ids), reason)
+    return render(policy, ep)
+
+
+def _act(policy, ep, new_ids, logps, reason):
+    d, cfg, msg = ep["dialect"], ep["cfg"], ep["messages"][-1]
+    new_ids, logps, text, rest = _cut(policy, ep, new_ids, logps, reason)
+    if d.get("split_prefill") and not any(isinstance(p, dict) for p in msg["parts"]):
+        msg["closed"] = True  # Groundlight: a prefill is an assistant message of its own
+        msg = dict(role="assistant", parts=[], closed=False)
+        ep["messages"].append(msg)
+    msg["parts"] += [dict(ids=new_ids, logps=logps)] + ([rest] if rest else [])
     ep["n_sampled"] += len(new_ids)
-    if "<tool_call>" in text:
-        name, args, _ = parse_call(text, ep["tools"])
-        repeat = args is not None and any(c["name"] == name and c["arguments"] == args for c in ep["calls"])
-        if repeat and "repeat" in cfg["stop_on"]:
-            return _stop(ep, "repeat")  # lookagain's default: a repeated operation ends the episode
-        if len(ep["images"]) >= cfg["max_images"]:
-            return _stop(ep, "max_images")
-        call, view, obs = execute(ep, text, cfg)
-        ep["calls"].append(call)
-        if not call["ok"] and "error" in cfg["stop_on"]:
-            return _stop(ep, "tool_error")  # ViLaSR's rollout: a call that fails ends the episode
-        if cfg["final_answer_turn"] and len(ep["turns"]) == cfg["max_turns"] - 1:
-            obs += " " + FINAL_TURN
-        if view is not None:
-            ep["images"].append(view)
-        _extend(ep, M.observation_ids(policy, obs, encode(policy, view) if view else None), False)
-        if len(ep["turns"]) >= cfg["max_turns"]:
-            return _stop(ep, "max_turns")
-        if ep["n_sampled"] >= cfg["max_tokens"]:
-            return _stop(ep, "max_tokens")
-    elif extract_answer(text) is not None:
-        _stop(ep, "answer")
-    else:  # "invalid": the policy wrote a vision placeholder; no_action (ViLaSR): neither a call nor an answer
-        _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}.get(reason, "no_action"))
+    if ep["guide"]:  # a regex-shaped step: free text, then the pattern's next tag where the model writes a "<"
+        if reason not in ("stop", "eos"):
+            return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}[reason])
+        tag = ep["guide"].pop(0)
+        msg["parts"].append(tag)
+        ep["turns"].append(text + rest + tag)
+        if ep["guide"]:
+            return _go_on(ep)
+        return _stop(ep, "answer")
+    r = d["read"](ep, text + rest, reason)
+    if r.get("tail"):
+        msg["parts"].append(r["tail"])
+    ep["turns"].append(text + rest + r.get("tail", ""))
+    if r.get("end"):
+        return _stop(ep, r["end"])
+    if r.get("answered"):
+        return _stop(ep, "answer")
+    calls = r.get("calls") or []
+    if not calls:
+        if r.get("again") is not None and reason != "length":  # go on writing in the same message
+            msg["parts"] += [r["again"]] if r["again"] else []
+            return _go_on(ep)
+        return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}.get(reason, "no_action"))
+    # the environment's own stops, before anything runs
+    if "repeat" in cfg["stop_on"] and any(c["error"] is None and any(
+            p["name"] == c["name"] and p["arguments"] == c["arguments"] for p in ep["calls"]) for c in calls):
+        return _stop(ep, "repeat")
+    if len(ep["images"]) >= cfg["max_images"]:
+        return _stop(ep, "max_images")
+    done = [run_tool(ep, c) for c in calls]
+    if not all(c["ok"] for c in done) and ("error" in cfg["stop_on"] or d.get("errors_end")):
+        return _stop(ep, "tool_error")
+    obs = d["observe"](ep, done, len(ep["turns"]) == cfg["max_turns"] - 1)
+    if obs.get("inline"):  # VLM-R3: the result goes into the assistant message itself
+        msg["parts"] += obs["inline"]
+    else:
+        msg["closed"] = True
+        ep["messages"] += obs["messages"] + [dict(role="assistant", parts=[obs["prefill"]] if obs.get("prefill")
+                                                   else [], closed=False)]
+    ep["guide"] = list(obs.get("guide", []))
+    if len(ep["turns"]) >= cfg["max_turns"]:
+        return _stop(ep, "max_turns")
+    if ep["n_sampled"] >= cfg["max_tokens"]:
+        return _stop(ep, "max_tokens")
+    return _go_on(ep)
+
+
+def _go_on(ep):
+    if len(ep["turns"]) >= ep["cfg"]["max_turns"]:
+        return _stop(ep, "max_turns")
+    if ep["n_sampled"] >= ep["cfg"]["max_tokens"]:
+        return _stop(ep, "max_tokens")
 
 
 def _stop(ep, why):
     ep["stop"] = why
+    ep["messages"][-1]["closed"] = True
     # Mini-o3's over-turn masking can drop trajectories cut by a limit rather than finished by the model
     ep["truncated"] = why in ("max_turns", "max_images", "max_tokens")
 
@@ -514,24 +475,30 @@ def seed_episode(ep, device, *key):
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
             reuse_cache=True):
-    """The multi-turn loop: sample every active episode's next turn in one batch (each with its ep["gen"]) and run
-    the tools until all have stopped; each keeps its KV cache between turns (reuse_cache=False: prefill the whole
-    conversation every turn, for comparison). The episodes are updated in place and returned."""
+    """The multi-turn loop: sample every active episode's next model call in one batch (each with its ep["gen"] and
+    its dialect's stop strings) and act on it (advance) until all have stopped; each keeps its KV cache between calls
+    while its new rendering extends what the cache holds (a dialect that rewrites its past, Groundlight's, prefills
+    again; reuse_cache=False: prefill the whole conversation every call, for comparison). The episodes are updated in
+    place and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=1)
-    caches = {}  # id(episode) -> its cache, between its turns
+    caches = {}  # id(episode) -> (its cache, the ids it holds), between its calls
     while True:
         active = [ep for ep in episodes if ep["stop"] is None]
         if not (M.any_rank(bool(active), policy) if M.lockstep(policy) else active):
             return episodes
+        held = [caches.pop(id(ep), (None, None)) for ep in active]
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
-                        [caches.pop(id(ep), None) for ep in active] if reuse_cache else None, max_new_tokens=cap,
+                        [c if c is not None and ep["seq"][:len(ids)] == ids else None
+                         for ep, (c, ids) in zip(active, held)] if reuse_cache else None, max_new_tokens=cap,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
+                        stops=[("<",) if ep["guide"] else ep["dialect"]["stops"] for ep in active],
                         generators=[ep["gen"] for ep in active])
         for ep, (new_ids, logps, reason, cache) in zip(active, outs):
+            seq = ep["seq"]
             advance(policy, ep, new_ids, logps, reason)
             if ep["stop"] is None and cache is not None:
-                caches[id(ep)] = cache
+                caches[id(ep)] = (cache, seq + new_ids[:-1])
 
 
 def episode_images(policy, ep):
@@ -539,6 +506,6 @@ def episode_images(policy, ep):
 
 
 def trajectory(ep):
-    """What rewards.py scores: the assistant turns, the calls, the stop reason."""
-    return dict(turns=ep["turns"], calls=ep["calls"], stop=ep["stop"], rethinks=ep["rethinks"])
-
+    """What rewards.py scores: the turns, the calls, the stop reason, the dialect's answer extractor."""
+    return dict(turns=ep["turns"], calls=ep["calls"], stop=ep["stop"], rethinks=ep["rethinks"],
+                extract=ep["dialect"]["answer"])
