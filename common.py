@@ -78,7 +78,9 @@ def parse_args(p, argv, script):
         unset = object()
         typed = p.parse_args(argv, namespace=argparse.Namespace(**{a.dest: unset for a in p._actions}))
         recipe = RECIPES[args.recipe]
-        for k, v in {**recipe["all"], **recipe.get(script, {})}.items():
+        # a recipe speaks its method's own format (dialects.py) where there is one
+        own = dict(dialect=args.recipe) if args.recipe in dialects.DIALECTS else {}
+        for k, v in {**own, **recipe["all"], **recipe.get(script, {})}.items():
             if hasattr(args, k) and getattr(typed, k) is unset:
                 setattr(args, k, v)
     if args.print_config:
@@ -225,12 +227,13 @@ def dataset(args, split="train", n=None):
 
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
-                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0):
+                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None):
     """Roll out every record `samples` times (tools=[]: off), each episode reduced by finish(episode, record) to a
     small picklable result; sample j of item i draws from its own generator, seeded from (seed, i, j). Episodes
     (i, j), in order, are cut into fixed batches, batch b on rank b % world, so a sharded run returns an unsharded
     one's results bit for bit. A record whose image cannot be read or that finish() rejects with ValueError raises
-    ValueError naming it (skip_bad: goes to `errors`). -> ({(i, j): result}, {i: message}), on every rank."""
+    ValueError naming it (skip_bad: goes to `errors`). scripts: {i: the texts of item i's model calls} to replay
+    instead of sampling (eval.py --replay). -> ({(i, j): result}, {i: message}), on every rank."""
     if greedy and samples > 1:
         raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -261,9 +264,11 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
             for j, ep in zip(js, group):
                 if not greedy:
                     T.seed_episode(ep, policy.device, seed, i, j)
+                if scripts is not None:
+                    ep["script"] = list(scripts[i])
                 eps.append((i, j, ep))
         T.rollout(policy, [ep for _, _, ep in eps], temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
-                  min_p=min_p)
+                  min_p=min_p, scripted=scripts is not None)
         for i, j, ep in eps:
             try:
                 done[(i, j)] = finish(ep, records[i])

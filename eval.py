@@ -131,12 +131,13 @@ def score_episode(ep, record):
 
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
-             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
+             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None):
     """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
-    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted)."""
+    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted).
+    scripts: {i: texts} replayed instead of sampled (--replay)."""
     t0 = time.time()
     done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
-                                  top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
+                                  top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p, scripts)
     items = []
     for i, r in enumerate(records):
         item = dict(idx=i, id=r.get("id"), category=r.get("category"), question=r["question"],
@@ -200,6 +201,28 @@ def write_subset(items, records, path, keep_below):
     return len(keep), len(scored)
 
 
+def load_replay(path, records):
+    """--replay FILE (JSONL, a line per item: {"id": <the item's id>, "turns": [<text of model call 1>, ...]}) ->
+    ({index of a record: its texts}, [ids of the records the file does not have]). A file that is not JSONL, a line
+    without an id or with turns that are not strings, a file that names no item: one line, SystemExit."""
+    texts = {}
+    try:
+        for where, row in D.jsonl_rows(path):
+            if not isinstance(row, dict) or "id" not in row:
+                raise SystemExit(f'{where}: a replay line is {{"id": <the item\'s id>, "turns": ["<text>", ...]}}')
+            if not isinstance(row.get("turns"), list) or not all(isinstance(t, str) for t in row["turns"]):
+                raise SystemExit(f"{where}: 'turns' must be a list of strings (the text of each model call)")
+            texts[str(row["id"])] = row["turns"]
+    except (ValueError, FileNotFoundError) as e:  # not a file, not UTF-8, a line that is not JSON
+        raise SystemExit(f"--replay {e}") from None
+    ids = [str(r.get("id")) for r in records]
+    scripts = {i: texts[k] for i, k in enumerate(ids) if k in texts}
+    if not scripts:
+        raise SystemExit(f"--replay {path}: names no item of these {len(records)} (its ids: "
+                         f"{', '.join(list(texts)[:3]) or 'none'}; the items': {', '.join(ids[:3])})")
+    return scripts, [k for k in ids if k not in texts]
+
+
 def _git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -224,6 +247,11 @@ def get_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
+    # checking a format and re-scoring transcripts without a GPU
+    p.add_argument("--print-prompt", action="store_true",
+                   help="print the exact text of the first model call for the first item, and exit")
+    p.add_argument("--replay", default=None, metavar="FILE", help="take each model call's text from FILE (JSONL: "
+                   '{"id": ..., "turns": ["<call 1>", ...]}) instead of sampling; items not in FILE are not scored')
     args = C.parse_args(p, argv, "eval")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
@@ -238,9 +266,10 @@ def get_args(argv=None):
     return args
 
 
-def main():
-    args = get_args()
-    if len(sys.argv) == 1:  # the demo: with tools and without, side by side
+def main(argv=None):
+    args = get_args(argv)
+    demo = not (sys.argv[1:] if argv is None else argv)
+    if demo:  # the demo: with tools and without, side by side
         args.baseline = True
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
@@ -252,6 +281,10 @@ def main():
     except (ValueError, FileNotFoundError) as e:  # bad data: the message names file and row
         raise SystemExit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad counts and skips bad rows)"))
     records = records[:args.limit] if args.limit else records
+    scripts, missing = load_replay(args.replay, records) if args.replay else (None, [])
+    if scripts is not None:  # only the items the file has are scored; the rest are reported
+        records = [records[i] for i in sorted(scripts)]
+        scripts = {k: scripts[i] for k, i in enumerate(sorted(scripts))}
     if not records:
         raise SystemExit(f"{args.data}: no items to evaluate")
     demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
@@ -260,7 +293,7 @@ def main():
     settings = [(args.tools if tools else "none", name, tools)]
     if args.baseline and tools:
         settings.append(("none", name, []))
-    if len(sys.argv) == 1 and name == C.DEMO_GRPO and os.path.isdir(C.DEMO_SFT):
+    if demo and name == C.DEMO_GRPO and os.path.isdir(C.DEMO_SFT):
         settings = [("tools off (GRPO model)", name, []), (f"after SFT ({args.tools})", C.DEMO_SFT, tools),
                     (f"after GRPO ({args.tools})", name, tools)]
     C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or 'synthetic'} "
@@ -272,13 +305,18 @@ def main():
             policies[model_name] = C.load_policy(model_name, seed=args.seed, device=device)
         policy = policies[model_name]
         cfg = C.episode_cfg(args, policy)  # the pixel budgets: the flags', else this model's processor's
+        first_prompt = M.chat_text(policy, T.new_episode(policy, records[0], ts, **cfg)["messages"])
+        if args.print_prompt:  # what the first model call sees, as a chat template prints it
+            print(first_prompt)
+            raise SystemExit(0)
         if device.type == "cpu" and sum(p.numel() for p in policy.model.parameters()) < 50e6:
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
-                                  batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad)
+                                  batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
+                                  scripts=scripts)
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
-                           first_prompt=M.chat_text(policy, T.new_episode(policy, records[0], ts, **cfg)["messages"]),
+                           dialect=cfg["dialect"], first_prompt=first_prompt, missing=len(missing),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
         all_items[label] = items
     if rank == 0:
@@ -301,7 +339,8 @@ def main():
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
             pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
-            dialect=cfg["dialect"], skipped_rows=bad or [], skip_bad=args.skip_bad,
+            dialect=cfg["dialect"], skipped_rows=bad or [], skip_bad=args.skip_bad, replay=args.replay,
+            not_in_replay=missing,
             versions=dict(torch=torch.__version__, python=sys.version.split()[0],
                           transformers=__import__("transformers").__version__), git_commit=_git_commit(),
             flags={k: v for k, v in vars(args).items() if k != "print_config"})  # every flag, --recipe's included
@@ -315,6 +354,9 @@ def main():
         print(table)
         if bad:
             print(f"skipped {len(bad)} bad row(s) while loading; listed in results.json")
+        if missing:
+            print(f"not scored: {len(missing)} item(s) that {args.replay} does not have ({', '.join(missing[:3])}"
+                  f"{', ...' if len(missing) > 3 else ''})")
         print(f"-> {args.out}/results.md, results.json, items.jsonl")
     C.teardown()
 

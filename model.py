@@ -282,11 +282,11 @@ def _chunks(policy, messages, trained_text=False):
     message first, Qwen2.5-VL's chat template writes its default one, and so does this. A closed message ends in
     <|im_end|> (unless the policy sampled it) and, when another message follows, "\n". trained: the harness text
     inside an assistant message and its closing <|im_end|> (VLM-R3 trains them), with trained_text."""
-    roles = [m["role"] for m in messages if m["role"]]
-    if roles and roles[0] != "system" and policy.default_system is not None:
-        yield "text", f"<|im_start|>system\n{policy.default_system}<|im_end|>\n", False
+    first = next((m for m in messages if m["role"]), None)
     for i, m in enumerate(messages):
         train = trained_text and m["role"] == "assistant"
+        if m is first and m["role"] != "system" and policy.default_system is not None:
+            yield "text", f"<|im_start|>system\n{policy.default_system}<|im_end|>\n", False
         if m["role"]:
             yield "text", f"<|im_start|>{m['role']}\n", False
         for p in m["parts"]:

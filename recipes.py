@@ -17,7 +17,7 @@ RECIPES = {
                   top_p=1.0, loss_type="grpo", scale_rewards="group"),
         sft=dict(lr=2e-7, schedule="cosine", warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
                  view_max_pixels=2048 * 784, crop_max_pixels=2048 * 784, max_tokens=4096),
-        eval=dict(view_max_pixels=8192 * 784, crop_max_pixels=4096 * 784, temperature=0.0)),
+        eval=dict(view_max_pixels=8192 * 784, crop_max_pixels=4096 * 784, temperature=0.0)),  # (lmms-eval: 12 x 4096)
     # TIGER-AI-Lab/VL-Rethinker: scripts/train_vlm_multi.sh, openrlhf/trainer/ppo_utils/experience_maker.py,
     # replay_buffer.py, openrlhf/models/loss.py, openrlhf/cli/train_ppo_ray.py; eval: scripts/eval_vlm_new.sh
     "vl_rethinker": dict(
@@ -39,7 +39,8 @@ RECIPES = {
                   beta=0.0, temperature=1.0, top_p=1.0, loss_type="grpo", scale_rewards="group"),
         sft=dict(lr=1e-5, schedule="cosine", warmup=0.1, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
                  view_max_pixels=1280 * 784, freeze_vision=True, max_tokens=18432),
-        eval=dict(view_max_pixels=448 * 784, temperature=0.75, top_p=0.9, max_turn_tokens=16384, max_images=45)),
+        eval=dict(view_max_pixels=448 * 784, temperature=0.75, top_p=0.9, max_turn_tokens=16384, max_images=45,
+                  max_tokens=10 * 16384)),  # (maze: 20 turns)
     # groundlight/r1_vlm: src/r1_vlm/environments/tool_use_text_vqa_env/ (tool_use_text_vqa_train.py,
     # tool_use_text_vqa_env.py), src/r1_vlm/tools/zoom.py, datasets/text_vqa/text_vqa_tool_use_r1.py;
     # its TRL fork: trl/trainer/qwen_grpo_trainer.py, grpo_config.py, callbacks.py
@@ -51,7 +52,7 @@ RECIPES = {
                   weight_decay=0.0, adam_betas=(0.9, 0.98), grad_clip=1e-4, eps_low=0.2, eps_high=0.28, beta=1e-4,
                   ref_sync_every=64, ref_sync_alpha=0.9, temperature=1.0, top_p=1.0, loss_type="grpo",
                   scale_rewards="group"),
-        eval=dict(temperature=0.1)),
+        eval=dict(temperature=0.1, view_max_side=0)),  # V* / HR-Bench: the original (TextVQA: long side 1024)
     # Visual-Agent/DeepEyes: examples/agent/final_merged_v1v8_thinklite.sh, verl/trainer/config/ppo_trainer.yaml,
     # verl/utils/reward_score/vl_agent.py, verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py
     "deepeyes": dict(
@@ -60,5 +61,17 @@ RECIPES = {
         grpo=dict(preset="deepeyes", group_size=16, prompts=256, lr=1e-6, schedule="constant", warmup=0,
                   weight_decay=0.01, adam_betas=(0.9, 0.999), grad_clip=1.0, eps_low=0.2, eps_high=0.2, delta=3.0,
                   beta=0.0, temperature=1.0, top_p=1.0, loss_type="bnpo", scale_rewards="group"),
+        eval=dict(temperature=0.0, max_turns=11, max_tokens=11 * 10240)),  # eval/eval_vstar.py: <= 11 model calls
+    # Mini-o3/Mini-o3 (evaluation only): README's eval command (val_n 32 sampled at T 1.0, 12 rounds, 12 images),
+    # verl/workers/rollout/vllm_rollout/vllm_async_engine.py, function_tools.py (no upscale of a crop)
+    "mini_o3": dict(
+        all=dict(tools="zoom_in", view_max_pixels=2_000_000, crop_max_pixels=2_000_000, adaptive_zoom=False,
+                 max_turns=12, max_images=12, max_turn_tokens=8192, max_tokens=32768),
+        eval=dict(temperature=1.0, samples=32)),
+    # TIGER-AI-Lab/Pixel-Reasoner (evaluation only): scripts/eval_vlm_new.sh (what vLLM shows: 512 to 5120 x 784 px),
+    # curiosity_driven_rl/openrlhf/trainer/ppo_utils/experience_maker.py (greedy at eval, 2048 tokens a call)
+    "pixel_reasoner": dict(
+        all=dict(tools="zoom_in", view_max_pixels=5120 * 784, crop_max_pixels=5120 * 784, adaptive_zoom=False,
+                 max_turns=5, max_images=16, max_turn_tokens=2048, max_tokens=12 * 1024),
         eval=dict(temperature=0.0)),
 }

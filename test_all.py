@@ -3063,7 +3063,7 @@ def test_eval_sharded_run_equals_unsharded(policy, tmp_path, one_thread):
                           samples=2, greedy=False, temperature=1.0, seed=0, batch_size=2, progress=False)
     assert [{k: v for k, v in line.items() if k != "setting"} for line in lines] == json.loads(json.dumps(items))
     sharded = {k: v for k, v in results["runs"]["zoom_in"].items()
-               if k not in ("seconds", "tools", "first_prompt", "model", "pixels")}
+               if k not in ("seconds", "tools", "first_prompt", "model", "pixels", "dialect", "missing")}
     assert sharded == json.loads(json.dumps({k: v for k, v in s.items() if k != "seconds"}))
     assert all(len(line["other_samples"]) == 1 for line in lines)
 

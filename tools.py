@@ -275,7 +275,8 @@ def settings(improc, **cfg):
 #              log-probs (0 where not sampled). logp is diagnostic only: training recomputes log-probs
 #              (grpo.fill_old_logprobs, or the update's own forward when on-policy)
 #   n_sampled  tokens sampled so far (the --max-tokens budget); rethinks: forced rethinks (rethink.py)
-#   guide      tags a regex-shaped step still has to write (Groundlight's last step), else []
+#   guide      tags a regex-shaped step still has to write (Groundlight's last step), else []; guided: the step
+#              has begun (its pieces are one model call, one turn)
 #   gen        the episode's own torch.Generator (seed_episode), or None for the global RNG
 
 
@@ -296,7 +297,7 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     d = DIALECTS[cfg["dialect"]]
     ep = dict(record=record, tools=list(tools), specs={t: TOOLS[t] for t in tools}, cfg=cfg, dialect=d,
               compact=policy.toy, originals=originals, images=images, turns=[], calls=[], stop=None, truncated=False,
-              n_sampled=0, rethinks=0, guide=[], gen=None)
+              n_sampled=0, rethinks=0, guide=[], guided=False, gen=None)
     ep["messages"] = d["prompt"](ep) + [dict(role="assistant", parts=[d["prefill"]] if d["prefill"] else [],
                                              closed=False)]
     return render(policy, ep)
@@ -335,6 +336,8 @@ def run_tool(ep, req):
     it returned, new_image: that image's index), appended to ep["calls"], and the new image (a view) appended too."""
     call = dict(name=req["name"], arguments=req["arguments"], ok=False, error=req.get("error"), region=None,
                 size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]))
+    if call["error"] is None and req["tool"] not in ep["tools"]:
+        call["error"] = f"{req['tool']} is not offered in this run (--tools)"
     if call["error"] is None:
         args = req["args"]
         try:
@@ -392,6 +395,7 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
         repeat         a call identical to an earlier one (--stop-on repeat, the default)
         tool_error     a call failed where the dialect (ViLaSR, DeepEyes) or --stop-on error ends the episode
         max_images     a call when the episode holds --max-images images already
+        max_calls      a call past the dialect's cap (Pixel-Reasoner: 4)
         max_turns      the turn after a call was the last allowed one"""
     _act(policy, ep, new_ids, list(logps) if logps is not None else [0.0] * len(new_ids), reason)
     return render(policy, ep)
@@ -411,10 +415,14 @@ def _act(policy, ep, new_ids, logps, reason):
             return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}[reason])
         tag = ep["guide"].pop(0)
         msg["parts"].append(tag)
-        ep["turns"].append(text + rest + tag)
-        if ep["guide"]:
-            return _go_on(ep)
-        return _stop(ep, "answer")
+        if ep["guided"]:  # the step's first piece opened its turn; the rest of the step is that one model call
+            ep["turns"][-1] += text + rest + tag
+        else:
+            ep["turns"].append(text + rest + tag)
+        ep["guided"] = bool(ep["guide"])
+        if not ep["guide"]:
+            return _stop(ep, "answer")
+        return _stop(ep, "max_tokens") if ep["n_sampled"] >= cfg["max_tokens"] else None
     r = d["read"](ep, text + rest, reason)
     if r.get("tail"):
         msg["parts"].append(r["tail"])
@@ -424,7 +432,7 @@ def _act(policy, ep, new_ids, logps, reason):
     if r.get("answered"):
         return _stop(ep, "answer")
     calls = r.get("calls") or []
-    if not calls:
+    if not calls and not r.get("respond"):
         if r.get("again") is not None and reason != "length":  # go on writing in the same message
             msg["parts"] += [r["again"]] if r["again"] else []
             return _go_on(ep)
@@ -433,8 +441,10 @@ def _act(policy, ep, new_ids, logps, reason):
     if "repeat" in cfg["stop_on"] and any(c["error"] is None and any(
             p["name"] == c["name"] and p["arguments"] == c["arguments"] for p in ep["calls"]) for c in calls):
         return _stop(ep, "repeat")
-    if len(ep["images"]) >= cfg["max_images"]:
+    if calls and len(ep["images"]) >= cfg["max_images"]:
         return _stop(ep, "max_images")
+    if len(ep["calls"]) + len(calls) > d.get("max_calls", len(ep["calls"]) + len(calls)):
+        return _stop(ep, "max_calls")  # Pixel-Reasoner: its 5th call is not run, the episode ends
     done = [run_tool(ep, c) for c in calls]
     if not all(c["ok"] for c in done) and ("error" in cfg["stop_on"] or d.get("errors_end")):
         return _stop(ep, "tool_error")
@@ -464,7 +474,7 @@ def _stop(ep, why):
     ep["stop"] = why
     ep["messages"][-1]["closed"] = True
     # Mini-o3's over-turn masking can drop trajectories cut by a limit rather than finished by the model
-    ep["truncated"] = why in ("max_turns", "max_images", "max_tokens")
+    ep["truncated"] = why in ("max_turns", "max_images", "max_tokens", "max_calls")
 
 
 def seed_episode(ep, device, *key):
@@ -474,12 +484,13 @@ def seed_episode(ep, device, *key):
 
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
-            reuse_cache=True):
+            reuse_cache=True, scripted=False):
     """The multi-turn loop: sample every active episode's next model call in one batch (each with its ep["gen"] and
     its dialect's stop strings) and act on it (advance) until all have stopped; each keeps its KV cache between calls
     while its new rendering extends what the cache holds (a dialect that rewrites its past, Groundlight's, prefills
-    again; reuse_cache=False: prefill the whole conversation every call, for comparison). The episodes are updated in
-    place and returned."""
+    again; reuse_cache=False: prefill the whole conversation every call, for comparison). scripted: no sampling; each
+    call's text is the next of ep["script"] (eval.py --replay), cut as the sampler would have cut it (script_call).
+    The episodes are updated in place and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=1)
     caches = {}  # id(episode) -> (its cache, the ids it holds), between its calls
@@ -487,6 +498,15 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
         active = [ep for ep in episodes if ep["stop"] is None]
         if not (M.any_rank(bool(active), policy) if M.lockstep(policy) else active):
             return episodes
+        if scripted:
+            for ep in active:
+                call = script_call(policy, ep, cap)
+                if call is None:  # the texts ran out: as if the token budget had
+                    _stop(ep, "max_tokens")
+                    render(policy, ep)
+                else:
+                    advance(policy, ep, *call)
+            continue
         held = [caches.pop(id(ep), (None, None)) for ep in active]
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
                         [c if c is not None and ep["seq"][:len(ids)] == ids else None
@@ -499,6 +519,29 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
             advance(policy, ep, new_ids, logps, reason)
             if ep["stop"] is None and cache is not None:
                 caches[id(ep)] = (cache, seq + new_ids[:-1])
+
+
+def script_call(policy, ep, cap):
+    """The next of a replayed episode's texts as the sampler would have returned it -> (ids, None, reason), or None
+    when none is left. Past the first stop string the text is cut (rollout's sampler stops there), with <|im_end|>
+    where it has none (it ended the call), at most `cap` tokens ("length"). In a regex-shaped step the text goes on
+    after each forced tag: what follows the tag is the step's next piece."""
+    if not ep.get("script"):
+        return None
+    text = ep["script"].pop(0)
+    stops = ("<",) if ep["guide"] else ep["dialect"]["stops"]
+    at = min(((text.find(s), s) for s in stops if s in text), default=None)
+    if at is None:
+        ids, reason = M.ids(policy, text) + [policy.eos[0]], "eos"
+    else:
+        i, s = at
+        ids, reason = M.ids(policy, text[:i + len(s)]), "stop"
+        if ep["guide"]:
+            after = text[i:]
+            after = after[len(ep["guide"][0]):] if after.startswith(ep["guide"][0]) else after.partition(">")[2]
+            if len(ep["guide"]) > 1:
+                ep["script"].insert(0, after)
+    return (ids[:cap], None, "length") if len(ids) > cap else (ids, None, reason)
 
 
 def episode_images(policy, ep):
