@@ -212,22 +212,27 @@ def parse_tools(s):
 
 def pixel_budgets(args, improc):
     """The first look's and a zoom's pixel budgets: the flags' (or --recipe's), else the image processor's (a real
-    Qwen's 3136 to 12845056 px; tiny: 112 x 112), never below 56 x 56 px."""
-    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    Qwen2.5-VL's 3136 to 12845056 px, Qwen3-VL's 65536 to 16777216; tiny: 112 x 112), never below 2 x 2 merged
+    tokens (Qwen2.5-VL: 56 x 56 px)."""
+    side = 2 * improc.patch_size * improc.merge_size
+    lo = max(side * side, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
     for flag in ("view_max_pixels", "crop_max_pixels"):
         v = getattr(args, flag)
         if v is not None and v < lo:
-            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: below the model's minimum of {lo} px (at least "
+                             f"{side} x {side})")
     return dict(view_min_pixels=lo, view_max_pixels=args.view_max_pixels or hi, crop_min_pixels=lo,
                 crop_max_pixels=args.crop_max_pixels or hi)
 
 
 def episode_cfg(args, policy):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget."""
+    """The episode's settings (tools.DEFAULTS' keys) from the flags and the loaded policy's pixel budget and resize unit
+    (run.json records them, and the model family they are the budget of)."""
     flags = ("zoom_window", "max_turns", "max_images", "max_turn_tokens", "max_tokens", "view_max_side",
              "adaptive_zoom", "zoom_source", "stop_on", "final_answer_turn", "answer_format")
-    return dict(pixel_budgets(args, policy.improc), **{k: getattr(args, k) for k in flags})
+    return dict(pixel_budgets(args, policy.improc), **{k: getattr(args, k) for k in flags}, factor=policy.factor,
+                family=policy.family)
 
 # -----------------------------------------------------------------------------
 # 2. processes

@@ -297,6 +297,7 @@ def main():
             split=args.split, limit=args.limit, n_items=len(records), seed=args.seed, shuffle_seed=args.shuffle_seed,
             samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, **C.filters(args),
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
+            family=policy.family,
             pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
             question_template="the record's question, then for multiple choice '\\nOptions:\\nA. ...\\nB. ...' "
