@@ -185,7 +185,8 @@ def main():
     p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
     p.add_argument("--model", help="--rollout: tiny, random-3b, random-qwen3vl-8b, ..., a hub id or a folder "
                                    "(default: runs/sft, else tiny)")
-    p.add_argument("--layers", type=int, help="--rollout --model random-*: decoder layers (default: the published depth)")
+    p.add_argument("--layers", type=int,
+                   help="--rollout --model random-*: decoder layers (default: the published depth)")
     p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=96, help="--rollout: new tokens a turn at most")

@@ -33,7 +33,8 @@ DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sf
 def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     """The flags sft.py, grpo.py and eval.py share."""
     # what to run on
-    p.add_argument("--model", default=model, help="'tiny', 'random-3b', a hub id, or a checkpoint folder")
+    p.add_argument("--model", default=model, help="'tiny', 'random-3b' (random-qwen3vl-8b, ...: model.RANDOM), a hub id "
+                                                    "(Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a checkpoint folder")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)

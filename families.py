@@ -31,7 +31,8 @@ _TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                     temporal_patch_size=2, out_hidden_size=192)
 _TINY_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=8192)
-_QWEN3_VL = dict(vision=dict(_TINY_VISION, patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[0, 1]),
+_QWEN3_VL = dict(vision=dict(_TINY_VISION, patch_size=16, num_position_embeddings=2304,
+                             deepstack_visual_indexes=[0, 1]),
                  text=dict(_TINY_TEXT, head_dim=32, rope_parameters=_rope(5e6, [6, 5, 5], mrope_interleaved=True)))
 _QWEN3_5 = dict(vision=dict(_TINY_VISION, patch_size=16, num_position_embeddings=2304),
                 text=dict(_TINY_TEXT, num_attention_heads=2, num_key_value_heads=1, head_dim=64, linear_num_key_heads=2,
@@ -54,9 +55,10 @@ FAMILIES = {
     "qwen3_vl": dict(cls=tf.Qwen3VLForConditionalGeneration, config=tf.Qwen3VLConfig, patch=16, mean=[0.5] * 3,
                      std=[0.5] * 3, header="<|im_start|>assistant\n", kv_turns=True, published=True, max_length=262144,
                      tiny=_QWEN3_VL),
-    "qwen3_vl_moe": dict(cls=tf.Qwen3VLMoeForConditionalGeneration, config=tf.Qwen3VLMoeConfig, patch=16, mean=[0.5] * 3,
-                         std=[0.5] * 3, header="<|im_start|>assistant\n", kv_turns=True, published=False,
-                         max_length=262144, tiny=dict(_QWEN3_VL, text=dict(_QWEN3_VL["text"], **_MOE))),
+    "qwen3_vl_moe": dict(cls=tf.Qwen3VLMoeForConditionalGeneration, config=tf.Qwen3VLMoeConfig, patch=16,
+                         mean=[0.5] * 3, std=[0.5] * 3, header="<|im_start|>assistant\n", kv_turns=True,
+                         published=False, max_length=262144,
+                         tiny=dict(_QWEN3_VL, text=dict(_QWEN3_VL["text"], **_MOE))),
     "qwen3_5": dict(cls=tf.Qwen3_5ForConditionalGeneration, config=tf.Qwen3_5Config, patch=16, mean=[0.5] * 3,
                     std=[0.5] * 3, header="<|im_start|>assistant\n<think>\n", kv_turns=False, published=False,
                     max_length=262144, tiny=_QWEN3_5),
@@ -83,23 +85,26 @@ QWEN25_VL_3B = dict(
 # HiDream-O1, both with the published transformers 4.57 layout): untied output layer
 _QWEN3_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304)
 QWEN3_VL_8B = dict(
-    family="qwen3_vl", tie=False, vision=dict(_QWEN3_VISION, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
-    text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-              num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+    family="qwen3_vl", tie=False,
+    vision=dict(_QWEN3_VISION, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
+    text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+              num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+              rms_norm_eps=1e-6,
               rope_parameters=_rope(5e6, [24, 20, 20], mrope_interleaved=True)))
 # Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (as copied in a Rust port's test of it): 128 experts, 8 a token
 QWEN3_VL_30B_A3B = dict(
     family="qwen3_vl_moe", tie=False, vision=dict(QWEN3_VL_8B["vision"], out_hidden_size=2048),
-    text=dict(QWEN3_VL_8B["text"], hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_key_value_heads=4,
-              moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[]))
+    text=dict(QWEN3_VL_8B["text"], hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+              num_key_value_heads=4, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+              decoder_sparse_step=1, mlp_only_layers=[]))
 # Qwen/Qwen3.5-9B (transformers' Qwen3.5 config docstrings and public ports of it): 32 layers, every 4th full attention
 QWEN3_5_9B = dict(
     family="qwen3_5", tie=False, vision=dict(_QWEN3_VISION, out_hidden_size=4096),
-    text=dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
-              num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
-              linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, max_position_embeddings=262144,
-              rms_norm_eps=1e-6, rope_parameters=_rope(1e7, [11, 11, 10], mrope_interleaved=True,
-                                                       partial_rotary_factor=0.25)))
+    text=dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+              num_attention_heads=16, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+              linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+              max_position_embeddings=262144, rms_norm_eps=1e-6,
+              rope_parameters=_rope(1e7, [11, 11, 10], mrope_interleaved=True, partial_rotary_factor=0.25)))
 
 
 # -----------------------------------------------------------------------------
@@ -116,8 +121,9 @@ def published_files(family, model, tok, improc):
             "tokens_per_second", "temporal_patch_size")}
         config = {
             "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
-            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "vision_start_token_id": c.vision_start_token_id,
-            "vision_end_token_id": c.vision_end_token_id, "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
+            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+            "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
+            "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
             "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
             **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
                                           "max_position_embeddings", "max_window_layers")}, "model_type": "qwen2_5_vl",
@@ -126,9 +132,11 @@ def published_files(family, model, tok, improc):
             "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
             "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
             "transformers_version": tf.__version__, "use_cache": True, "use_sliding_window": False,
-            "vision_config": vision, "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]},
+            "vision_config": vision,
+            "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]},
             "vocab_size": t.vocab_size}
-        pre = {"min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"]}  # 4.5x: not `size`
+        # 4.5x reads min/max_pixels, not `size`
+        pre = {"min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"]}
         kind = ("Qwen2VLImageProcessor", "Qwen2_5_VLProcessor")
     else:  # Qwen/Qwen3-VL-4B-Instruct's and -8B-Instruct's (transformers 4.57): keys sorted, text and vision nested
         text = {k: getattr(t, k) for k in ("attention_bias", "attention_dropout", "bos_token_id")}
@@ -138,7 +146,8 @@ def published_files(family, model, tok, improc):
         text |= {"model_type": "qwen3_vl_text"} | {k: getattr(t, k) for k in (
             "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")}
         rope = t.rope_parameters
-        text |= {"rope_scaling": {"mrope_interleaved": True, "mrope_section": rope["mrope_section"], "rope_type": "default"},
+        text |= {"rope_scaling": {"mrope_interleaved": True, "mrope_section": rope["mrope_section"],
+                                  "rope_type": "default"},
                  "rope_theta": rope["rope_theta"], "tie_word_embeddings": c.tie_word_embeddings, "use_cache": True,
                  "vocab_size": t.vocab_size}
         vision = {k: getattr(v, k) for k in ("deepstack_visual_indexes", "depth", "hidden_act", "hidden_size",

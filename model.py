@@ -65,9 +65,8 @@ def tiny_config(tok, vision=None, text=None, family="qwen2_5_vl", tie=True):
     base = FAMILIES[family]["tiny"]
     return FAMILIES[family]["config"](
         vision_config=dict(base["vision"], **(vision or {})),
-        text_config=dict(base["text"], **dict(dict(vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
-                                                   eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-                                              **(text or {}))),
+        text_config={**base["text"], "vocab_size": len(tok), "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], **(text or {})},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tie)
@@ -114,10 +113,11 @@ def image_processor(folder, family):
     return Qwen2VLImageProcessorPil.from_pretrained(folder)
 
 
-def family_of(name, folder):
-    """--model's family (families.py), from its config.json's model_type; one line saying why if it has none."""
+def family_of(name, folder, arch=None):
+    """--model's family (families.py): a model built here, its overrides' (arch, else RANDOM's); a folder, its
+    config.json's model_type (one line saying why if that is not a family here)."""
     if folder is None:
-        return FAMILIES[(RANDOM[name] or {}).get("family", "qwen2_5_vl")]
+        return FAMILIES[(arch or RANDOM[name] or {}).get("family", "qwen2_5_vl")]
     try:
         kind = json.load(open(os.path.join(folder, "config.json"))).get("model_type")
     except (OSError, ValueError) as e:
@@ -148,7 +148,7 @@ AttentionMaskInterface.register("grouped_sdpa", sdpa_mask)
 def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
          corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids. name: a model built
-    here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`; "random-3b", drawn on
+    here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`; "random-*", drawn on
     `device`), a hub id, or a local folder (a lookagain checkpoint is a Hugging Face folder). arch: tiny_config's
     overrides (bench.py --layers). On GPU: bf16 weights for inference; for training fp32 master weights under
     bf16 autocast (an update of lr 1e-6 is far below bf16's 2^-8 resolution). fp32 on CPU unless `dtype` says."""
@@ -156,7 +156,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
     folder = resolve(name)
-    family = family_of(name, folder)
+    family = family_of(name, folder, arch)
     improc = image_processor(folder, family)
     if folder is None:
         if not corpus:

@@ -3368,8 +3368,8 @@ QWEN3_VL_8B_CONFIG = {
     "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
     "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_act": "gelu_pytorch_tanh",
                       "hidden_size": 1152, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304,
-                      "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 4096,
-                      "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+                      "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304,
+                      "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
     "vision_end_token_id": 151653, "vision_start_token_id": 151652}
 QWEN3_VL_MOE_CONFIG = dict(
     QWEN3_VL_8B_CONFIG, architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe",
@@ -3379,22 +3379,24 @@ QWEN3_VL_MOE_CONFIG = dict(
     vision_config=dict(QWEN3_VL_8B_CONFIG["vision_config"], model_type="qwen3_vl_moe", out_hidden_size=2048))
 QWEN3_5_CONFIG = {  # every 4th layer full attention: here layer 1 of 2, so both kinds run
     "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "image_token_id": 151655,
-    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "tie_word_embeddings": False,
+    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
     "text_config": {"model_type": "qwen3_5_text", "vocab_size": 151936, "hidden_size": 256, "intermediate_size": 512,
                     "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "linear_num_key_heads": 2,
                     "linear_num_value_heads": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
                     "linear_conv_kernel_dim": 4, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
-                    "eos_token_id": 151645, "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10],
-                                                                "partial_rotary_factor": 0.25, "rope_theta": 10000000,
-                                                                "rope_type": "default"}},
+                    "eos_token_id": 151645,
+                    "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10],
+                                        "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"}},
     "vision_config": {"model_type": "qwen3_5", "depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
                       "out_hidden_size": 256, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
                       "num_position_embeddings": 2304}}
 # Qwen/Qwen3-VL-8B-Instruct's preprocessor_config.json (and Qwen3.5's: the same processor)
 QWEN3_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                      "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                      "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+                      "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                      "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                      "image_processor_type": "Qwen2VLImageProcessorFast"}
 # Qwen/Qwen3-VL-8B-Instruct's chat template, as shipped in Qwen/Qwen3-VL-8B-Instruct-GGUF (5292 bytes, its SHA-256
 # as TensorSharp's test pins it: checked below)
 QWEN3_VL_TEMPLATE = r"""{%- if tools %}
@@ -3524,8 +3526,8 @@ QWEN3_REPO, QWEN3_MOE_REPO, QWEN35_REPO = ("test-org/Qwen3-VL-8B-2layer", "test-
 
 def small3(config, **text):
     """A Qwen3-VL config at narrow width, 2 decoder layers and 4 vision blocks (the DeepStack taps: blocks 1-3)."""
-    return dict(config, text_config=dict(config["text_config"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, **text),
+    return dict(config, text_config=dict(config["text_config"], hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **text),
                 vision_config=dict(config["vision_config"], depth=4, hidden_size=64, intermediate_size=128, num_heads=2,
                                    out_hidden_size=256, deepstack_visual_indexes=[1, 2, 3]))
 
@@ -3540,7 +3542,8 @@ def qwen3_cache(tmp_path_factory):
     moe = small3(QWEN3_VL_MOE_CONFIG, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
     return cache, {QWEN3_REPO: cache_repo(cache, QWEN3_REPO, config=small3(QWEN3_VL_8B_CONFIG),
                                           chat_template=QWEN3_VL_TEMPLATE, **files),
-                   QWEN3_MOE_REPO: cache_repo(cache, QWEN3_MOE_REPO, config=moe, chat_template=QWEN3_VL_TEMPLATE, **files),
+                   QWEN3_MOE_REPO: cache_repo(cache, QWEN3_MOE_REPO, config=moe, chat_template=QWEN3_VL_TEMPLATE,
+                                              **files),
                    QWEN35_REPO: cache_repo(cache, QWEN35_REPO, config=QWEN3_5_CONFIG, **files)}
 
 
@@ -3576,8 +3579,9 @@ def test_qwen3_random_models_have_the_published_widths(tmp_path):
         assert text.rope_parameters["rope_theta"] == want["rope_theta"] and cfg.tie_word_embeddings is False
         assert {k: text.rope_parameters[k] for k in ("mrope_section", "mrope_interleaved")} == \
             {k: want["rope_scaling"][k] for k in ("mrope_section", "mrope_interleaved")}
-        for k in ("deepstack_visual_indexes", "depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-                  "num_position_embeddings", "patch_size", "spatial_merge_size", "temporal_patch_size"):
+        for k in ("deepstack_visual_indexes", "depth", "hidden_size", "intermediate_size", "num_heads",
+                  "out_hidden_size", "num_position_embeddings", "patch_size", "spatial_merge_size",
+                  "temporal_patch_size"):
             assert getattr(vision, k) == pub["vision_config"][k], (name, k)
     with torch.device("meta"):
         n = sum(p.numel() for p in Qwen3VLForConditionalGeneration(M.tiny_config(tok, **M.RANDOM["random-qwen3vl-8b"]))
@@ -3618,7 +3622,8 @@ def processor_ids(policy, messages, images, template, **kw):
     parts = text.split("<|image_pad|>")
     assert len(parts) == len(images) + 1
     n = [improc.get_number_of_image_patches(im.height, im.width, {}) // improc.merge_size ** 2 for im in images]
-    return policy.tok("".join(p + "<|image_pad|>" * k for p, k in zip(parts, n + [0])), add_special_tokens=False)["input_ids"]
+    text = "".join(p + "<|image_pad|>" * k for p, k in zip(parts, n + [0]))
+    return policy.tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_qwen3_tool_episode_is_the_processors_chat_template(qwen3):
@@ -3630,7 +3635,8 @@ def test_qwen3_tool_episode_is_the_processors_chat_template(qwen3):
     assert qwen3.family == "qwen3_vl" and qwen3.factor == 32 and M.ids(qwen3, "<think>") == [151667]
     rec = D.synthetic(1, seed=3)[0]
     call = {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}
-    turns = ["<think>Zoom in.</think>" + T.render_call("zoom_in", call), f"<think>I see it.</think><answer>{rec['answer']}</answer>"]
+    turns = ["<think>Zoom in.</think>" + T.render_call("zoom_in", call),
+             f"<think>I see it.</think><answer>{rec['answer']}</answer>"]
     ep, err = sft.rebuild(qwen3, rec, turns, ["zoom_in"], CFG3)
     (w, h), n = ep["images"][1]["img"].size, [e["n"] for e in T.episode_images(qwen3, ep)]
     assert err is None and (w, h, n) == (256, 288, [64, 72])  # Qwen's rule: min = max = 65536 px, ceiled to 32s
@@ -3674,19 +3680,21 @@ def scripted_episodes(policy, cfg=CFG):
     eps = [T.new_episode(policy, r, **cfg) for r in D.synthetic(3, seed=5)]
     for ep, boxes in zip(eps, ([], [[0, 0, 50, 60]], [[0, 0, 50, 60], [10, 10, 40, 30]])):
         for k, b in enumerate(boxes):
-            T.advance(policy, ep, M.ids(policy, "<think>z</think>" + T.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
-                      reason="stop")
+            call = T.render_call("zoom_in", {"image_index": k, "bbox_2d": b})
+            T.advance(policy, ep, M.ids(policy, "<think>z</think>" + call), reason="stop")
     assert [len(ep["images"]) for ep in eps] == [1, 2, 3]
     return eps
 
 
-@pytest.mark.parametrize("repo", [QWEN3_REPO, QWEN3_MOE_REPO, QWEN35_REPO])
+@pytest.mark.parametrize("repo", [QWEN3_REPO, QWEN3_MOE_REPO, QWEN35_REPO, "qwen3_5_moe"])
 def test_qwen3_positions_and_logprobs_are_transformers(repo, qwen3_cache, request):
-    """Each family, 1 to 3 images in multi-turn episodes, left-padded in a batch: the M-RoPE positions equal
-    transformers' get_rope_index (Qwen3-VL's, Qwen3.5's), and token_logprobs (the fused kernel on the output layer)
-    equals log_softmax of the model's own logits."""
+    """Each family (Qwen3.5-MoE: a toy one, the tiny tokenizer), 1 to 3 images in multi-turn episodes, left-padded in
+    a batch: the M-RoPE positions equal transformers' get_rope_index (Qwen3-VL's, Qwen3.5's), and token_logprobs (the
+    fused kernel on the output layer) equals log_softmax of the model's own logits."""
     policy = request.getfixturevalue("qwen35") if repo == QWEN35_REPO else \
-        request.getfixturevalue("qwen3") if repo == QWEN3_REPO else C.load_policy(qwen3_cache[1][repo], device="cpu")
+        request.getfixturevalue("qwen3") if repo == QWEN3_REPO else \
+        C.load_policy("tiny", device="cpu", arch=dict(family=repo)) if repo == "qwen3_5_moe" else \
+        C.load_policy(qwen3_cache[1][repo], device="cpu")
     eps = scripted_episodes(policy)
     assert_positions_match_transformers(policy, eps)
     seqs, imgs = [e["seq"] for e in eps], [T.episode_images(policy, e) for e in eps]
@@ -3727,14 +3735,16 @@ def published_tensor_names_qwen3(layers, blocks, taps):
     """Qwen/Qwen3-VL-8B-Instruct's tensor names (transformers 4.57's layout, as public quantisation configs and
     ports list them), for so many layers, vision blocks and DeepStack taps."""
     names = {"lm_head.weight", "model.language_model.embed_tokens.weight", "model.language_model.norm.weight",
-             "model.visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.bias", "model.visual.pos_embed.weight"}
+             "model.visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.bias",
+             "model.visual.pos_embed.weight"}
     names |= {f"model.language_model.layers.{i}.{n}.weight" for i in range(layers) for n in (
         "input_layernorm", "post_attention_layernorm", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
         "self_attn.k_norm")}
     names |= {f"model.visual.blocks.{i}.{n}.{w}" for i in range(blocks) for w in ("weight", "bias") for n in (
         "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2", "norm1", "norm2")}
-    return names | {f"model.visual.{m}.{n}.{w}" for m in ["merger"] + [f"deepstack_merger_list.{j}" for j in range(taps)]
+    mergers = ["merger"] + [f"deepstack_merger_list.{j}" for j in range(taps)]
+    return names | {f"model.visual.{m}.{n}.{w}" for m in mergers
                     for n in ("norm", "linear_fc1", "linear_fc2") for w in ("weight", "bias")}
 
 
@@ -3777,14 +3787,16 @@ def test_qwen3_grpo_and_sft_steps_on_hub_ids(qwen3_cache, tmp_path, two_threads,
     budget = ["--view-max-pixels", "65536", "--crop-max-pixels", "65536"]
     for repo in (QWEN3_REPO, QWEN3_MOE_REPO, QWEN35_REPO):
         run = ["--model", repo] + SMALL_RUN[2:] + budget
-        G.main(run + ["--steps", "1", "--prompts", "1", "--group-size", "2", "--lr", "1e-6", "--out", str(tmp_path / repo)])
+        G.main(run + ["--steps", "1", "--prompts", "1", "--group-size", "2", "--lr", "1e-6",
+                      "--out", str(tmp_path / repo)])
     sft.main(["--model", QWEN3_REPO] + SMALL_RUN[2:4] + budget + ["--max-turn-tokens", "96", "--n-items", "2",
                                                                   "--batch-size", "2", "--steps", "1", "--lr", "1e-6",
                                                                   "--out", str(tmp_path / "sft")])
     for out, family in ((QWEN3_REPO, "qwen3_vl"), (QWEN3_MOE_REPO, "qwen3_vl_moe"), (QWEN35_REPO, "qwen3_5"),
                         ("sft", "qwen3_vl")):
         cfg = json.load(open(tmp_path / out / "run.json"))["episode"]
-        assert (cfg["family"], cfg["factor"], cfg["view_min_pixels"], cfg["view_max_pixels"]) == (family, 32, 65536, 65536)
+        assert (cfg["family"], cfg["factor"], cfg["view_min_pixels"], cfg["view_max_pixels"]) == \
+            (family, 32, 65536, 65536)
         assert json.loads(open(tmp_path / out / "metrics.jsonl").readline())["step"] == 1
     with pytest.raises(SystemExit, match="--view-max-pixels 12544: below the model's minimum of 65536"):
         G.main(["--model", QWEN3_REPO] + SMALL_RUN[2:] + ["--view-max-pixels", "12544", "--out", str(tmp_path / "x")])
