@@ -105,9 +105,11 @@ def run_one(impl, N, H, V, dtype, device, reps):
 
 
 def rollout_bench(a, device):
-    name, arch = a.model or (C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"), None
-    if name == "random-3b":
-        arch = dict(M.QWEN25_VL_3B, text=dict(M.QWEN25_VL_3B["text"], num_hidden_layers=a.layers))
+    name, arch, label = a.model or (C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"), None, None
+    if M.RANDOM.get(name):  # random-*: the published widths with random weights, --layers decoder layers
+        pub = M.RANDOM[name]
+        arch = dict(pub, text=dict(pub["text"], num_hidden_layers=a.layers or pub["text"]["num_hidden_layers"]))
+        label = f"{name} (published widths, random weights), {arch['text']['num_hidden_layers']} layers"
     policy = C.load_policy(name, device=device, arch=arch)
     policy.model.eval()
     records = D.dataset("synthetic", "test")[:a.prompts]
@@ -153,7 +155,7 @@ def rollout_bench(a, device):
             if r and (best.get((setting, path)) is None or res[0] < best[(setting, path)][0]):
                 best[(setting, path)] = res
     eps = best[("multi-turn", "engine")][5]
-    print(f"# {name if arch is None else f'random Qwen2.5-VL-3B widths, {a.layers} layers'} on {device} "
+    print(f"# {label or name} on {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{policy.model.dtype}, {a.prompts} prompts x {a.group}, at most {a.max_new} new tokens a turn, images of "
           f"<= {a.pixels} px; multi-turn: {sum(len(ep['turns']) for ep in eps) / len(eps):.2f} turns and "
@@ -181,8 +183,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test of this script")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: IMPL N, run in a child
     p.add_argument("--rollout", action="store_true", help="benchmark the rollout engine instead (see 2. above)")
-    p.add_argument("--model", help="--rollout: tiny, random-3b, a hub id or a folder (default: runs/sft, else tiny)")
-    p.add_argument("--layers", type=int, default=36, help="--rollout --model random-3b: decoder layers")
+    p.add_argument("--model", help="--rollout: tiny, random-3b, random-qwen3vl-8b, ..., a hub id or a folder "
+                                   "(default: runs/sft, else tiny)")
+    p.add_argument("--layers", type=int,
+                   help="--rollout --model random-*: decoder layers (default: the published depth)")
     p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=96, help="--rollout: new tokens a turn at most")

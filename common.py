@@ -32,7 +32,8 @@ DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sf
 def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     """The flags sft.py, grpo.py and eval.py share."""
     # what to run on
-    p.add_argument("--model", default=model, help="'tiny', 'random-3b', a hub id, or a checkpoint folder")
+    p.add_argument("--model", default=model, help="'tiny', 'random-3b' (random-qwen3vl-8b, ...: model.RANDOM), a hub id "
+                                                    "(Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a checkpoint folder")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)
@@ -133,13 +134,15 @@ def parse_tools(s):
 
 
 def episode_cfg(args, policy_or_improc):
-    """The episode's settings (tools.DEFAULTS' keys) from the flags, the pixel budgets they leave open from the model's
-    image processor (tools.settings). A budget below the model's minimum: one line, SystemExit."""
+    """The episode's settings (tools.DEFAULTS' keys) from the flags, the resize unit and the pixel budgets they leave
+    open from the model's image processor (tools.settings), and the model family they are of (run.json records them).
+    A budget below the model's minimum: one line, SystemExit."""
     improc = getattr(policy_or_improc, "improc", policy_or_improc)
     try:
-        return T.settings(improc, **{k: getattr(args, k) for k in T.DEFAULTS})
+        cfg = T.settings(improc, **{k: getattr(args, k) for k in T.DEFAULTS})
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    return dict(cfg, family=getattr(policy_or_improc, "family", None))
 
 # -----------------------------------------------------------------------------
 # 2. processes

@@ -337,6 +337,7 @@ def main(argv=None):
             split=args.split, limit=args.limit, n_items=len(records), seed=args.seed, shuffle_seed=args.shuffle_seed,
             samples=args.samples, greedy=greedy, temperature=None if greedy else args.temperature, **C.filters(args),
             batch_size=args.batch_size, world_size=world, device=str(device), dtype=str(policy.model.dtype),
+            family=policy.family,
             pixels=dict({k: v for k, v in cfg.items() if k.endswith("pixels")}, zoom_window=cfg["zoom_window"]),
             limits={k: cfg[k] for k in ("max_turns", "max_images", "max_turn_tokens", "max_tokens")},
             dialect=cfg["dialect"], skipped_rows=bad or [], skip_bad=args.skip_bad, replay=args.replay,

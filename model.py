@@ -1,10 +1,11 @@
 """
-model.py: the policy. Loading a Qwen2.5-VL (and saving it in the published layout), turning episodes into
-model inputs, batched sampling of the next assistant turn, and per-token log-probs of sampled tokens
-(through kernel.py's fused kernel).
+model.py: the policy. Loading a Qwen2.5-VL, Qwen3-VL or Qwen3.5 (families.py: what differs between them) and
+saving it in the published layout, turning episodes into model inputs, batched sampling of the next assistant
+turn, and per-token log-probs of sampled tokens (through kernel.py's fused kernel).
 
     policy = common.load_policy("tiny")                 # random ~2M-param Qwen2.5-VL, built locally
-    policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or a local folder / a lookagain checkpoint
+    policy = common.load_policy("Qwen/Qwen2.5-VL-3B-Instruct")   # or Qwen/Qwen3-VL-8B-Instruct, a local folder,
+                                                                 # a lookagain checkpoint
 
 A sequence, everywhere in lookagain, is the token ids of one whole conversation, each image inline as
 `<|vision_start|>` + n x `<|image_pad|>` + `<|vision_end|>` (n = grid_t*grid_h*grid_w / merge^2), with a
@@ -21,10 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AttentionInterface, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+from transformers import (AttentionInterface, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
+                          Qwen2VLImageProcessorPil)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from families import FAMILIES, QWEN3_5_9B, QWEN3_VL_8B, QWEN3_VL_30B_A3B, QWEN25_VL_3B, published_files
 from kernel import fused_logprobs
 
 # Qwen2.5's special tokens, in Qwen's order. The tiny tokenizer carries them too so that every code path
@@ -55,39 +57,27 @@ def tiny_tokenizer(corpus, vocab_size=2048):
     return tok
 
 
-def tiny_config(tok, vision=None, text=None):
-    """A Qwen2.5-VL with the real architecture (windowed ViT, 2x2 patch merger, M-RoPE decoder) at toy
-    width: ~2.5M parameters, most of them the embedding. vision, text: fields to override (other widths:
-    bench.py's random-3b, the tests' real-architecture model)."""
+def tiny_config(tok, vision=None, text=None, family="qwen2_5_vl", tie=True):
+    """A model of `family` with its real architecture (Qwen2.5-VL: windowed ViT, 2x2 patch merger, M-RoPE decoder)
+    at toy width (families.py: ~2.5M parameters, most of them the embedding). vision, text: fields to override
+    (the published widths: RANDOM); tie: the output layer is the input embedding."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    head_dim = 32  # hidden / heads; M-RoPE splits its 16 frequencies into (t, h, w) = (4, 6, 6)
-    return Qwen2_5_VLConfig(
-        vision_config=dict(dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                                spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                                out_hidden_size=192, fullatt_block_indexes=[1]), **(vision or {})),
-        text_config=dict(dict(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                              num_attention_heads=192 // head_dim, num_key_value_heads=2,
-                              max_position_embeddings=8192, bos_token_id=ids["<|endoftext|>"],
-                              eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                   mrope_section=[4, 6, 6])), **(text or {})),
+    base = FAMILIES[family]["tiny"]
+    return FAMILIES[family]["config"](
+        vision_config=dict(base["vision"], **(vision or {})),
+        text_config={**base["text"], "vocab_size": len(tok), "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], **(text or {})},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=tie)
 
 
 QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's smallest image: 2 x 2 merged tokens of 28 x 28 px
 
-
-# Qwen/Qwen2.5-VL-3B-Instruct's config fields. --model random-3b: a model of its widths and depth with random
-# weights and the tiny tokenizer, built here: speed and memory at the real size with nothing to download.
-QWEN25_VL_3B = dict(
-    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
-                fullatt_block_indexes=[7, 15, 23, 31]),
-    text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
-              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
-RANDOM = {"tiny": None, "random-3b": QWEN25_VL_3B}  # the models built here: name -> tiny_config's overrides
+# the models built here, random weights and the tiny tokenizer: name -> tiny_config's overrides (family, widths).
+# random-*: the published widths and depth (families.py), for speed and memory at the real size, nothing downloaded.
+RANDOM = {"tiny": None, "random-3b": QWEN25_VL_3B, "random-qwen3vl-8b": QWEN3_VL_8B,
+          "random-qwen3vl-30b-a3b": QWEN3_VL_30B_A3B, "random-qwen3.5-9b": QWEN3_5_9B}
 
 
 def resolve(name):
@@ -112,12 +102,29 @@ def resolve(name):
     raise SystemExit(f"--model {name}: no such folder, and not in the Hugging Face cache ({why})")
 
 
-def image_processor(folder):
-    """Qwen2.5-VL's image processor, with its pixel budget for one image: a folder's (a real Qwen's is 3136 to
-    12845056 px), or for the tiny model (folder None) 3136 to 112 x 112 px."""
+def image_processor(folder, family):
+    """The family's image processor (Qwen2-VL's, with the family's patch), with its pixel budget for one image: a
+    folder's (Qwen2.5-VL's is 3136 to 12845056 px, Qwen3-VL's 65536 to 16777216), or for a model built here (folder
+    None) 2 x 2 to 4 x 4 merged tokens (Qwen2.5-VL: 56 x 56 to 112 x 112 px; Qwen3-VL: 64 x 64 to 128 x 128)."""
     if folder is None:
-        return Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=112 * 112)
+        f = 2 * family["patch"]  # the resize factor: a merged token is 2 x 2 patches
+        return Qwen2VLImageProcessorPil(patch_size=family["patch"], min_pixels=(2 * f) ** 2, max_pixels=(4 * f) ** 2,
+                                        image_mean=family["mean"], image_std=family["std"])
     return Qwen2VLImageProcessorPil.from_pretrained(folder)
+
+
+def family_of(name, folder, arch=None):
+    """--model's family (families.py): a model built here, its overrides' (arch, else RANDOM's); a folder, its
+    config.json's model_type (one line saying why if that is not a family here)."""
+    if folder is None:
+        return FAMILIES[(arch or RANDOM[name] or {}).get("family", "qwen2_5_vl")]
+    try:
+        kind = json.load(open(os.path.join(folder, "config.json"))).get("model_type")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {name}: no readable config.json ({type(e).__name__})") from None
+    if kind not in FAMILIES:
+        raise SystemExit(f"--model {name}: model_type {kind!r} is not a family lookagain runs ({', '.join(FAMILIES)})")
+    return FAMILIES[kind]
 
 
 SDPA = AttentionInterface()["sdpa"]
@@ -141,7 +148,7 @@ AttentionMaskInterface.register("grouped_sdpa", sdpa_mask)
 def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_vision=False, train=False,
          corpus=None, arch=None):
     """-> policy: a namespace with .model .tok .improc .device and the special token ids. name: a model built
-    here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`; "random-3b", drawn on
+    here (RANDOM: "tiny", same seed -> same weights, its tokenizer trained on `corpus`; "random-*", drawn on
     `device`), a hub id, or a local folder (a lookagain checkpoint is a Hugging Face folder). arch: tiny_config's
     overrides (bench.py --layers). On GPU: bf16 weights for inference; for training fp32 master weights under
     bf16 autocast (an update of lr 1e-6 is far below bf16's 2^-8 resolution). fp32 on CPU unless `dtype` says."""
@@ -149,7 +156,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     amp = device.type == "cuda" and train and dtype is None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
     folder = resolve(name)
-    improc = image_processor(folder)
+    family = family_of(name, folder, arch)
+    improc = image_processor(folder, family)
     if folder is None:
         if not corpus:
             raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
@@ -158,10 +166,10 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         torch.cuda.manual_seed_all(seed)
         arch = arch or RANDOM[name]
         with torch.device(device if arch else "cpu"):  # tiny: drawn on the CPU, the same weights on every device
-            model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, **(arch or {})))
+            model = family["cls"](tiny_config(tok, **(arch or {})))
     else:
         tok = AutoTokenizer.from_pretrained(folder)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        model = family["cls"].from_pretrained(folder, dtype=dtype)
     model.set_attn_implementation("grouped_sdpa")
     model.to(device=device, dtype=dtype)
     if grad_ckpt:
@@ -174,6 +182,8 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     sid = tok.convert_tokens_to_ids
     return SimpleNamespace(
         name=name, folder=folder, model=model, tok=tok, improc=improc, device=device, amp=amp, captured=captured,
+        family=family["name"], header=family["header"], kv_turns=family["kv_turns"], published=family["published"],
+        factor=improc.patch_size * improc.merge_size,  # the tools' resize unit: a merged token's side in pixels
         sharded=False, stats=Counter(),  # sample()'s work: prefill_tokens, decode_rows (rows x decode steps)
         # a toy model (the tiny demo) gets the compact system prompt: see tools.system_prompt
         toy=sum(p.numel() for p in model.parameters()) < 50e6,
@@ -183,17 +193,18 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
         # a turn ends at <|im_end|> (Qwen's end of turn) or <|endoftext|>
         eos=[sid("<|im_end|>"), sid("<|endoftext|>")],
         # Qwen2.5-VL's chat template writes this system turn when a conversation has none (_chunks)
-        default_system="You are a helpful assistant.",
+        default_system=family["default_system"],
         # vision placeholders the policy must never write: an <|image_pad|> with no image behind it would
         # break the next forward. Sampling one ends the turn (reason "invalid") without keeping it.
         forbidden={sid(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
                                     "<|video_pad|>")})
 
 
-# checkpoints, in the layout of the published Qwen/Qwen2.5-VL-3B-Instruct folder: transformers 5 writes its own
-# (a nested text_config without rope_scaling, a list of extra_special_tokens, the pixel budget as `size`), which
-# transformers 4.5x and the vLLM releases on it misread (no M-RoPE section, a random untied output layer, a
-# tokenizer error, a default pixel budget); the published fields are read by both.
+# checkpoints, in the layout of the published folder (Qwen/Qwen2.5-VL-3B-Instruct's, Qwen/Qwen3-VL-8B-Instruct's:
+# families.published_files): transformers 5 writes its own (a nested text_config without rope_scaling, a list of
+# extra_special_tokens, the pixel budget as `size`), which transformers 4.5x and the vLLM releases on it misread (no
+# M-RoPE section, a random untied output layer, a tokenizer error, a default pixel budget); the published fields are
+# read by both. A family without a published layout here (families.py: published=False) is saved in transformers'.
 
 
 def save(policy, path, state_dict=None):
@@ -202,56 +213,42 @@ def save(policy, path, state_dict=None):
     tokenizer and preprocessor fields."""
     os.makedirs(path, exist_ok=True)
     model, tok, improc = policy.model, policy.tok, policy.improc
-    c, t, v = model.config, model.config.text_config, model.config.vision_config
+    c, t = model.config, model.config.text_config
     sd = model.state_dict() if state_dict is None else state_dict
     model.save_pretrained(path, state_dict={k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items()
                                             if not (c.tie_word_embeddings and k == "lm_head.weight")})
     tok.save_pretrained(path)  # tokenizer.json (and the chat template, if any); its config is rewritten below
-    cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
-    added = sorted(tok.added_tokens_decoder.items())
-    files = {"config.json": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": t.attention_dropout,
-        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "vision_start_token_id": c.vision_start_token_id,
-        "vision_end_token_id": c.vision_end_token_id, "vision_token_id": tok.convert_tokens_to_ids("<|vision_pad|>"),
-        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
-        **{k: getattr(t, k) for k in ("hidden_act", "hidden_size", "initializer_range", "intermediate_size",
-                                      "max_position_embeddings", "max_window_layers")}, "model_type": "qwen2_5_vl",
-        **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")},
-        "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
-        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
-        "transformers_version": transformers.__version__, "use_cache": True, "use_sliding_window": False,
-        "vision_config": {k: getattr(v, {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(k, k)) for k in (
-            "depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "in_chans", "out_hidden_size",
-            "patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "fullatt_block_indexes",
-            "tokens_per_second", "temporal_patch_size")},
-        "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]}, "vocab_size": t.vocab_size},
-        # lookagain's stop tokens, and no sampling defaults (vLLM would adopt Qwen's temperature 1e-6)
-        "generation_config.json": {"bos_token_id": t.bos_token_id, "pad_token_id": policy.pad, "eos_token_id": policy.eos,
-                                   "transformers_version": transformers.__version__},
-        "tokenizer_config.json": {
+    # lookagain's stop tokens, and no sampling defaults (vLLM would adopt Qwen's temperature 1e-6)
+    files = {"generation_config.json": {"bos_token_id": t.bos_token_id, "pad_token_id": policy.pad,
+                                        "eos_token_id": policy.eos, "transformers_version": transformers.__version__}}
+    if policy.published:
+        cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
+        added = sorted(tok.added_tokens_decoder.items())
+        files |= published_files(FAMILIES[policy.family], model, tok, improc)
+        files["tokenizer_config.json"] = {
             "add_prefix_space": False,
             "added_tokens_decoder": {str(i): {k: getattr(a, k) for k in ("content", "lstrip", "normalized", "rstrip",
                                                                         "single_word", "special")} for i, a in added},
             # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it)
             "additional_special_tokens": [a.content for _, a in added if a.special and a.content != "<|endoftext|>"],
             "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
-            "model_max_length": min(tok.model_max_length, 131072), "pad_token": tok.pad_token, "split_special_tokens": False,
-            "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None},
-        "preprocessor_config.json": {  # min/max_pixels: 4.5x ignores `size`
-            "min_pixels": improc.size["shortest_edge"], "max_pixels": improc.size["longest_edge"],
-            **{k: getattr(improc, k) for k in ("patch_size", "temporal_patch_size", "merge_size")},
-            "image_mean": list(improc.image_mean), "image_std": list(improc.image_std),
-            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}}
+            "model_max_length": min(tok.model_max_length, FAMILIES[policy.family]["max_length"]),
+            "pad_token": tok.pad_token, "split_special_tokens": False,
+            "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None}
+    else:
+        improc.save_pretrained(path)
     for name, obj in files.items():
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
     if policy.folder and not os.path.samefile(policy.folder, path):  # the rest of a published folder, as loaded
-        for f in ("vocab.json", "merges.txt", "chat_template.json"):
+        for f in ("vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
+                  "video_preprocessor_config.json"):
             if os.path.isfile(os.path.join(policy.folder, f)):
                 shutil.copy(os.path.join(policy.folder, f), path)
 
 # -----------------------------------------------------------------------------
-# the chat layout (Qwen2.5): one prompt builder for sampling, SFT and evaluation
+# the chat layout (Qwen2.5's, kept by Qwen3-VL's and Qwen3.5's templates; the family gives the assistant header):
+# one prompt builder for sampling, SFT and evaluation
 
 
 def ids(policy, text):
@@ -279,16 +276,17 @@ def image_ids(policy, enc):
 
 def _chunks(policy, messages, trained_text=False):
     """The conversation in order, as ("text", str, trained), ("image", k) and ("sampled", part). Without a system
-    message first, Qwen2.5-VL's chat template writes its default one, and so does this. A closed message ends in
-    <|im_end|> (unless the policy sampled it) and, when another message follows, "\n". trained: the harness text
-    inside an assistant message and its closing <|im_end|> (VLM-R3 trains them), with trained_text."""
+    message first, Qwen2.5-VL's chat template writes its default one (policy.default_system; Qwen3-VL's writes
+    none), and so does this. A closed message ends in <|im_end|> (unless the policy sampled it) and, when another
+    message follows, "\n". trained: the harness text inside an assistant message and its closing <|im_end|> (VLM-R3
+    trains them), with trained_text."""
     first = next((m for m in messages if m["role"]), None)
     for i, m in enumerate(messages):
         train = trained_text and m["role"] == "assistant"
         if m is first and m["role"] != "system" and policy.default_system is not None:
             yield "text", f"<|im_start|>system\n{policy.default_system}<|im_end|>\n", False
-        if m["role"]:
-            yield "text", f"<|im_start|>{m['role']}\n", False
+        if m["role"]:  # (an assistant turn opens as the family's chat template opens it: Qwen3.5's with <think>)
+            yield "text", policy.header if m["role"] == "assistant" else f"<|im_start|>{m['role']}\n", False
         for p in m["parts"]:
             if isinstance(p, str):
                 yield "text", p, train
@@ -493,11 +491,14 @@ def _row_cache(past, attn, i, nxt):
 
 def _keep_rows(past, attn, idx):
     """The batch rows idx (repeats allowed) of the cache, in place, and of its mask, without the leading
-    columns none of them uses. -> the mask"""
+    columns none of them uses (a linear-attention layer's state, Qwen3.5's, has no columns). -> the mask"""
     attn = attn[idx]
     start = int(attn.any(0).long().argmax())
     for layer in past.layers:
-        layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
+        if hasattr(layer, "recurrent_states"):  # conv [B, channels, kernel], recurrent [B, heads, dk, dv]
+            layer.conv_states[0], layer.recurrent_states[0] = layer.conv_states[0][idx], layer.recurrent_states[0][idx]
+        else:
+            layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
     return attn[:, start:]
 
 
@@ -512,7 +513,7 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
     generators: one per row (None: the global RNG), so results depend neither on batching nor on sharding.
     -> list of (new_ids, logps, reason, cache), reason in {"eos", "stop", "length", "invalid"}, logps as
     draw()'s; cache: the row's sequence and new_ids but the last (not yet forwarded), None when uncached."""
-    B, keep = len(seqs), caches is not None
+    B, keep = len(seqs), caches is not None and policy.kv_turns  # (a family whose cache cannot: whole turns)
     caches = caches if keep else [None] * B
 
     def standin():  # a sharded rank with no rows left runs as many forward passes as the others

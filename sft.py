@@ -418,7 +418,8 @@ def main(argv=None):
         if not args.to:
             raise SystemExit("--convert-vlir needs --to OUT.jsonl")
         # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
-        view = C.episode_cfg(args, M.image_processor(M.resolve(args.model)))["view_max_pixels"]
+        folder = M.resolve(args.model)
+        view = C.episode_cfg(args, M.image_processor(folder, M.family_of(args.model, folder)))["view_max_pixels"]
         return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
                             vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     return reflect_main(args) if args.reflect else train(args)

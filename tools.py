@@ -23,8 +23,9 @@ from dialects import DIALECTS
 
 
 def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 * 112):
-    """Qwen2-VL's resize rule: the nearest (h, w) with both sides multiples of `factor` (the 14 px patch times the
-    2x2 merge) and min_pixels <= h*w <= max_pixels, keeping the aspect ratio."""
+    """Qwen2-VL's resize rule: the nearest (h, w) with both sides multiples of `factor` (the patch times the 2x2
+    merge: 28 for Qwen2.5-VL's 14 px patches, 32 for Qwen3-VL's and Qwen3.5's 16) and min_pixels <= h*w <= max_pixels,
+    keeping the aspect ratio."""
     if max(h, w) / min(h, w) > 200:
         raise ValueError(f"aspect ratio {max(h, w) / min(h, w):.0f} is over Qwen's limit of 200")
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
@@ -118,19 +119,19 @@ def _clamped_box(view, box):
 
 
 def zoom_in(ep, image_index, bbox_2d, cfg):
-    """VLM-R3's crop: the box clamped, in original pixels, grown to >= 28 px a side, adaptively magnified."""
+    """VLM-R3's crop: the box clamped, in original pixels, grown to >= one resize unit a side (28 px for Qwen2.5-VL),
+    adaptively magnified."""
     view = ep["images"][image_index]
     x1, y1, x2, y2 = _clamped_box(view, bbox_2d)
     (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)
     W, H = ep["originals"][view["src"]].size
-    # each side at least 28 px and 1/199 of the other (Qwen's aspect limit is 200: a thin box across a wide
+    # each side at least a resize unit and 1/199 of the other (Qwen's aspect limit is 200: a thin box across a wide
     # image would break it); the window still fits, as data.py admits images of aspect <= 200 only
     w, h = ox2 - ox1, oy2 - oy1
-    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, 28, h / 199), W)
-    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, 28, w / 199), H)
+    ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, cfg["factor"], h / 199), W)
+    oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, cfg["factor"], w / 199), H)
     s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H) if cfg["adaptive_zoom"] else 1.0
-    h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, min_pixels=cfg["crop_min_pixels"],
-                        max_pixels=cfg["crop_max_pixels"])
+    h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, cfg["factor"], cfg["crop_min_pixels"], cfg["crop_max_pixels"])
     return make_view(ep["originals"], view["src"], (ox1, oy1, ox2, oy2), (w, h), view["annots"])
 
 
@@ -145,15 +146,15 @@ def zoom_point(ep, image_index, point_2d, cfg):
     if cfg["zoom_source"] == "view":
         (x1, x2), (y1, y2) = fit_window(point_2d[0], win, w), fit_window(point_2d[1], win, h)
         s = max(w, h, win) / max(x2 - x1, y2 - y1)
-        hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, min_pixels=cfg["crop_min_pixels"],
-                              max_pixels=cfg["crop_max_pixels"])
+        hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, cfg["factor"], cfg["crop_min_pixels"],
+                              cfg["crop_max_pixels"])
         box = (*to_original(view, x1, y1), *to_original(view, x2, y2))
         img = view["img"].resize((ww, hh), Image.BICUBIC, box=(x1, y1, x2, y2))
         return dict(img=img, src=view["src"], box=box, annots=dict(view["annots"]), enc=None)
     (ox, oy), (W, H) = to_original(view, *point_2d), ep["originals"][view["src"]].size
     (x1, x2), (y1, y2) = fit_window(ox, win, W), fit_window(oy, win, H)
     target = math.prod(ep["images"][0]["img"].size)
-    hh, ww = smart_resize(y2 - y1, x2 - x1, min_pixels=target, max_pixels=target)
+    hh, ww = smart_resize(y2 - y1, x2 - x1, cfg["factor"], min_pixels=target, max_pixels=target)
     return make_view(ep["originals"], view["src"], (x1, y1, x2, y2), (ww, hh), view["annots"])
 
 
@@ -251,16 +252,20 @@ DEFAULTS = vars(add_episode_flags(argparse.ArgumentParser()).parse_args([]))
 
 
 def settings(improc, **cfg):
-    """An episode's settings: DEFAULTS updated by cfg, the pixel budgets left open (None) taken from the model's image
-    processor (a real Qwen2.5-VL's 3136 to 12845056 px; tiny: 112 x 112 px), none below 56 x 56 px (ValueError)."""
+    """An episode's settings: DEFAULTS updated by cfg, the resize unit (factor: the vision patch times the 2x2 merge,
+    28 px for Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5) and the pixel budgets left open (None) taken from the model's
+    image processor (a real Qwen2.5-VL's 3136 to 12845056 px, Qwen3-VL's 65536 to 16777216; tiny: 112 x 112 px), none
+    below 2 x 2 merged tokens (Qwen2.5-VL: 56 x 56 px; ValueError)."""
     cfg = {**DEFAULTS, **cfg}
-    lo = max(M.QWEN_MIN_PIXELS, improc.size["shortest_edge"])
+    factor = improc.patch_size * improc.merge_size
+    lo = max((2 * factor) ** 2, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
     for k in ("view_max_pixels", "crop_max_pixels"):
         if cfg[k] is not None and cfg[k] < lo:
-            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]}: below the model's minimum of {lo} px (Qwen's 56 x 56)")
+            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]}: below the model's minimum of {lo} px (at least "
+                             f"{2 * factor} x {2 * factor})")
         cfg[k] = cfg[k] or hi
-    return dict(cfg, view_min_pixels=lo, crop_min_pixels=lo)
+    return dict(cfg, view_min_pixels=lo, crop_min_pixels=lo, factor=factor)
 
 
 # An episode is a dict; rollout() and advance() update it in place:
@@ -292,7 +297,7 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     images = []
     for i, im in enumerate(originals):
         s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
-        h, w = smart_resize(im.height * s, im.width * s, min_pixels=cfg["view_min_pixels"], max_pixels=cfg["view_max_pixels"])
+        h, w = smart_resize(im.height * s, im.width * s, cfg["factor"], cfg["view_min_pixels"], cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
     d = DIALECTS[cfg["dialect"]]
     ep = dict(record=record, tools=list(tools), specs={t: TOOLS[t] for t in tools}, cfg=cfg, dialect=d,
