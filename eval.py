@@ -36,6 +36,7 @@ import torch
 import common as C
 import data as D
 import rewards as R
+import scorers as S
 import tools as T
 
 METRIC = {"vqa": "VQA accuracy", "anls": "ANLS"}  # by record type (TextVQA, DocVQA); else accuracy
@@ -118,8 +119,8 @@ def score_episode(ep, record):
     """One finished episode -> what items.jsonl keeps of it. Scored by rewards.accuracy on the turns."""
     text = "".join(ep["turns"])
     score, why = R.accuracy(text, record)
-    pred = (R.extract_choice(text, record["options"]) if record.get("type") == "multiple_choice"
-            else R.final_answer(text))
+    pred = (S.extract_choice(text, record["options"]) if record.get("type") == "multiple_choice"
+            else S.final_answer(text))
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import model as M
 from data import load_images
-from rewards import extract_answer
+from scorers import extract_answer
 
 # -----------------------------------------------------------------------------
 # geometry
