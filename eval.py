@@ -1,5 +1,5 @@
 """
-eval.py: the evaluation harness. A benchmark (data.load_benchmark) through training's rollout loop, with or without
+eval.py: the evaluation harness. A benchmark (benchmarks.load) through training's rollout loop, with or without
 tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked, hard-example mining.
 
 CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out synthetic items, zoom_in vs tools off.
@@ -29,10 +29,11 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 
+import benchmarks as B
 import common as C
 import data as D
 import rewards as R
@@ -58,20 +59,9 @@ def _mean(xs):
 
 
 def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
-    """(overall, {category: score}) of a per-item value. HR-Bench (its official evaluate()): the mean per rotation
-    (cycle_category), then over rotations, also per category. Else the micro mean (V*'s overall) and per category."""
-    if not items:
-        return None, {}
-    cats = sorted({it["category"] for it in items if it.get("category") is not None})
-    if bench == "hrbench":
-        cycles = defaultdict(list)
-        for it in items:
-            cycles[it.get("cycle_category")].append(it)
-        per = {c: _mean(v for v in (_mean(value(it) for it in g if it.get("category") == c) for g in cycles.values())
-                        if v is not None) for c in cats}
-        return _mean(_mean(value(it) for it in g) for g in cycles.values()), per
-    per = {c: _mean(value(it) for it in items if it.get("category") == c) for c in cats}
-    return _mean(value(it) for it in items), per
+    """(overall, {category: score}) of a per-item value, by the benchmark's own rule (its row of benchmarks.BENCHMARKS:
+    HR-Bench's rotations, VSI-Bench's and SPAR-Bench's means over tasks, ...; micro for a benchmark without one)."""
+    return B.aggregate(items, bench, value)
 
 
 COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in zoom", "gt all in zoom")
@@ -210,9 +200,9 @@ def _git_commit():
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
     C.add_common_flags(p, model="demo", out="runs/eval")
-    p.add_argument("--bench", choices=D.BENCHES, help="the loader for --data (default: synthetic, or lookagain JSONL)")
+    p.add_argument("--bench", choices=B.BENCHMARKS, help="the loader for --data (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
-    p.add_argument("--split", default="test", help="ScienceQA split")
+    p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
@@ -246,8 +236,8 @@ def main():
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
-        records = D.dataset("synthetic", "test") if bench is None else D.load_benchmark(
-            bench, args.data, args.images, args.split, args.shuffle_seed, bad)
+        records = D.dataset("synthetic", "test") if bench is None else B.load(
+            bench, args.data, args.images, args.split, args.shuffle_seed, bad=bad)
     except (ValueError, FileNotFoundError) as e:  # bad data: the message names file and row
         raise SystemExit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad counts and skips bad rows)"))
     records = records[:args.limit] if args.limit else records

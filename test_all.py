@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import benchmarks as B
 import checkpoint
 import common as C
 import data as D
@@ -159,7 +160,7 @@ def test_data_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
     (root / "relative_position" / "sa_2.json").write_text(json.dumps(dict(
         question="Is the cup on the left or right of the dog?", options=["left", "right"],
         target_object=["cup", "dog"], bbox=[[0, 0, 10, 10], [50, 60, 10, 20]])))
-    recs = D.load_benchmark("vstar", str(root))
+    recs = B.load("vstar", str(root))
     assert [r["id"] for r in recs] == ["vstar-direct_attributes-sa_1", "vstar-relative_position-sa_2"]
     assert [r["category"] for r in recs] == ["direct_attributes", "relative_position"]
     # [x, y, w, h] boxes -> the [x1, y1, x2, y2] box around all targets
@@ -168,28 +169,28 @@ def test_data_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
         assert r["type"] == "multiple_choice" and r["options"][ord(r["answer"]) - 65] == right
         assert R.accuracy(f"<answer>{r['answer']}</answer>", r)[0] == 1.0
     # seeded: the same seed gives the same order, other seeds other orders (not always "A")
-    assert D.load_benchmark("vstar", str(root)) == recs
-    letters = {D.load_benchmark("vstar", str(root), shuffle_seed=s)[0]["answer"] for s in range(12)}
+    assert B.load("vstar", str(root)) == recs
+    letters = {B.load("vstar", str(root), shuffle_seed=s)[0]["answer"] for s in range(12)}
     assert len(letters) > 1
     # the same questions from test_questions.jsonl: same ids, same shuffled options, bbox from the side JSON
     text = ("What is the color of the cup?\n(A) red\n(B) blue\n(C) green\n(D) white\n"
             "Answer with the option's letter from the given choices directly.")
     (root / "test_questions.jsonl").write_text(json.dumps(dict(
         image="direct_attributes/sa_1.jpg", text=text, category="direct_attributes", question_id=0, label="A")) + "\n")
-    (j,) = D.load_benchmark("vstar", str(root / "test_questions.jsonl"))
+    (j,) = B.load("vstar", str(root / "test_questions.jsonl"))
     assert j["question"] == "What is the color of the cup?"
     assert {k: j[k] for k in ("id", "options", "answer", "bbox", "category")} == \
         {k: recs[0][k] for k in ("id", "options", "answer", "bbox", "category")}
     # a label that is not one option letter ("AB" sorts between "A" and "D"): the file's line and the label
     (root / "two.jsonl").write_text(json.dumps(dict(image="direct_attributes/sa_1.jpg", text=text, label="AB")) + "\n")
     with pytest.raises(ValueError, match=r"two.jsonl:1: label 'AB' is not one of the 4"):
-        D.load_benchmark("vstar", str(root / "two.jsonl"))
+        B.load("vstar", str(root / "two.jsonl"))
     # a JSON without its image: an error naming the file, or counted and skipped
     os.remove(root / "relative_position" / "sa_2.jpg")
     with pytest.raises(FileNotFoundError, match="sa_2.json"):
-        D.load_benchmark("vstar", str(root))
+        B.load("vstar", str(root))
     bad = []
-    assert len(D.load_benchmark("vstar", str(root), bad=bad)) == 1 and len(bad) == 1 and "sa_2.json" in bad[0]
+    assert len(B.load("vstar", str(root), bad=bad)) == 1 and len(bad) == 1 and "sa_2.json" in bad[0]
 
 
 def test_data_hrbench_loader_base64_reference_and_corrupt_rows(tmp_path):
@@ -204,9 +205,9 @@ def test_data_hrbench_loader_base64_reference_and_corrupt_rows(tmp_path):
              base64.b64encode(b"not an image" * 10).decode()]]  # base64, but of no image
     path.write_text("\n".join("\t".join(r) for r in [cols] + rows) + "\n")
     with pytest.raises(ValueError, match=r"hr_bench_4k.tsv:4: image is not valid base64"):
-        D.load_benchmark("hrbench", str(path))
+        B.load("hrbench", str(path))
     bad = []
-    recs = D.load_benchmark("hrbench", str(path), bad=bad)
+    recs = B.load("hrbench", str(path), bad=bad)
     assert len(recs) == 2 and len(bad) == 2 and ":4:" in bad[0] and ":5: image is base64 of no image" in bad[1]
     a, b = recs
     assert a["id"] == "hr_bench_4k-0" and a["options"] == ["red", "blue", "green", "white"] and a["answer"] == "A"
@@ -216,7 +217,7 @@ def test_data_hrbench_loader_base64_reference_and_corrupt_rows(tmp_path):
     assert callable(a["image"]) and a["image"] is b["image"]  # decoded on demand, from one copy of the bytes
     with pytest.raises(ValueError, match="missing column"):
         (tmp_path / "x.tsv").write_text("index\tquestion\n0\tq\n")
-        D.load_benchmark("hrbench", str(tmp_path / "x.tsv"))
+        B.load("hrbench", str(tmp_path / "x.tsv"))
 
 
 def test_data_textvqa_and_docvqa_loaders(tmp_path):
@@ -226,9 +227,9 @@ def test_data_textvqa_and_docvqa_loaders(tmp_path):
         dict(question="what brand?", image_id="abc", answers=answers, question_id=7, image_classes=["Bottle"]),
         dict(question="what year?", image_id="missing", answers=["1999"] * 10, question_id=8)])))
     with pytest.raises(FileNotFoundError, match=r"data\[1\]: image .*missing.jpg not found"):
-        D.load_benchmark("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"))
+        B.load("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"))
     bad = []
-    (r,) = D.load_benchmark("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"), bad=bad)
+    (r,) = B.load("textvqa", str(tmp_path / "TextVQA_0.5.1_val.json"), bad=bad)
     assert len(bad) == 1 and r["id"] == "textvqa-7" and r["type"] == "vqa" and r["answer"] == answers
     assert R.accuracy("<answer>Coca-Cola</answer>", r)[0] == 1.0
     assert R.accuracy("<answer>coke</answer>", r)[0] == pytest.approx(0.9)  # 3 of 10: VQA accuracy
@@ -237,8 +238,8 @@ def test_data_textvqa_and_docvqa_loaders(tmp_path):
         dict(questionId=49153, question="What is the date?", image="documents/d1.png", answers=["1/8/93"], docId=1),
         dict(questionId=49154, question="Who signed?", image="documents/d1.png")])))  # test split: no answers
     with pytest.raises(ValueError, match=r"val_v1.0.json: data\[1\]: no 'answers'"):
-        D.load_benchmark("docvqa", str(tmp_path / "val_v1.0.json"))
-    (r,) = D.load_benchmark("docvqa", str(tmp_path / "val_v1.0.json"), bad=[])
+        B.load("docvqa", str(tmp_path / "val_v1.0.json"))
+    (r,) = B.load("docvqa", str(tmp_path / "val_v1.0.json"), bad=[])
     assert r["id"] == "docvqa-49153" and r["type"] == "anls" and os.path.isfile(r["image"])
     assert R.accuracy("<answer>1/8/93</answer>", r)[0] == 1.0
 
@@ -252,7 +253,7 @@ def test_data_mathvista_and_scienceqa_loaders(tmp_path):
                   precision=None, answer="4", question_type="multi_choice", answer_type="text", metadata=meta),
         "2": dict(pid="2", question="How long is AB?", image="images/2.jpg", choices=None, unit="cm",
                   precision=1.0, answer="1.5", question_type="free_form", answer_type="float", metadata=meta)}))
-    a, b = D.load_benchmark("mathvista", str(tmp_path / "testmini.json"))
+    a, b = B.load("mathvista", str(tmp_path / "testmini.json"))
     assert a["options"] == ["3", "4"] and a["type"] == "mathvista" and a["category"] == "math-targeted-vqa"
     assert R.accuracy("<answer>B</answer>", a)[0] == 1.0 and R.accuracy("<answer>A</answer>", a)[0] == 0.0
     assert b["question"] == "How long is AB? (Unit: cm)" and "options" not in b
@@ -264,7 +265,7 @@ def test_data_mathvista_and_scienceqa_loaders(tmp_path):
                    image="image.png", split="test", subject="natural science"),
         "11": dict(question="No image here?", choices=["a", "b"], answer=0, hint="", image=None, split="test"),
         "12": dict(question="Train item", choices=["a", "b"], answer=0, hint="", image="image.png", split="train")}))
-    (r,) = D.load_benchmark("scienceqa", str(sq / "problems.json"))
+    (r,) = B.load("scienceqa", str(sq / "problems.json"))
     assert r["id"] == "scienceqa-10" and r["answer"] == "C" and r["options"][2] == "whale"
     assert r["question"] == "Context: Look.\nWhich is a mammal?" and r["category"] == "natural science"
     assert R.accuracy("<answer>C</answer>", r)[0] == 1.0
@@ -277,9 +278,9 @@ def test_data_jsonl_loader_and_skip_bad(tmp_path):
     with open(path, "a") as f:
         f.write(json.dumps(dict(id="q2", image="images/q0.png", question="No answer?")) + "\n")
     with pytest.raises(ValueError, match=r"set.jsonl:3: 'answer'"):
-        D.load_benchmark("jsonl", path)
+        B.load("jsonl", path)
     bad = []
-    got = D.load_benchmark("jsonl", path, bad=bad)
+    got = B.load("jsonl", path, bad=bad)
     assert [r["id"] for r in got] == ["q0", "q1"] and len(bad) == 1 and "set.jsonl:3" in bad[0]
     assert all(os.path.isabs(p) for r in got for p in r["image"])
 
@@ -383,13 +384,13 @@ def test_data_loaders_malformed_rows_named_or_skipped(tmp_path):
         elif content is not None:
             path.write_text(content)
         with pytest.raises(ValueError, match=msg):
-            D.load_benchmark(bench, str(path), images=str(tmp_path / "images") if bench == "scienceqa" else None)
+            B.load(bench, str(path), images=str(tmp_path / "images") if bench == "scienceqa" else None)
         bad = []
-        got = D.load_benchmark(bench, str(path), bad=bad, images=str(tmp_path / "images") if bench == "scienceqa" else None)
+        got = B.load(bench, str(path), bad=bad, images=str(tmp_path / "images") if bench == "scienceqa" else None)
         assert len(got) == 1 and len(bad) == 1 and msg.split(":")[0] in bad[0], (bench, bad)
     (tmp_path / "latin1.tsv").write_bytes(cols.encode() + "0\tCouleur?\trouge\tbleu\t\t\tA\ts\tc\t0\n".encode("latin-1").replace(b"?", b"\xe9"))
     with pytest.raises(ValueError, match="latin1.tsv"):
-        D.load_benchmark("hrbench", str(tmp_path / "latin1.tsv"))
+        B.load("hrbench", str(tmp_path / "latin1.tsv"))
 
 # aggregation rules, on hand-worked cases
 
