@@ -12,10 +12,13 @@ in bounded work. A malformed *record* (unknown type, missing options, non-numeri
 """
 
 import math
+import random
 import re
 import string
 
 import numpy as np
+
+import mathscore as M
 
 MAX_ANSWER_CHARS = 1000  # untagged text longer than this is reasoning, not an answer (DeepEyes: 1000 too)
 LEV_MAX_CHARS = 1000     # levenshtein looks at most at this many characters of each string
@@ -36,21 +39,8 @@ def split_blocks(text, open_tag, close_tag):
         i = k + len(close_tag)
 
 
-def _last_boxed(text):
-    """Content of the last \\boxed{...} whose braces balance, else None."""
-    best, stack = None, []  # stack: per open brace, where its box's content starts (None: a plain brace)
-    for m in re.finditer(r"\\boxed\{|[{}]", text):
-        if m.group() != "}":
-            stack.append(m.end() if m.group() != "{" else None)
-        elif stack:
-            s = stack.pop()
-            if s is not None and (best is None or s > best[0]):
-                best = (s, m.start())
-    return text[best[0]:best[1]].strip() if best else None
-
-
 def extract_answer(text):
-    """Stripped content (maybe '') of the last closed <answer> (innermost if nested), else _last_boxed(text)."""
+    """Stripped content (maybe '') of the last closed <answer> (innermost if nested), else the last \\boxed{}'s."""
     if not isinstance(text, str) or not text:
         return None
     end = text.rfind("</answer>")
@@ -58,7 +48,8 @@ def extract_answer(text):
     if start >= 0:
         start += len("<answer>")
         return text[start:text.find("</answer>", start)].strip()
-    return _last_boxed(text)
+    box = M.last_boxed(text)
+    return box.strip() if box is not None else None
 
 
 def final_answer(text):
@@ -301,6 +292,7 @@ def mathvista_score(pred, record):
     return float(pred == answer)
 
 
+
 def score_choice(pred_text, record):
     """multiple_choice: the option extract_choice finds in the output against the gold letter (or option text)."""
     options = record.get("options")
@@ -334,8 +326,255 @@ def score_final(pred_text, record):
         v = mathvista_score(ans, record)
     return v, f"{kind} {v:.3f} for {ans[:40]!r}"
 
+
+# -----------------------------------------------------------------------------
+# 4. official scorers: each benchmark's own extraction and comparison on the raw model output, quirks kept (named)
+
+
+def _gold(record):
+    return str(record["answer"][0] if isinstance(record["answer"], list) else record["answer"])
+
+
+def _letters(n):
+    return [chr(65 + i) for i in range(n)]
+
+
+def mmmu_choice(response, choices, rng, pro=False):
+    """MMMU's parse_multi_choice_response (mmmu/utils/eval_utils.py), or with pro MMMU-Pro's (mmmu-pro/evaluate.py:
+    first one option letter anywhere after the last 'Answer:', then 'X ' without the leading space and 'X.'). Quirks
+    kept: lower-case letters never match; several candidates: the latest; none: rng.choice (seeded 42: see
+    benchmarks.replay_stream)."""
+    letters = _letters(len(choices))
+    index2ans = dict(zip(letters, choices))
+    if pro and "Answer:" in response:
+        rest = response[response.rfind("Answer:") + len("Answer:"):].strip()
+        found = [x for x in letters if x in rest]
+        if len(found) == 1:
+            return found[0]
+    for ch in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(ch)
+    response = " " + response + " "
+    found = [x for x in letters if f"({x})" in response]
+    brackets, by_text = bool(found), False
+    found = found or [x for x in letters if (f"{x} " if pro else f" {x} ") in response]
+    if pro and not found:
+        found = [x for x in letters if f"{x}." in response]
+    if not found and len(response.split()) > 5:
+        found, by_text = [x for x in letters if index2ans[x].lower() in response.lower()], True
+    if not found:
+        return rng.choice(letters)
+    if by_text:
+        where = [response.lower().rfind(index2ans[x].lower()) for x in found]
+    else:
+        where = [response.rfind(f"({x})" if brackets else f" {x} ") for x in found]
+    return found[int(np.argmax(where))]
+
+
+def _mmmu_numbers(s):
+    """MMMU's extract_numbers: with commas, scientific, simple (quirk: '2,000,000' also gives 000, '1.5e3' 1 and 3)."""
+    return (re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", s) + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", s)
+            + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", s))
+
+
+def _mmmu_normalize(s):
+    """MMMU's normalize_str: a number -> [its float rounded to 2]; a letter -> [' x', 'x ']; else [lower-cased]."""
+    s = s.strip()
+    try:
+        return [round(float(s.replace(",", "")), 2)]
+    except ValueError:
+        s = s.lower()
+        return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+def mmmu_open(response, golds):
+    """MMMU's parse_open_response + eval_open: the shortest text after an indicator word per line (quirk: the
+    sentence split runs on lower-cased text, so only newlines split), its numbers; right if a gold string is in a
+    predicted string or a predicted number equals a gold number (both rounded to 2)."""
+    response = response.strip().strip(".").lower()
+    lines = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys = []
+    for i, line in enumerate(lines):
+        shortest = None
+        for ind in ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "] + (
+                ["="] if i == len(lines) - 1 else []):
+            if ind in line and (not shortest or len(line.split(ind)[-1].strip()) < len(shortest)):
+                shortest = line.split(ind)[-1].strip()
+        if shortest and shortest.strip() not in [":", ",", ".", "!", "?", ";", ":", "'"]:
+            keys.append(shortest)
+    keys = keys or [response]
+    preds = {p for s in keys + [n for k in keys for n in _mmmu_numbers(k)] for p in _mmmu_normalize(s)}
+    gold = [g for a in golds for g in _mmmu_normalize(str(a))]
+    return any(isinstance(p, str) and any(isinstance(g, str) and g in p for g in gold)
+               or not isinstance(p, str) and p in gold for p in preds), sorted(map(str, preds))[:4]
+
+
+def mmmu_score(text, record, rng=None, pro=False):
+    """MMMU (and, pro, MMMU-Pro): a multiple-choice item by the parser, an open one by eval_open. rng: the run's one
+    random.Random(42) stream (benchmarks.replay_stream); alone, a fresh one (the stream's first draw)."""
+    choices = record.get("choices") or []
+    if record.get("question_type", "multiple-choice") == "multiple-choice" and choices:
+        got = mmmu_choice(text, choices, rng or random.Random(42), pro)
+        golds = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+        return float(got in golds), f"parsed {got}"
+    right, preds = mmmu_open(text, record["answer"] if isinstance(record["answer"], list) else [record["answer"]])
+    return float(right), f"open: {preds}"
+
+
+def mmmu_pro_score(text, record, rng=None):
+    return mmmu_score(text, record, rng, pro=True)
+
+
+MRA_F64 = np.linspace(0.5, 0.95, 10)  # VSI-Bench's and SPAR's thresholds: float64 (0.8999999999999999 ...)
+
+
+def _float(s):
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def vsi_score(text, record):
+    """VSI-Bench (thinking-in-space utils.py): the text before the first space, trailing '.' dropped, then stripped
+    (quirks: ' A' and 'A.\n' fail, '3.5m' fails, '3.5 meters' passes); a letter by case-insensitive equality, a
+    number by MRA in float64, |p - t| / t <= 1 - theta (quirk: 12 vs 10 scores 0.6, 0.95 vs 1 scores 1.0)."""
+    pred, gold = text.split(" ")[0].rstrip(".").strip(), _gold(record)
+    if record.get("choices"):
+        return float(pred.lower() == gold.lower()), f"first token {pred[:20]!r}"
+    p, t = _float(pred), _float(gold)
+    if p is None or t is None or not math.isfinite(p):
+        return 0.0, f"first token {pred[:20]!r} is no number"
+    if t == 0:  # their code divides by it (an uncaught ZeroDivisionError); the data never has it
+        return float(p == 0), "gold 0"
+    return float(np.mean(abs(p - t) / t <= 1 - MRA_F64)), f"MRA of {p}"
+
+
+def _spar_mra(pred, target):
+    rel = abs((pred - target) / target) if target != 0 else abs(pred - target)
+    return float(np.mean(rel <= 1 - MRA_F64))
+
+
+VCI_AXES = (("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
+            ("rotate_right", "rotate_left"), ("rotate_up", "rotate_down"))
+
+
+def _vci(s):
+    """SPAR's (and ViLaSR's) parse_instruction, the five net movements. Keys are not stripped (quirk: ', move_left:1'
+    is lost); an item without exactly one ':' raises ValueError."""
+    d = {k: float(v) for k, v in [item.split(":") for item in s.split(",")]}
+    return [d.get(a, 0.0) - d.get(b, 0.0) for a, b in VCI_AXES]
+
+
+SPAR_NA = ("depth_prediction_oc", "depth_prediction_oo", "distance_prediction_oc", "distance_prediction_oo",
+           "depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oo_mv", "distance_prediction_oc_mv")
+
+
+def spar_score(text, record):
+    """SPAR-Bench (spar lmms-eval sparbench/utils.py) by task. Multiple choice on the raw output: equal, or the output
+    in the gold, or its first character the gold (quirks: an empty output is right, 'Based on ..., C' is B; with
+    record["fix"] empty is wrong). Numbers: the first unsigned number (the last for _mv tasks), SPAR's MRA (absolute
+    error at a gold of 0). view_change_infer: MRA per movement, normalised by the prediction (quirk: arguments swapped).
+    Any error scores 0, as their bare except."""
+    task, gold = record.get("category"), _gold(record)
+    try:
+        if task == "view_change_infer":
+            return float(np.mean([_spar_mra(g, p) for g, p in zip(_vci(gold), _vci(text))])), "view change"
+        if task in SPAR_NA:
+            nums = re.findall(r"(?<!\^)\d+\.\d+|(?<!\^)\d+", text)
+            if task.endswith("_mv"):
+                nums = nums or ["-1"]
+            p = float(nums[-1] if task.endswith("_mv") else nums[0])
+            return _spar_mra(p, float(gold)), f"MRA of {p}"
+        pred, target = text.lower(), gold.lower()
+        if not pred and record.get("fix"):
+            return 0.0, "empty output (fixed)"
+        return float(pred == target or pred in target or pred[0] == target), f"first character {text[:1]!r}"
+    except (ValueError, IndexError, ZeroDivisionError, TypeError) as e:
+        return 0.0, f"scoring error ({type(e).__name__}), as their bare except"
+
+
+def mmsi_score(text, record):
+    """MMSI-Bench (its VLMEvalKit fork, mmsi_bench.py): the content of ``...`` then `...`, then the first standalone
+    capital A-D not followed by a space and a letter (quirks: 'b' and 'I think B is ...' and 'C\nWhy' find nothing)."""
+    for pat in (r"``([^`]*)``", r"`([^`]*)`"):
+        m = re.search(pat, text)
+        text = m.group(1) if m else text
+    m = re.search(r"\b[A-D]\b(?!\s[a-zA-Z])", text)
+    if m is None:
+        return 0.0, "no letter found"
+    return float(_gold(record).lower().replace("\n", " ").strip() == m.group().lower()), f"letter {m.group()}"
+
+
+def mra32(pred, gt, strict=False):
+    """ViLaSR's MRA (eval/evaluate.py; strict: gcot.py's training reward) in float32, as torch computes it:
+    |p - t| / (|t| + 1e-8) <= 1 - arange(0.5, 0.975, 0.05); the mean comes back as float(float32(k / 10))."""
+    p, t = np.array(pred, np.float32), np.array(gt, np.float32)
+    rel = np.abs(p - t) / (np.abs(t) + np.float32(1e-8))
+    one_minus = np.float32(1) - (0.5 + 0.05 * np.arange(10)).astype(np.float32)
+    return float(np.float32(np.mean(rel < one_minus if strict else rel <= one_minus)))
+
+
+def _number(s):
+    return _float(s.replace(",", ""))
+
+
+def _tag_or_all(s):
+    m = re.search(r"<answer>\s*(.*?)\s*</answer>", s, re.S)
+    return m.group(1).strip() if m else s
+
+
+def vilasr_score(text, record):
+    """ViLaSR's reward_fn (eval/evaluate.py) by record["problem_type"]: the first <answer>...</answer> of the output,
+    else all of it; multiple choice by the first character, case-insensitive (quirk: 'Based on ...' is B; an empty
+    answer, which crashes their script, scores 0); numerical: both with or without '.'/',', equal at 2 decimals;
+    regression: float32 MRA of the whole answer as a number; vci: float32 MRA per movement; other types 0."""
+    out, gold, kind = _tag_or_all(text), _tag_or_all(_gold(record)), record.get("problem_type", "").lower()
+    try:
+        if kind == "multiple choice":
+            return float(out.strip()[0].lower() == gold.strip()[0].lower()), f"first character {out.strip()[:1]!r}"
+        if kind == "numerical":
+            if ("." in gold or "," in gold) != ("." in out or "," in out):
+                return 0.0, "decimal point in one only"
+            p, g = _number(out), _number(gold)
+            return float(p is not None and g is not None and round(g, 2) == round(p, 2)), f"number {p}"
+        if kind == "regression":
+            p, g = _number(out), _number(gold)
+            return (0.0, "not a number") if p is None or g is None else (mra32(p, g), f"MRA of {p}")
+        if kind == "vci":
+            return float(np.mean([mra32(a, g) for a, g in zip(_vci(out), _vci(gold))])), "view change"
+    except (ValueError, IndexError) as e:
+        return 0.0, f"scoring error ({type(e).__name__})"
+    return 0.0, f"problem type {kind!r} is not scored"
+
+
+MME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                "The best option is" "The correct option is", "Best answer:" "Best option:"]  # sic: two missing commas
+MME_PREFIXES_FIXED = MME_PREFIXES[:4] + ["The best option is", "The correct option is", "Best answer:", "Best option:"]
+
+
+def mme_realworld_score(text, record):
+    """MME-RealWorld's extract_characters_regex (evaluation/eval_your_results.py): answer prefixes removed (quirk: two
+    missing commas leave 'Best answer:' in, read as B; record["fix"] removes all eight), over 10 words without a
+    capital A-E is no answer, else the first capital A-E anywhere ('Answer: C' is A), else the first option whose text
+    holds the lower-cased output (quirk: an empty output is A)."""
+    s = text.strip()
+    for p in MME_PREFIXES_FIXED if record.get("fix") else MME_PREFIXES:
+        s = s.replace(p, "")
+    m = re.search(r"[ABCDE]", s)
+    if len(s.split()) > 10 and not m:
+        got = ""
+    elif m:
+        got = m.group()
+    else:
+        got = next((c[1] for c in record.get("choices") or [] if s.lower() in c.lower()), "")
+    return float(got == _gold(record)), f"extracted {got!r}"
+
 # -----------------------------------------------------------------------------
 # 5. the table: a record's "type" -> its scorer (model output text, record) -> (value, why)
 
 SCORERS = {"multiple_choice": score_choice, **{t: score_final for t in ("number", "mra", "vqa", "anls", "text",
-                                                                          "mathvista")}}
+                                                                          "mathvista")},
+           "mmmu": mmmu_score, "mmmu_pro": mmmu_pro_score,
+           "rethinker": M.rethinker_score, "mathvision": M.mathvision_score, "emma": M.emma_score,
+           "vsi": vsi_score, "spar": spar_score, "mmsi": mmsi_score, "vilasr": vilasr_score,
+           "mme_realworld": mme_realworld_score}
