@@ -16,7 +16,7 @@ at chance after 1400 steps.) Demo (README): 10.5% tools off (chance 12.5%); zoom
 import io
 import json
 import os
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -260,3 +260,84 @@ def checked_image(path, where, bad):
 def open_bytes(raw):
     """An image file's bytes opened (a record's image can be partial(open_bytes, raw): decoded when needed)."""
     return Image.open(io.BytesIO(raw))
+
+
+def resolve_data(spec):
+    """--data as given (a file or folder), or a dataset hub id (org/name) through the Hugging Face cache, offline
+    first, as model.resolve does for models; else one line saying why."""
+    if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")):
+        return spec
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return snapshot_download(spec, repo_type="dataset", local_files_only=True)  # the cache only, never the network
+    except OSError:
+        why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
+    except ValueError:  # HFValidationError is one
+        raise FileNotFoundError(f"--data {spec}: no such file or folder, and not a dataset hub id") from None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return snapshot_download(spec, repo_type="dataset")
+        except OSError as e:
+            why = f"and cannot be downloaded: {type(e).__name__}"
+    raise FileNotFoundError(f"--data {spec}: no such file or folder, and not in the Hugging Face cache ({why})")
+
+
+@lru_cache(maxsize=4)
+def _row_group(path, group, column):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def parquet_image(path, group, row, column, k=None):
+    """One image of a parquet row, read again from the file (a record keeps this, not the bytes): a {bytes, path}
+    struct, raw bytes, or item k of a list of them."""
+    v = _row_group(path, group, column)[row]
+    v = v[k] if k is not None else v
+    return open_bytes(v["bytes"] if isinstance(v, dict) else v)
+
+
+def _is_image(v):
+    return isinstance(v, bytes) or isinstance(v, dict) and isinstance(v.get("bytes"), bytes)
+
+
+def parquet_rows(path, need, bad=None):
+    """(where, row) for each row of a parquet file, one row group at a time (memory stays flat): each image (a
+    {bytes, path} struct, raw bytes, or a list of them) checked now and replaced by a function that reads it again
+    (parquet_image). A missing column: one error naming the file (--skip-bad: the file is skipped, counted); an image
+    that does not decode: that row's problem."""
+    import pyarrow.parquet as pq
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own kinds (ArrowInvalid, OSError) on a file that is no parquet
+        return problem(bad, f"{path}: not a parquet file ({type(e).__name__}: {str(e)[:100]})")
+    missing = [c for c in need if c not in f.schema_arrow.names]
+    if missing:
+        return problem(bad, f"{path}: missing column(s) {missing}; it has {f.schema_arrow.names}")
+    start = 0
+    for g in range(f.num_row_groups):
+        rows = f.read_row_group(g).to_pylist()
+        for i, row in enumerate(rows):
+            where = f"{path}: row {start + i}"
+            try:
+                for c, v in row.items():
+                    if _is_image(v):
+                        row[c] = partial(parquet_image, path, g, i, c)
+                    elif isinstance(v, list) and v and all(_is_image(x) for x in v):
+                        row[c] = [partial(parquet_image, path, g, i, c, k) for k in range(len(v))]
+                    else:
+                        continue
+                    for im in row[c] if isinstance(row[c], list) else [row[c]]:
+                        open_image(im, draft=True)
+            except ValueError as e:
+                problem(bad, f"{where}: image {c}: {e}")
+                continue
+            yield where, row
+        start += len(rows)
+
+
+def sample_frames(frames, n):
+    """n of a video's frames as the reference samples them: np.linspace(0, total - 1, n, dtype=int) (truncated, not
+    rounded); a video with fewer frames than n: ValueError."""
+    if len(frames) < n:
+        raise ValueError(f"{len(frames)} frames, fewer than the {n} asked (--frames)")
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, n, dtype=int)]

@@ -142,6 +142,7 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
             if samples > 1:
                 item["other_samples"] = ss[1:]
         items.append(item)
+    B.rescore(items, records, bench)  # MMMU's seeded fallback, drawn in its evaluation's order
     return dict(summarize(items, bench, samples), seconds=round(time.time() - t0, 2)), items
 
 # -----------------------------------------------------------------------------
@@ -200,11 +201,15 @@ def _git_commit():
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
     C.add_common_flags(p, model="demo", out="runs/eval")
-    p.add_argument("--bench", choices=B.BENCHMARKS, help="the loader for --data (default: synthetic, or lookagain JSONL)")
+    p.add_argument("--bench", choices=B.BENCHMARKS, help="--data's benchmark (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
     p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
+    p.add_argument("--frames", type=int, default=None, help="frames sampled per video (VSI-Bench: 32, the reference's)")
+    p.add_argument("--scorer", choices=R.TYPES, default=None,
+                   help="score with another record type's scorer (rethinker: VL-Rethinker's, behind its numbers)")
+    p.add_argument("--fix", action="store_true", help="the official scorers' named fixes (README; never the default)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
     p.add_argument("--temperature", type=float, help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
@@ -218,7 +223,7 @@ def get_args(argv=None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
         p.error(f"--bench {args.bench} needs --data: the benchmark's file or folder")
-    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0), gt=dict(top_p=0),
+    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0, frames=1), gt=dict(top_p=0),
                   le=dict(top_p=1, min_p=1))
     if args.temperature is None:
         args.temperature = 0.0 if args.samples == 1 else 1.0
@@ -237,7 +242,7 @@ def main():
     bad = [] if args.skip_bad else None
     try:
         records = D.dataset("synthetic", "test") if bench is None else B.load(
-            bench, args.data, args.images, args.split, args.shuffle_seed, bad=bad)
+            bench, args.data, args.images, args.split, args.shuffle_seed, args.frames, args.scorer, args.fix, bad)
     except (ValueError, FileNotFoundError) as e:  # bad data: the message names file and row
         raise SystemExit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad counts and skips bad rows)"))
     records = records[:args.limit] if args.limit else records

@@ -349,8 +349,8 @@ def _strip_string(s):
 
 
 _MV_UNITS = (("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""), ("\\text", ""),
-             ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""),
-             ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""), ("{km}", ""), ("km", ""))
+             ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""),
+             ("^\\circ", ""), ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""), ("{km}", ""), ("km", ""))
 
 
 def find_math_answer(s):
@@ -373,7 +373,7 @@ def _round2(s, e, ratio):
 
 
 def _latex_close(a, b, e, ratio):
-    """latex2sympy2 of both evaluated and rounded to 2 places (Python's round on floats), equal; False on any failure."""
+    """latex2sympy2 of both evaluated, rounded to 2 places (Python's round on floats), equal; False on any failure."""
     x, y = _round2(a, e, ratio), _round2(b, e, ratio)
     return x is not None and x == y
 
