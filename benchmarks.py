@@ -367,7 +367,8 @@ def load_mmmu_pro(path, o, bad=None):
                     category=config, instruction="Answer the preceding multiple choice question. The last line of "
                     "your response should be of the following format: 'Answer: $LETTER' (without quotes) where LETTER"
                     " is one of options. Think step by step before answering.")
-    return _rows(_files(path, ".parquet", o["split"]), ("id", "options", "answer"), bad, make)
+    files = [f for f in _files(path, ".parquet", o["split"]) if "(4 options)" not in f or "(4 options)" in path]
+    return _rows(files, ("id", "options", "answer"), bad, make)  # the 4-option config only when asked by name
 
 
 def _json_items(path):

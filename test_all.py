@@ -3392,8 +3392,10 @@ def test_benchmarks_mmmu_pro_configs_and_mean_of_configs(tmp_path):
     _parquet(str(tmp_path / "standard (10 options)" / "test-00000-of-00001.parquet"), [std, dict(std, id="test_Art_2")])
     _parquet(str(tmp_path / "vision" / "test-00000-of-00001.parquet"),
              [dict(id="test_Art_1", image=_struct(30), options=str(P10), answer="C", subject="Art")])
+    _parquet(str(tmp_path / "standard (4 options)" / "test-00000-of-00001.parquet"), [std])  # only when named
     recs = B.load("mmmu_pro", str(tmp_path))
     assert [r["category"] for r in recs] == ["standard (10 options)"] * 2 + ["vision"]
+    assert len(B.load("mmmu_pro", str(tmp_path / "standard (4 options)"))) == 1
     assert recs[0]["question"].startswith("Pick <image>.\nA. Political instability\nB. The spread")
     assert recs[2]["type"] == "mmmu_pro" and len(recs[2]["image"]) == 1
     assert R.accuracy("Answer: B", recs[0])[0] == 1.0
