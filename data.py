@@ -1,10 +1,11 @@
 """
-data.py: lookagain's JSONL records (format, loader, validator), the synthetic "look again" task (CPU demo, tests) and
-eval.py's benchmark loaders (V*, HR-Bench, TextVQA, DocVQA, MathVista, ScienceQA-IMG; local files, nothing downloaded).
+data.py: lookagain's JSONL records (format, loader, validator), the synthetic "look again" task (CPU demo, tests), image
+reading (open_image, the one way images are read) and the pieces benchmarks.py's loaders share to read published files.
 
 A record, one JSON object per line: {"id": "q1", "image": "imgs/q1.jpg" (relative to the JSONL file) or a list of paths,
 "question": "...", "answer": "red" or ["ten", "10"], "type": "text" (one of rewards.TYPES: it picks the scorer),
-"options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px)}
+"options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px), "category"
+and "source" (file and row) from a benchmark's loader; any other field is kept (a scorer may read it)}
 
 The synthetic task: an 896 px image, a 24 px coloured square near the centre of each cell of a 3x3 grid, "What colour is
 the square at the top left?" In the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a
@@ -12,15 +13,10 @@ the square at the top left?" In the first 112 px view a square is a 3 px smudge;
 (A random tiny model learns colours quickly but not where things are: with a ring to find instead, place words stayed
 at chance after 1400 steps.) Demo (README): 10.5% tools off (chance 12.5%); zoom_in: 73.0% after SFT, 86.5% after GRPO.
 """
-import base64
-import csv
-import hashlib
 import io
 import json
 import os
-import random
-import re
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -88,7 +84,7 @@ def write_jsonl(records, path):
 # lookagain JSONL
 
 
-def _box(b):  # 4 finite numbers (abs(v) < 1e9: False for inf and NaN, and safe for an integer too big for a float)
+def is_box(b):  # 4 finite numbers (abs(v) < 1e9: False for inf and NaN, and safe for an integer too big for a float)
     return isinstance(b, list) and len(b) == 4 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in b)
 
@@ -114,7 +110,7 @@ def validate(r, where):
     if r.get("type") == "multiple_choice" and not opts:
         bad("a multiple_choice record needs 'options'")
     b = r.get("bbox")
-    if b is not None and not (_box(b) and b[0] < b[2] and b[1] < b[3]):
+    if b is not None and not (is_box(b) and b[0] < b[2] and b[1] < b[3]):
         bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
     p = r.get("precision")
     if p is not None and (isinstance(p, bool) or p not in range(16)):
@@ -238,10 +234,11 @@ def dataset(spec, split="train", n=None, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# loaders: a benchmark as published -> lookagain records, plus `category` (if any) and `source` (file and row)
+# reading published files: the pieces benchmarks.py's loaders share
 
 
-def _read_json(path):
+def read_json(path):
+    """A JSON file's content; a missing file or invalid JSON: one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -251,7 +248,8 @@ def _read_json(path):
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def _image(path, where, bad):  # path if check_image passes, else a bad row (None)
+def checked_image(path, where, bad):
+    """path if check_image passes, else a bad row (None; see problem())."""
     try:
         check_image(path, where)
         return path
@@ -259,257 +257,87 @@ def _image(path, where, bad):  # path if check_image passes, else a bad row (Non
         problem(bad, str(e), type(e))
 
 
-def _vstar_record(key, img, question, options, correct, shuffle_seed, category, where, ann):
-    """One V* record: options shuffled by (shuffle_seed, key) (V* puts the answer first); bbox around all targets."""
-    order = list(range(len(options)))
-    random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
-    r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
-             type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
-    boxes = ann.get("bbox") if isinstance(ann, dict) else None
-    boxes = [b for b in (boxes if isinstance(boxes, list) else []) if _box(b) and b[2] > 0 and b[3] > 0]
-    if boxes:
-        r["bbox"] = [min(b[0] for b in boxes), min(b[1] for b in boxes),
-                     max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
-    return r
-
-
-VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
-
-
-def load_vstar(path, shuffle_seed=0, bad=None):
-    """V*: its folder (direct_attributes/, relative_position/: <name>.jpg, <name>.json {"question", "options" (correct
-    first), "bbox": [[x, y, w, h]]}) or test_questions.jsonl ({"image", "category", "label", "text" with "(A) ..."})."""
-    if os.path.isfile(path):
-        return _load_vstar_jsonl(path, shuffle_seed, bad)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder (give the V* folder or its test_questions.jsonl)")
-    cats = [c for c in VSTAR_CATEGORIES if os.path.isdir(os.path.join(path, c))]
-    if not cats:
-        if os.path.isfile(os.path.join(path, "test_questions.jsonl")):
-            return _load_vstar_jsonl(os.path.join(path, "test_questions.jsonl"), shuffle_seed, bad)
-        raise FileNotFoundError(f"{path}: no {' or '.join(VSTAR_CATEGORIES)} folder and no test_questions.jsonl")
-    out = []
-    for cat in cats:
-        folder = os.path.join(path, cat)
-        files = sorted(os.listdir(folder))
-        for name in [f for f in files if f.endswith(".json")]:
-            where, stem = os.path.join(folder, name), name[:-len(".json")]
-            try:
-                ann = _read_json(where)
-            except ValueError as e:
-                problem(bad, str(e))
-                continue
-            imgs = [f for f in files if os.path.splitext(f)[0] == stem and not f.endswith(".json")]
-            ann = ann if isinstance(ann, dict) else {}
-            opts = ann.get("options")
-            if not imgs:
-                problem(bad, f"{where}: no image {stem}.* next to it", FileNotFoundError)
-            elif not isinstance(ann.get("question"), str) or not (isinstance(opts, list) and len(opts) >= 2):
-                problem(bad, f"{where}: needs an object with a 'question' and at least two 'options'")
-            elif _image(os.path.join(folder, imgs[0]), where, bad):
-                out.append(_vstar_record(f"{cat}/{stem}", os.path.join(folder, imgs[0]), ann["question"],
-                                         [str(o) for o in opts], 0, shuffle_seed, cat, where, ann))
-    return out
-
-
-def _load_vstar_jsonl(path, shuffle_seed, bad):
-    folder, out = os.path.dirname(os.path.abspath(path)), []
-    for where, q in jsonl_rows(path, bad):
-        if not isinstance(q, dict) or not all(isinstance(q.get(k), str) for k in ("image", "text", "label")):
-            problem(bad, f"{where}: needs 'image', 'text' and 'label' strings")
-            continue
-        label, rel, options, question = q["label"].strip().upper(), q["image"], [], []
-        for s in q["text"].split("\n"):
-            m = re.match(r"\s*\(([A-Z])\)\s*(.*)", s)
-            if m:
-                options.append(m.group(2).strip())
-            elif not options and s.strip() and not s.lower().startswith("answer with"):
-                question.append(s.strip())
-        if len(options) < 2 or len(label) != 1 or not "A" <= label <= chr(64 + len(options)):
-            problem(bad, f"{where}: label {label!r} is not one of the {len(options)} '(A) ...' options in 'text'")
-            continue
-        img = _image(os.path.join(folder, rel), where, bad)
-        if img is None:
-            continue
-        side = os.path.splitext(img)[0] + ".json"  # the per-image JSON, when present, has the target boxes
-        try:
-            ann = _read_json(side) if os.path.isfile(side) else None
-        except ValueError as e:
-            problem(bad, str(e))
-            continue
-        stem = os.path.splitext(rel)[0]
-        out.append(_vstar_record(stem, img, " ".join(question), options, ord(label) - 65, shuffle_seed,
-                                 q.get("category") or os.path.dirname(stem), where, ann))
-    return out
-
-
-HRBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "category", "cycle_category", "image")
-
-
-def load_hrbench(path, bad=None):
-    """HR-Bench 4K/8K TSV: index, question, A-D, answer (letter), category, cycle_category (option rotation), image
-    (base64 JPEG, or as in VLMEvalKit the index of the row with it), decoded when needed: no 8K image stays decoded."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    csv.field_size_limit(2 ** 31 - 1)  # a base64 8K image is tens of MB in one field
-    rows, by_index, opened = [], {}, {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        try:
-            missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; HR-Bench's TSV has "
-                                 f"{', '.join(HRBENCH_COLUMNS)}, C, D")
-            for row in reader:  # one pass; only the compressed bytes of each distinct image are kept
-                s = (row.pop("image") or "").strip()
-                if len(s) > 64:
-                    key = hashlib.blake2b(s.encode(), digest_size=16).digest()
-                    if key not in opened:  # decoded once here (at 1/8 scale), to fail now rather than mid-run
-                        opened[key] = "image is not valid base64"
-                        try:  # b64decode raises a ValueError (binascii.Error is one) on bad base64
-                            opened[key] = partial(_open_bytes, base64.b64decode(s, validate=True))
-                            open_image(opened[key], draft=True)
-                        except ValueError as e:
-                            if callable(opened[key]):
-                                opened[key] = f"image is base64 of no image PIL can read whole ({e})"
-                    by_index[row["index"]] = opened[key]
-                    s = row["index"]
-                rows.append((f"{path}:{reader.line_num}", row, s))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise ValueError(f"{path}:{reader.line_num + 1}: unreadable TSV ({e})") from None
-    stem, out = os.path.splitext(os.path.basename(path))[0], []
-    for where, row, key in rows:
-        img = by_index.get(key, f"image field {key[:20]!r} is neither base64 nor the index of a row")
-        options = [row[c] for c in "ABCD" if row.get(c)]
-        answer = (row["answer"] or "").strip().upper()
-        if isinstance(img, str):
-            problem(bad, f"{where}: {img}")
-        elif not row["question"] or len(options) < 2 or len(answer) != 1 or not "A" <= answer <= chr(64 + len(options)):
-            problem(bad, f"{where}: needs a question, options A-D and an answer letter (got {answer!r})")
-        else:
-            out.append(dict(id=f"{stem}-{row['index']}", image=img, question=row["question"], answer=answer,
-                            type="multiple_choice", options=options, category=row["category"],
-                            cycle_category=row["cycle_category"], source=where))
-    return out
-
-
-def _open_bytes(raw):
+def open_bytes(raw):
+    """An image file's bytes opened (a record's image can be partial(open_bytes, raw): decoded when needed)."""
     return Image.open(io.BytesIO(raw))
 
 
-def _load_answer_list(path, bad, name, kind, image_of, id_key):
-    """TextVQA and DocVQA share a layout: {"data": [{"question", <image>, "answers": [...], <id>}]}."""
-    js = _read_json(path)
-    if not isinstance(js, dict) or not isinstance(js.get("data"), list):
-        raise ValueError(f"{path}: expected an object with a 'data' list (the official {name} layout)")
-    out = []
-    for n, q in enumerate(js["data"]):
-        where = f"{path}: data[{n}]"
-        img = image_of(q) if isinstance(q, dict) else None
-        if img is None or not isinstance(q.get("question"), str):
-            problem(bad, f"{where}: needs a 'question' and its image")
-        elif not (isinstance(q.get("answers"), list) and q["answers"]
-                  and all(isinstance(a, str) for a in q["answers"])):
-            problem(bad, f"{where}: no 'answers' ({name}'s test split has none: evaluate on val)")
-        elif _image(img, where, bad):
-            out.append(dict(id=f"{name.lower()}-{q.get(id_key, n)}", image=img, question=q["question"],
-                            answer=q["answers"], type=kind, source=where))
-    return out
-
-
-def load_textvqa(path, images=None, bad=None):
-    """TextVQA (VQA accuracy): <image_id>.jpg in --images, else in train_images/ next to the JSON, else its folder."""
-    root = os.path.join(os.path.dirname(os.path.abspath(path)), "train_images")
-    root = images or (root if os.path.isdir(root) else os.path.dirname(root))
-    return _load_answer_list(path, bad, "TextVQA", "vqa", lambda q: os.path.join(root, f"{q['image_id']}.jpg")
-                             if "image_id" in q else None, "question_id")
-
-
-def load_docvqa(path, images=None, bad=None):
-    """DocVQA (ANLS): "image": "documents/x.png", relative to --images, else to the JSON's folder."""
-    root = images or os.path.dirname(os.path.abspath(path))
-    return _load_answer_list(path, bad, "DocVQA", "anls", lambda q: os.path.join(root, q["image"])
-                             if isinstance(q.get("image"), str) else None, "questionId")
-
-
-def load_mathvista(path, images=None, bad=None):
-    """MathVista testmini: {pid: {"question", "image", "choices", "unit", "precision", "answer", ...}} or a list."""
-    js = _read_json(path)
-    problems = list(js.items()) if isinstance(js, dict) else list(enumerate(js)) if isinstance(js, list) else None
-    if problems is None:
-        raise ValueError(f"{path}: expected MathVista's {{pid: problem}} object or a list of problems")
-    root = images or os.path.dirname(os.path.abspath(path))
-    out = []
-    for key, p in problems:
-        pid = str(p.get("pid", key)) if isinstance(p, dict) else str(key)
-        where = f"{path}: pid {pid}"
-        if not isinstance(p, dict) or not isinstance(p.get("question"), str) or not isinstance(p.get("image"), str):
-            problem(bad, f"{where}: needs 'question' and 'image'")
-        elif p.get("answer") in (None, ""):
-            problem(bad, f"{where}: no 'answer' (MathVista's test split has none: evaluate on testmini)")
-        elif p.get("choices") and not isinstance(p["choices"], list):  # a string would become one option a letter
-            problem(bad, f"{where}: 'choices' must be a list, got {str(p['choices'])[:40]!r}")
-        elif not isinstance(p.get("metadata") or {}, dict):
-            problem(bad, f"{where}: 'metadata' must be an object, got {str(p['metadata'])[:40]!r}")
-        elif _image(os.path.join(root, p["image"]), where, bad):
-            q = p["question"] + (f" (Unit: {p['unit']})" if p.get("unit") else "")
-            r = dict(id=f"mathvista-{pid}", image=os.path.join(root, p["image"]), question=q, answer=str(p["answer"]),
-                     type="mathvista", answer_type=p.get("answer_type"), precision=p.get("precision"),
-                     question_type=p.get("question_type"), category=(p.get("metadata") or {}).get("category"),
-                     source=where)
-            if p.get("choices"):
-                r["options"] = [str(c) for c in p["choices"]]
-            out.append(r)
-    return out
-
-
-def load_scienceqa(path, images=None, split="test", bad=None):
-    """ScienceQA-IMG: problems.json {pid: {"question", "choices", "answer": index, "hint", "image", "subject", "split"}}
-    and images/<split>/<pid>/ next to it (or --images); only `split`'s with an image; category: subject (paper's)."""
-    js = _read_json(path)
-    if not isinstance(js, dict):
-        raise ValueError(f"{path}: expected ScienceQA's {{pid: problem}} object")
-    root = images or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
-    out = []
-    for pid, p in js.items():
-        if not isinstance(p, dict) or p.get("split") != split or not p.get("image"):
-            continue
-        where = f"{path}: pid {pid}"
-        choices, ans = p.get("choices"), p.get("answer")
-        if not isinstance(p.get("question"), str) or not isinstance(choices, list) or len(choices) < 2:
-            problem(bad, f"{where}: needs 'question' and at least two 'choices'")
-        elif isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
-            problem(bad, f"{where}: 'answer' must be the index of a choice, got {ans!r}")
-        elif not isinstance(p["image"], str):
-            problem(bad, f"{where}: 'image' must be a file name, got {str(p['image'])[:40]!r}")
-        else:
-            img = _image(os.path.join(root, split, str(pid), p["image"]), where, bad)
-            if img:
-                q = (f"Context: {p['hint']}\n" if p.get("hint") else "") + p["question"]
-                out.append(dict(id=f"scienceqa-{pid}", image=img, question=q, answer=chr(65 + ans),
-                                type="multiple_choice", options=[str(c) for c in choices],
-                                category=p.get("subject"), source=where))
-    return out
-
-
-BENCHES = ("vstar", "hrbench", "textvqa", "docvqa", "mathvista", "scienceqa", "jsonl")
-
-
-def load_benchmark(bench, path, images=None, split="test", shuffle_seed=0, bad=None):
-    """--bench's records, validated as JSONL's are (a precision that is no number, a box of inf); bad: see problem()."""
-    if bench == "jsonl":
-        return load_jsonl(path, bad)
-    load = dict(vstar=lambda: load_vstar(path, shuffle_seed, bad), hrbench=lambda: load_hrbench(path, bad),
-                textvqa=lambda: load_textvqa(path, images, bad), docvqa=lambda: load_docvqa(path, images, bad),
-                mathvista=lambda: load_mathvista(path, images, bad),
-                scienceqa=lambda: load_scienceqa(path, images, split, bad)).get(bench)
-    if load is None:
-        raise ValueError(f"unknown --bench {bench!r}; known: {', '.join(BENCHES)}")
-    recs, out = load(), []
-    for r in recs:
+def resolve_data(spec):
+    """--data as given (a file or folder), or a dataset hub id (org/name) through the Hugging Face cache, offline
+    first, as model.resolve does for models; else one line saying why."""
+    if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")):
+        return spec
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return snapshot_download(spec, repo_type="dataset", local_files_only=True)  # the cache only, never the network
+    except OSError:
+        why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
+    except ValueError:  # HFValidationError is one
+        raise FileNotFoundError(f"--data {spec}: no such file or folder, and not a dataset hub id") from None
+    if not constants.HF_HUB_OFFLINE:
         try:
-            validate(r, r["source"])
-            out.append(r)
-        except ValueError as e:
-            problem(bad, str(e))
-    return out
+            return snapshot_download(spec, repo_type="dataset")
+        except OSError as e:
+            why = f"and cannot be downloaded: {type(e).__name__}"
+    raise FileNotFoundError(f"--data {spec}: no such file or folder, and not in the Hugging Face cache ({why})")
+
+
+@lru_cache(maxsize=4)
+def _row_group(path, group, column):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def parquet_image(path, group, row, column, k=None):
+    """One image of a parquet row, read again from the file (a record keeps this, not the bytes): a {bytes, path}
+    struct, raw bytes, or item k of a list of them."""
+    v = _row_group(path, group, column)[row]
+    v = v[k] if k is not None else v
+    return open_bytes(v["bytes"] if isinstance(v, dict) else v)
+
+
+def _is_image(v):
+    return isinstance(v, bytes) or isinstance(v, dict) and isinstance(v.get("bytes"), bytes)
+
+
+def parquet_rows(path, need, bad=None):
+    """(where, row) for each row of a parquet file, one row group at a time (memory stays flat): each image (a
+    {bytes, path} struct, raw bytes, or a list of them) checked now and replaced by a function that reads it again
+    (parquet_image). A missing column: one error naming the file (--skip-bad: the file is skipped, counted); an image
+    that does not decode: that row's problem."""
+    import pyarrow.parquet as pq
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own kinds (ArrowInvalid, OSError) on a file that is no parquet
+        return problem(bad, f"{path}: not a parquet file ({type(e).__name__}: {str(e)[:100]})")
+    missing = [c for c in need if c not in f.schema_arrow.names]
+    if missing:
+        return problem(bad, f"{path}: missing column(s) {missing}; it has {f.schema_arrow.names}")
+    start = 0
+    for g in range(f.num_row_groups):
+        rows = f.read_row_group(g).to_pylist()
+        for i, row in enumerate(rows):
+            where = f"{path}: row {start + i}"
+            try:
+                for c, v in row.items():
+                    if _is_image(v):
+                        row[c] = partial(parquet_image, path, g, i, c)
+                    elif isinstance(v, list) and v and all(_is_image(x) for x in v):
+                        row[c] = [partial(parquet_image, path, g, i, c, k) for k in range(len(v))]
+                    else:
+                        continue
+                    for im in row[c] if isinstance(row[c], list) else [row[c]]:
+                        open_image(im, draft=True)
+            except ValueError as e:
+                problem(bad, f"{where}: image {c}: {e}")
+                continue
+            yield where, row
+        start += len(rows)
+
+
+def sample_frames(frames, n):
+    """n of a video's frames as the reference samples them: np.linspace(0, total - 1, n, dtype=int) (truncated, not
+    rounded); a video with fewer frames than n: ValueError."""
+    if len(frames) < n:
+        raise ValueError(f"{len(frames)} frames, fewer than the {n} asked (--frames)")
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, n, dtype=int)]

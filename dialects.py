@@ -24,7 +24,8 @@ import ast
 import json
 import re
 
-import rewards as R
+import mathscore
+import scorers
 
 # -----------------------------------------------------------------------------
 # lookagain: Qwen2.5's function calling with our four tools
@@ -169,7 +170,7 @@ def lookagain_prompt(ep):
 def lookagain_read(ep, text, reason):
     """A turn with a <tool_call> is a call (the first, parsed strictly); else it answered if it has an answer."""
     if "<tool_call>" not in text:
-        return dict(answered=R.extract_answer(text) is not None)
+        return dict(answered=scorers.extract_answer(text) is not None)
     name, args, err = parse_call(text, ep["specs"])
     return dict(calls=[dict(name=name, arguments=args, tool=name if err is None else None, args=args, error=err)])
 
@@ -235,7 +236,7 @@ def to_view(ep, k, x, y, frame):
 def boxed_answer(text):
     """VL-Rethinker's (and Pixel-Reasoner's) answer: the last \\boxed{}, else the first <answer>...</answer>, else the
     text after the last "Answer:", else the whole text (its verifier tries them in that order)."""
-    b = R._last_boxed(text)
+    b = mathscore.last_boxed(text)
     if b is not None:
         return b
     m = re.search("<answer>(.*?)</answer>", text)
@@ -247,7 +248,7 @@ def boxed_answer(text):
 def first_answer(text):
     """The first <answer>...</answer> (Groundlight's and Mini-o3's parsers), else final_answer's reading."""
     m = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
-    return m.group(1).strip() if m else R.final_answer(text)
+    return m.group(1).strip() if m else scorers.final_answer(text)
 
 
 # -----------------------------------------------------------------------------
@@ -493,7 +494,7 @@ def vilasr_observe(ep, calls, final):
 def last_answer(text):
     """The last <answer>...</answer> (ViLaSR's scorer reads the last turn's), else final_answer's reading."""
     found = re.findall(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
-    return found[-1].strip() if found else R.final_answer(text)
+    return found[-1].strip() if found else scorers.final_answer(text)
 
 
 # -----------------------------------------------------------------------------
@@ -717,7 +718,7 @@ def pixel_reasoner_observe(ep, calls, final):
 
 DIALECTS = {
     "lookagain": dict(prompt=lookagain_prompt, prefill="", stops=("</tool_call>", "</answer>"), keep_stop=True,
-                      read=lookagain_read, observe=lookagain_observe, answer=R.final_answer,
+                      read=lookagain_read, observe=lookagain_observe, answer=scorers.final_answer,
                       checkpoints="(lookagain's own format: new training)"),
     "vl_rethinker": dict(prompt=vl_rethinker_prompt, prefill="", stops=(), keep_stop=True, read=one_turn_read,
                          observe=None, answer=boxed_answer, checkpoints="TIGER-Lab/VL-Rethinker-7B, -72B"),

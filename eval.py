@@ -1,5 +1,5 @@
 """
-eval.py: the evaluation harness. A benchmark (data.load_benchmark) through training's rollout loop, with or without
+eval.py: the evaluation harness. A benchmark (benchmarks.load) through training's rollout loop, with or without
 tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked, hard-example mining.
 
 CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out synthetic items, zoom_in vs tools off.
@@ -29,14 +29,16 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 
+import benchmarks as B
 import common as C
 import data as D
 import model as M
 import rewards as R
+import scorers as S
 import tools as T
 
 METRIC = {"vqa": "VQA accuracy", "anls": "ANLS"}  # by record type (TextVQA, DocVQA); else accuracy
@@ -58,20 +60,9 @@ def _mean(xs):
 
 
 def aggregate(items, bench=None, value=lambda it: it["pass_rate"]):
-    """(overall, {category: score}) of a per-item value. HR-Bench (its official evaluate()): the mean per rotation
-    (cycle_category), then over rotations, also per category. Else the micro mean (V*'s overall) and per category."""
-    if not items:
-        return None, {}
-    cats = sorted({it["category"] for it in items if it.get("category") is not None})
-    if bench == "hrbench":
-        cycles = defaultdict(list)
-        for it in items:
-            cycles[it.get("cycle_category")].append(it)
-        per = {c: _mean(v for v in (_mean(value(it) for it in g if it.get("category") == c) for g in cycles.values())
-                        if v is not None) for c in cats}
-        return _mean(_mean(value(it) for it in g) for g in cycles.values()), per
-    per = {c: _mean(value(it) for it in items if it.get("category") == c) for c in cats}
-    return _mean(value(it) for it in items), per
+    """(overall, {category: score}) of a per-item value, by the benchmark's own rule (its row of benchmarks.BENCHMARKS:
+    HR-Bench's rotations, VSI-Bench's and SPAR-Bench's means over tasks, ...; micro for a benchmark without one)."""
+    return B.aggregate(items, bench, value)
 
 
 COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in zoom", "gt all in zoom")
@@ -120,7 +111,7 @@ def score_episode(ep, record):
     text = "".join(ep["turns"])
     extract = ep["dialect"]["answer"]  # the answer as the dialect's own harness reads it
     score, why = R.accuracy(text, record, extract)
-    pred = (R.extract_choice(text, record["options"], extract) if record.get("type") == "multiple_choice"
+    pred = (S.extract_choice(text, record["options"], extract) if record.get("type") == "multiple_choice"
             else extract(text))
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
@@ -154,6 +145,7 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
             if samples > 1:
                 item["other_samples"] = ss[1:]
         items.append(item)
+    B.rescore(items, records, bench)  # MMMU's seeded fallback, drawn in its evaluation's order
     return dict(summarize(items, bench, samples), seconds=round(time.time() - t0, 2)), items
 
 # -----------------------------------------------------------------------------
@@ -234,11 +226,15 @@ def _git_commit():
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
     C.add_common_flags(p, model="demo", out="runs/eval")
-    p.add_argument("--bench", choices=D.BENCHES, help="the loader for --data (default: synthetic, or lookagain JSONL)")
+    p.add_argument("--bench", choices=B.BENCHMARKS, help="--data's benchmark (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
-    p.add_argument("--split", default="test", help="ScienceQA split")
+    p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
+    p.add_argument("--frames", type=int, default=None, help="frames sampled per video (VSI-Bench: 32, the reference's)")
+    p.add_argument("--scorer", choices=R.TYPES, default=None,
+                   help="score with another record type's scorer (rethinker: VL-Rethinker's, behind its numbers)")
+    p.add_argument("--fix", action="store_true", help="the official scorers' named fixes (README; never the default)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
     p.add_argument("--temperature", type=float, help="default: greedy with --samples 1, else 1.0; 0 forces greedy")
@@ -257,7 +253,7 @@ def get_args(argv=None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
         p.error(f"--bench {args.bench} needs --data: the benchmark's file or folder")
-    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0), gt=dict(top_p=0),
+    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0, frames=1), gt=dict(top_p=0),
                   le=dict(top_p=1, min_p=1))
     if args.temperature is None:
         args.temperature = 0.0 if args.samples == 1 else 1.0
@@ -276,8 +272,8 @@ def main(argv=None):
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
-        records = D.dataset("synthetic", "test") if bench is None else D.load_benchmark(
-            bench, args.data, args.images, args.split, args.shuffle_seed, bad)
+        records = D.dataset("synthetic", "test") if bench is None else B.load(
+            bench, args.data, args.images, args.split, args.shuffle_seed, args.frames, args.scorer, args.fix, bad)
     except (ValueError, FileNotFoundError) as e:  # bad data: the message names file and row
         raise SystemExit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad counts and skips bad rows)"))
     records = records[:args.limit] if args.limit else records

@@ -1,164 +1,47 @@
 """
-rewards.py: answer extraction, benchmark scorers and the four methods' reward terms, composable; read top to bottom:
-  1. answer extraction  extract_answer, final_answer, extract_choice (the one extractor of the repo)
-  2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation), iou
-  3. scorers            vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score; accuracy by type
-  4. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
+rewards.py: the four methods' reward terms, composable, and accuracy (a record scored by its type's scorer:
+scorers.SCORERS). Read top to bottom:
+  1. accuracy           accuracy(pred_text, record) -> (value, reason), dispatched on record["type"]
+  2. region helpers     iou, coverage
+  3. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
                         {"turns": [assistant turns], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}],
                          "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
-  5. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
+  4. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
 
-Model text never makes anything here raise: empty, garbled, nested, unicode or enormous text scores 0 with a reason,
-in bounded work. A malformed *record* (unknown type, missing options, non-numeric gold) raises ValueError.
+Model text never makes anything here raise; a malformed *record* (unknown type, missing options, non-numeric gold)
+raises ValueError.
 """
 
 import math
 import re
-import string
 
 import numpy as np
 
-MAX_ANSWER_CHARS = 1000  # untagged text longer than this is reasoning, not an answer (DeepEyes: 1000 too)
-LEV_MAX_CHARS = 1000     # levenshtein looks at most at this many characters of each string
+from scorers import (MAX_ANSWER_CHARS, MRA_THRESHOLDS, SCORERS, final_answer, gold_answers, score_choice, score_final,
+                     soft_score, split_blocks, vqa_normalize)
+
 CORRECT = 0.5            # accuracy at or above this counts as "correct" for the correctness-gated terms
+TYPES = tuple(SCORERS)   # data.py checks records against it
 
 # -----------------------------------------------------------------------------
-# 1. answer extraction
+# 1. accuracy
 
 
-def _split_blocks(text, open_tag, close_tag):
-    """text split at its complete open_tag...close_tag blocks (str.find: a lazy regex is quadratic on unclosed tags)."""
-    parts, i = [], 0
-    while True:
-        j = text.find(open_tag, i)
-        k = text.find(close_tag, j + len(open_tag)) if j >= 0 else -1
-        if k < 0:
-            return parts + [text[i:]]
-        parts.append(text[i:j])
-        i = k + len(close_tag)
-
-
-def _last_boxed(text):
-    """Content of the last \\boxed{...} whose braces balance, else None."""
-    best, stack = None, []  # stack: per open brace, where its box's content starts (None: a plain brace)
-    for m in re.finditer(r"\\boxed\{|[{}]", text):
-        if m.group() != "}":
-            stack.append(m.end() if m.group() != "{" else None)
-        elif stack:
-            s = stack.pop()
-            if s is not None and (best is None or s > best[0]):
-                best = (s, m.start())
-    return text[best[0]:best[1]].strip() if best else None
-
-
-def extract_answer(text):
-    """Stripped content (maybe '') of the last closed <answer> (innermost if nested), else _last_boxed(text)."""
-    if not isinstance(text, str) or not text:
-        return None
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end >= 0 else -1
-    if start >= 0:
-        start += len("<answer>")
-        return text[start:text.find("</answer>", start)].strip()
-    return _last_boxed(text)
-
-
-def final_answer(text):
-    """The answer a model committed to: extract_answer, else (as ViLaSR's and DeepEyes' scorers do) the untagged
-    text after the last </think>, tool calls removed; None if none, inside an unclosed <think>, or too long."""
-    ans = extract_answer(text)
-    if ans is not None or not isinstance(text, str):
-        return ans or None
-    tail = text.rpartition("</think>")[2]
-    if "<think>" in tail:
-        return None
-    parts = _split_blocks(tail, "<tool_call>", "</tool_call>")
-    tail = "".join(parts[:-1]) + parts[-1].partition("<tool_call>")[0]  # an unclosed call was cut off: drop it
-    for tag in ("<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>"):
-        tail = tail.replace(tag, "")
-    tail = tail.strip()
-    return tail if 0 < len(tail) <= MAX_ANSWER_CHARS else None
-
-
-def _loose(s):
-    return " ".join(str(s).lower().split()).strip(" .")  # case, spacing and a trailing period do not matter
-
-
-_BARE_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?[.:)]?")
-_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*", re.I)
-
-
-def extract_choice(text, options=None, extract=None):
-    """The option letter a (possibly tool-using) output chose, or None. Accepts B, (B), B., b, B) text,
-    Answer: B, and the option's own text; only letters of the given options count (A-Z without options).
-    extract: how the answer is found in the text (a dialect's own; default final_answer)."""
-    letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
-    s = (extract or final_answer)(text)
-    if not s:
-        return None
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s).replace("**", "").replace("$", "").strip().strip("`").strip()
-    s = _PREFIX.sub("", s, count=1).strip()
-    m = _BARE_LETTER.fullmatch(s)
-    if m:  # B, (B), B., b
-        return m.group(1).upper() if m.group(1).upper() in letters else None
-    for letter, opt in zip(letters, options or []):  # the option's own text
-        if _loose(opt) == _loose(s):
-            return letter
-    found = [x for x in re.findall(r"(?i:answer|option|choice)\s*(?:is\s*)?[:：]?\s*\(?([A-Z])\)?(?![A-Za-z0-9])", s)
-             if x in letters]
-    if found:  # "(A) is wrong, so the answer is (C)": the last such phrase
-        return found[-1]
-    marked = {x for x in re.findall(r"\(([A-Z])\)", s) if x in letters}
-    if len(marked) > 1:  # "(A) or (B)": ambiguous
-        return None
-    m = re.match(r"\(?([A-Z])[).:]\s", s)  # B) text, (B) text, B. text, B: text
-    if m and m.group(1) in letters:
-        return m.group(1)
-    return marked.pop() if marked else None  # a single (X) anywhere
+def accuracy(pred_text, record, extract=None):
+    """(value in [0, 1], reason) of a model output for a record, by the scorer of its type (scorers.SCORERS).
+    extract: how the answer is found in the text, a dialect's own (default final_answer); lookagain's own scorers use
+    it, a benchmark's official scorer reads the raw output as its own code does."""
+    kind = record.get("type")
+    if kind not in SCORERS:
+        raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(SCORERS)}")
+    if "answer" not in record:
+        raise ValueError(f"record {record.get('id')!r} has no 'answer'")
+    if SCORERS[kind] in (score_choice, score_final):
+        return SCORERS[kind](pred_text, record, extract)
+    return SCORERS[kind](pred_text, record)
 
 # -----------------------------------------------------------------------------
-# 2. text helpers
-
-
-def levenshtein(a, b, max_chars=LEV_MAX_CHARS):
-    """DP edit distance; past max_chars each character counts as one edit (bounded work; such texts score ~0 anyway)."""
-    extra = max(0, len(a) - max_chars) + max(0, len(b) - max_chars)
-    a, b = a[:max_chars], b[:max_chars]
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] + extra
-
-
-# EvalAI's contraction table, generated from the full forms: each form with one apostrophe dropped maps back ("dont"
-# -> "don't", "couldnt've" and "couldn'tve" -> "couldn't've"); its capitalised "Im" etc. never fire on lowercased text.
-_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
-he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
-needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll
-somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd
-there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're
-what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
-wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
-CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, ch in enumerate(w) if ch == "'"}
-CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one entry backwards
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-PUNCT = ';/[]"{}()=+\\_-><@`!'  # EvalAI's list also has , and ?, which are already gone by then
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
-
-
-def vqa_normalize(text):
-    """EvalAI answer normalisation, as the TextVQA evaluator (MMF) and lmms-eval apply it."""
-    s = str(text).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    out = s = s.replace("\n", " ").replace("\t", " ").strip()
-    for p in PUNCT:  # glued punctuation splits words ("coca-cola" -> "coca cola"), spaced one is dropped
-        out = out.replace(p, "" if (p + " " in s or " " + p in s) else " ")
-    out = _PERIOD.sub("", out, count=32)  # only 32 go: the official code passes re.UNICODE (== 32) as sub()'s count
-    words = [NUMBER_WORDS.get(w, w) for w in out.split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in {"a", "an", "the"})
+# 2. region helpers (coverage, further down, sits beside the region terms)
 
 
 def _box(v):
@@ -181,188 +64,7 @@ def iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 # -----------------------------------------------------------------------------
-# 3. scorers: (prediction text, ground truth) -> float in [0, 1]
-
-
-def _answers(gold):
-    answers = [gold] if isinstance(gold, (str, int, float)) else list(gold or [])
-    if not answers:
-        raise ValueError("record has an empty answer list")
-    return [str(a) for a in answers]
-
-
-def vqa_score(pred, answers):
-    """TextVQA accuracy: mean over the leave-one-out subsets of the answers of min(1, matches / 3)."""
-    answers = _answers(answers)
-    if not isinstance(pred, str):
-        return 0.0
-    p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
-    if len(gts) == 1:  # leave-one-out over a single answer would always leave nothing to match
-        return float(p == gts[0])
-    matches = sum(g == p for g in gts)
-    # leaving out a matching answer leaves matches - 1 among the others, any other leaves all matches
-    return sum(min(1.0, (matches - (g == p)) / 3) for g in gts) / len(gts)
-
-
-def anls(pred, answers, threshold=0.5):
-    """DocVQA ANLS as the official script computes it: 1 - the least normalised edit distance, 0 below threshold."""
-    answers = _answers(answers)
-    if not isinstance(pred, str):
-        return 0.0
-    p = " ".join(pred.strip().lower().split())
-    lengths = [max(len(a.upper()), len(pred.upper())) for a in answers]  # the official code measures .upper() lengths
-    q = 1 - min(levenshtein(" ".join(a.strip().lower().split()), p) / n if n else 0.0 for a, n in zip(answers, lengths))
-    return 0.0 if q < threshold else q
-
-
-def soft_score(pred, answers):
-    """Groundlight's soft score, as their code: the top-3 similarities 1 - lev / max(len), summed / 3 (1 match: 1/3)."""
-    answers = _answers(answers)
-    if not isinstance(pred, str):
-        return 0.0
-    p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
-    sims = [1 - levenshtein(p, g) / max(len(p), len(g)) if p or g else 0.0 for g in gts]  # two '': they say "wrong"
-    return min(1.0, sum(sorted(sims, reverse=True)[:3]) / 3)
-
-
-MRA_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-
-
-def _vsi_float(pred):
-    """VSI-Bench's prediction parse: the first space-separated token, trailing periods dropped, float()."""
-    if isinstance(pred, (int, float)) and not isinstance(pred, bool):
-        return float(pred)
-    try:
-        return float(str(pred).strip().partition(" ")[0].rstrip("."))
-    except ValueError:
-        return None
-
-
-def mra(pred, gt):
-    """VSI-Bench mean relative accuracy: mean over theta in MRA_THRESHOLDS of [|pred - gt| / gt <= 1 - theta], 0 for
-    a non-numeric pred. (We divide by |gt| and define gt == 0, which its data never has and its code cannot handle.)"""
-    g = to_number(gt)
-    if g is None:
-        raise ValueError(f"mra ground truth {gt!r} is not a number")
-    p = _vsi_float(pred)
-    if p is None or not math.isfinite(p):
-        return 0.0
-    if g == 0:
-        return float(p == 0)
-    return float(np.mean(abs(p - g) / abs(g) <= 1 - MRA_THRESHOLDS))
-
-
-def _gold_letter(answer, options):
-    letters = string.ascii_uppercase[:len(options)]
-    m = _BARE_LETTER.fullmatch(str(answer).strip())
-    if m and m.group(1).upper() in letters:
-        return m.group(1).upper()
-    for letter, opt in zip(letters, options):
-        if _loose(opt) == _loose(answer):
-            return letter
-    raise ValueError(f"answer {answer!r} is neither an option letter nor one of the options {options}")
-
-
-def choice_score(pred, answer, options):
-    """1 if the output chose the right option (answer: a letter or the option text), else 0."""
-    return float(extract_choice(pred, options) == _gold_letter(answer, options))
-
-
-def to_number(s):
-    """A float from a number or a text holding exactly one number ('1,234', '3.5 cm', 'five'), else None."""
-    if isinstance(s, (int, float, np.number)) and not isinstance(s, bool):
-        return float(s)
-    if not isinstance(s, str):
-        return None
-    t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s.strip().lower())  # thousands separators
-    word = t.rstrip(".")
-    if word in NUMBER_WORDS and word != "none":  # EvalAI's "none" -> 0 is not a count
-        return float(NUMBER_WORDS[word])
-    found = re.findall(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", t)
-    return float(found[0]) if len(found) == 1 else None  # '2 or 3' is no answer
-
-
-def number_score(pred, gt, rel_tol=1e-4, abs_tol=1e-6):
-    """1 if the prediction is numerically close to the ground truth (or any of a list of them), else 0."""
-    golds = [to_number(g) for g in (gt if isinstance(gt, (list, tuple)) else [gt])]
-    if not golds or None in golds:
-        raise ValueError(f"number ground truth {gt!r} is not a number")
-    p = to_number(pred)
-    return float(p is not None and any(math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol) for g in golds))
-
-
-def mathvista_score(pred, record):
-    """MathVista's normalisation, then ==: a letter or '(X)' picks its option, other text the nearest by edit distance;
-    integers via int(float()), floats via round(float(), precision); '' scores 0 (ignore_empty_extractions)."""
-    answer = str(record["answer"][0] if isinstance(record["answer"], list) else record["answer"]).strip()
-    if not isinstance(pred, str) or not pred.strip():
-        return 0.0
-    pred = pred.strip()
-    choices = [str(c) for c in (record.get("options") or record.get("choices") or [])]
-    if choices:
-        letters = list(string.ascii_uppercase[:len(choices)])
-        if answer in letters and answer not in choices:  # a letter as the gold answer: its option text
-            answer = choices[letters.index(answer)]
-        found = re.findall(r"\(([a-zA-Z])\)", pred)
-        s = found[0].upper() if found else pred
-        pick = choices[letters.index(s)] if s in letters else min(choices, key=lambda c: levenshtein(s, c))
-        return float(pick == answer)
-    kind, precision = record.get("answer_type"), record.get("precision")
-    if kind is None:
-        kind = "float" if precision is not None else "integer" if re.fullmatch(r"[-+]?\d+", answer) else "text"
-    if kind == "float" and precision is None:
-        precision = len(answer.partition(".")[2])
-    try:
-        if kind == "integer":
-            pred = str(int(float(pred)))  # truncates: '3.7' counts as 3, as in MathVista
-        elif kind == "float":
-            pred = str(round(float(pred), int(precision)))
-    except (ValueError, OverflowError):
-        return 0.0
-    return float(pred == answer)
-
-
-TYPES = ("multiple_choice", "number", "mra", "vqa", "anls", "text", "mathvista")  # data.py checks records against it
-
-
-def accuracy(pred_text, record, extract=None):
-    """(value in [0, 1], reason) of a model output's answer (extract: a dialect's extractor, default final_answer;
-    multiple choice: extract_choice) for a record."""
-    kind = record.get("type")
-    if kind not in TYPES:
-        raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
-    if "answer" not in record:
-        raise ValueError(f"record {record.get('id')!r} has no 'answer'")
-    gold = record["answer"]
-    if kind == "multiple_choice":
-        options = record.get("options")
-        if not options:
-            raise ValueError(f"multiple_choice record {record.get('id')!r} needs 'options'")
-        want, got = _gold_letter(gold, options), extract_choice(pred_text, options, extract)
-        if got is None:
-            return 0.0, "no option letter or option text found"
-        return float(got == want), f"chose {got}, answer {want}"
-    if kind in ("vqa", "anls", "text"):
-        gold = _answers(gold)
-    elif kind in ("number", "mra"):
-        number_score(0, gold)  # validates the ground truth, whatever the model said
-    ans = (extract or final_answer)(pred_text)
-    if not ans:
-        return 0.0, "no answer"
-    if kind == "number":
-        v = number_score(ans, gold, record.get("rel_tol", 1e-4), record.get("abs_tol", 1e-6))
-    elif kind == "mra":
-        v = mra(ans, gold[0] if isinstance(gold, (list, tuple)) else gold)
-    elif kind in ("vqa", "anls"):
-        v = (vqa_score if kind == "vqa" else anls)(ans, gold)
-    elif kind == "text":
-        v = float(vqa_normalize(ans) in {vqa_normalize(a) for a in gold})
-    else:
-        v = mathvista_score(ans, record)
-    return v, f"{kind} {v:.3f} for {ans[:40]!r}"
-
-# -----------------------------------------------------------------------------
-# 4. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
+# 3. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
 
 
 def _turns(traj):
@@ -508,7 +210,7 @@ def r_length(traj, record, acc):
     """VLM-R3, as their code: min(0.1, 0.01 x characters of the shortest reasoning segment between the tool calls before
     the first <answer>); empty segments count only at the ends (no reasoning before the first or after the last: 0)."""
     text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
-    segments = [s.strip() for s in _split_blocks(text, "<tool_call>", "</tool_call>")]
+    segments = [s.strip() for s in split_blocks(text, "<tool_call>", "</tool_call>")]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
 
@@ -574,14 +276,14 @@ def r_vqa_hard(traj, record, acc):
     if not ans:
         return 0.0, "no answer"
     p = vqa_normalize(ans)
-    matches = sum(vqa_normalize(a) == p for a in _answers(record["answer"]))
+    matches = sum(vqa_normalize(a) == p for a in gold_answers(record["answer"]))
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 
 TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("r_") and callable(f)}
 
 # -----------------------------------------------------------------------------
-# 5. presets: term -> weight; "accuracy" is accuracy() of the final answer
+# 4. presets: term -> weight; "accuracy" is accuracy() of the final answer
 
 PRESETS = {
     # R-GRPO: r_acc + r_format (0.5) + r_valid (0.5, if correct) + r_length (<= 0.1), summed

@@ -46,6 +46,7 @@ import data as D
 import dialects
 import model as M
 import rewards as R
+import scorers as S
 import tools as T
 
 # ---- trajectories: the JSONL format, and replaying one through the environment
@@ -209,12 +210,12 @@ def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min
         x1, y1 = min(x1, vw - 1), min(y1, vh - 1)
         box = [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]  # a box thinner than a view pixel keeps 1 px
         turns.append(think(text[:m[-1].start()]) + zoom_call(box))
-    answer = R.extract_answer(texts[-1])
+    answer = S.extract_answer(texts[-1])
     if not answer:
         raise ValueError("the last response has no <answer>...</answer>")
     turns.append(think(texts[-1][:texts[-1].rfind("<answer>")]) + f"<answer>{answer}</answer>")
     gold = rec.get("answer") or rec.get("solution")  # VLIR may carry its ground truth ...
-    gold = (R.extract_answer(gold) or gold) if isinstance(gold, str) else answer  # ... else the rationale's own
+    gold = (S.extract_answer(gold) or gold) if isinstance(gold, str) else answer  # ... else the rationale's own
     return dict(id=str(rec.get("id", "")) or None, image=rec["image_path"], question=rec["question"],
                 answer=gold, type="text", turns=turns, view_max_pixels=view_max_pixels)
 
