@@ -132,11 +132,11 @@ def problem(bad, msg, exc=ValueError):
     bad.append(msg)
 
 
-def jsonl_rows(path, bad=None):
-    """(where, object) for each non-empty line of a JSONL file; where = "file:line"."""
-    if not os.path.isfile(path):
+def jsonl_rows(path, bad=None, stream=None):
+    """(where, object) for each non-empty line of a JSONL file (or of `stream`, named path); where = "file:line"."""
+    if stream is None and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is that line's problem
+    with stream or open(path, "rb") as f:  # bytes, decoded line by line: a line not UTF-8 is that line's problem
         for ln, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (some editors write one) is dropped
