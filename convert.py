@@ -1,6 +1,6 @@
 """
-convert.py: the methods' released training data, as published, -> lookagain JSONL for grpo.py / eval.py --data,
-with its images under --out/images/:
+convert.py: the methods' released training data, as published, -> lookagain JSONL for grpo.py / eval.py --data (the
+RL formats) or trajectory JSONL for sft.py --data (the SFT formats), with its images under --out/images/:
 
     python convert.py virl39k TIGER-Lab/ViRL39K --out data/virl39k
     python convert.py virl39k TIGER-Lab/ViRL39K --out data/virl39k-hard --max-pass-rate 0.75
@@ -8,7 +8,10 @@ with its images under --out/images/:
     python convert.py textvqa lmms-lab/textvqa --split train --out data/textvqa
     python convert.py textvqa TextVQA_0.5.1_train.json train_val_images.zip --out data/textvqa
     python convert.py vilasr_rl ViLaSR-data --out data/vilasr-rl
+    python convert.py vilasr_sft ViLaSR-data --out data/vilasr-sft
     python convert.py vlm_r3_rl data.zip --out data/r3-rl
+    python convert.py vlm_r3_sft dataset.zip --out data/r3-sft
+    python convert.py vlm_r3_sft dataset.zip --out data/r3-sft-la --dialect lookagain --view-max-pixels 1605632
 
 INPUT: parquet, JSON and JSONL files, zip archives (of images, of data files or both), folders holding them, or the
 dataset's hub id (the Hugging Face cache first, else downloaded, unless HF_HUB_OFFLINE is set). A row's image is its
@@ -330,9 +333,115 @@ def textvqa(row, ctx):
                 question_id=qid, image_id=row.get("image_id"))
 
 
+# VLM-R3's crop request, {"bbox_2d": [x1, y1, x2, y2]}, sometimes inside a ```json fence
+CROP = re.compile(r'(?:```(?:json)?\s*)?\{\s*"bbox_2d"\s*:\s*\[([^\]]*)\]\s*\}(?:\s*```)?')
+
+
+def vlir_crops(texts):
+    """VLM-R3's segments -> [(text before its crop request, [x1, y1, x2, y2])] for all but the last, which answers."""
+    crops = []
+    for i, t in enumerate(texts[:-1]):
+        m = list(CROP.finditer(t))
+        need(m, f"response_list[{i}]", 'no crop request {"bbox_2d": [x1, y1, x2, y2]}')
+        try:
+            box = [float(v) for v in json.loads("[" + m[-1].group(1) + "]")]
+        except (ValueError, TypeError):
+            box = []
+        need(len(box) == 4 and all(map(math.isfinite, box)), f"response_list[{i}]",
+             f"the crop box must be 4 numbers, got [{m[-1].group(1)}]")
+        crops.append((t[:m[-1].start()], box))
+    need(R.extract_answer(texts[-1]), f"response_list[{len(texts) - 1}]", "the last segment has no <answer>")
+    return crops
+
+
+def vlir_lookagain(texts, crops, size, view_max_pixels, frame):
+    """VLM-R3's segments as lookagain turns: each box (in VLM-R3's view of the image, `frame` = its min and max pixels)
+    becomes a zoom_in in our view (view_max_pixels), each segment's text a closed <think>."""
+    import tools as T  # (tools imports torch: only this rendering needs it)
+    W, H = size
+    rh, rw = T.smart_resize(H, W, min_pixels=frame[0], max_pixels=frame[1])
+    vh, vw = T.smart_resize(H, W, max_pixels=view_max_pixels)
+
+    def think(s):  # VLM-R3's one <think> spans all the segments; ours closes in each turn
+        return "<think>" + s.replace("<think>", "").replace("</think>", "").strip() + "</think>"
+
+    turns = []
+    for before, (x1, y1, x2, y2) in crops:
+        # VLM-R3's frame -> original pixels (x W/rw) -> our view (x vw/W): the original's size cancels out
+        x1, x2 = (min(max(round(v * vw / rw), 0), vw) for v in (x1, x2))
+        y1, y2 = (min(max(round(v * vh / rh), 0), vh) for v in (y1, y2))
+        x1, y1 = min(x1, vw - 1), min(y1, vh - 1)
+        box = [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]  # a box thinner than a view pixel keeps 1 px
+        turns.append(think(before) + T.render_call("zoom_in", {"image_index": 0, "bbox_2d": box}))
+    last = texts[-1]
+    return turns + [think(last[:last.rfind("<answer>")]) + f"<answer>{R.extract_answer(last)}</answer>"]
+
+
+def vlm_r3_sft(row, ctx):
+    """VLM-R3's SFT list (VLIR, dataset.zip): image_path, question, response_list (segments, each but the last ending
+    in a bare {"bbox_2d": [...]} crop request in VLM-R3's view of the image), img_crop_list (unused: replay crops)."""
+    paths, q, texts = path_list(row, "image_path"), text(row, "question"), row.get("response_list")
+    need(len(paths) == 1, "image_path", f"{len(paths)} paths; VLM-R3's rows have one")
+    need(isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts), "response_list",
+         "must be a non-empty list of strings")
+    crops, args = vlir_crops(texts), ctx["args"]
+    gold = row.get("answer") or row.get("solution")  # VLIR may carry its ground truth ...
+    gold = (R.extract_answer(gold) or gold) if isinstance(gold, str) else R.extract_answer(texts[-1])  # ... or not
+    rec = dict(id=str(row.get("id") or f"vlm_r3-{ctx['key']}"), image=ctx["image"](paths[0], "image_path"),
+               question=q, answer=gold, type="text")
+    frame = (args.frame_min_pixels, args.frame_max_pixels)
+    if args.dialect == "lookagain":  # the budget kept is the view the boxes were rewritten in: sft.py checks it
+        turns = vlir_lookagain(texts, crops, ctx["size"](rec["image"]), args.view_max_pixels, frame)
+        return dict(rec, turns=turns, view_max_pixels=args.view_max_pixels)
+    return dict(rec, dialect="vlm_r3", turns=texts, view_max_pixels=frame[1], view_min_pixels=frame[0])
+
+
+VILASR_SCAFFOLD = [  # what ViLaSR's prompt adds around a question (eval/infer.py, dataset_multimodal.py)
+    r"The index of the given image is \d+(?: \(width: \d+, height: \d+\))?\.\n?",
+    r"These are frames from a video, numbered .*?Answer the quesntion with appropriate tools:\n",  # (sic)
+    r"\nAnswer with the option's letter from the given choices directly\.",
+    r"\nPlease answer the question using a single word or phrase \(e\.g\., 42 or 3\.14\)\."]
+
+
+def vilasr_sft(row, ctx):
+    """ViLaSR's cold-start and reflective sets (LLaMA-Factory sharegpt JSON): conversations [{role, content}] (system,
+    then user / assistant turns; observations are user turns with the drawn image), images (every <image>, in order)."""
+    conv, paths = row.get("conversations"), row.get("images")
+    need(isinstance(conv, list) and conv and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in conv), "conversations", "must be a list of {role, content}")
+    system = conv[0]["content"] if conv[0].get("role") == "system" else ""
+    turns = conv[1:] if system else conv
+    roles = [m.get("role") for m in turns]
+    need(len(roles) >= 2 and roles == ["user", "assistant"] * (len(roles) // 2), "conversations",
+         "roles must alternate user, assistant, ending with assistant")
+    need(isinstance(paths, list) and all(isinstance(p, str) and p for p in paths), "images", "must be a list of paths")
+    first, said = turns[0]["content"], [m["content"] for m in turns[1::2]]
+    n_q = first.count("<image>")
+    n_all = n_q + sum(m["content"].count("<image>") for m in turns[2::2])
+    need(n_q and n_all == len(paths), "images", f"{n_all} <image> placeholders ({n_q} in the question) for "
+         f"{len(paths)} images")
+    for i, t in enumerate(said[:-1]):
+        need("```json" in t, f"conversations[{2 * i + 1 + bool(system)}]", "an assistant turn before the last makes "
+             "no Object Mapper / Path Tracer call (```json block)")
+    answer = R.extract_answer(said[-1])
+    need(answer, f"conversations[{len(conv) - 1}]", "the last assistant turn has no <answer>...</answer>")
+    m = re.search(r"### Question:\n(.*?)\n\nBegin your reasoning", first, re.S)
+    q = strip_placeholders(m.group(1) if m else first)[0]
+    for pattern in VILASR_SCAFFOLD:
+        q = re.sub(pattern, "", q, flags=re.S)
+    frame = re.search(r"bottom-right corner is \((\d+), (\d+)\)", system) or re.search(
+        r"\(width: (\d+), height: (\d+)\)", first)
+    need(q.strip(), "conversations", "no question in the first user turn")
+    return dict(id=str(row.get("id") or f"vilasr-{ctx['key']}"),
+                image=one_or_list([ctx["image"](p, "images") for p in paths[:n_q]]), **typed(q.strip(), answer),
+                dialect="vilasr", turns=said,
+                view_max_pixels=ctx["args"].frame_max_pixels,
+                frame=[int(frame.group(1)), int(frame.group(2))] if frame else None, subset=ctx["stem"])
+
+
 # FORMAT -> read: its reader; files: the data files it takes from a folder or archive ({split}: --split); columns: what
-# it reads of a parquet; hub: what it downloads (None: not on the hub); pass_rate: --pass-rate-key's default; keeps:
-# what a record keeps, for --help
+# it reads of a parquet; hub: what it downloads (None: not on the hub); frame: the pixel budget its transcripts'
+# coordinates are in (SFT); pass_rate: --pass-rate-key's default; keeps: what a record keeps, for --help
 FORMATS = {
     "virl39k": dict(read=virl39k, files=("*.parquet",), hub=("*.parquet", "*.zip"), pass_rate="pass_rate_32b",
                     columns=("qid", "question", "answer", "image", "category", "source", "PassRate_32BTrained",
@@ -346,6 +455,13 @@ FORMATS = {
     "vilasr_rl": dict(read=vilasr_rl, files=("vilasr_rl_data.json*",), hub=("rl*.zip",),
                       keeps="options (letters dropped), numerical / regression as mra, data_type, question_type, "
                             "grid_size; maze / vqa keep their first image, video / spatial_r1 all"),
+    "vilasr_sft": dict(read=vilasr_sft, files=("cold_start/*.json", "reflective_rejection_sampling/*.json"),
+                       hub=("cold_start*.zip", "reflective_rejection_sampling*.zip"), frame=1003520,
+                       keeps="dialect vilasr: its assistant turns as written (1-based Object Mapper / Path Tracer "
+                             "JSON); the question images; options; frame (the stated W, H); subset (the file)"),
+    "vlm_r3_sft": dict(read=vlm_r3_sft, files=("*.json", "*.jsonl"), hub=None, frame=1605632,
+                       keeps="dialect vlm_r3: response_list as written, view_max_pixels (its boxes' frame); or "
+                             "--dialect lookagain: zoom_in calls in --view-max-pixels"),
     "vlm_r3_rl": dict(read=vlm_r3_rl, files=("*.json", "*.jsonl"), hub=None,
                       keeps="answer: its /-alternatives (MMK12: one, math); source"),
     "textvqa": dict(read=textvqa, files=("{split}-*.parquet", "*_{split}.json"), hub=("data/{split}-*.parquet",),
@@ -444,7 +560,8 @@ def convert(args, stage):
                 if args.limit is not None and counts["written"] >= args.limit:
                     break
                 counts["rows"] += 1
-                ctx = dict(image=lambda v, field: image(v, field, f), stem=stem, n=n, key=f"{stem}-{n}", args=args)
+                ctx = dict(image=lambda v, field: image(v, field, f), size=lambda rel: stored[os.path.basename(rel)],
+                           stem=stem, n=n, key=f"{stem}-{n}", args=args)
                 try:
                     need(isinstance(row, dict), "row", "must be an object")
                     rec = spec["read"](row, ctx)
@@ -514,16 +631,27 @@ def get_args(argv=None):
     p.add_argument("--only", action="append", metavar="FIELD=V1,V2", help="keep records whose FIELD is one of these "
                    "(repeatable), e.g. data_source=vstar, category=Spatial Reasoning")
     p.add_argument("--limit", type=int, default=None, help="stop after writing N records")
+    # SFT transcripts
+    p.add_argument("--dialect", default="native", choices=["native", "lookagain"], help="native: the turns as the "
+                   "method wrote them, replayed by its dialect; lookagain (vlm_r3_sft): rewritten as zoom_in calls")
+    p.add_argument("--view-max-pixels", type=int, default=None, help="--dialect lookagain: the SFT run's view budget")
+    p.add_argument("--frame-max-pixels", type=int, default=None, help="the budget the transcripts' coordinates are in "
+                   "(default vlm_r3_sft 1605632, their sft_7b.sh; vilasr_sft 1003520, their cold-start config)")
+    p.add_argument("--frame-min-pixels", type=int, default=3136)
     # bad input
     p.add_argument("--skip-bad", action="store_true", help="count, name (skipped.tsv) and skip bad rows and files")
     args = p.parse_args(argv)
+    args.frame_max_pixels = args.frame_max_pixels or FORMATS[args.format].get("frame")
     if (args.max_pass_rate is not None or args.min_pass_rate is not None) and not (
             args.pass_rate_key or FORMATS[args.format].get("pass_rate")):
         p.error(f"{args.format} has no pass rate of its own: name the field with --pass-rate-key")
     if any("=" not in o for o in args.only or []):
         p.error("--only takes FIELD=V1,V2")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
+    if args.dialect == "lookagain" and (args.format != "vlm_r3_sft" or not args.view_max_pixels):
+        p.error("--dialect lookagain is for vlm_r3_sft, with --view-max-pixels (the SFT run's view budget)")
+    for k in ("limit", "view_max_pixels", "frame_max_pixels", "frame_min_pixels"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
     return args
 
 

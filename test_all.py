@@ -2606,7 +2606,7 @@ def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
     assert (out / "model.safetensors").read_bytes() == b"new!" and (out / "trainer.pt").read_bytes() == b"old"
 
 
-# ---- sft: replayed trajectories, demonstrations, VLIR, reflective rejection sampling, training (sft.py)
+# ---- sft: replayed trajectories, demonstrations, reflective rejection sampling, training (sft.py)
 #      python -m pytest -q test_all.py -k test_sft_
 
 
@@ -2811,43 +2811,6 @@ def test_sft_malformed_lines_name_file_and_line(tmp_path):
         open(path, "w").write("\n" + json.dumps(r) + "\n")
         with pytest.raises(ValueError, match=f"{path}:2: .*{msg}"):
             sft.load_trajectories(str(path))
-
-
-def test_sft_vlir_conversion(policy, tmp_path):
-    Image.new("RGB", (1000, 800), (128, 128, 128)).save(tmp_path / "a.png")
-    rec = {"image_path": "a.png", "question": "What does the sign say?",
-           "response_list": ['<think>The sign is at the top left. {"bbox_2d": [100, 81, 302, 243]}',
-                             'Closer:\n```json\n{"bbox_2d": [150, 100, 250, 200]}\n```\n',
-                             'It reads STOP.</think><answer>STOP</answer>'],
-           "img_crop_list": ["crop_1.png", "crop_2.png"]}
-    # VLM-R3 saw 1000x800 at 1008x812 (smart_resize in 3136..1605632 px); our view is 112x84: x * 112/1008,
-    # y * 84/812: [100, 81, 302, 243] -> [11.1, 8.4, 33.6, 25.1] -> [11, 8, 34, 25]; [150, 100, 250, 200] -> [17, 10, 28, 21]
-    t = sft.vlir_to_trajectory({**rec, "image_path": str(tmp_path / "a.png")})
-    assert t["turns"] == [  # calls rendered as Qwen2.5's chat template renders them
-        '<think>The sign is at the top left.</think>\n<tool_call>\n{"name": "zoom_in", "arguments": '
-        '{"image_index": 0, "bbox_2d": [11, 8, 34, 25]}}\n</tool_call>',
-        '<think>Closer:</think>\n<tool_call>\n{"name": "zoom_in", "arguments": {"image_index": 0, '
-        '"bbox_2d": [17, 10, 28, 21]}}\n</tool_call>',
-        "<think>It reads STOP.</think><answer>STOP</answer>"]
-    assert t["answer"] == "STOP" and t["question"] == rec["question"]
-    # the CLI: a JSON list (as VLM-R3's loader reads it) -> trajectory JSONL that replays
-    (tmp_path / "vlir.json").write_text(json.dumps([rec]))
-    sft.main(["--convert-vlir", str(tmp_path / "vlir.json"), "--to", str(tmp_path / "out" / "traj.jsonl")])
-    (r, turns, where), = sft.load_trajectories(str(tmp_path / "out" / "traj.jsonl"))
-    assert turns == t["turns"]
-    ep, err = sft.rebuild(policy, r, turns, ["zoom_in"], CFG)
-    assert err is None and r["view_max_pixels"] == CFG["view_max_pixels"]  # the budget its boxes are in
-    # training at another budget would crop elsewhere: refused, naming the file and line
-    with pytest.raises(SystemExit, match=r"traj.jsonl:1: its boxes are in a 12544 px view"):
-        sft.main(["--data", str(tmp_path / "out" / "traj.jsonl"), "--view-max-pixels", str(224 * 224), "--steps", "1",
-                  "--out", str(tmp_path / "run"), "--device", "cpu"])
-    # the zoom looks where VLM-R3's crop looked (original pixels), to within a view pixel (1000/112)
-    want = [100 * 1000 / 1008, 81 * 800 / 812, 302 * 1000 / 1008, 243 * 800 / 812]
-    assert np.allclose(ep["calls"][0]["region"], want, atol=1000 / 112)
-    # a bad record is named
-    (tmp_path / "bad.json").write_text(json.dumps([rec, {**rec, "response_list": ["no box here", "<answer>x</answer>"]}]))
-    with pytest.raises(SystemExit, match=r"bad.json\[1\]: response_list\[0\] has no crop request"):
-        sft.main(["--convert-vlir", str(tmp_path / "bad.json"), "--to", str(tmp_path / "b.jsonl")])
 
 
 def test_sft_loss_falls_on_a_tiny_set(tmp_path):
@@ -3152,6 +3115,91 @@ def test_convert_vlm_r3_rl_as_published_then_one_grpo_step(tmp_path):
         dict(id="vlm_r3-rl_data-3", image=GREY_JPG, question="Is the dog left or right of the bench?", answer="left",
              type="text", source="vstar")]
     grpo_step(out / "data.jsonl", tmp_path / "run", "vlm_r3")
+
+
+VLIR = {"image_path": "a.png", "question": "What does the sign say?",
+        "response_list": ['<think>The sign is at the top left. {"bbox_2d": [100, 81, 302, 243]}',
+                          'Closer:\n```json\n{"bbox_2d": [150, 100, 250, 200]}\n```\n',
+                          'It reads STOP.</think><answer>STOP</answer>'],
+        "img_crop_list": ["crop_1.png", "crop_2.png"]}
+
+
+def test_convert_vlm_r3_sft_native_and_as_lookagain_calls_then_one_sft_step(policy, tmp_path):
+    grey = image_bytes((128, 128, 128), size=(1000, 800))
+    write_zip(tmp_path / "dataset.zip", {"vlir.json": json.dumps([VLIR]), "a.png": grey})
+    # native: VLM-R3's segments as written, with the budget its boxes are in (their sft_7b.sh), for its dialect
+    convert.main(["vlm_r3_sft", str(tmp_path / "dataset.zip"), "--out", str(tmp_path / "native")])
+    assert read_back(tmp_path / "native") == [dict(
+        id="vlm_r3-vlir-0", image=grey, question=VLIR["question"], answer="STOP", type="text", dialect="vlm_r3",
+        turns=VLIR["response_list"], view_max_pixels=1605632, view_min_pixels=3136)]
+    # lookagain: VLM-R3 saw 1000x800 at 1008x812 (smart_resize in 3136..1605632 px); our view is 112x84: x * 112/1008,
+    # y * 84/812: [100, 81, 302, 243] -> [11.1, 8.4, 33.6, 25.1] -> [11, 8, 34, 25]; [150, 100, 250, 200] -> [17, 10, 28, 21]
+    out = tmp_path / "la"
+    convert.main(["vlm_r3_sft", str(tmp_path / "dataset.zip"), "--out", str(out), "--dialect", "lookagain",
+                  "--view-max-pixels", str(112 * 112)])
+    (r, turns, where), = sft.load_trajectories(str(out / "data.jsonl"))
+    assert turns == [  # calls rendered as Qwen2.5's chat template renders them
+        '<think>The sign is at the top left.</think>\n<tool_call>\n{"name": "zoom_in", "arguments": '
+        '{"image_index": 0, "bbox_2d": [11, 8, 34, 25]}}\n</tool_call>',
+        '<think>Closer:</think>\n<tool_call>\n{"name": "zoom_in", "arguments": {"image_index": 0, '
+        '"bbox_2d": [17, 10, 28, 21]}}\n</tool_call>',
+        "<think>It reads STOP.</think><answer>STOP</answer>"]
+    assert r["answer"] == "STOP" and r["question"] == VLIR["question"]
+    ep, err = sft.rebuild(policy, {**r, "image": D.load_images(r)}, turns, ["zoom_in"], CFG)
+    assert err is None and r["view_max_pixels"] == CFG["view_max_pixels"]  # the budget its boxes are in
+    # the zoom looks where VLM-R3's crop looked (original pixels), to within a view pixel (1000/112)
+    want = [100 * 1000 / 1008, 81 * 800 / 812, 302 * 1000 / 1008, 243 * 800 / 812]
+    assert np.allclose(ep["calls"][0]["region"], want, atol=1000 / 112)
+    sft.main(["--data", str(out / "data.jsonl"), "--steps", "1", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert [json.loads(s)["step"] for s in open(tmp_path / "run" / "metrics.jsonl")] == [1]
+    # training at another budget would crop elsewhere: refused, naming the file and line
+    with pytest.raises(SystemExit, match=r"data.jsonl:1: its boxes are in a 12544 px view"):
+        sft.main(["--data", str(out / "data.jsonl"), "--view-max-pixels", str(224 * 224), "--steps", "1",
+                  "--out", str(tmp_path / "run2"), "--device", "cpu"])
+    # a bad segment is named: file, row, field
+    (tmp_path / "bad.json").write_text(json.dumps([VLIR, {**VLIR, "response_list": ["no box", "<answer>x</answer>"]}]))
+    (tmp_path / "a.png").write_bytes(grey)
+    with pytest.raises(SystemExit, match=r"bad.json\[1\]: 'response_list\[0\]': no crop request"):
+        convert.main(["vlm_r3_sft", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")])
+
+
+VILASR_SYSTEM = ("### Guidance:\nYou are a spatial reasoning assistant with access to two powerful visualization tools."
+                 "\n...\n   - Provide absolute coordinates in JSON format (The top-left corner of the image is (0, 0) and"
+                 " the bottom-right corner is (616, 616))\n...")
+VILASR_OBS = ("<image>\nThe index of the given image is {k} (width: 616, height: 616). Continue your reasoning. After "
+              "each tool use, critically evaluate the visualization and adjust if needed:")
+VILASR_SAID = [
+    '<think> The start is the green cell near (100, 98). I trace the first move right. </think> Action: Path Tracer\n'
+    '```json\n[{"index": 1, "start_point_2d": [100, 98], "end_point_2d": [212, 98], "label": "move 1"}]\n```',
+    '<think> The line stops at a wall; the path continues down. </think> Action: Object Mapper\n```json\n'
+    '[{"index": 2, "bbox_2d": [180, 480, 250, 560], "label": "end"}]\n```',
+    "<think> The path ends at the bottom-right cell. </think> Action: Answer\n<answer> B </answer>"]
+
+
+def test_convert_vilasr_sft_keeps_the_native_turns(tmp_path):
+    """LLaMA-Factory sharegpt rows: the question's scaffolding goes (the dialect writes its own), the question image
+    stays (the drawn ones are replayed), the assistant turns stay as written (1-based index, fenced JSON)."""
+    first = ("<image>\n### Question:\nStarting from the green cell, follow the path. Where do you end up?\nA. top-left"
+             "\nB. bottom-right\nC. centre\nThe index of the given image is 1.\nAnswer with the option's letter from "
+             "the given choices directly.\n\nBegin your reasoning. After each tool use, critically evaluate the "
+             "visualization and adjust if needed:\n")
+    conv = [dict(role="system", content=VILASR_SYSTEM), dict(role="user", content=first)]
+    for k, said in enumerate(VILASR_SAID):
+        conv += [dict(role="assistant", content=said)] + ([dict(role="user", content=VILASR_OBS.format(k=k + 2))]
+                                                          if k < 2 else [])
+    images = [f"cold_start/maze/maze_00412{s}.png" for s in ("", "_1", "_2")]
+    root = tmp_path / "ViLaSR-data"
+    write_files(root, {"cold_start/maze.json": [dict(conversations=conv, images=images)], images[0]: RED,
+                       images[1]: BLUE, images[2]: GREEN, "dataset_info.json": {"maze_cold_start": {}}})
+    convert.main(["vilasr_sft", str(root), "--out", str(tmp_path / "out")])
+    assert read_back(tmp_path / "out") == [dict(
+        id="vilasr-maze-0", image=RED, question="Starting from the green cell, follow the path. Where do you end up?",
+        answer="B", type="multiple_choice", options=["top-left", "bottom-right", "centre"], dialect="vilasr",
+        turns=VILASR_SAID, view_max_pixels=1003520, frame=[616, 616], subset="maze")]
+    write_files(root, {"cold_start/maze.json": [dict(conversations=conv, images=images[:2])]})
+    with pytest.raises(SystemExit, match=r"maze.json\[0\]: 'images': 3 <image> placeholders \(1 in the question\) "
+                                         r"for 2 images"):
+        convert.main(["vilasr_sft", str(root), "--out", str(tmp_path / "out2")])
 
 
 def tree(folder):
