@@ -2924,7 +2924,8 @@ VIRL_ROWS = [  # 39Krelease.parquet's columns in its order; <image> placeholders
          image=["images/geoqa_plus-4821-0.png"]),
     dict(question="<image>\n<image>\nThe first image is a net. What share of the second is shaded?",
          answer="\\boxed{\\frac{1}{2}}", PassRate_32BTrained=0.25, PassRate_7BBase=-1.0, category="Spatial Reasoning",
-         source="Processed", qid="Processed-9f31", image=["images/Processed-9f31-0.jpg", "images/Processed-9f31-1.jpg"]),
+         source="Processed", qid="Processed-9f31",
+         image=["images/Processed-9f31-0.jpg", "images/Processed-9f31-1.jpg"]),
     dict(question="<image>Which is larger? Choices: (A) 3 (B) 4", answer="So it is \\boxed{A}.",
          PassRate_32BTrained=0.5, PassRate_7BBase=0.75, category="(GradeSchool) Non-Geo Math", source="M3CoT",
          qid="M3CoT-77", image=["images/M3CoT-77-0.png"])]
@@ -2982,9 +2983,9 @@ DEEPEYES_SUFFIX = ("\nThink first, call **image_zoom_in_tool** if needed, then a
 
 def deepeyes_row(source, user, img, gt, extra, ability, env):
     """A verl RL row as DeepEyes' parquets hold it: chat prompt, images [{bytes, path}], nested structs."""
-    return dict(data_source=source, prompt=[dict(content=DEEPEYES_SYSTEM, role="system"), dict(content=user, role="user")],
-                images=[img], reward_model=dict(ground_truth=gt, style="rule"), extra_info=extra, ability=ability,
-                env_name=env)
+    return dict(data_source=source,
+                prompt=[dict(content=DEEPEYES_SYSTEM, role="system"), dict(content=user, role="user")], images=[img],
+                reward_model=dict(ground_truth=gt, style="rule"), extra_info=extra, ability=ability, env_name=env)
 
 
 def test_convert_deepeyes_as_published_then_one_grpo_step(tmp_path):
@@ -3026,7 +3027,8 @@ TEN = ["nous les gosses", "dakota", "clos culombu", "dakota digital", "dakota", 
 
 def textvqa_item(qid, question, answers, image_id="003a8ae2ef43b901", image=None):
     return dict(image_id=image_id, question_id=qid, question=question, question_tokens=question.split(), image=image,
-                image_width=64, image_height=48, flickr_original_url="https://x/o.jpg", flickr_300k_url="https://x/z.jpg",
+                image_width=64, image_height=48, flickr_original_url="https://x/o.jpg",
+                flickr_300k_url="https://x/z.jpg",
                 answers=answers, image_classes=["Camera"], set_name="train", ocr_tokens=["DAKOTA"])
 
 
@@ -3132,8 +3134,9 @@ def test_convert_vlm_r3_sft_native_and_as_lookagain_calls_then_one_sft_step(poli
     assert read_back(tmp_path / "native") == [dict(
         id="vlm_r3-vlir-0", image=grey, question=VLIR["question"], answer="STOP", type="text", dialect="vlm_r3",
         turns=VLIR["response_list"], view_max_pixels=1605632, view_min_pixels=3136)]
-    # lookagain: VLM-R3 saw 1000x800 at 1008x812 (smart_resize in 3136..1605632 px); our view is 112x84: x * 112/1008,
-    # y * 84/812: [100, 81, 302, 243] -> [11.1, 8.4, 33.6, 25.1] -> [11, 8, 34, 25]; [150, 100, 250, 200] -> [17, 10, 28, 21]
+    # lookagain: VLM-R3 saw 1000x800 at 1008x812 (smart_resize in 3136..1605632 px); our view is 112x84:
+    # x * 112/1008, y * 84/812: [100, 81, 302, 243] -> [11.1, 8.4, 33.6, 25.1] -> [11, 8, 34, 25];
+    # [150, 100, 250, 200] -> [17, 10, 28, 21]
     out = tmp_path / "la"
     convert.main(["vlm_r3_sft", str(tmp_path / "dataset.zip"), "--out", str(out), "--dialect", "lookagain",
                   "--view-max-pixels", str(112 * 112)])
@@ -3164,8 +3167,8 @@ def test_convert_vlm_r3_sft_native_and_as_lookagain_calls_then_one_sft_step(poli
 
 
 VILASR_SYSTEM = ("### Guidance:\nYou are a spatial reasoning assistant with access to two powerful visualization tools."
-                 "\n...\n   - Provide absolute coordinates in JSON format (The top-left corner of the image is (0, 0) and"
-                 " the bottom-right corner is (616, 616))\n...")
+                 "\n...\n   - Provide absolute coordinates in JSON format (The top-left corner of the image is"
+                 " (0, 0) and the bottom-right corner is (616, 616))\n...")
 VILASR_OBS = ("<image>\nThe index of the given image is {k} (width: 616, height: 616). Continue your reasoning. After "
               "each tool use, critically evaluate the visualization and adjust if needed:")
 VILASR_SAID = [
@@ -3222,8 +3225,8 @@ def test_convert_bad_rows_are_named_and_nothing_is_half_written(tmp_path, capsys
                       "images/h.png": huge.getvalue()})
     row = VIRL_ROWS[1]
     problems = [(dict(row, qid="b1", image=["images/junk.png"]), r"'image': cannot read image"),
-                (dict(row, qid="b2", image=["images/w.png"]), r"'image': cannot read image .*1000x4 is over the limits"),
-                (dict(row, qid="b3", image=["images/h.png"]), r"'image': cannot read image .*8200x8200 is over the limits"),
+                (dict(row, qid="b2", image=["images/w.png"]), r"'image': cannot read image .*1000x4 is over the"),
+                (dict(row, qid="b3", image=["images/h.png"]), r"'image': cannot read image .*8200x8200 is over the"),
                 ({k: v for k, v in row.items() if k != "qid"}, r"'qid': missing or empty"),
                 (dict(row, qid="b5", answer="55"), r"'answer': no \\boxed\{\}")]
     for bad, msg in problems:  # each alone stops the run, after rows that converted fine: --out untouched
