@@ -1,5 +1,6 @@
 """
-Two benchmarks, each printing a table: the fused log-prob kernel (1.) and the rollout engine (2., --rollout).
+Three benchmarks, each printing a table: the fused log-prob kernel (1.), the rollout engine (2., --rollout) and the
+data converter (3., --convert).
 
 1. Forward + backward of per-token log-probs logp = log_softmax(hidden @ weight.T)[targets] (the loss L =
 sum_t g_t logp_t, g fixed random), for time and peak memory. Run exactly (defaults per device: see the flags):
@@ -21,16 +22,28 @@ path (tools.rollout(reuse_cache=False): every turn's whole conversation prefille
 (same prompts, stop strings, max new tokens), uncached, engine; multi-turn with zoom_in (the demo's limits),
 T = 1, per-episode seeds: uncached, engine. Per token the trajectories keep: tokens prefilled (prefill/token),
 rows forwarded by decode steps (rows/token: 1 when none decodes padding); same tokens: rows as the setting's first.
+
+3. convert.py on generated parquets of images (TextVQA's layout: distinct 640 x 480 noise JPEGs of ~270 KB as
+{bytes, path} structs, row groups of 100 rows), one of each --gb size, run as a subprocess (no script imports
+another) twice: the first run writes every image, the second finds them all written. Rows/s and the run's peak
+resident memory (its own rusage), which stays flat with the file's size (read by row group):
+  python bench.py --convert                 (0.25 and 2 GB in runs/bench-convert, deleted after; ~10 min on 2 cores)
 """
 
 import argparse
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 import common as C
 import data as D
@@ -169,6 +182,58 @@ def rollout_bench(a, device):
               f"{rows / n:.2f} | {same}/{len(seqs)} |")
 
 
+def textvqa_parquet(path, gb, group=100):
+    """A parquet in lmms-lab/textvqa's layout (the columns convert.py reads) of ~gb GB of distinct noise JPEGs,
+    written row group by row group. -> (rows, bytes of images)"""
+    base = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    schema = pa.schema([("image_id", pa.string()), ("question_id", pa.int32()), ("question", pa.string()),
+                        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("answers", pa.list_(pa.string()))])
+    n, size = 0, 0
+    with pq.ParquetWriter(path, schema) as w:
+        while size < gb * 2**30:
+            rows = []
+            for _ in range(group):
+                buf = io.BytesIO()  # each image its own: the base noise shifted by n (640 x 480 shifts)
+                Image.fromarray(np.roll(base, (n // 640, n % 640), axis=(0, 1))).save(buf, "JPEG", quality=90)
+                rows.append(dict(image_id=f"{n:016x}", question_id=n, question="what is written here?",
+                                 image=dict(bytes=buf.getvalue(), path=None), answers=["noise"] * 10))
+                n, size = n + 1, size + len(buf.getvalue())
+            w.write_table(pa.Table.from_pylist(rows, schema))
+    return n, size
+
+
+# convert.py as a script, then its own peak resident memory (VmHWM, KiB; the child's rusage would also count this
+# process's memory, copied at the fork before the exec)
+CONVERT_HWM = """import runpy, sys
+sys.argv = ["convert.py"] + sys.argv[1:]
+runpy.run_path("convert.py", run_name="__main__")
+print("VmHWM", next(s.split()[1] for s in open("/proc/self/status") if s.startswith("VmHWM:")))"""
+
+
+def convert_bench(a):
+    work = os.path.abspath(a.work)
+    print(f"# convert.py textvqa on generated parquets (row groups of 100 rows, ~270 KB JPEGs), {os.cpu_count()} CPUs")
+    print("| parquet | rows | run | time s | rows/s | MB/s | images written | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for gb in a.gb:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        src = os.path.join(work, "train-00000-of-00001.parquet")
+        rows, size = textvqa_parquet(src, gb)
+        for run in ("first", "again"):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", CONVERT_HWM, "textvqa", src, "--out", os.path.join(work, "out")],
+                               capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            dt = time.perf_counter() - t
+            if r.returncode:
+                raise SystemExit(f"convert.py failed: {r.stderr[-2000:]}")
+            written, hwm = r.stdout.split("images: ")[1].split(" written")[0], int(r.stdout.split("VmHWM")[-1])
+            print(f"| {os.path.getsize(src) / 2**30:.2f} GB | {rows} | {run} | {dt:.1f} | {rows / dt:.0f} | "
+                  f"{size / dt / 2**20:.0f} | {written} | {hwm / 1024:.0f} |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -191,7 +256,12 @@ def main():
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=96, help="--rollout: new tokens a turn at most")
     p.add_argument("--pixels", type=int, default=112 * 112, help="--rollout: pixel budget of an image (view and zoom)")
+    p.add_argument("--convert", action="store_true", help="benchmark convert.py instead (see 3. above)")
+    p.add_argument("--gb", type=float, nargs="+", default=[0.25, 2.0], help="--convert: parquet sizes")
+    p.add_argument("--work", default="runs/bench-convert", help="--convert: where the parquet and output go")
     a = p.parse_args()
+    if a.convert:
+        return convert_bench(a)
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"

@@ -128,11 +128,11 @@ def problem(bad, msg, exc=ValueError):
     bad.append(msg)
 
 
-def jsonl_rows(path, bad=None):
-    """(where, object) for each non-empty line of a JSONL file; where = "file:line"."""
-    if not os.path.isfile(path):
+def jsonl_rows(path, bad=None, stream=None):
+    """(where, object) for each non-empty line of a JSONL file (or of `stream`, named path); where = "file:line"."""
+    if stream is None and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is that line's problem
+    with stream or open(path, "rb") as f:  # bytes, decoded line by line: a line not UTF-8 is that line's problem
         for ln, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (some editors write one) is dropped
@@ -264,22 +264,11 @@ def open_bytes(raw):
 
 def resolve_data(spec):
     """--data as given (a file or folder), or a dataset hub id (org/name) through the Hugging Face cache, offline
-    first, as model.resolve does for models; else one line saying why."""
+    first, as --model's are (model.hub_snapshot); else FileNotFoundError with one line saying why."""
     if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")):
         return spec
-    from huggingface_hub import constants, snapshot_download
-    try:
-        return snapshot_download(spec, repo_type="dataset", local_files_only=True)  # the cache only, never the network
-    except OSError:
-        why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
-    except ValueError:  # HFValidationError is one
-        raise FileNotFoundError(f"--data {spec}: no such file or folder, and not a dataset hub id") from None
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            return snapshot_download(spec, repo_type="dataset")
-        except OSError as e:
-            why = f"and cannot be downloaded: {type(e).__name__}"
-    raise FileNotFoundError(f"--data {spec}: no such file or folder, and not in the Hugging Face cache ({why})")
+    import model  # (it imports torch and transformers: only a hub id needs them)
+    return model.hub_snapshot(spec, f"--data {spec}: no such file or folder", "dataset", error=FileNotFoundError)
 
 
 @lru_cache(maxsize=4)

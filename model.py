@@ -81,25 +81,31 @@ RANDOM = {"tiny": None, "random-3b": QWEN25_VL_3B, "random-qwen3vl-8b": QWEN3_VL
 
 
 def resolve(name):
-    """--model -> the folder to load: None for a model built here (RANDOM), a local folder as it is, a hub id
-    through the Hugging Face cache (offline first), else downloaded (unless HF_HUB_OFFLINE is set). Anything
-    else: one line saying why."""
+    """--model -> the folder to load: None for a model built here (RANDOM), a local folder as it is, else a hub id
+    (hub_snapshot)."""
     if name in RANDOM or os.path.isdir(name):
         return None if name in RANDOM else name
+    return hub_snapshot(name, f"--model {name}: not {' or '.join(RANDOM)}, no such folder",
+                        patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+
+
+def hub_snapshot(name, said, repo_type="model", patterns=None, error=SystemExit):
+    """A hub id -> its snapshot folder: the Hugging Face cache (offline) first, else downloaded (`patterns` of it)
+    unless HF_HUB_OFFLINE is set. Anything else: `error` with one line, `said` (what `name` is not) and why."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
     try:
-        return snapshot_download(name, local_files_only=True)  # the cache only, never the network
+        return snapshot_download(name, repo_type=repo_type, local_files_only=True)  # the cache only, never the network
     except HFValidationError:
-        raise SystemExit(f"--model {name}: not {' or '.join(RANDOM)}, no such folder, and not a hub id (org/name)") from None
+        raise error(f"{said}, and not a hub id (org/name)") from None
     except OSError:
         why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
     if not constants.HF_HUB_OFFLINE:
         try:
-            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+            return snapshot_download(name, repo_type=repo_type, allow_patterns=patterns)
         except OSError as e:
             why = f"and cannot be downloaded: {type(e).__name__}"
-    raise SystemExit(f"--model {name}: no such folder, and not in the Hugging Face cache ({why})")
+    raise error(f"{said}, and not in the Hugging Face cache ({why})")
 
 
 def image_processor(folder, family):

@@ -6,13 +6,14 @@ CPU demo (tiny model, synthetic demonstrations; saves runs/sft, where `python gr
     python sft.py
 Its demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places they mostly answer without
 zooming. SFT copies the habit (greedy, it guesses there); GRPO's reward is what teaches it to look there too.
-1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data, with its SFT settings: --recipe vlm_r3):
-    python sft.py --recipe vlm_r3 --convert-vlir vlir/train.json --to vlir/traj.jsonl
-    python sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/traj.jsonl --batch-size 2 \
+1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data, with its SFT settings: --recipe vlm_r3; convert.py makes
+vlir/data.jsonl from their dataset.zip, its boxes rewritten as zoom_in calls in that recipe's 1605632 px view):
+    python convert.py vlm_r3_sft dataset.zip --out vlir --dialect lookagain --view-max-pixels 1605632
+    python sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/data.jsonl --batch-size 2 \
         --grad-accum 8 --steps 500 --grad-ckpt --out runs/sft-3b
 8 GPUs (data parallel, each rank replaying and training on its share; on CPU: --nproc_per_node=2 --device cpu):
     torchrun --standalone --nproc_per_node=8 sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct \
-        --data vlir/traj.jsonl --batch-size 2 --grad-accum 2 --steps 500 --grad-ckpt --out runs/sft-3b
+        --data vlir/data.jsonl --batch-size 2 --grad-accum 2 --steps 500 --grad-ckpt --out runs/sft-3b
 Reflective rejection sampling from a cold-start model, then a second SFT round on what it kept:
     python sft.py --reflect --model runs/sft --data synthetic --n-items 200 --samples 4 --to runs/reflect.jsonl
     python sft.py --model runs/sft --data runs/reflect.jsonl --steps 40 --out runs/sft2
@@ -27,17 +28,14 @@ exactly the images a rollout would have seen, and is rejected (file and line nam
 disagrees with the record. Only the assistant tokens (the episode's mask) carry loss, each turn's <|im_end|> too.
 """
 import argparse
-import json
 import math
 import os
-import re
 import time
 from collections import Counter
 from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
@@ -46,7 +44,6 @@ import data as D
 import dialects
 import model as M
 import rewards as R
-import scorers as S
 import tools as T
 
 # ---- trajectories: the JSONL format, and replaying one through the environment
@@ -64,7 +61,7 @@ def load_trajectories(path):
 def rebuild(policy, record, turns, tools, cfg):
     """Replay a trajectory, each turn its ids + <|im_end|> (reason "eos": the model learns to close its turn).
     -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no answer or a wrong one."""
-    budget = record.get("view_max_pixels")  # written by --convert-vlir: the view its boxes are drawn in
+    budget = record.get("view_max_pixels")  # written by convert.py: the view its boxes are drawn in
     if budget is not None and budget != cfg["view_max_pixels"]:
         raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
                          f"train with --view-max-pixels {budget}, or convert again at this run's budget")
@@ -167,91 +164,6 @@ def demonstrations(n, seed=0, noise=2, correct=0.2, view_max_pixels=112 * 112, l
                         view_max_pixels=view_max_pixels, lazy=lazy), f"demo {r['id']}") for i, r in enumerate(records)]
 
 
-# ---- VLM-R3's VLIR layout -> trajectories
-
-# a crop request as VLM-R3 writes it, {"bbox_2d": [x1, y1, x2, y2]}, sometimes inside a ```json fence
-CROP = re.compile(r'(?:```(?:json)?\s*)?\{\s*"bbox_2d"\s*:\s*\[([^\]]*)\]\s*\}(?:\s*```)?')
-
-
-def vlir_to_trajectory(rec, image_size=None, view_max_pixels=112 * 112, vlir_min_pixels=3136,
-                       vlir_max_pixels=1605632):
-    """One VLIR record (VLM-R3's SFT data, qwen_vl_finetune/qwenvl/data) -> a trajectory record. VLIR: {"image_path",
-    "question", "response_list": [text_0, ..., text_n], "img_crop_list" (unused)}: text_i (i < n) ends in a crop
-    request {"bbox_2d": [...]} in image 0 as VLM-R3 saw it (within vlir_min/max_pixels, as in their sft_7b.sh),
-    text_n in <answer>. Each box becomes a zoom_in in our view (view_max_pixels, kept: rebuild() checks it)."""
-    for k, kind in (("image_path", str), ("question", str), ("response_list", list)):
-        if not isinstance(rec.get(k), kind) or not rec[k]:
-            raise ValueError(f"missing or empty {k!r}")
-    texts = rec["response_list"]
-    if not all(isinstance(t, str) for t in texts):
-        raise ValueError("'response_list' must be a list of strings")
-    if image_size is None:
-        with Image.open(rec["image_path"]) as im:  # reads the header only
-            image_size = im.size
-    W, H = image_size
-    rh, rw = T.smart_resize(H, W, min_pixels=vlir_min_pixels, max_pixels=vlir_max_pixels)
-    vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
-
-    def think(s):  # VLIR's one <think> spans all the turns; ours closes in each turn
-        return "<think>" + s.replace("<think>", "").replace("</think>", "").strip() + "</think>"
-
-    turns = []
-    for i, text in enumerate(texts[:-1]):
-        m = list(CROP.finditer(text))
-        if not m:
-            raise ValueError(f"response_list[{i}] has no crop request {{\"bbox_2d\": [x1, y1, x2, y2]}}")
-        try:
-            x1, y1, x2, y2 = [float(v) for v in json.loads("[" + m[-1].group(1) + "]")]
-        except ValueError:  # not JSON, not numbers, or not 4 of them
-            raise ValueError(f"response_list[{i}]: the crop box must be 4 numbers, got [{m[-1].group(1)}]") from None
-        # VLIR frame -> original pixels (x W/rw) -> our view (x vw/W): the original's size cancels out
-        x1, x2 = (min(max(round(v * vw / rw), 0), vw) for v in (x1, x2))
-        y1, y2 = (min(max(round(v * vh / rh), 0), vh) for v in (y1, y2))
-        x1, y1 = min(x1, vw - 1), min(y1, vh - 1)
-        box = [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]  # a box thinner than a view pixel keeps 1 px
-        turns.append(think(text[:m[-1].start()]) + zoom_call(box))
-    answer = S.extract_answer(texts[-1])
-    if not answer:
-        raise ValueError("the last response has no <answer>...</answer>")
-    turns.append(think(texts[-1][:texts[-1].rfind("<answer>")]) + f"<answer>{answer}</answer>")
-    gold = rec.get("answer") or rec.get("solution")  # VLIR may carry its ground truth ...
-    gold = (S.extract_answer(gold) or gold) if isinstance(gold, str) else answer  # ... else the rationale's own
-    return dict(id=str(rec.get("id", "")) or None, image=rec["image_path"], question=rec["question"],
-                answer=gold, type="text", turns=turns, view_max_pixels=view_max_pixels)
-
-
-def convert_vlir(src, dst, **kw):
-    """A VLIR file (a JSON list, as VLM-R3's loader reads it, or JSONL) -> a trajectory JSONL at dst."""
-    if not os.path.isfile(src):
-        raise SystemExit(f"--convert-vlir {src}: no such file")
-    with open(src) as f:
-        text = f.read()
-    try:
-        if text.lstrip().startswith("["):
-            recs = [(f"{src}[{k}]", r) for k, r in enumerate(json.loads(text))]
-        else:
-            recs = [(f"{src}:{ln}", json.loads(s)) for ln, s in enumerate(text.splitlines(), 1) if s.strip()]
-    except ValueError as e:
-        raise SystemExit(f"{src}: invalid JSON ({e})") from None
-    src_dir, dst_dir = os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(dst))
-    os.makedirs(dst_dir, exist_ok=True)
-    with open(dst, "w") as f:
-        for k, (where, r) in enumerate(recs):
-            if not isinstance(r, dict):
-                raise SystemExit(f"{where}: a VLIR record must be a JSON object")
-            path = r.get("image_path")
-            if isinstance(path, str) and path:
-                r["image_path"] = os.path.join(src_dir, path)  # an absolute path stays as it is
-                if not os.path.isfile(r["image_path"]):
-                    raise SystemExit(f"{where}: image {r['image_path']} not found")
-            try:
-                t = vlir_to_trajectory(r, **kw)
-            except ValueError as e:
-                raise SystemExit(f"{where}: {e}") from None
-            f.write(json.dumps(dict(t, id=t["id"] or f"vlir-{k}", image=os.path.relpath(t["image"], dst_dir))) + "\n")
-    print(f"converted {len(recs)} VLIR records from {src} to {dst}")
-
-
 # ---- reflective rejection sampling (ViLaSR)
 
 
@@ -323,14 +235,11 @@ def get_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
     p.add_argument("--temperature", type=float, default=1.0, help="--reflect: sampling temperature")
     C.add_filter_flags(p)
-    p.add_argument("--convert-vlir", default=None, metavar="IN", help="convert a VLM-R3 VLIR file to a trajectory JSONL (--to)")
-    p.add_argument("--vlir-max-pixels", type=int, default=1605632, help="the pixel budget VLIR's boxes were drawn in")
-    p.add_argument("--vlir-min-pixels", type=int, default=3136)
-    p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect or --convert-vlir")
+    p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect")
     args = C.parse_args(p, argv, "sft")
     args.tools = C.parse_tools(args.tools)
     C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0, demo_correct=0,
-                                demo_lazy=0, vlir_min_pixels=1, vlir_max_pixels=1),
+                                demo_lazy=0),
                   gt=dict(temperature=0, top_p=0), le=dict(demo_correct=1, demo_lazy=1, top_p=1, min_p=1))
     return args
 
@@ -415,14 +324,6 @@ def reflect_main(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.convert_vlir:
-        if not args.to:
-            raise SystemExit("--convert-vlir needs --to OUT.jsonl")
-        # the boxes are drawn in the frame of the view the SFT run will show: its --model's budget by default
-        folder = M.resolve(args.model)
-        view = C.episode_cfg(args, M.image_processor(folder, M.family_of(args.model, folder)))["view_max_pixels"]
-        return convert_vlir(args.convert_vlir, args.to, view_max_pixels=view,
-                            vlir_min_pixels=args.vlir_min_pixels, vlir_max_pixels=args.vlir_max_pixels)
     return reflect_main(args) if args.reflect else train(args)
 
 
