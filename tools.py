@@ -313,7 +313,8 @@ def render_call(name, arguments):
 
 def execute(ep, text, cfg):
     """Parse and run a turn's tool call. -> (call, new view or None, observation); call (what rewards.py reads): name,
-    arguments, ok, error, zoom, and region: the zoomed region or the image drawn on, in original pixels."""
+    arguments, ok, error, zoom, and region: the zoomed region or the image drawn on, in original pixels; for view.py
+    also image (the index of the image acted on), size (the returned image's [w, h]), point (point_2d, original px)."""
     name, args, err = parse_call(text, ep["tools"])
     call = dict(name=name, arguments=args, ok=False, error=err, region=None, zoom=bool(name and TOOLS[name]["zoom"]))
     if err is None:
@@ -321,9 +322,12 @@ def execute(ep, text, cfg):
             if not 0 <= args["image_index"] < len(ep["images"]):
                 raise ToolError(f"image_index {_show(args['image_index'])} out of range: images are 0..{len(ep['images']) - 1}")
             view = TOOLS[name]["run"](ep, **args, cfg=cfg)
-            region = view["box"] if call["zoom"] else ep["images"][args["image_index"]]["box"]
-            call.update(ok=True, region=[round(v, 2) for v in region])
+            acted_on = ep["images"][args["image_index"]]
+            region = view["box"] if call["zoom"] else acted_on["box"]
             w, h = view["img"].size
+            call.update(ok=True, region=[round(v, 2) for v in region], image=args["image_index"], size=[w, h])
+            if "point_2d" in args:
+                call["point"] = [round(v, 2) for v in to_original(acted_on, *args["point_2d"])]
             return call, view, RESULT.format(i=len(ep["images"]), w=w, h=h, j=args["image_index"])
         except ToolError as e:
             call["error"] = err = str(e)
@@ -409,7 +413,7 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
         if len(ep["images"]) >= cfg["max_images"]:
             return _stop(ep, "max_images")
         call, view, obs = execute(ep, text, cfg)
-        ep["calls"].append(call)
+        ep["calls"].append(dict(call, turn=len(ep["turns"]) - 1))  # the turn that made it (view.py)
         if not call["ok"] and "error" in cfg["stop_on"]:
             return _stop(ep, "tool_error")  # ViLaSR's rollout: a call that fails ends the episode
         if cfg["final_answer_turn"] and len(ep["turns"]) == cfg["max_turns"] - 1:
@@ -440,10 +444,11 @@ def seed_episode(ep, device, *key):
 
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
-            reuse_cache=True):
+            reuse_cache=True, on_turn=None):
     """The multi-turn loop: sample every active episode's next turn in one batch (each with its ep["gen"]) and run
     the tools until all have stopped; each keeps its KV cache between turns (reuse_cache=False: prefill the whole
-    conversation every turn, for comparison). The episodes are updated in place and returned."""
+    conversation every turn, for comparison). on_turn(ep): after each turn is acted on (eval.py --question prints
+    it). The episodes are updated in place and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=DEFAULTS["max_turn_tokens"])
     caches = {}  # id(episode) -> its cache, between its turns
@@ -457,6 +462,8 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
                         generators=[ep["gen"] for ep in active])
         for ep, (new_ids, logps, reason, cache) in zip(active, outs):
             advance(policy, ep, new_ids, logps, reason)
+            if on_turn is not None:
+                on_turn(ep)
             if ep["stop"] is None and cache is not None:
                 caches[id(ep)] = cache
 
