@@ -37,6 +37,7 @@ import common as C
 import data as D
 import rewards as R
 import tools as T
+import view as V
 
 METRIC = {"vqa": "VQA accuracy", "anls": "ANLS"}  # by record type (TextVQA, DocVQA); else accuracy
 
@@ -117,9 +118,8 @@ def summarize(items, bench=None, samples=1):
 def score_episode(ep, record):
     """One finished episode -> what items.jsonl keeps of it. Scored by rewards.accuracy on the turns."""
     text = "".join(ep["turns"])
-    score, why = R.accuracy(text, record)
-    pred = (R.extract_choice(text, record["options"]) if record.get("type") == "multiple_choice"
-            else R.final_answer(text))
+    score, why = R.accuracy(text, record) if record.get("answer") is not None else (None, "no answer given: not scored")
+    pred = V.prediction(text, record)
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],
@@ -129,11 +129,19 @@ def score_episode(ep, record):
 
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
-             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0):
+             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, view_dir=None):
     """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
-    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted)."""
+    aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted).
+    view_dir: each item's first sample also saves its images there (view.save_images), named by desc and item."""
     t0 = time.time()
-    done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
+
+    def finish(ep, record):
+        t = score_episode(ep, record)
+        i, j = ep["item"]
+        if view_dir is not None and j == 0:  # while the episode is alive: its originals and every image it was shown
+            t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", shared=f"item{i:05d}"))
+        return t
+    done, errors = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
     items = []
     for i, r in enumerate(records):
@@ -208,7 +216,7 @@ def _git_commit():
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
-    C.add_common_flags(p, model="demo", out="runs/eval")
+    C.add_common_flags(p, model="demo", out=None)
     p.add_argument("--bench", choices=D.BENCHES, help="the loader for --data (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
     p.add_argument("--split", default="test", help="ScienceQA split")
@@ -222,7 +230,17 @@ def get_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
+    # one question: the conversation printed as it happens, and its page (--out default: runs/ask, else runs/eval)
+    p.add_argument("--image", action="append", metavar="PATH", help="ask about this image (again for several)")
+    p.add_argument("--question", help="the question about --image")
+    p.add_argument("--answer", help="--question's answer, to score it (default: not scored)")
     args = C.parse_args(p, argv, "eval")
+    args.out = args.out or ("runs/ask" if args.question else "runs/eval")
+    if (args.image is None) != (args.question is None):
+        p.error("--image and --question go together")
+    for path in args.image or []:
+        if not os.path.isfile(path):
+            p.error(f"--image {path}: no such file")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
@@ -236,12 +254,43 @@ def get_args(argv=None):
     return args
 
 
+def ask(policy, args, tools, cfg):
+    """--image/--question: one record from the flags, rolled out with each turn printed as it happens (its call and
+    the size of the image returned), then the answer; <out>/items.jsonl and its page."""
+    record = dict(id="question", image=args.image, question=args.question, answer=args.answer, type="text")
+    try:
+        ep = T.new_episode(policy, record, tools, **cfg)
+    except (ValueError, FileNotFoundError) as e:  # an image that does not decode, or is too large
+        raise SystemExit(f"error: {e}") from None
+    for k, (path, im, v) in enumerate(zip(args.image, ep["originals"], ep["images"])):
+        print(f"image {k}: {path}, {im.width}x{im.height} px, shown at {v['img'].width}x{v['img'].height}")
+    print(f"--- user\n{T.question_text(record)}")
+    greedy = args.temperature == 0
+    if not greedy:
+        T.seed_episode(ep, policy.device, args.seed, 0, 0)
+    T.rollout(policy, [ep], temperature=args.temperature if not greedy else 1.0, greedy=greedy, **C.filters(args),
+              on_turn=lambda e: print(V.turn_text(e), flush=True))
+    item = dict(idx=0, id="question", question=args.question, answer=args.answer, type="text",
+                **score_episode(ep, record), **V.save_images(ep, args.out, "question"))
+    print(f"answer: {item['prediction']}" + (f" (score {item['score']}: {item['why']})" if args.answer else ""))
+    with open(os.path.join(args.out, "items.jsonl"), "w") as f:
+        f.write(json.dumps(dict(setting=args.tools, **item)) + "\n")
+    print(f"-> {V.write_page(args.out)}")
+
+
 def main():
     args = get_args()
     if len(sys.argv) == 1:  # the demo: with tools and without, side by side
         args.baseline = True
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
+    demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
+    name = (demo + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
+    if args.question:
+        if world > 1:
+            raise SystemExit("--question runs in one process (no torchrun)")
+        policy = C.load_policy(name, seed=args.seed, device=device)
+        return ask(policy, args, tools, C.episode_cfg(args, policy))
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
@@ -252,8 +301,6 @@ def main():
     records = records[:args.limit] if args.limit else records
     if not records:
         raise SystemExit(f"{args.data}: no items to evaluate")
-    demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
-    name = (demo + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
     # settings: (column label, model, tools); the demo's: SFT and GRPO with tools, GRPO with tools off (first look only)
     settings = [(args.tools if tools else "none", name, tools)]
     if args.baseline and tools:
@@ -274,7 +321,8 @@ def main():
             torch.set_num_threads(1)  # a toy model's matmuls are too small to split: more threads only wait
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
-                                  batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad)
+                                  batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
+                                  view_dir=args.out)
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            system_prompt=T.system_prompt(ts, compact=policy.toy),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
@@ -315,7 +363,10 @@ def main():
         print(table)
         if bad:
             print(f"skipped {len(bad)} bad row(s) while loading; listed in results.json")
-        print(f"-> {args.out}/results.md, results.json, items.jsonl")
+        V.plot_results(args.out)
+        V.write_page(args.out)
+        print(f"-> {args.out}/results.md, results.json, items.jsonl, results.png; what the model did: "
+              f"{args.out}/view.html")
     C.teardown()
 
 
