@@ -305,7 +305,7 @@ def _about(it, where, order):
             f'<span class="{dict(right="ok", wrong="err").get(verdict, "na")}">{verdict}</span>',
             f"score {_num(score)}", f"stop {esc(it.get('stop'))}",
             f"calls {len(calls)} ({sum(not c.get('ok') for c in calls)} failed)"]
-    if it.get("coverage_iou") is not None:
+    if it.get("coverage_iou") is not None and any(c.get("ok") and c.get("zoom") for c in calls):
         inside = it.get("coverage_inside")
         head.append(f"zoom IoU with gt {_num(it['coverage_iou'], '{:.2f}')}, gt inside "
                     f"{_num(100 * inside if isinstance(inside, (int, float)) else None, '{:.0f}')}%")
@@ -424,7 +424,8 @@ def write_page(run):
             f"{len(items)} items &middot; show <select id=\"filter\">{opt}</select> of <select id=\"group\">{grp}"
             f"</select> sort <select id=\"sort\">{srt}</select><label><input type=\"checkbox\" id=\"x2\"> images 2x"
             f'</label><span id="shown"></span> &middot; {" ".join(extras)}</header><div id="items">{note}'
-            + (f"<details open><summary>results</summary>{figures}{table}</details>" if figures or table else "")
+            + (f"<details open><summary>pictures and tables</summary>{figures}{table}</details>"
+               if figures or table else "")
             + "".join(cards) + "</div></body></html>")
     path = os.path.join(run, "view.html")
     with open(path, "w", encoding="utf-8") as f:
@@ -478,6 +479,7 @@ def plot_curves(metrics_path, png):
             else:
                 line.set_label(k)
         ax.set_title(title)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -519,7 +521,7 @@ def plot_results(out):
             v = [100 * (b[c]["accuracy"] or 0) for c in bins]
             bars = ax.bar(x + (k - (len(binned) - 1) / 2) * w, v, w, label=n)
             ax.bar_label(bars, labels=[f"n={b[c]['n']}" for c in bins], fontsize=7)
-        ax.set_xticks(x, bins, fontsize=8)
+        ax.set_xticks(x, [b.replace(" in ", "\nin ") for b in bins], fontsize=8)
         ax.set_ylim(0, 110)
         ax.set_ylabel("accuracy %")
         ax.legend(fontsize=8)
