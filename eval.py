@@ -17,7 +17,9 @@ Hard-example mining (Groundlight's, TextVQA without tools; commands in the READM
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
 
 --out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
-sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage).
+sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage),
+results.png, and view.html: what the model did, item by item (view.py; the images it saw in images/).
+One question: python eval.py --model runs/grpo --image photo.jpg --question "..." prints the conversation as it goes.
 
 Determinism (common.run_episodes): fixed batches (--batch-size), a generator per sample seeded by (seed, item, sample):
 shards compute an unsharded run's batches, padding included; items.jsonl is bit-identical at any world size, greedy too.
