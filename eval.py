@@ -131,17 +131,19 @@ def score_episode(ep, record):
 
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
-             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, view_dir=None):
+             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, view_dir=None,
+             view_originals=True):
     """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
     aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted).
-    view_dir: each item's first sample also saves its images there (view.save_images), named by desc and item."""
+    view_dir: each item's first sample also saves its images there (view.save_images), named by desc and item, the
+    originals by item alone (view_originals=False: a setting before this one saved them)."""
     t0 = time.time()
 
     def finish(ep, record):
         t = score_episode(ep, record)
         i, j = ep["item"]
         if view_dir is not None and j == 0:  # while the episode is alive: its originals and every image it was shown
-            t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", shared=f"item{i:05d}"))
+            t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", f"item{i:05d}", view_originals))
         return t
     done, errors = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p)
@@ -324,7 +326,7 @@ def main():
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
-                                  view_dir=args.out)
+                                  view_dir=args.out, view_originals=label == settings[0][0])
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            system_prompt=T.system_prompt(ts, compact=policy.toy),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})

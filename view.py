@@ -42,13 +42,13 @@ def _jpeg(img, out, name, side):
     return rel
 
 
-def save_images(ep, out, name, shared=None):
-    """The episode's originals (as <shared or name>-o<k>, shared by the items of one record) and every image the
-    model was shown (<name>-v<k>), as thumbnails -> {"images": [{file, size (as shown), box, src}], "originals":
-    [{file, size}]}, the fields an item keeps for the page."""
+def save_images(ep, out, name, shared=None, write_shared=True):
+    """The episode's originals (as <shared or name>-o<k>, shared by the items of one record; write_shared=False: saved
+    already) and every image the model was shown (<name>-v<k>), as thumbnails -> {"images": [{file, size (as shown),
+    box, src}], "originals": [{file, size}]}, the fields an item keeps for the page."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    originals = [dict(file=_jpeg(im, out, f"{shared or name}-o{k}", ORIGINAL_SIDE), size=list(im.size))
-                 for k, im in enumerate(ep["originals"])]
+    originals = [dict(file=_jpeg(im, out, f"{shared or name}-o{k}", ORIGINAL_SIDE) if write_shared or not shared
+                      else f"images/{shared}-o{k}.jpg", size=list(im.size)) for k, im in enumerate(ep["originals"])]
     images = [dict(file=_jpeg(v["img"], out, f"{name}-v{k}", VIEW_SIDE), size=list(v["img"].size),
                    box=[round(x, 2) for x in v["box"]], src=v["src"]) for k, v in enumerate(ep["images"])]
     return dict(images=images, originals=originals)
