@@ -196,19 +196,18 @@ def _mark(kind, xy, colour, label, frame):
     return f'<i class="{"gt" if colour == GT else "box"}" style="{style}">{tag}</i>'
 
 
-def _pic(run, entry, width, marks, title):
-    """An image file of the run at `width` px with its marks, or a placeholder naming the file when it is missing."""
+def _pic(run, entry, width, marks, title, kind="view"):
+    """An image file of the run at `width` px with its marks, or a placeholder naming the file when it is missing.
+    kind: "view" (an image the model was shown: the page's 2x switch enlarges it) or "original"."""
     file, size = entry.get("file"), entry.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size)):
         size = [width, width]
     height = round(width * size[1] / size[0])
-    cap = f'<span class="cap">{esc(title)}</span>'
+    pic, cap = f'<span class="pic {kind}" style="--w:{width}px">', f'<span class="cap">{esc(title)}</span></span>'
     if not isinstance(file, str) or not os.path.isfile(os.path.join(run, file)):
-        return (f'<span class="pic" style="--w:{width}px"><span class="missing" style="height:{height}px">'
-                f"missing image: {esc(file)}</span>{cap}</span>")
-    return (f'<span class="pic" style="--w:{width}px"><span class="frame"><img src="{esc(file)}" width="{width}" '
-            f'height="{height}" loading="lazy" alt="{esc(title)}" onerror="missing(this)">{"".join(marks)}</span>'
-            f"{cap}</span>")
+        return f'{pic}<span class="missing" style="height:{height}px">missing image: {esc(file)}</span>{cap}'
+    return (f'{pic}<span class="frame"><img src="{esc(file)}" width="{width}" height="{height}" loading="lazy" '
+            f'alt="{esc(title)}" onerror="missing(this)">{"".join(marks)}</span>{cap}')
 
 
 def _clean(it):
@@ -255,7 +254,7 @@ def _original(run, it, src):
         if c.get("ok") and _src(it, c.get("image")) == src:
             marks += _call_marks(it, ci, frame)
     width = round(w * min(1, ORIGINAL_SIDE / max(w, h, 1)))
-    return _pic(run, o, width, marks, f"original {src} ({w}x{h})" + (", ground truth dashed" if gt else ""))
+    return _pic(run, o, width, marks, f"original {src} ({w}x{h})" + (", ground truth dashed" if gt else ""), "original")
 
 
 KNOWN_CALL_KEYS = {"name", "dialect", "arguments", "ok", "error", "region", "point", "zoom", "image", "size", "turn"}
@@ -358,7 +357,8 @@ def _item(run, it, where, order):
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f4;color:#222}
 header{position:sticky;top:0;z-index:9;background:#222;color:#eee;padding:6px 12px}header a{color:#9cf}
 header select,header label{margin-right:10px}#items{padding:8px 12px}
-.item{background:#fff;border:1px solid #ccc;border-radius:6px;margin:10px 0;padding:8px 10px}.item[hidden]{display:none}
+.item{background:#fff;border:1px solid #ccc;border-radius:6px;margin:10px 0;padding:8px 10px;scroll-margin-top:60px}
+.item[hidden]{display:none}
 .head{font-weight:600;margin-bottom:4px}.qa pre,.turn pre{display:inline;white-space:pre-wrap;font:inherit;margin:0}
 .turn{border-left:3px solid #888;margin:8px 0;padding:2px 8px}.who{color:#666;font-size:12px}
 .turn pre{display:block;font-family:ui-monospace,monospace;font-size:13px}
@@ -366,7 +366,7 @@ header select,header label{margin-right:10px}#items{padding:8px 12px}
 .err{color:#d00000;font-weight:600}.ok{color:#080;font-weight:600}.na{color:#666}.why{color:#666}
 .tag{color:#000;padding:0 5px;border-radius:3px;font-weight:700}.other{color:#555;font-size:12px}
 .pics{display:flex;flex-wrap:wrap;align-items:flex-end;gap:8px;margin:6px 0}.arrow{font-size:20px;align-self:center}
-.pic{display:inline-block;width:var(--w);max-width:100%}.x2 .pic{width:calc(2*var(--w))}
+.pic{display:inline-block;width:var(--w);max-width:100%}.x2 .view{width:calc(2*var(--w))}
 .frame{position:relative;display:block;overflow:hidden;line-height:0}
 .frame img{width:100%;height:auto;display:block;image-rendering:pixelated}
 .cap{display:block;font-size:11px;color:#666}
