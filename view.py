@@ -266,8 +266,9 @@ def _call(run, it, ci, returned):
     c, colour = it["calls"][ci], COLOURS[ci % len(COLOURS)]
     line = esc(call_text(c, returned=returned))
     out = [f'<div class="call{"" if c.get("ok") else " bad"}"><span class="tag" style="background:{colour}">{ci + 1}'
-           f'</span> {line if c.get("ok") else f"<span class=err>{line}</span>"} '
-           f'<code>{esc(json.dumps(c.get("arguments"), ensure_ascii=False))}</code>']
+           f'</span> {line if c.get("ok") else f"<span class=err>{line}</span>"} ']
+    if c.get("arguments") is not None:  # (None: the call could not be parsed; its text is in the turn above)
+        out.append(f'<code>{esc(json.dumps(c["arguments"], ensure_ascii=False))}</code>')
     other = {k: v for k, v in c.items() if k not in KNOWN_CALL_KEYS}
     if other:
         out.append(f'<div class="other">other fields: <code>{esc(json.dumps(other, ensure_ascii=False))}</code></div>')
