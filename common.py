@@ -21,6 +21,7 @@ import data as D
 import dialects
 import model as M
 import tools as T
+import view as V
 from recipes import RECIPES
 
 DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sft.py` and `python grpo.py` save
@@ -172,6 +173,12 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def progress_bar(*a, quiet=False, **k):
+    """A tqdm progress bar on rank 0 (unless quiet); tqdm's own TQDM_DISABLE=1 (any TQDM_* setting) still applies,
+    as it does only where `disable` is not passed."""
+    return tqdm(*a, **k, **({"disable": True} if quiet or int(os.environ.get("RANK", 0)) else {}))
+
+
 def all_sum(x, device="cpu"):
     """Sum a float (or a list of floats) over ranks."""
     t = torch.tensor(x, dtype=torch.float64, device=device)
@@ -252,7 +259,8 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
         if not skip_bad:
             raise ValueError(msg) from None
         errors[i] = msg
-    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, disable=rank != 0 or not progress)
+    bar = progress_bar(total=sum(len(batches[b]) for b in mine), desc=desc, unit="episode",
+                       quiet=rank != 0 or not progress)
     for b in mine:
         eps = []
         for i in dict.fromkeys(i for i, _ in batches[b]):  # the items of this batch, in order
@@ -265,6 +273,7 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
                 bad(i, e)
                 continue
             for j, ep in zip(js, group):
+                ep["item"] = (i, j)  # finish() may name what it saves by it (eval.py's images)
                 if not greedy:
                     T.seed_episode(ep, policy.device, seed, i, j)
                 if scripts is not None:
@@ -372,9 +381,11 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts it in KiB
 
 
-def log_metrics(args, rank, row):
-    """One line per step in <out>/metrics.jsonl, with the largest peak memory of any rank (so every rank calls)."""
+def log_metrics(args, rank, row, table=None):
+    """One line per step in <out>/metrics.jsonl, with the largest peak memory of any rank (so every rank calls), and
+    the same to --report-to (view.report) with `table`, sampled completions, if any."""
     row = dict(row, peak_mem_gb=max(gather(peak_memory_gb())))
     if rank == 0:
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        V.report(args, row, table)

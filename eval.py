@@ -17,7 +17,9 @@ Hard-example mining (Groundlight's, TextVQA without tools; commands in the READM
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
 
 --out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
-sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage).
+sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage),
+results.png, and view.html: what the model did, item by item (view.py; the images it saw in images/).
+One question: python eval.py --model runs/grpo --image photo.jpg --question "..." prints the conversation as it goes.
 
 Determinism (common.run_episodes): fixed batches (--batch-size), a generator per sample seeded by (seed, item, sample):
 shards compute an unsharded run's batches, padding included; items.jsonl is bit-identical at any world size, greedy too.
@@ -36,10 +38,11 @@ import torch
 import benchmarks as B
 import common as C
 import data as D
+import dialects
 import model as M
 import rewards as R
-import scorers as S
 import tools as T
+import view as V
 
 METRIC = {"vqa": "VQA accuracy", "anls": "ANLS"}  # by record type (TextVQA, DocVQA); else accuracy
 
@@ -110,9 +113,9 @@ def score_episode(ep, record):
     """One finished episode -> what items.jsonl keeps of it. Scored by rewards.accuracy on the turns."""
     text = "".join(ep["turns"])
     extract = ep["dialect"]["answer"]  # the answer as the dialect's own harness reads it
-    score, why = R.accuracy(text, record, extract)
-    pred = (S.extract_choice(text, record["options"], extract) if record.get("type") == "multiple_choice"
-            else extract(text))
+    score, why = (R.accuracy(text, record, extract) if record.get("answer") is not None
+                  else (None, "no answer given: not scored"))
+    pred = V.prediction(text, record, extract)
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],
@@ -122,12 +125,22 @@ def score_episode(ep, record):
 
 
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
-             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None):
+             batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None,
+             view_dir=None, view_originals=True):
     """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
     aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted).
-    scripts: {i: texts} replayed instead of sampled (--replay)."""
+    scripts: {i: texts} replayed instead of sampled (--replay). view_dir: each item's first sample also saves its
+    images there (view.save_images), named by desc and item, the originals by item alone (view_originals=False: a
+    setting before this one saved them)."""
     t0 = time.time()
-    done, errors = C.run_episodes(policy, records, tools, cfg, score_episode, samples, greedy, temperature,
+
+    def finish(ep, record):
+        t = score_episode(ep, record)
+        i, j = ep["item"]
+        if view_dir is not None and j == 0:  # while the episode is alive: its originals and every image it was shown
+            t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", f"item{i:05d}", view_originals))
+        return t
+    done, errors = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy, temperature,
                                   top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p, scripts)
     items = []
     for i, r in enumerate(records):
@@ -225,7 +238,7 @@ def _git_commit():
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a benchmark (see the docstring of eval.py).")
-    C.add_common_flags(p, model="demo", out="runs/eval")
+    C.add_common_flags(p, model="demo", out=None)
     p.add_argument("--bench", choices=B.BENCHMARKS, help="--data's benchmark (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
     p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
@@ -248,7 +261,17 @@ def get_args(argv=None):
                    help="print the exact text of the first model call for the first item, and exit")
     p.add_argument("--replay", default=None, metavar="FILE", help="take each model call's text from FILE (JSONL: "
                    '{"id": ..., "turns": ["<call 1>", ...]}) instead of sampling; items not in FILE are not scored')
+    # one question: the conversation printed as it happens, and its page (--out default: runs/ask, else runs/eval)
+    p.add_argument("--image", action="append", metavar="PATH", help="ask about this image (again for several)")
+    p.add_argument("--question", help="the question about --image")
+    p.add_argument("--answer", help="--question's answer, to score it (default: not scored)")
     args = C.parse_args(p, argv, "eval")
+    args.out = args.out or ("runs/ask" if args.question else "runs/eval")
+    if (args.image is None) != (args.question is None):
+        p.error("--image and --question go together")
+    for path in args.image or []:
+        if not os.path.isfile(path):
+            p.error(f"--image {path}: no such file")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and args.data == "synthetic":
@@ -262,6 +285,30 @@ def get_args(argv=None):
     return args
 
 
+def ask(policy, args, tools, cfg):
+    """--image/--question: one record from the flags, rolled out with each turn printed as it happens (its call and
+    the size of the image returned), then the answer; <out>/items.jsonl and its page."""
+    record = dict(id="question", image=args.image, question=args.question, answer=args.answer, type="text")
+    try:
+        ep = T.new_episode(policy, record, tools, **cfg)
+    except (ValueError, FileNotFoundError) as e:  # an image that does not decode, or is too large
+        raise SystemExit(f"error: {e}") from None
+    for k, (path, im, v) in enumerate(zip(args.image, ep["originals"], ep["images"])):
+        print(f"image {k}: {path}, {im.width}x{im.height} px, shown at {v['img'].width}x{v['img'].height}")
+    print(f"--- user\n{dialects.question_text(record)}")
+    greedy = args.temperature == 0
+    if not greedy:
+        T.seed_episode(ep, policy.device, args.seed, 0, 0)
+    T.rollout(policy, [ep], temperature=args.temperature if not greedy else 1.0, greedy=greedy, **C.filters(args),
+              on_turn=lambda e: print(V.turn_text(e), flush=True))
+    item = dict(idx=0, id="question", question=args.question, answer=args.answer, type="text",
+                **score_episode(ep, record), **V.save_images(ep, args.out, "question"))
+    print(f"answer: {item['prediction']}" + (f" (score {item['score']}: {item['why']})" if args.answer else ""))
+    with open(os.path.join(args.out, "items.jsonl"), "w") as f:
+        f.write(json.dumps(dict(setting=args.tools, **item)) + "\n")
+    print(f"-> {V.write_page(args.out)}")
+
+
 def main(argv=None):
     args = get_args(argv)
     demo = not (sys.argv[1:] if argv is None else argv)
@@ -269,6 +316,13 @@ def main(argv=None):
         args.baseline = True
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
+    found = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
+    name = (found + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
+    if args.question:
+        if world > 1:
+            raise SystemExit("--question runs in one process (no torchrun)")
+        policy = C.load_policy(name, seed=args.seed, device=device)
+        return ask(policy, args, tools, C.episode_cfg(args, policy))
     bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
     bad = [] if args.skip_bad else None
     try:
@@ -283,8 +337,6 @@ def main(argv=None):
         scripts = {k: scripts[i] for k, i in enumerate(sorted(scripts))}
     if not records:
         raise SystemExit(f"{args.data}: no items to evaluate")
-    demo = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
-    name = (demo + ["tiny"])[0] if args.model == "demo" else args.model  # demo: runs/grpo, else runs/sft, else tiny
     # settings: (column label, model, tools); the demo's: SFT and GRPO with tools, GRPO with tools off (first look only)
     settings = [(args.tools if tools else "none", name, tools)]
     if args.baseline and tools:
@@ -310,7 +362,7 @@ def main(argv=None):
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
-                                  scripts=scripts)
+                                  scripts=scripts, view_dir=args.out, view_originals=label == settings[0][0])
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            dialect=cfg["dialect"], first_prompt=first_prompt, missing=len(missing),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
@@ -354,7 +406,10 @@ def main(argv=None):
         if missing:
             print(f"not scored: {len(missing)} item(s) that {args.replay} does not have ({', '.join(missing[:3])}"
                   f"{', ...' if len(missing) > 3 else ''})")
-        print(f"-> {args.out}/results.md, results.json, items.jsonl")
+        V.plot_results(args.out)
+        V.write_page(args.out)
+        print(f"-> {args.out}/results.md, results.json, items.jsonl, results.png; what the model did: "
+              f"{args.out}/view.html")
     C.teardown()
 
 

@@ -46,6 +46,7 @@ import replay
 import rethink
 import rewards as R
 import tools as T
+import view as V
 
 # -----------------------------------------------------------------------------
 # 1. advantages: the group is the baseline
@@ -351,6 +352,10 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     p.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
+    # what the run shows: sampled rollouts on <out>/view.html, curves.png, a logger
+    p.add_argument("--view-every", type=int, default=10, help="every N steps save some rollouts for the page (0: off)")
+    p.add_argument("--view-groups", type=int, default=2, help="groups (prompts) of rank 0 saved per --view-every")
+    V.add_report_flag(p)
     args = C.parse_args(p, argv, "grpo")
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
         args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
@@ -358,7 +363,7 @@ def get_args(argv=None):
     C.check_flags(args, ge=dict(prompts=1, group_size=2, micro_batch=1, ppo_epochs=1, mini_batches=1, update_size=1,
                                 eval_every=0, eval_n=1, max_nan=1, ssr_alpha=0, rethink_prob=0, rethink_truncate=0,
                                 eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0, aux_nll=0, ref_sync_every=0,
-                                ref_sync_alpha=0),
+                                ref_sync_alpha=0, view_every=0, view_groups=1),
                   gt=dict(temperature=0, top_p=0, delta=1, rethink_temperature=0),
                   le=dict(top_p=1, min_p=1, rethink_prob=1, rethink_truncate=1, top_entropy_quantile=1,
                           ref_sync_alpha=1))
@@ -425,35 +430,6 @@ def heldout_eval(policy, records, args, cfg):
     return dict(eval_accuracy=acc, eval_tool_use=used, eval_calls_per_item=calls)
 
 
-def plot(metrics_path, png):
-    """Reward, accuracy and tool-use rate over the steps, as a PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        C.print0("no plot: `pip install matplotlib` to get curves.png")
-        return
-    rows = C.read_metrics(metrics_path)
-    if not rows:
-        C.print0(f"no plot: no rows in {metrics_path}")
-        return
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in ("reward", "accuracy", "tool_use"):
-        v = np.array([r.get(k) for r in rows], dtype=float)  # None (a missing value) -> NaN
-        line, = ax.plot(steps, v, alpha=0.3)      # each step: a few prompts, so noisy
-        w = min(10, len(v))                       # and its running mean over the last w steps
-        mean = np.convolve(v, np.ones(w), "full")[:len(v)] / np.minimum(np.arange(1, len(v) + 1), w)
-        ax.plot(steps, mean, color=line.get_color(), label=f"{k} ({w}-step mean)")
-    ax.set_xlabel("GRPO step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    C.print0(f"curves: {png}")
-
-
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = C.setup(args)
@@ -488,7 +464,11 @@ def main(argv=None):
     def fetch(step):
         return ahead.submit(read_images, records, prompt_indices(len(records), step, args.prompts, rank, world, args.seed))
     upcoming = fetch(start)
-    for step in tqdm(range(start, args.steps), disable=rank != 0, desc="grpo", initial=start, total=args.steps):
+    metrics_path, curves = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png")
+    if rank == 0:
+        V.clear_rollouts(args.out, start)
+    t_start = time.time()
+    for step in C.progress_bar(range(start, args.steps), desc="grpo", unit="step", initial=start, total=args.steps):
         lr = C.set_lr(opt, step, args)
         # SSR and rethinking draw from per-step generators: a function of (seed, step, rank) only
         nprng = np.random.default_rng([args.seed, step, rank])
@@ -540,7 +520,16 @@ def main(argv=None):
                    time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             row.update(heldout_eval(policy, heldout, args, cfg))
-        C.log_metrics(args, rank, row)
+        # 6. every --view-every steps: a few groups for the page (and --report-to's table), the curves so far
+        view = rank == 0 and args.view_every and (step + 1) % args.view_every == 0
+        table = V.save_rollouts(args.out, step + 1, groups[:args.view_groups], [s["adv"] for s in samples],
+                                args.preset, args.weights) if view else None
+        C.log_metrics(args, rank, row, table)
+        if view:
+            V.plot_curves(metrics_path, curves)
+            left = (time.time() - t_start) / (step + 1 - start) * (args.steps - step - 1)
+            tqdm.write(f"step {step + 1}/{args.steps}, {tqdm.format_interval(left)} left: reward {row['reward']:.3f}, "
+                       f"accuracy {row['accuracy']:.3f}, tool use {row['tool_use']:.2f} -> {V.write_page(args.out)}")
         if ref is not None and args.ref_sync_every and (step + 1) % args.ref_sync_every == 0:
             sync_reference(ref, policy, args.ref_sync_alpha)
         if nan_run >= args.max_nan:
@@ -548,8 +537,9 @@ def main(argv=None):
         checkpoint.save(args, policy, opt, step, rank, store=store, nan_run=nan_run)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     C.print0(f"done: {args.out} (metrics in {metrics_path})")
-    if rank == 0:
-        plot(metrics_path, os.path.join(args.out, "curves.png"))
+    if rank == 0 and V.plot_curves(metrics_path, curves):
+        page = os.path.join(args.out, "view.html")
+        print(f"curves: {curves}" + (f"; sampled rollouts: {page}" if os.path.isfile(page) else ""))
     C.teardown()
 
 

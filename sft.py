@@ -36,7 +36,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import checkpoint
 import common as C
@@ -45,6 +44,7 @@ import dialects
 import model as M
 import rewards as R
 import tools as T
+import view as V
 
 # ---- trajectories: the JSONL format, and replaying one through the environment
 
@@ -89,7 +89,7 @@ def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
     """Replay this rank's share once -> (kept: [dict(seq, mask, views)], rejected: every rank's [(reason, "where:
     message")]). views stay encoded (24 bytes a pixel) while this rank's fit in `enc_budget`, then PIL (3 bytes)."""
     kept, rejected = [], []
-    for record, turns, where in tqdm(items[rank::world], desc="replaying", disable=rank != 0, leave=False):
+    for record, turns, where in C.progress_bar(items[rank::world], desc="replaying", unit="trajectory", leave=False):
         try:
             record = {**record, "image": D.load_images(record)}  # read (or draw) the images once
             turns = turns(record) if callable(turns) else turns   # a demonstration is made from its record
@@ -231,6 +231,7 @@ def get_args(argv=None):
     C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
+    V.add_report_flag(p)
     p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
     p.add_argument("--temperature", type=float, default=1.0, help="--reflect: sampling temperature")
@@ -269,7 +270,8 @@ def train(args):
     C.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
              f"{lengths.mean():.0f} tokens), {world} process(es) x {args.grad_accum} x {args.batch_size} per step")
     policy.model.train()
-    bar = tqdm(range(state["step"], args.steps), disable=rank != 0, desc="sft", initial=state["step"], total=args.steps)
+    bar = C.progress_bar(range(state["step"], args.steps), desc="sft", unit="step", initial=state["step"],
+                         total=args.steps)
     for step in bar:
         t0 = time.time()
         lr = C.set_lr(opt, step, args)

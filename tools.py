@@ -338,9 +338,11 @@ def run_tool(ep, req):
     """Run a call a dialect read (dialects.py's request) -> its record (what items.jsonl and rewards.py read: name and
     arguments as the model wrote them, ok, error, zoom, region: the zoomed region or the image drawn on in original
     pixels, point: a keypoint in original pixels, image: the index of the image it acted on, size: [w, h] of the image
-    it returned, new_image: that image's index), appended to ep["calls"], and the new image (a view) appended too."""
+    it returned, new_image: that image's index, turn: the model call's), appended to ep["calls"], and the new image (a
+    view) appended too."""
     call = dict(name=req["name"], arguments=req["arguments"], ok=False, error=req.get("error"), region=None,
-                size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]))
+                size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]),
+                turn=len(ep.get("turns", [])) - 1)  # the model call that made it (view.py draws it under its turn)
     if call["error"] is None and req["tool"] not in ep["tools"]:
         call["error"] = f"{req['tool']} is not offered in this run (--tools)"
     if call["error"] is None:
@@ -489,13 +491,14 @@ def seed_episode(ep, device, *key):
 
 
 def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn_tokens=None, top_k=0, min_p=0.0,
-            reuse_cache=True, scripted=False):
+            reuse_cache=True, scripted=False, on_turn=None):
     """The multi-turn loop: sample every active episode's next model call in one batch (each with its ep["gen"] and
     its dialect's stop strings) and act on it (advance) until all have stopped; each keeps its KV cache between calls
     while its new rendering extends what the cache holds (a dialect that rewrites its past, Groundlight's, prefills
     again; reuse_cache=False: prefill the whole conversation every call, for comparison). scripted: no sampling; each
     call's text is the next of ep["script"] (eval.py --replay), cut as the sampler would have cut it (script_call).
-    The episodes are updated in place and returned."""
+    on_turn(ep): after each model call is acted on (eval.py --question prints it). The episodes are updated in place
+    and returned."""
     # the same per-turn cap on every rank: sharded ranks step together, one with no episode left on an empty batch
     cap = max_turn_tokens or min((ep["cfg"]["max_turn_tokens"] for ep in episodes), default=1)
     caches = {}  # id(episode) -> (its cache, the ids it holds), between its calls
@@ -511,6 +514,8 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
                     render(policy, ep)
                 else:
                     advance(policy, ep, *call)
+                if on_turn is not None:
+                    on_turn(ep)
             continue
         held = [caches.pop(id(ep), (None, None)) for ep in active]
         outs = M.sample(policy, [ep["seq"] for ep in active], [episode_images(policy, ep) for ep in active],
@@ -522,6 +527,8 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
         for ep, (new_ids, logps, reason, cache) in zip(active, outs):
             seq = ep["seq"]
             advance(policy, ep, new_ids, logps, reason)
+            if on_turn is not None:
+                on_turn(ep)
             if ep["stop"] is None and cache is not None:
                 caches[id(ep)] = (cache, seq + new_ids[:-1])
 
