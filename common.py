@@ -92,7 +92,8 @@ def parse_args(p, argv, script):
 
 
 # the allowed ranges of the number flags (those a script has), checked by check_flags
-AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, zoom_window=1, max_turns=1,
+AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, view_min_pixels=28 * 28,
+                crop_min_pixels=28 * 28, zoom_window=1, max_turns=1,
                 max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
                 save_every=0, top_k=0, min_p=0, view_max_side=0, lr_min_ratio=0)
 

@@ -455,12 +455,11 @@ def vilasr_read(ep, text, reason):
             for op in block if isinstance(block, list) else []:
                 if isinstance(op, dict) and "label" in op and ("bbox_2d" in op or "start_point_2d" in op and "end_point_2d" in op):
                     ops.append(op)
-    if not ops:
-        return {} if "```json" not in text else dict(end="tool_error")  # (their "ToolError": the episode ends)
+    if not ops or any("index" not in op for op in ops):  # their "ToolError" / "ToolGenError": the episode ends
+        return {} if "```json" not in text else dict(calls=[request("Object Mapper", None, error=(
+            "no box or line operation parses (each needs a label)" if not ops else "an operation has no index"))])
     groups = {}
     for op in ops:
-        if "index" not in op:
-            return dict(end="tool_error")
         groups.setdefault(op["index"], []).append(op)
     calls = []
     for index, group in groups.items():
@@ -572,8 +571,7 @@ def groundlight_read(ep, text, reason):
             err = f"Error: keypoint [{kp[0]}, {kp[1]}] is outside the image boundaries (width={W}, height={H})"
     if err is not None:
         return dict(calls=[request(name, kv, error=f"Error: Parsing arguments for tool 'zoom': {err}")])
-    x, y = to_view(ep, 0, kp[0], kp[1], (W, H))
-    return dict(calls=[request(name, dict(keypoint=kp), "zoom_point", dict(image_index=0, point_2d=[x, y]))])
+    return dict(calls=[request(name, dict(keypoint=kp), "zoom_point", dict(image_index=0, point_2d=kp, frame=(W, H)))])
 
 
 def groundlight_observe(ep, calls, final):

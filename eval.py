@@ -344,8 +344,9 @@ def main(argv=None):
     if demo and name == C.DEMO_GRPO and os.path.isdir(C.DEMO_SFT):
         settings = [("tools off (GRPO model)", name, []), (f"after SFT ({args.tools})", C.DEMO_SFT, tools),
                     (f"after GRPO ({args.tools})", name, tools)]
-    C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or 'synthetic'} "
-             f"({len(records)} items) on {world} process(es), {device}")
+    if not args.print_prompt:
+        C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or 'synthetic'} "
+                 f"({len(records)} items) on {world} process(es), {device}")
     greedy = args.temperature == 0
     runs, all_items, policies = {}, {}, {}
     for label, model_name, ts in settings:

@@ -17,11 +17,13 @@ RECIPES = {
                   top_p=1.0, loss_type="grpo", scale_rewards="group"),
         sft=dict(lr=2e-7, schedule="cosine", warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.999), grad_clip=1.0,
                  view_max_pixels=2048 * 784, crop_max_pixels=2048 * 784, max_tokens=4096),
-        eval=dict(view_max_pixels=8192 * 784, crop_max_pixels=4096 * 784, temperature=0.0)),  # (lmms-eval: 12 x 4096)
+        eval=dict(view_min_pixels=32 * 784, view_max_pixels=8192 * 784, crop_min_pixels=32 * 784,
+                  crop_max_pixels=4096 * 784, temperature=0.0)),  # (lmms-eval: 12 x 4096 tokens)
     # TIGER-AI-Lab/VL-Rethinker: scripts/train_vlm_multi.sh, openrlhf/trainer/ppo_utils/experience_maker.py,
     # replay_buffer.py, openrlhf/models/loss.py, openrlhf/cli/train_ppo_ray.py; eval: scripts/eval_vlm_new.sh
     "vl_rethinker": dict(
-        all=dict(tools="none", view_max_pixels=1280 * 784, max_turn_tokens=2048, max_tokens=2048, answer_format="boxed"),
+        all=dict(tools="none", view_min_pixels=256 * 784, view_max_pixels=1280 * 784, max_turn_tokens=2048,
+                 max_tokens=2048, answer_format="boxed"),
         grpo=dict(preset="vl_rethinker", group_size=8, prompts=512, mini_batches=8, lr=1e-6, schedule="cosine",
                   lr_min_ratio=0.5, warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.95), grad_clip=1.0, eps_low=0.2,
                   eps_high=0.35, beta=0.0, temperature=1.0, top_p=0.95, top_k=40, loss_type="bnpo",
@@ -65,13 +67,15 @@ RECIPES = {
     # Mini-o3/Mini-o3 (evaluation only): README's eval command (val_n 32 sampled at T 1.0, 12 rounds, 12 images),
     # verl/workers/rollout/vllm_rollout/vllm_async_engine.py, function_tools.py (no upscale of a crop)
     "mini_o3": dict(
-        all=dict(tools="zoom_in", view_max_pixels=2_000_000, crop_max_pixels=2_000_000, adaptive_zoom=False,
-                 max_turns=12, max_images=12, max_turn_tokens=8192, max_tokens=32768),
+        all=dict(tools="zoom_in", view_min_pixels=40_000, view_max_pixels=2_000_000, crop_min_pixels=40_000,
+                 crop_max_pixels=2_000_000, adaptive_zoom=False, max_turns=12, max_images=12, max_turn_tokens=8192,
+                 max_tokens=32768),
         eval=dict(temperature=1.0, samples=32)),
     # TIGER-AI-Lab/Pixel-Reasoner (evaluation only): scripts/eval_vlm_new.sh (what vLLM shows: 512 to 5120 x 784 px),
     # curiosity_driven_rl/openrlhf/trainer/ppo_utils/experience_maker.py (greedy at eval, 2048 tokens a call)
     "pixel_reasoner": dict(
-        all=dict(tools="zoom_in", view_max_pixels=5120 * 784, crop_max_pixels=5120 * 784, adaptive_zoom=False,
-                 max_turns=5, max_images=16, max_turn_tokens=2048, max_tokens=12 * 1024),
+        all=dict(tools="zoom_in", view_min_pixels=512 * 784, view_max_pixels=5120 * 784, crop_min_pixels=256 * 784,
+                 crop_max_pixels=5120 * 784, adaptive_zoom=False, max_turns=5, max_images=16, max_turn_tokens=2048,
+                 max_tokens=12 * 1024),
         eval=dict(temperature=0.0)),
 }

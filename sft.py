@@ -59,27 +59,33 @@ def load_trajectories(path):
 
 
 def rebuild(policy, record, turns, tools, cfg):
-    """Replay a trajectory, each turn its ids + <|im_end|> (reason "eos": the model learns to close its turn).
-    -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no answer or a wrong one."""
+    """Replay a trajectory in its dialect (the record's "dialect", else the run's): each turn handled exactly as if the
+    model had written it in one call (tools.script_call: the dialect's stop rules; a turn that ends the model's turn
+    gets <|im_end|>, so the model learns to close it), its calls run, their results shown as the dialect's rollout
+    shows them. -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no answer or a wrong one."""
     budget = record.get("view_max_pixels")  # written by convert.py: the view its boxes are drawn in
     if budget is not None and budget != cfg["view_max_pixels"]:
         raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
                          f"train with --view-max-pixels {budget}, or convert again at this run's budget")
-    ep = T.new_episode(policy, record, tools, **cfg)
-    for k, text in enumerate(turns):
-        if ep["stop"] is not None:
-            return None, ("limit" if ep["truncated"] else "early_stop",
-                          f"turn {k}: the episode already stopped ({ep['stop']}), {len(turns) - k} turn(s) left")
-        ids = M.ids(policy, text) + [policy.eos[0]]  # <|im_end|>
-        if len(ids) > cfg["max_turn_tokens"]:  # a rollout would have cut this turn
-            return None, ("limit", f"turn {k} has {len(ids)} tokens, over --max-turn-tokens {cfg['max_turn_tokens']}")
+    ep = T.new_episode(policy, record, tools, **dict(cfg, dialect=record.get("dialect") or cfg["dialect"]))
+    ep["script"] = list(turns)
+    while ep["stop"] is None:
+        k = len(turns) - len(ep["script"])
+        call = T.script_call(policy, ep, cfg["max_turn_tokens"], close=True)
+        if call is None:
+            return None, ("no_answer", f"the turns end before the episode does (after turn {k - 1})")
+        if call[2] == "length":  # a rollout would have cut this turn
+            return None, ("limit", f"turn {k} has over --max-turn-tokens {cfg['max_turn_tokens']} tokens")
         n_calls = len(ep["calls"])
-        T.advance(policy, ep, ids, reason="eos")
+        T.advance(policy, ep, *call)
         if len(ep["calls"]) > n_calls and not ep["calls"][-1]["ok"]:
             return None, ("tool_error", f"turn {k}: the tool call failed ({ep['calls'][-1]['error']})")
+    if ep["script"]:
+        return None, ("limit" if ep["truncated"] else "early_stop", f"turn {len(turns) - len(ep['script']) - 1}: the "
+                      f"episode stopped ({ep['stop']}) with {len(ep['script'])} turn(s) left")
     if ep["stop"] != "answer":
         return None, ("no_answer", f"the last turn gives no answer (episode stop: {ep['stop']})")
-    acc, why = R.accuracy(turns[-1], record)
+    acc, why = R.accuracy(ep["turns"][-1], record, ep["dialect"]["answer"])
     if acc < R.CORRECT:
         return None, ("wrong_answer", f"the final answer disagrees with the record ({why}; record: {record['answer']!r})")
     return ep, None

@@ -131,27 +131,34 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
     ox1, ox2 = fit_window((ox1 + ox2) / 2, max(w, cfg["factor"], h / 199), W)
     oy1, oy2 = fit_window((oy1 + oy2) / 2, max(h, cfg["factor"], w / 199), H)
     s = zoom_scale((ox2 - ox1) * (oy2 - oy1), W * H) if cfg["adaptive_zoom"] else 1.0
-    h, w = smart_resize((oy2 - oy1) * s, (ox2 - ox1) * s, cfg["factor"], cfg["crop_min_pixels"], cfg["crop_max_pixels"])
+    # the sides scaled and truncated (VLM-R3's r3_vllm.py, int() included; the aspect kept within Qwen's 200), then
+    # Qwen's resize into the crop budget
+    h, w = int((oy2 - oy1) * s), int((ox2 - ox1) * s)
+    h, w = max(h, math.ceil(w / 200)), max(w, math.ceil(h / 200))
+    h, w = smart_resize(h, w, cfg["factor"], cfg["crop_min_pixels"], cfg["crop_max_pixels"])
     return make_view(ep["originals"], view["src"], (ox1, oy1, ox2, oy2), (w, h), view["annots"])
 
 
-def zoom_point(ep, image_index, point_2d, cfg):
+def zoom_point(ep, image_index, point_2d, cfg, frame=None):
     """Groundlight's zoom: a zoom_window window centred on the point, shifted inside the image. zoom_source "original":
     in original pixels, shown at the question view's pixel count; "view" (Groundlight's zoom.py): cut from the pixels
-    shown, long side scaled to max(w, h, window) (less magnification on a large photo)."""
+    shown, long side scaled to max(w, h, window) (less magnification on a large photo). frame: (w, h) of the image the
+    point and the window are measured in when it is not the view (Groundlight's dialect: the size its prompt states)."""
     view, win = ep["images"][image_index], cfg["zoom_window"]
-    w, h = view["img"].size
+    vw, vh = view["img"].size
+    w, h = frame or (vw, vh)
     if not (0 <= point_2d[0] <= w and 0 <= point_2d[1] <= h):
         raise ToolError(f"point {point_2d} is outside the image ({w}x{h})")
-    if cfg["zoom_source"] == "view":
+    if cfg["zoom_source"] == "view" or frame:  # (a frame: the image the dialect's harness cuts from is the one shown)
         (x1, x2), (y1, y2) = fit_window(point_2d[0], win, w), fit_window(point_2d[1], win, h)
         s = max(w, h, win) / max(x2 - x1, y2 - y1)
         hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, cfg["factor"], cfg["crop_min_pixels"],
                               cfg["crop_max_pixels"])
-        box = (*to_original(view, x1, y1), *to_original(view, x2, y2))
-        img = view["img"].resize((ww, hh), Image.BICUBIC, box=(x1, y1, x2, y2))
+        cut = (x1 * vw / w, y1 * vh / h, x2 * vw / w, y2 * vh / h)  # in the pixels shown
+        box = (*to_original(view, *cut[:2]), *to_original(view, *cut[2:]))
+        img = view["img"].resize((ww, hh), Image.BICUBIC, box=cut)
         return dict(img=img, src=view["src"], box=box, annots=dict(view["annots"]), enc=None)
-    (ox, oy), (W, H) = to_original(view, *point_2d), ep["originals"][view["src"]].size
+    (ox, oy), (W, H) = to_original(view, point_2d[0] * vw / w, point_2d[1] * vh / h), ep["originals"][view["src"]].size
     (x1, x2), (y1, y2) = fit_window(ox, win, W), fit_window(oy, win, H)
     target = math.prod(ep["images"][0]["img"].size)
     hh, ww = smart_resize(y2 - y1, x2 - x1, cfg["factor"], min_pixels=target, max_pixels=target)
@@ -217,6 +224,9 @@ def add_episode_flags(p):
     add them (common.add_common_flags), and DEFAULTS is what they parse to when none is given."""
     p.add_argument("--view-max-pixels", type=int, help="first look's pixel budget (default: the image processor's)")
     p.add_argument("--crop-max-pixels", type=int, help="a zoom's pixel budget (default: the image processor's)")
+    p.add_argument("--view-min-pixels", type=int, help="first look's least pixels (default: the model's minimum)")
+    p.add_argument("--crop-min-pixels", type=int, help="a zoom's least pixels: a smaller crop is enlarged to it "
+                   "(default: the model's minimum; Pixel-Reasoner: 256 x 784)")
     p.add_argument("--zoom-window", type=int, default=400, help="zoom_point's window, original pixels")
     p.add_argument("--max-turns", type=int, default=4, help="assistant turns per episode")
     p.add_argument("--max-images", type=int, default=6, help="images per episode, the question's included")
@@ -260,12 +270,15 @@ def settings(improc, **cfg):
     factor = improc.patch_size * improc.merge_size
     lo = max((2 * factor) ** 2, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
-    for k in ("view_max_pixels", "crop_max_pixels"):
+    for k in ("view_max_pixels", "crop_max_pixels", "view_min_pixels", "crop_min_pixels"):
         if cfg[k] is not None and cfg[k] < lo:
             raise ValueError(f"--{k.replace('_', '-')} {cfg[k]}: below the model's minimum of {lo} px (at least "
                              f"{2 * factor} x {2 * factor})")
-        cfg[k] = cfg[k] or hi
-    return dict(cfg, view_min_pixels=lo, crop_min_pixels=lo, factor=factor)
+        cfg[k] = cfg[k] or (hi if "max" in k else lo)
+    for k in ("view", "crop"):
+        if cfg[f"{k}_min_pixels"] > cfg[f"{k}_max_pixels"]:
+            raise ValueError(f"--{k}-min-pixels {cfg[f'{k}_min_pixels']} is over --{k}-max-pixels {cfg[f'{k}_max_pixels']}")
+    return dict(cfg, factor=factor)
 
 
 # An episode is a dict; rollout() and advance() update it in place:
@@ -355,8 +368,10 @@ def run_tool(ep, req):
             region = view["box"] if call["zoom"] else ep["images"][k]["box"]
             call.update(ok=True, region=[round(v, 2) for v in region], size=list(view["img"].size), image=k,
                         new_image=len(ep["images"]))
-            if "point_2d" in args:
-                call["point"] = [round(v, 2) for v in to_original(ep["images"][k], *args["point_2d"])]
+            if "point_2d" in args:  # (in the pixels shown, or of the frame the dialect measures in)
+                (x, y), (vw, vh) = args["point_2d"], ep["images"][k]["img"].size
+                fw, fh = args.get("frame") or (vw, vh)
+                call["point"] = [round(v, 2) for v in to_original(ep["images"][k], x * vw / fw, y * vh / fh)]
             ep["images"].append(view)
         except ToolError as e:
             call["error"] = str(e)
@@ -456,7 +471,7 @@ def _act(policy, ep, new_ids, logps, reason):
     if not all(c["ok"] for c in done) and ("error" in cfg["stop_on"] or d.get("errors_end")):
         return _stop(ep, "tool_error")
     obs = d["observe"](ep, done, len(ep["turns"]) == cfg["max_turns"] - 1)
-    if obs.get("inline"):  # VLM-R3: the result goes into the assistant message itself
+    if "inline" in obs:  # VLM-R3: the result goes into the assistant message itself
         msg["parts"] += obs["inline"]
     else:
         msg["closed"] = True
@@ -533,18 +548,19 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
                 caches[id(ep)] = (cache, seq + new_ids[:-1])
 
 
-def script_call(policy, ep, cap):
+def script_call(policy, ep, cap, close=False):
     """The next of a replayed episode's texts as the sampler would have returned it -> (ids, None, reason), or None
     when none is left. Past the first stop string the text is cut (rollout's sampler stops there), with <|im_end|>
     where it has none (it ended the call), at most `cap` tokens ("length"). In a regex-shaped step the text goes on
-    after each forced tag: what follows the tag is the step's next piece."""
+    after each forced tag: what follows the tag is the step's next piece. close (sft.py): a text that ends at a stop
+    string the dialect keeps ends its turn with <|im_end|> too, so that the model also learns to close it."""
     if not ep.get("script"):
         return None
     text = ep["script"].pop(0)
     stops = ("<",) if ep["guide"] else ep["dialect"]["stops"]
     at = min(((text.find(s), s) for s in stops if s in text), default=None)
-    if at is None:
-        ids, reason = M.ids(policy, text) + [policy.eos[0]], "eos"
+    if at is None or (close and ep["dialect"]["keep_stop"] and not ep["guide"]):
+        ids, reason = M.ids(policy, text if at is None else text[:at[0] + len(at[1])]) + [policy.eos[0]], "eos"
     else:
         i, s = at
         ids, reason = M.ids(policy, text[:i + len(s)]), "stop"
