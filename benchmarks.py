@@ -29,9 +29,11 @@ import scorers as S
 # 1. loaders of the first six
 
 def _vstar_record(key, img, question, options, correct, shuffle_seed, category, where, ann):
-    """One V* record: options shuffled by (shuffle_seed, key) (V* puts the answer first); bbox around all targets."""
+    """One V* record: options shuffled by (shuffle_seed, key) (V* puts the answer first; a negative seed keeps its
+    order, as DeepEyes' published 90.1 was measured at 6c5e796); bbox around all targets."""
     order = list(range(len(options)))
-    random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
+    if shuffle_seed >= 0:
+        random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
     r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
              type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
     boxes = ann.get("bbox") if isinstance(ann, dict) else None

@@ -161,8 +161,11 @@ def place_images(question, n):
 
 
 def lookagain_prompt(ep):
-    boxed = ep["cfg"]["answer_format"] == "boxed"
-    question = question_text(ep["record"]) + ("\n\n" + BOXED if boxed else "")
+    """Our system prompt with the tools' schemas; the images and the question (with a benchmark's own instruction,
+    where benchmarks.py kept one apart: the other dialects write their harness's instead)."""
+    boxed, r = ep["cfg"]["answer_format"] == "boxed", ep["record"]
+    question = (question_text(r) + (f"\n{r['instruction']}" if r.get("instruction") else "")
+                + ("\n\n" + BOXED if boxed else ""))
     return [dict(role="system", parts=[system_prompt(ep["specs"], compact=ep["compact"], boxed=boxed)], closed=True),
             dict(role="user", parts=place_images(question, len(ep["images"])), closed=True)]
 

@@ -243,7 +243,8 @@ def get_args(argv=None):
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
     p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order (-1: V*'s own, the "
+                   "answer first, as some published numbers were measured)")
     p.add_argument("--frames", type=int, default=None, help="frames sampled per video (VSI-Bench: 32, the reference's)")
     p.add_argument("--scorer", choices=R.TYPES, default=None,
                    help="score with another record type's scorer (rethinker: VL-Rethinker's, behind its numbers)")

@@ -191,6 +191,9 @@ def test_data_vstar_loader_folders_and_jsonl_shuffle_is_seeded(tmp_path):
     assert B.load("vstar", str(root)) == recs
     letters = {B.load("vstar", str(root), shuffle_seed=s)[0]["answer"] for s in range(12)}
     assert len(letters) > 1
+    # a negative seed keeps V*'s own order: the right option first (how DeepEyes' published V* was measured)
+    assert [(r["answer"], r["options"]) for r in B.load("vstar", str(root), shuffle_seed=-1)] == [
+        ("A", ["red", "blue", "green", "white"]), ("A", ["left", "right"])]
     # the same questions from test_questions.jsonl: same ids, same shuffled options, bbox from the side JSON
     text = ("What is the color of the cup?\n(A) red\n(B) blue\n(C) green\n(D) white\n"
             "Answer with the option's letter from the given choices directly.")
