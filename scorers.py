@@ -18,7 +18,7 @@ import string
 
 import numpy as np
 
-import mathscore as M
+import mathscore
 
 MAX_ANSWER_CHARS = 1000  # untagged text longer than this is reasoning, not an answer (DeepEyes: 1000 too)
 LEV_MAX_CHARS = 1000     # levenshtein looks at most at this many characters of each string
@@ -48,7 +48,7 @@ def extract_answer(text):
     if start >= 0:
         start += len("<answer>")
         return text[start:text.find("</answer>", start)].strip()
-    box = M.last_boxed(text)
+    box = mathscore.last_boxed(text)
     return box.strip() if box is not None else None
 
 
@@ -577,6 +577,6 @@ def mme_realworld_score(text, record):
 SCORERS = {"multiple_choice": score_choice, **{t: score_final for t in ("number", "mra", "vqa", "anls", "text",
                                                                           "mathvista")},
            "mmmu": mmmu_score, "mmmu_pro": mmmu_pro_score,
-           "rethinker": M.rethinker_score, "mathvision": M.mathvision_score, "emma": M.emma_score,
+           "rethinker": mathscore.rethinker_score, "mathvision": mathscore.mathvision_score, "emma": mathscore.emma_score,
            "vsi": vsi_score, "spar": spar_score, "mmsi": mmsi_score, "vilasr": vilasr_score,
            "mme_realworld": mme_realworld_score}
