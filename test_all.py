@@ -3872,7 +3872,7 @@ def test_dialects_recipe_selects_its_dialect_unless_told(capsys):
 EOS = "<|im_end|>"
 
 
-@pytest.mark.parametrize("text,gold,want", [
+RETHINKER_CASES = [
     ("The area is \\boxed{12}." + EOS, "12", 1), ("So x = \\boxed{\\frac{1}{2}}" + EOS, "0.5", 1),
     ("\\boxed{0.333}" + EOS, "\\frac{1}{3}", 0),  # Q6: 6 decimals
     ("The answer is \\boxed{B}" + EOS, "B", 1), ("The answer is \\boxed{(B)}" + EOS, "B", 0),  # Q1: startswith
@@ -3886,7 +3886,10 @@ EOS = "<|im_end|>"
     ("\\boxed{2x+1}" + EOS, "y=2x+1", 1), ("\\boxed{yes}" + EOS, "Yes", 1), ("\\boxed{(1,2)}" + EOS, "(1, 2)", 1),
     ("\\boxed{\\frac{\\pi}{3}}" + EOS, "60", 0), ("<answer>\n5\n</answer>" + EOS, "5", 1), ("", "12", 0),  # Q8
     ("Now everything looks fine. Solution finished." + EOS + " extra \\boxed{12}", "12", 0),
-    ("\\boxed{1,000}" + EOS, "1000", 1), ("\\boxed{12} Wait, let me recheck. Actually \\boxed{13}" + EOS, "12", 0)])
+    ("\\boxed{1,000}" + EOS, "1000", 1), ("\\boxed{12} Wait, let me recheck. Actually \\boxed{13}" + EOS, "12", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", RETHINKER_CASES)
 def test_benchmarks_rethinker_handle_boxed(text, gold, want):
     """VL-Rethinker's handle_boxed (MathVerse's default scorer; --scorer rethinker elsewhere), <|im_end|> kept."""
     assert S.SCORERS["rethinker"](text, {"answer": gold})[0] == want
@@ -3902,7 +3905,7 @@ def test_benchmarks_rethinker_truncated_response_has_no_eos():
 ABCDE = ["A", "B", "C", "D", "E"]
 
 
-@pytest.mark.parametrize("text,gold,choices,want", [
+MATHVISION_CASES = [
     ("The answer is \\boxed{60}.", "60", None, 1), ("So the answer is 60.", "60", None, 1),
     ("Thus the final answer is 60 cm. Done", "60", None, 0),  # '60cm': cm is not on its unit list
     ("\\boxed{60^\\circ}", "60", None, 1), ("\\boxed{0.5}", "\\frac{1}{2}", None, 1),
@@ -3914,26 +3917,36 @@ ABCDE = ["A", "B", "C", "D", "E"]
     ("\\boxed{14} Wait, recheck: \\boxed{15}", "14", None, 0), ("\\boxed{x=5}", "5", None, 1),
     ("\\boxed{50\\%}", "50", None, 1), ("\\boxed{50%}", "50", None, 0),  # only \% is removed
     ("\\boxed{5 \\text{ cm}}", "5", None, 0), ("The area is 24 square units", "24", None, 0),
-    ("\\boxed{1:2}", "0.5", None, 1), ("", "3", None, 0)])
+    ("\\boxed{1:2}", "0.5", None, 1), ("", "3", None, 0)]
+
+
+@pytest.mark.parametrize("text,gold,choices,want", MATHVISION_CASES)
 def test_benchmarks_mathvision_evaluate(text, gold, choices, want):
     assert S.SCORERS["mathvision"](text, {"answer": gold, "choices": choices})[0] == want
 
 
-@pytest.mark.parametrize("text,gold,want", [
+EMMA_CASES = [
     ("b", "B", 1), ("A. First, we compute the force... so the answer is \\boxed{C}", "C", 0),  # the letter rule first
     ("Let's solve. ... \\boxed{C}", "C", 1), ("... \\boxed{\\text{C}}", "C", 1),
     ("... \\boxed{5 \\text{ m/s}}", "5", 0), ("... \\boxed{5\\,\\mathrm{m/s}}", "5", 0),  # the unit is what is read
     ("... \\boxed{3.46}", "2\\sqrt{3}", 1), ("... \\boxed{3.47}", "2\\sqrt{3}", 0), ("The answer is 3.5 N.", "3.5", 0),
     ("The correct answer is: D", "D", 0), ("The answer is (D).", "D", 0), ("Answer: C", "C", 1),
     ("... \\boxed{C} ... final \\boxed{D}", "C", 0), ("\\boxed{10^{-3}}", "0.001", 1), ("The answer is five.", "5", 1),
-    ("I think it's option C since...", "C", 0), ("", "C", 0)])
+    ("I think it's option C since...", "C", 0), ("", "C", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", EMMA_CASES)
 def test_benchmarks_emma_fast_extract(text, gold, want):
     assert S.SCORERS["emma"](text, {"answer": gold})[0] == want
 
 
+# (text, gold, options, want): the gold option's text counts too
+EMMA_OPTION_CASES = [("\\boxed{5 N}", "B", ["3 N", "5 N", "7 N"], 1), ("\\boxed{7 N}", "B", ["3 N", "5 N", "7 N"], 0)]
+
+
 def test_benchmarks_emma_gold_option_text_and_word_numbers():
-    rec = {"answer": "B", "choices": ["3 N", "5 N", "7 N"]}
-    assert S.SCORERS["emma"]("\\boxed{5 N}", rec)[0] == 1 and S.SCORERS["emma"]("\\boxed{7 N}", rec)[0] == 0
+    for text, gold, options, want in EMMA_OPTION_CASES:
+        assert S.SCORERS["emma"](text, {"answer": gold, "choices": options})[0] == want
     assert MS.word_to_num("twenty one") == 21 and MS.word_to_num("it is three hundred and five") == 305
     assert MS.word_to_num("two point five") == 2.5 and MS.word_to_num("7") == 7
     with pytest.raises(ValueError):
@@ -3956,26 +3969,33 @@ def test_benchmarks_math_evaluator_values():
 MMMU_OPTS = ["Rs. 5,000", "Rs. 7,500", "Rs. 10,000", "Rs. 12,500"]
 
 
+# (output, the letter parsed): in this order, in one process, the fallbacks consume random.seed(42)'s stream: A, A, C,
+# B, B, B, A
+MMMU_STREAM_CASES = [
+    ("B", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("Answer: C,.", "A"), ("A,.", "A"),
+    ("I think (A) is wrong; (C) is right.", "C"), ("The correct option is C because A fails.", "A"),
+    ("The payment should be Rs. 10,000 in total according to the table shown", "C"), ("Rs. 10,000", "C"),
+    ("", "B"), ("D. Rs. 12,500", "B"), ("b", "B"), ("Final answer: **B**", "A"),
+    ("Option A and option B are both plausible but I pick D", "D"), ("It is (A) or (B)", "B")]
+
+
 def test_benchmarks_mmmu_multiple_choice_with_the_seed_42_stream():
-    """In this order, in one process, the fallbacks consume random.seed(42)'s stream: A, A, C, B, B, B, A."""
-    cases = [("B", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("Answer: C,.", "A"), ("A,.", "A"),
-             ("I think (A) is wrong; (C) is right.", "C"), ("The correct option is C because A fails.", "A"),
-             ("The payment should be Rs. 10,000 in total according to the table shown", "C"), ("Rs. 10,000", "C"),
-             ("", "B"), ("D. Rs. 12,500", "B"), ("b", "B"), ("Final answer: **B**", "A"),
-             ("Option A and option B are both plausible but I pick D", "D"), ("It is (A) or (B)", "B")]
     rng = random.Random(42)
-    assert [S.mmmu_choice(t, MMMU_OPTS, rng) for t, _ in cases] == [want for _, want in cases]
+    assert [S.mmmu_choice(t, MMMU_OPTS, rng) for t, _ in MMMU_STREAM_CASES] == [w for _, w in MMMU_STREAM_CASES]
     rec = {"answer": "A", "choices": MMMU_OPTS, "question_type": "multiple-choice"}
     assert S.SCORERS["mmmu"]("", rec)[0] == 1  # alone: a fresh stream's first draw for 4 options is A
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MMMU_OPEN_CASES = [
     ("The answer is 12.97.", "12.97", 1), ("so the result is 12.974 mol", "12.97", 1), ("36 watts", "30", 0),
     ("The answer is 24/7", ["24/7", "3.429"], 1), ("approximately 3.43", ["24/7", "3.429"], 1), ("It is C", "C", 1),
     ("The final value is 2,000,000 dollars", "2000000", 1), ("The final value is 2,000,000 dollars", "0", 1),  # 000
     ("x = 12 and y = 3", "12", 0), ("The answer is 5. Then we check 7", "7", 1),  # one 'sentence': both numbers
     ("The answer is 5.\nThen we check 7", "5", 1), ("1.5e3 J", "1500", 1), ("1.5e3 J", "3", 1),
-    ("It equals 0.286.", "0.286", 1), ("", "4", 0), ("MgS", "$MgS$", 0)])
+    ("It equals 0.286.", "0.286", 1), ("", "4", 0), ("MgS", "$MgS$", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MMMU_OPEN_CASES)
 def test_benchmarks_mmmu_open(text, gold, want):
     rec = {"answer": gold, "question_type": "open"}
     assert S.SCORERS["mmmu"](text, rec)[0] == want
@@ -3984,13 +4004,16 @@ def test_benchmarks_mmmu_open(text, gold, want):
 P10 = ["Political instability", "The spread of pathogens", "New trade routes"] + [f"Option {c}" for c in "DEFGHIJ"]
 
 
-@pytest.mark.parametrize("text,want", [
+MMMU_PRO_CASES = [
     ("Answer: B", "B"), ("... so the best is A.\nAnswer: (B)", "B"), ("Answer: B. The spread of pathogens", "B"),
     ("Answer: H\nWait, actually Answer: A", "A"), ("I think B is correct", "B"), ("DNA evidence shows C", "C"),
     ("The answer is B", "B"),
     ("The spread of pathogens across the Silk Road explains the decline of both empires.", "B"),
     ("I choose (C) not (B)", "B"), ("Answer: \\boxed{B}<|im_end|>", "B"), ("**Answer: C**", "C"),
-    ("Answer: B\n\nExplanation: Based on the graph", None), ("Answer: b", None), ("", None)])  # None: random
+    ("Answer: B\n\nExplanation: Based on the graph", None), ("Answer: b", None), ("", None)]  # None: random
+
+
+@pytest.mark.parametrize("text,want", MMMU_PRO_CASES)
 def test_benchmarks_mmmu_pro_parser(text, want):
     class Asked:  # a stream that says it was asked
         def choice(self, letters):
@@ -3998,19 +4021,22 @@ def test_benchmarks_mmmu_pro_parser(text, want):
     assert S.mmmu_choice(text, P10, Asked(), pro=True) == want
 
 
-@pytest.mark.parametrize("text,gold,want", [
+VSI_CASES = [
     ("A", "A", 1.0), ("a", "A", 1.0), ("A. left", "A", 1.0), ("A..", "A", 1.0), ("A\n", "A", 1.0), ("A.\n", "A", 0.0),
     ("(A)", "A", 0.0), ("A, left", "A", 0.0), ("Answer: A", "A", 0.0), (" A", "A", 0.0), ("", "A", 0.0),
     ("3.5", "3.5", 1.0), ("3.5 meters", "3.5", 1.0), ("3.5m", "3.5", 0.0), ("about 3.5", "3.5", 0.0),
     ("12", "10", 0.6), ("0.95", "1", 1.0), ("14", "10", 0.3), ("2.2", "2", 0.9), ("5", "4", 0.6), ("3", "4", 0.6),
     ("1,000", "1000", 0.0), ("nan", "3", 0.0), ("inf", "3", 0.0), ("3.", "3", 1.0), ("1e1", "10", 1.0),
-    (" 4", "4", 0.0)])
+    (" 4", "4", 0.0)]
+
+
+@pytest.mark.parametrize("text,gold,want", VSI_CASES)
 def test_benchmarks_vsi_first_token_and_float64_mra(text, gold, want):
     rec = {"answer": gold, "choices": ["A. left", "B. right"] if gold.isalpha() else None}
     assert S.SCORERS["vsi"](text, rec)[0] == pytest.approx(want, abs=1e-12)
 
 
-@pytest.mark.parametrize("text,gold,task,want", [
+SPAR_CASES = [
     ("B", "B", "obj_spatial_relation_oo", 1), ("b", "B", "obj_spatial_relation_oo", 1),
     ("", "B", "position_matching", 1),
     ("B. The chair", "B", "obj_spatial_relation_oo", 1), ("The answer is B", "B", "obj_spatial_relation_oo", 0),
@@ -4030,7 +4056,10 @@ def test_benchmarks_vsi_first_token_and_float64_mra(text, gold, want):
     ("move_forward:2.0", "move_forward:1.0", "view_change_infer", 0.82),
     ("move_forward:0.5", "move_forward:1.0", "view_change_infer", 0.8),
     ("move_forward:0", "move_right:0.3", "view_change_infer", 0.9),
-    ("I moved forward", "move_forward:1", "view_change_infer", 0.0)])
+    ("I moved forward", "move_forward:1", "view_change_infer", 0.0)]
+
+
+@pytest.mark.parametrize("text,gold,task,want", SPAR_CASES)
 def test_benchmarks_spar_by_task(text, gold, task, want):
     assert S.SCORERS["spar"](text, {"answer": gold, "category": task})[0] == pytest.approx(want, abs=1e-12)
 
@@ -4039,17 +4068,20 @@ def test_benchmarks_spar_empty_output_fix_is_an_option():
     assert S.SCORERS["spar"]("", {"answer": "B", "category": "obj_spatial_relation_oo", "fix": True})[0] == 0
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MMSI_CASES = [
     ("`B`", "B", 1), ("``C``", "C", 1), ("B", "B", 1), ("b", "B", 0), ("`b`", "B", 0), ("I think B is correct", "B", 0),
     ("C\nExplanation", "C", 0), ("A car is parked; answer: D", "D", 1),
     ("A bike is left of the car, so the answer is `C`", "C", 1),
     ("The answer is C.", "C", 1), ("Option (C)", "C", 1), ("B) left", "B", 1), ("\\boxed{B}", "B", 1),
-    ("```\nB\n```", "B", 1), ("D is wrong; `A`", "A", 1), ("E", "A", 0), ("", "A", 0)])
+    ("```\nB\n```", "B", 1), ("D is wrong; `A`", "A", 1), ("E", "A", 0), ("", "A", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MMSI_CASES)
 def test_benchmarks_mmsi_backticks_then_word_boundary_letter(text, gold, want):
     assert S.SCORERS["mmsi"](text, {"answer": gold})[0] == want
 
 
-@pytest.mark.parametrize("text,gold,kind,want", [
+VILASR_CASES = [
     ("<think>..</think> Action: Answer\n<answer> B </answer>", "B", "multiple choice", 1),
     ("<answer>b. left</answer>", "B", "multiple choice", 1), ("<answer>(B)</answer>", "B", "multiple choice", 0),
     ("<answer>A</answer> <answer>B</answer>", "B", "multiple choice", 0),
@@ -4068,7 +4100,10 @@ def test_benchmarks_mmsi_backticks_then_word_boundary_letter(text, gold, want):
     ("<answer>move_forward:0.5</answer>", "move_forward:1.0", "vci", 0.82),
     ("<answer>move_forward:2.0</answer>", "move_forward:1.0", "vci", 0.8),
     ("<answer>move_forward:0</answer>", "move_right:0.3", "vci", 0.8),
-    ("<answer>B</answer>", "B", "free-form", 0)])
+    ("<answer>B</answer>", "B", "free-form", 0)]
+
+
+@pytest.mark.parametrize("text,gold,kind,want", VILASR_CASES)
 def test_benchmarks_vilasr_reward_fn(text, gold, kind, want):
     got = S.SCORERS["vilasr"](text, {"answer": gold, "problem_type": kind})[0]
     assert got == (want if kind != "vci" else pytest.approx(want, abs=1e-6))  # float32 values compared exactly
@@ -4082,19 +4117,24 @@ def test_benchmarks_vilasr_training_mra_is_strict():
 MME_CHOICES = ["(A) 458", "(B) 457", "(C) 456", "(D) 455", "(E) This image doesn't feature the data."]
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MME_CASES = [
     ("B", "B", 1), ("(B) 457", "B", 1), ("The best answer is B", "B", 1), ("The best option is C", "C", 1),
     ("Best answer: D", "D", 0), ("Best option: D", "D", 0), ("Answer: C", "C", 0), ("Based on the chart, C", "C", 0),
     ("The answer: E", "E", 1), ("", "A", 1), ("   ", "A", 1), ("b", "B", 1), ("e", "E", 1), ("457", "B", 1),
     ("I think c", "C", 0), ("one two three four five six seven eight nine ten eleven twelve thirteen", "A", 0),
-    ("<answer>C</answer>", "C", 1), ("<answer>the car</answer>", "A", 0)])
+    ("<answer>C</answer>", "C", 1), ("<answer>the car</answer>", "A", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MME_CASES)
 def test_benchmarks_mme_realworld_extract_characters_regex(text, gold, want):
     assert S.SCORERS["mme_realworld"](text, {"answer": gold, "choices": MME_CHOICES})[0] == want
 
 
+MME_CARS = ["(A) There are many cars and one bus.", "(B) x", "(C) y", "(D) z", "(E) w"]  # 'and' holds d
+
+
 def test_benchmarks_mme_realworld_quirks_and_fix():
-    cars = ["(A) There are many cars and one bus.", "(B) x", "(C) y", "(D) z", "(E) w"]
-    assert S.SCORERS["mme_realworld"]("d", {"answer": "D", "choices": cars})[1] == "extracted 'A'"  # 'and' holds d
+    assert S.SCORERS["mme_realworld"]("d", {"answer": "D", "choices": MME_CARS})[1] == "extracted 'A'"
     assert S.SCORERS["mme_realworld"]("Best answer: D", {"answer": "D", "choices": MME_CHOICES, "fix": True})[0] == 1
 
 
@@ -4192,27 +4232,45 @@ def test_benchmarks_mmmu_pro_configs_and_mean_of_configs(tmp_path):
     assert E.aggregate(items, "mmmu_pro") == (pytest.approx(0.75), {"standard (10 options)": 0.5, "vision": 1.0})
 
 
+# a row of each benchmark as published (its columns, made-up values), shared by the loader tests and the replays
+MATHVERSE_ROW = dict(sample_index="1", problem_index="1", problem_version="Vision Only", question="", image=_struct(12),
+                     answer="B", question_type="multi-choice", query_wo="Please directly answer ... Question: ",
+                     query_cot="", question_for_eval="")
+MATHVISION_ROW = dict(id="7", question="Which of <image1> fits? Compare <image2>.", options=list("ABCDE"),
+                      image="images/7.jpg", decoded_image=_struct(14), answer="C", solution=None, level=2,
+                      subject="metric geometry")
+EMMA_ROW = dict(pid="phys_1", question="See <image_2> and <image_1>.", options=["1 N", "2 N"], answer="B",
+                image_1=_struct(15), image_2=_struct(16), image_3=None, image_4=None, image_5=None, solution="",
+                subject="Physics", task="x", category="y", source="z", type="Multiple Choice", context="")
+VSI_ROW = dict(id=1, dataset="scannet", scene_name="scene0", question_type="object_counting",
+               question="How many chairs?", ground_truth="4", options=None)
+SPAR_ROW = dict(id=1, img_type="multi-view", format_type="select", task="position_matching", source="scannet",
+                image=[_struct(10), _struct(11), _struct(12)], question="Which box? A. ... B. ...", answer="B")
+MMSI_ROW = dict(id=5, images=[_png((9, 6)), _png((10, 6))], question_type="MSR",
+                question="Where? Options: A: x, B: y", answer="A", thought="")
+VILASR_ITEM = dict(question="Which way? Your answer can only include one of options A, B, C or D.",
+                   problem_type="multiple choice", options=["A. left", "B. right"],
+                   image_path=["imgs/0.jpg", "imgs/1.jpg"], answer="B",
+                   original_question_type="object_rel_direction_easy", data_type="multi_view")
+MME_ITEM = {"Question_id": "Perception/Remote Sensing/count/0001", "Question Type": "Multiple Choice",
+            "Image": "remote_sensing/1.jpg", "Text": "How many planes?", "Answer choices": MME_CHOICES,
+            "Ground truth": "B", "Task": "Perception", "Subtask": "Remote Sensing", "Category": "count"}
+
+
 def test_benchmarks_math_loaders_mathverse_mathvision_emma(tmp_path):
-    mv = dict(sample_index="1", problem_index="1", problem_version="Vision Only", question="", image=_struct(12),
-              answer="B", question_type="multi-choice", query_wo="Please directly answer ... Question: ",
-              query_cot="", question_for_eval="")
+    mv = MATHVERSE_ROW
     _parquet(str(tmp_path / "mv" / "testmini.parquet"), [mv, dict(mv, sample_index="2", problem_version="Text Lite",
                                                                   question="AB = ?", answer="5")])
     a, b = B.load("mathverse", str(tmp_path / "mv"))
     assert (a["type"], a["category"], a["question"]) == ("rethinker", "Vision Only", mv["query_wo"])
     assert R.accuracy("so \\boxed{B}", a)[0] == 1.0 and R.accuracy("\\boxed{5.0}", b)[0] == 1.0
-    vis = dict(id="7", question="Which of <image1> fits? Compare <image2>.", options=list("ABCDE"),
-        image="images/7.jpg",
-               decoded_image=_struct(14), answer="C", solution=None, level=2, subject="metric geometry")
+    vis = MATHVISION_ROW
     _parquet(str(tmp_path / "mvis" / "data" / "test-00000-of-00001.parquet"),
              [vis, dict(vis, id="8", options=["1", "2", "3", "4", "5"])])
     c, d = B.load("mathvision", str(tmp_path / "mvis"))
     assert c["question"] == "Which of <image> fits? Compare <image2>." and len(c["image"]) == 1  # one merged image
     assert d["question"].endswith("\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n(E) 5\n") and R.accuracy("\\boxed{3}", d)[0] == 1.0
-    em = dict(pid="phys_1", question="See <image_2> and <image_1>.", options=["1 N", "2 N"], answer="B",
-              image_1=_struct(15), image_2=_struct(16), image_3=None, image_4=None, image_5=None, solution="",
-              subject="Physics", task="x", category="y", source="z", type="Multiple Choice", context="")
-    _parquet(str(tmp_path / "emma" / "Physics" / "test-00000-of-00001.parquet"), [em])
+    _parquet(str(tmp_path / "emma" / "Physics" / "test-00000-of-00001.parquet"), [EMMA_ROW])
     (e,) = B.load("emma", str(tmp_path / "emma"))
     assert e["question"] == "See <image> and <image>.\nA: 1 N\nB: 2 N"
     assert [D.load_images(dict(image=[im]))[0].size[0] for im in e["image"]] == [16, 15]
@@ -4223,8 +4281,7 @@ def test_benchmarks_vsibench_frames_sampled_as_the_reference_and_short_video_bad
     for scene, n in (("scene0", 10), ("scene1", 3)):
         for i in range(n):
             _img(str(tmp_path / "frames" / "scannet" / scene / f"{i:05d}.jpg"), size=(8 + i, 6))
-    row = dict(id=1, dataset="scannet", scene_name="scene0", question_type="object_counting",
-               question="How many chairs?", ground_truth="4", options=None)
+    row = VSI_ROW
     _parquet(str(tmp_path / "test-00000-of-00001.parquet"),
              [row, dict(row, id=2, question_type="object_rel_direction_easy", ground_truth="A",
                         options=["A. left", "B. right"]), dict(row, id=3, scene_name="scene1")])
@@ -4253,14 +4310,10 @@ def test_benchmarks_vsi_aggregate_averages_direction_levels_then_tasks():
 
 
 def test_benchmarks_spar_and_mmsi_loaders_and_spar_levels(tmp_path):
-    spar = dict(id=1, img_type="multi-view", format_type="select", task="position_matching", source="scannet",
-                image=[_struct(10), _struct(11), _struct(12)], question="Which box? A. ... B. ...", answer="B")
-    _parquet(str(tmp_path / "spar" / "data" / "test-00000-of-00001.parquet"), [spar])
+    _parquet(str(tmp_path / "spar" / "data" / "test-00000-of-00001.parquet"), [SPAR_ROW])
     (s,) = B.load("sparbench", str(tmp_path / "spar"))
     assert (s["type"], s["category"], len(s["image"])) == ("spar", "position_matching", 3) and R.accuracy("", s)[0] == 1
-    mmsi = dict(id=5, images=[_png((9, 6)), _png((10, 6))], question_type="MSR", question="Where? Options: A: x, B: y",
-                answer="A", thought="")
-    _parquet(str(tmp_path / "mmsi" / "MMSI_Bench.parquet"), [mmsi])
+    _parquet(str(tmp_path / "mmsi" / "MMSI_Bench.parquet"), [MMSI_ROW])
     (m,) = B.load("mmsi", str(tmp_path / "mmsi"))
     assert m["category"] == "MSR" and [im.size[0] for im in D.load_images(m)] == [9, 10]
     # tasks: depth 0.5, position_matching 1.0, camera_motion_infer 0.0, view_change_infer 0.9; obj_spatial 1.0
@@ -4275,9 +4328,7 @@ def test_benchmarks_spar_and_mmsi_loaders_and_spar_levels(tmp_path):
 def test_benchmarks_vilasr_json_and_each_files_rule(tmp_path):
     for i in range(3):
         _img(str(tmp_path / "imgs" / f"{i}.jpg"))
-    q = dict(question="Which way? Your answer can only include one of options A, B, C or D.",
-             problem_type="multiple choice", options=["A. left", "B. right"], image_path=["imgs/0.jpg", "imgs/1.jpg"],
-             answer="B", original_question_type="object_rel_direction_easy", data_type="multi_view")
+    q = VILASR_ITEM
     (tmp_path / "vsi_bench.json").write_text(json.dumps([q, dict(q, original_question_type="object_rel_direction_hard"),
                                                          dict(q, image_path=["imgs/0.jpg", "imgs/9.jpg"])]))
     with pytest.raises(FileNotFoundError, match=r"item 2: image .*9.jpg not found"):
@@ -4297,9 +4348,7 @@ def test_benchmarks_vilasr_json_and_each_files_rule(tmp_path):
 
 def test_benchmarks_mme_realworld_json_and_task_subtask(tmp_path):
     _img(str(tmp_path / "remote_sensing" / "1.jpg"))
-    q = {"Question_id": "Perception/Remote Sensing/count/0001", "Question Type": "Multiple Choice",
-         "Image": "remote_sensing/1.jpg", "Text": "How many planes?", "Answer choices": MME_CHOICES,
-         "Ground truth": "B", "Task": "Perception", "Subtask": "Remote Sensing", "Category": "count"}
+    q = MME_ITEM
     (tmp_path / "MME_RealWorld.json").write_text(json.dumps([q, dict(q, Task="Reasoning", **{"Ground truth": "A"})]))
     a, b = B.load("mme_realworld", str(tmp_path / "MME_RealWorld.json"))
     assert a["question"].startswith("How many planes?\nThe choices are listed below:\n(A) 458\n(B) 457")
