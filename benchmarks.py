@@ -365,10 +365,12 @@ def load_mmmu_pro(path, o, bad=None):
             q, imgs = "Write out the multiple-choice question in the image and then solve it.", [row["image"]]
         else:
             raise ValueError(f"{where}: no image_1 (standard) or image (vision) column")
-        return dict(id=row["id"], image=imgs, question=q, answer=row["answer"], type="mmmu_pro", choices=opts,
-                    category=config, instruction="Answer the preceding multiple choice question. The last line of "
-                    "your response should be of the following format: 'Answer: $LETTER' (without quotes) where LETTER"
-                    " is one of options. Think step by step before answering.")
+        # the id with its config: the published configs share their questions' ids (test_Art_1 in both), and
+        # --replay and items.jsonl tell items apart by id
+        return dict(id=f"{config}/{row['id']}", image=imgs, question=q, answer=row["answer"], type="mmmu_pro",
+                    choices=opts, category=config, instruction="Answer the preceding multiple choice question. The "
+                    "last line of your response should be of the following format: 'Answer: $LETTER' (without quotes) "
+                    "where LETTER is one of options. Think step by step before answering.")
     files = [f for f in _files(path, ".parquet", o["split"]) if "(4 options)" not in f or "(4 options)" in path]
     return _rows(files, ("id", "options", "answer"), bad, make)  # the 4-option config only when asked by name
 

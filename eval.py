@@ -113,7 +113,10 @@ def score_episode(ep, record):
     """One finished episode -> what items.jsonl keeps of it. Scored by rewards.accuracy on the turns."""
     text = "".join(ep["turns"])
     extract = ep["dialect"]["answer"]  # the answer as the dialect's own harness reads it
-    score, why = (R.accuracy(text, record, extract) if record.get("answer") is not None
+    # a response cut at a limit (its last call at the token cap, though lookagain reads a cut \boxed{} as an answer;
+    # or the episode at its budget) never wrote <|im_end|>, which VL-Rethinker's scorer reads in the decoded text
+    cut = ep["truncated"] or ep["cut"]
+    score, why = (R.accuracy(text, record, extract, cut) if record.get("answer") is not None
                   else (None, "no answer given: not scored"))
     pred = V.prediction(text, record, extract)
     calls = ep["calls"]

@@ -27,10 +27,11 @@ TYPES = tuple(SCORERS)   # data.py checks records against it
 # 1. accuracy
 
 
-def accuracy(pred_text, record, extract=None):
+def accuracy(pred_text, record, extract=None, cut=False):
     """(value in [0, 1], reason) of a model output for a record, by the scorer of its type (scorers.SCORERS).
     extract: how the answer is found in the text, a dialect's own (default final_answer); lookagain's own scorers use
-    it, a benchmark's official scorer reads the raw output as its own code does."""
+    it, a benchmark's official scorer reads the raw output as its own code does. cut: the output was cut at a limit
+    and has no <|im_end|> (VL-Rethinker's scorer reads one at the end of an output that ended)."""
     kind = record.get("type")
     if kind not in SCORERS:
         raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(SCORERS)}")
@@ -38,6 +39,8 @@ def accuracy(pred_text, record, extract=None):
         raise ValueError(f"record {record.get('id')!r} has no 'answer'")
     if SCORERS[kind] in (score_choice, score_final):
         return SCORERS[kind](pred_text, record, extract)
+    if kind == "rethinker" and cut:
+        return SCORERS[kind](pred_text, record, eos="")
     return SCORERS[kind](pred_text, record)
 
 # -----------------------------------------------------------------------------

@@ -3872,7 +3872,7 @@ def test_dialects_recipe_selects_its_dialect_unless_told(capsys):
 EOS = "<|im_end|>"
 
 
-@pytest.mark.parametrize("text,gold,want", [
+RETHINKER_CASES = [
     ("The area is \\boxed{12}." + EOS, "12", 1), ("So x = \\boxed{\\frac{1}{2}}" + EOS, "0.5", 1),
     ("\\boxed{0.333}" + EOS, "\\frac{1}{3}", 0),  # Q6: 6 decimals
     ("The answer is \\boxed{B}" + EOS, "B", 1), ("The answer is \\boxed{(B)}" + EOS, "B", 0),  # Q1: startswith
@@ -3886,23 +3886,28 @@ EOS = "<|im_end|>"
     ("\\boxed{2x+1}" + EOS, "y=2x+1", 1), ("\\boxed{yes}" + EOS, "Yes", 1), ("\\boxed{(1,2)}" + EOS, "(1, 2)", 1),
     ("\\boxed{\\frac{\\pi}{3}}" + EOS, "60", 0), ("<answer>\n5\n</answer>" + EOS, "5", 1), ("", "12", 0),  # Q8
     ("Now everything looks fine. Solution finished." + EOS + " extra \\boxed{12}", "12", 0),
-    ("\\boxed{1,000}" + EOS, "1000", 1), ("\\boxed{12} Wait, let me recheck. Actually \\boxed{13}" + EOS, "12", 0)])
+    ("\\boxed{1,000}" + EOS, "1000", 1), ("\\boxed{12} Wait, let me recheck. Actually \\boxed{13}" + EOS, "12", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", RETHINKER_CASES)
 def test_benchmarks_rethinker_handle_boxed(text, gold, want):
     """VL-Rethinker's handle_boxed (MathVerse's default scorer; --scorer rethinker elsewhere), <|im_end|> kept."""
     assert S.SCORERS["rethinker"](text, {"answer": gold})[0] == want
 
 
+RETHINKER_CUT = "first I guess \\boxed{13}, then Answer: 12"  # gold 12; Q4 where the response was cut
+
+
 def test_benchmarks_rethinker_truncated_response_has_no_eos():
     # cut at the token limit there is no <|im_end|>, and 'Answer: 12' parses (Q4's other side)
-    text = "first I guess \\boxed{13}, then Answer: 12"
-    assert MS.rethinker_score(text, {"answer": "12"}, eos="")[0] == 1 and MS.rethinker_score(text,
+    assert MS.rethinker_score(RETHINKER_CUT, {"answer": "12"}, eos="")[0] == 1 and MS.rethinker_score(RETHINKER_CUT,
         {"answer": "12"})[0] == 0
 
 
 ABCDE = ["A", "B", "C", "D", "E"]
 
 
-@pytest.mark.parametrize("text,gold,choices,want", [
+MATHVISION_CASES = [
     ("The answer is \\boxed{60}.", "60", None, 1), ("So the answer is 60.", "60", None, 1),
     ("Thus the final answer is 60 cm. Done", "60", None, 0),  # '60cm': cm is not on its unit list
     ("\\boxed{60^\\circ}", "60", None, 1), ("\\boxed{0.5}", "\\frac{1}{2}", None, 1),
@@ -3914,26 +3919,36 @@ ABCDE = ["A", "B", "C", "D", "E"]
     ("\\boxed{14} Wait, recheck: \\boxed{15}", "14", None, 0), ("\\boxed{x=5}", "5", None, 1),
     ("\\boxed{50\\%}", "50", None, 1), ("\\boxed{50%}", "50", None, 0),  # only \% is removed
     ("\\boxed{5 \\text{ cm}}", "5", None, 0), ("The area is 24 square units", "24", None, 0),
-    ("\\boxed{1:2}", "0.5", None, 1), ("", "3", None, 0)])
+    ("\\boxed{1:2}", "0.5", None, 1), ("", "3", None, 0)]
+
+
+@pytest.mark.parametrize("text,gold,choices,want", MATHVISION_CASES)
 def test_benchmarks_mathvision_evaluate(text, gold, choices, want):
     assert S.SCORERS["mathvision"](text, {"answer": gold, "choices": choices})[0] == want
 
 
-@pytest.mark.parametrize("text,gold,want", [
+EMMA_CASES = [
     ("b", "B", 1), ("A. First, we compute the force... so the answer is \\boxed{C}", "C", 0),  # the letter rule first
     ("Let's solve. ... \\boxed{C}", "C", 1), ("... \\boxed{\\text{C}}", "C", 1),
     ("... \\boxed{5 \\text{ m/s}}", "5", 0), ("... \\boxed{5\\,\\mathrm{m/s}}", "5", 0),  # the unit is what is read
     ("... \\boxed{3.46}", "2\\sqrt{3}", 1), ("... \\boxed{3.47}", "2\\sqrt{3}", 0), ("The answer is 3.5 N.", "3.5", 0),
     ("The correct answer is: D", "D", 0), ("The answer is (D).", "D", 0), ("Answer: C", "C", 1),
     ("... \\boxed{C} ... final \\boxed{D}", "C", 0), ("\\boxed{10^{-3}}", "0.001", 1), ("The answer is five.", "5", 1),
-    ("I think it's option C since...", "C", 0), ("", "C", 0)])
+    ("I think it's option C since...", "C", 0), ("", "C", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", EMMA_CASES)
 def test_benchmarks_emma_fast_extract(text, gold, want):
     assert S.SCORERS["emma"](text, {"answer": gold})[0] == want
 
 
+# (text, gold, options, want): the gold option's text counts too
+EMMA_OPTION_CASES = [("\\boxed{5 N}", "B", ["3 N", "5 N", "7 N"], 1), ("\\boxed{7 N}", "B", ["3 N", "5 N", "7 N"], 0)]
+
+
 def test_benchmarks_emma_gold_option_text_and_word_numbers():
-    rec = {"answer": "B", "choices": ["3 N", "5 N", "7 N"]}
-    assert S.SCORERS["emma"]("\\boxed{5 N}", rec)[0] == 1 and S.SCORERS["emma"]("\\boxed{7 N}", rec)[0] == 0
+    for text, gold, options, want in EMMA_OPTION_CASES:
+        assert S.SCORERS["emma"](text, {"answer": gold, "choices": options})[0] == want
     assert MS.word_to_num("twenty one") == 21 and MS.word_to_num("it is three hundred and five") == 305
     assert MS.word_to_num("two point five") == 2.5 and MS.word_to_num("7") == 7
     with pytest.raises(ValueError):
@@ -3956,26 +3971,33 @@ def test_benchmarks_math_evaluator_values():
 MMMU_OPTS = ["Rs. 5,000", "Rs. 7,500", "Rs. 10,000", "Rs. 12,500"]
 
 
+# (output, the letter parsed): in this order, in one process, the fallbacks consume random.seed(42)'s stream: A, A, C,
+# B, B, B, A
+MMMU_STREAM_CASES = [
+    ("B", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("Answer: C,.", "A"), ("A,.", "A"),
+    ("I think (A) is wrong; (C) is right.", "C"), ("The correct option is C because A fails.", "A"),
+    ("The payment should be Rs. 10,000 in total according to the table shown", "C"), ("Rs. 10,000", "C"),
+    ("", "B"), ("D. Rs. 12,500", "B"), ("b", "B"), ("Final answer: **B**", "A"),
+    ("Option A and option B are both plausible but I pick D", "D"), ("It is (A) or (B)", "B")]
+
+
 def test_benchmarks_mmmu_multiple_choice_with_the_seed_42_stream():
-    """In this order, in one process, the fallbacks consume random.seed(42)'s stream: A, A, C, B, B, B, A."""
-    cases = [("B", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("Answer: C,.", "A"), ("A,.", "A"),
-             ("I think (A) is wrong; (C) is right.", "C"), ("The correct option is C because A fails.", "A"),
-             ("The payment should be Rs. 10,000 in total according to the table shown", "C"), ("Rs. 10,000", "C"),
-             ("", "B"), ("D. Rs. 12,500", "B"), ("b", "B"), ("Final answer: **B**", "A"),
-             ("Option A and option B are both plausible but I pick D", "D"), ("It is (A) or (B)", "B")]
     rng = random.Random(42)
-    assert [S.mmmu_choice(t, MMMU_OPTS, rng) for t, _ in cases] == [want for _, want in cases]
+    assert [S.mmmu_choice(t, MMMU_OPTS, rng) for t, _ in MMMU_STREAM_CASES] == [w for _, w in MMMU_STREAM_CASES]
     rec = {"answer": "A", "choices": MMMU_OPTS, "question_type": "multiple-choice"}
     assert S.SCORERS["mmmu"]("", rec)[0] == 1  # alone: a fresh stream's first draw for 4 options is A
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MMMU_OPEN_CASES = [
     ("The answer is 12.97.", "12.97", 1), ("so the result is 12.974 mol", "12.97", 1), ("36 watts", "30", 0),
     ("The answer is 24/7", ["24/7", "3.429"], 1), ("approximately 3.43", ["24/7", "3.429"], 1), ("It is C", "C", 1),
     ("The final value is 2,000,000 dollars", "2000000", 1), ("The final value is 2,000,000 dollars", "0", 1),  # 000
     ("x = 12 and y = 3", "12", 0), ("The answer is 5. Then we check 7", "7", 1),  # one 'sentence': both numbers
     ("The answer is 5.\nThen we check 7", "5", 1), ("1.5e3 J", "1500", 1), ("1.5e3 J", "3", 1),
-    ("It equals 0.286.", "0.286", 1), ("", "4", 0), ("MgS", "$MgS$", 0)])
+    ("It equals 0.286.", "0.286", 1), ("", "4", 0), ("MgS", "$MgS$", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MMMU_OPEN_CASES)
 def test_benchmarks_mmmu_open(text, gold, want):
     rec = {"answer": gold, "question_type": "open"}
     assert S.SCORERS["mmmu"](text, rec)[0] == want
@@ -3984,13 +4006,16 @@ def test_benchmarks_mmmu_open(text, gold, want):
 P10 = ["Political instability", "The spread of pathogens", "New trade routes"] + [f"Option {c}" for c in "DEFGHIJ"]
 
 
-@pytest.mark.parametrize("text,want", [
+MMMU_PRO_CASES = [
     ("Answer: B", "B"), ("... so the best is A.\nAnswer: (B)", "B"), ("Answer: B. The spread of pathogens", "B"),
     ("Answer: H\nWait, actually Answer: A", "A"), ("I think B is correct", "B"), ("DNA evidence shows C", "C"),
     ("The answer is B", "B"),
     ("The spread of pathogens across the Silk Road explains the decline of both empires.", "B"),
     ("I choose (C) not (B)", "B"), ("Answer: \\boxed{B}<|im_end|>", "B"), ("**Answer: C**", "C"),
-    ("Answer: B\n\nExplanation: Based on the graph", None), ("Answer: b", None), ("", None)])  # None: random
+    ("Answer: B\n\nExplanation: Based on the graph", None), ("Answer: b", None), ("", None)]  # None: random
+
+
+@pytest.mark.parametrize("text,want", MMMU_PRO_CASES)
 def test_benchmarks_mmmu_pro_parser(text, want):
     class Asked:  # a stream that says it was asked
         def choice(self, letters):
@@ -3998,19 +4023,22 @@ def test_benchmarks_mmmu_pro_parser(text, want):
     assert S.mmmu_choice(text, P10, Asked(), pro=True) == want
 
 
-@pytest.mark.parametrize("text,gold,want", [
+VSI_CASES = [
     ("A", "A", 1.0), ("a", "A", 1.0), ("A. left", "A", 1.0), ("A..", "A", 1.0), ("A\n", "A", 1.0), ("A.\n", "A", 0.0),
     ("(A)", "A", 0.0), ("A, left", "A", 0.0), ("Answer: A", "A", 0.0), (" A", "A", 0.0), ("", "A", 0.0),
     ("3.5", "3.5", 1.0), ("3.5 meters", "3.5", 1.0), ("3.5m", "3.5", 0.0), ("about 3.5", "3.5", 0.0),
     ("12", "10", 0.6), ("0.95", "1", 1.0), ("14", "10", 0.3), ("2.2", "2", 0.9), ("5", "4", 0.6), ("3", "4", 0.6),
     ("1,000", "1000", 0.0), ("nan", "3", 0.0), ("inf", "3", 0.0), ("3.", "3", 1.0), ("1e1", "10", 1.0),
-    (" 4", "4", 0.0)])
+    (" 4", "4", 0.0)]
+
+
+@pytest.mark.parametrize("text,gold,want", VSI_CASES)
 def test_benchmarks_vsi_first_token_and_float64_mra(text, gold, want):
     rec = {"answer": gold, "choices": ["A. left", "B. right"] if gold.isalpha() else None}
     assert S.SCORERS["vsi"](text, rec)[0] == pytest.approx(want, abs=1e-12)
 
 
-@pytest.mark.parametrize("text,gold,task,want", [
+SPAR_CASES = [
     ("B", "B", "obj_spatial_relation_oo", 1), ("b", "B", "obj_spatial_relation_oo", 1),
     ("", "B", "position_matching", 1),
     ("B. The chair", "B", "obj_spatial_relation_oo", 1), ("The answer is B", "B", "obj_spatial_relation_oo", 0),
@@ -4030,7 +4058,10 @@ def test_benchmarks_vsi_first_token_and_float64_mra(text, gold, want):
     ("move_forward:2.0", "move_forward:1.0", "view_change_infer", 0.82),
     ("move_forward:0.5", "move_forward:1.0", "view_change_infer", 0.8),
     ("move_forward:0", "move_right:0.3", "view_change_infer", 0.9),
-    ("I moved forward", "move_forward:1", "view_change_infer", 0.0)])
+    ("I moved forward", "move_forward:1", "view_change_infer", 0.0)]
+
+
+@pytest.mark.parametrize("text,gold,task,want", SPAR_CASES)
 def test_benchmarks_spar_by_task(text, gold, task, want):
     assert S.SCORERS["spar"](text, {"answer": gold, "category": task})[0] == pytest.approx(want, abs=1e-12)
 
@@ -4039,17 +4070,20 @@ def test_benchmarks_spar_empty_output_fix_is_an_option():
     assert S.SCORERS["spar"]("", {"answer": "B", "category": "obj_spatial_relation_oo", "fix": True})[0] == 0
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MMSI_CASES = [
     ("`B`", "B", 1), ("``C``", "C", 1), ("B", "B", 1), ("b", "B", 0), ("`b`", "B", 0), ("I think B is correct", "B", 0),
     ("C\nExplanation", "C", 0), ("A car is parked; answer: D", "D", 1),
     ("A bike is left of the car, so the answer is `C`", "C", 1),
     ("The answer is C.", "C", 1), ("Option (C)", "C", 1), ("B) left", "B", 1), ("\\boxed{B}", "B", 1),
-    ("```\nB\n```", "B", 1), ("D is wrong; `A`", "A", 1), ("E", "A", 0), ("", "A", 0)])
+    ("```\nB\n```", "B", 1), ("D is wrong; `A`", "A", 1), ("E", "A", 0), ("", "A", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MMSI_CASES)
 def test_benchmarks_mmsi_backticks_then_word_boundary_letter(text, gold, want):
     assert S.SCORERS["mmsi"](text, {"answer": gold})[0] == want
 
 
-@pytest.mark.parametrize("text,gold,kind,want", [
+VILASR_CASES = [
     ("<think>..</think> Action: Answer\n<answer> B </answer>", "B", "multiple choice", 1),
     ("<answer>b. left</answer>", "B", "multiple choice", 1), ("<answer>(B)</answer>", "B", "multiple choice", 0),
     ("<answer>A</answer> <answer>B</answer>", "B", "multiple choice", 0),
@@ -4068,7 +4102,10 @@ def test_benchmarks_mmsi_backticks_then_word_boundary_letter(text, gold, want):
     ("<answer>move_forward:0.5</answer>", "move_forward:1.0", "vci", 0.82),
     ("<answer>move_forward:2.0</answer>", "move_forward:1.0", "vci", 0.8),
     ("<answer>move_forward:0</answer>", "move_right:0.3", "vci", 0.8),
-    ("<answer>B</answer>", "B", "free-form", 0)])
+    ("<answer>B</answer>", "B", "free-form", 0)]
+
+
+@pytest.mark.parametrize("text,gold,kind,want", VILASR_CASES)
 def test_benchmarks_vilasr_reward_fn(text, gold, kind, want):
     got = S.SCORERS["vilasr"](text, {"answer": gold, "problem_type": kind})[0]
     assert got == (want if kind != "vci" else pytest.approx(want, abs=1e-6))  # float32 values compared exactly
@@ -4082,19 +4119,24 @@ def test_benchmarks_vilasr_training_mra_is_strict():
 MME_CHOICES = ["(A) 458", "(B) 457", "(C) 456", "(D) 455", "(E) This image doesn't feature the data."]
 
 
-@pytest.mark.parametrize("text,gold,want", [
+MME_CASES = [
     ("B", "B", 1), ("(B) 457", "B", 1), ("The best answer is B", "B", 1), ("The best option is C", "C", 1),
     ("Best answer: D", "D", 0), ("Best option: D", "D", 0), ("Answer: C", "C", 0), ("Based on the chart, C", "C", 0),
     ("The answer: E", "E", 1), ("", "A", 1), ("   ", "A", 1), ("b", "B", 1), ("e", "E", 1), ("457", "B", 1),
     ("I think c", "C", 0), ("one two three four five six seven eight nine ten eleven twelve thirteen", "A", 0),
-    ("<answer>C</answer>", "C", 1), ("<answer>the car</answer>", "A", 0)])
+    ("<answer>C</answer>", "C", 1), ("<answer>the car</answer>", "A", 0)]
+
+
+@pytest.mark.parametrize("text,gold,want", MME_CASES)
 def test_benchmarks_mme_realworld_extract_characters_regex(text, gold, want):
     assert S.SCORERS["mme_realworld"](text, {"answer": gold, "choices": MME_CHOICES})[0] == want
 
 
+MME_CARS = ["(A) There are many cars and one bus.", "(B) x", "(C) y", "(D) z", "(E) w"]  # 'and' holds d
+
+
 def test_benchmarks_mme_realworld_quirks_and_fix():
-    cars = ["(A) There are many cars and one bus.", "(B) x", "(C) y", "(D) z", "(E) w"]
-    assert S.SCORERS["mme_realworld"]("d", {"answer": "D", "choices": cars})[1] == "extracted 'A'"  # 'and' holds d
+    assert S.SCORERS["mme_realworld"]("d", {"answer": "D", "choices": MME_CARS})[1] == "extracted 'A'"
     assert S.SCORERS["mme_realworld"]("Best answer: D", {"answer": "D", "choices": MME_CHOICES, "fix": True})[0] == 1
 
 
@@ -4192,27 +4234,45 @@ def test_benchmarks_mmmu_pro_configs_and_mean_of_configs(tmp_path):
     assert E.aggregate(items, "mmmu_pro") == (pytest.approx(0.75), {"standard (10 options)": 0.5, "vision": 1.0})
 
 
+# a row of each benchmark as published (its columns, made-up values), shared by the loader tests and the replays
+MATHVERSE_ROW = dict(sample_index="1", problem_index="1", problem_version="Vision Only", question="", image=_struct(12),
+                     answer="B", question_type="multi-choice", query_wo="Please directly answer ... Question: ",
+                     query_cot="", question_for_eval="")
+MATHVISION_ROW = dict(id="7", question="Which of <image1> fits? Compare <image2>.", options=list("ABCDE"),
+                      image="images/7.jpg", decoded_image=_struct(14), answer="C", solution=None, level=2,
+                      subject="metric geometry")
+EMMA_ROW = dict(pid="phys_1", question="See <image_2> and <image_1>.", options=["1 N", "2 N"], answer="B",
+                image_1=_struct(15), image_2=_struct(16), image_3=None, image_4=None, image_5=None, solution="",
+                subject="Physics", task="x", category="y", source="z", type="Multiple Choice", context="")
+VSI_ROW = dict(id=1, dataset="scannet", scene_name="scene0", question_type="object_counting",
+               question="How many chairs?", ground_truth="4", options=None)
+SPAR_ROW = dict(id=1, img_type="multi-view", format_type="select", task="position_matching", source="scannet",
+                image=[_struct(10), _struct(11), _struct(12)], question="Which box? A. ... B. ...", answer="B")
+MMSI_ROW = dict(id=5, images=[_png((9, 6)), _png((10, 6))], question_type="MSR",
+                question="Where? Options: A: x, B: y", answer="A", thought="")
+VILASR_ITEM = dict(question="Which way? Your answer can only include one of options A, B, C or D.",
+                   problem_type="multiple choice", options=["A. left", "B. right"],
+                   image_path=["imgs/0.jpg", "imgs/1.jpg"], answer="B",
+                   original_question_type="object_rel_direction_easy", data_type="multi_view")
+MME_ITEM = {"Question_id": "Perception/Remote Sensing/count/0001", "Question Type": "Multiple Choice",
+            "Image": "remote_sensing/1.jpg", "Text": "How many planes?", "Answer choices": MME_CHOICES,
+            "Ground truth": "B", "Task": "Perception", "Subtask": "Remote Sensing", "Category": "count"}
+
+
 def test_benchmarks_math_loaders_mathverse_mathvision_emma(tmp_path):
-    mv = dict(sample_index="1", problem_index="1", problem_version="Vision Only", question="", image=_struct(12),
-              answer="B", question_type="multi-choice", query_wo="Please directly answer ... Question: ",
-              query_cot="", question_for_eval="")
+    mv = MATHVERSE_ROW
     _parquet(str(tmp_path / "mv" / "testmini.parquet"), [mv, dict(mv, sample_index="2", problem_version="Text Lite",
                                                                   question="AB = ?", answer="5")])
     a, b = B.load("mathverse", str(tmp_path / "mv"))
     assert (a["type"], a["category"], a["question"]) == ("rethinker", "Vision Only", mv["query_wo"])
     assert R.accuracy("so \\boxed{B}", a)[0] == 1.0 and R.accuracy("\\boxed{5.0}", b)[0] == 1.0
-    vis = dict(id="7", question="Which of <image1> fits? Compare <image2>.", options=list("ABCDE"),
-        image="images/7.jpg",
-               decoded_image=_struct(14), answer="C", solution=None, level=2, subject="metric geometry")
+    vis = MATHVISION_ROW
     _parquet(str(tmp_path / "mvis" / "data" / "test-00000-of-00001.parquet"),
              [vis, dict(vis, id="8", options=["1", "2", "3", "4", "5"])])
     c, d = B.load("mathvision", str(tmp_path / "mvis"))
     assert c["question"] == "Which of <image> fits? Compare <image2>." and len(c["image"]) == 1  # one merged image
     assert d["question"].endswith("\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n(E) 5\n") and R.accuracy("\\boxed{3}", d)[0] == 1.0
-    em = dict(pid="phys_1", question="See <image_2> and <image_1>.", options=["1 N", "2 N"], answer="B",
-              image_1=_struct(15), image_2=_struct(16), image_3=None, image_4=None, image_5=None, solution="",
-              subject="Physics", task="x", category="y", source="z", type="Multiple Choice", context="")
-    _parquet(str(tmp_path / "emma" / "Physics" / "test-00000-of-00001.parquet"), [em])
+    _parquet(str(tmp_path / "emma" / "Physics" / "test-00000-of-00001.parquet"), [EMMA_ROW])
     (e,) = B.load("emma", str(tmp_path / "emma"))
     assert e["question"] == "See <image> and <image>.\nA: 1 N\nB: 2 N"
     assert [D.load_images(dict(image=[im]))[0].size[0] for im in e["image"]] == [16, 15]
@@ -4223,8 +4283,7 @@ def test_benchmarks_vsibench_frames_sampled_as_the_reference_and_short_video_bad
     for scene, n in (("scene0", 10), ("scene1", 3)):
         for i in range(n):
             _img(str(tmp_path / "frames" / "scannet" / scene / f"{i:05d}.jpg"), size=(8 + i, 6))
-    row = dict(id=1, dataset="scannet", scene_name="scene0", question_type="object_counting",
-               question="How many chairs?", ground_truth="4", options=None)
+    row = VSI_ROW
     _parquet(str(tmp_path / "test-00000-of-00001.parquet"),
              [row, dict(row, id=2, question_type="object_rel_direction_easy", ground_truth="A",
                         options=["A. left", "B. right"]), dict(row, id=3, scene_name="scene1")])
@@ -4253,14 +4312,10 @@ def test_benchmarks_vsi_aggregate_averages_direction_levels_then_tasks():
 
 
 def test_benchmarks_spar_and_mmsi_loaders_and_spar_levels(tmp_path):
-    spar = dict(id=1, img_type="multi-view", format_type="select", task="position_matching", source="scannet",
-                image=[_struct(10), _struct(11), _struct(12)], question="Which box? A. ... B. ...", answer="B")
-    _parquet(str(tmp_path / "spar" / "data" / "test-00000-of-00001.parquet"), [spar])
+    _parquet(str(tmp_path / "spar" / "data" / "test-00000-of-00001.parquet"), [SPAR_ROW])
     (s,) = B.load("sparbench", str(tmp_path / "spar"))
     assert (s["type"], s["category"], len(s["image"])) == ("spar", "position_matching", 3) and R.accuracy("", s)[0] == 1
-    mmsi = dict(id=5, images=[_png((9, 6)), _png((10, 6))], question_type="MSR", question="Where? Options: A: x, B: y",
-                answer="A", thought="")
-    _parquet(str(tmp_path / "mmsi" / "MMSI_Bench.parquet"), [mmsi])
+    _parquet(str(tmp_path / "mmsi" / "MMSI_Bench.parquet"), [MMSI_ROW])
     (m,) = B.load("mmsi", str(tmp_path / "mmsi"))
     assert m["category"] == "MSR" and [im.size[0] for im in D.load_images(m)] == [9, 10]
     # tasks: depth 0.5, position_matching 1.0, camera_motion_infer 0.0, view_change_infer 0.9; obj_spatial 1.0
@@ -4275,9 +4330,7 @@ def test_benchmarks_spar_and_mmsi_loaders_and_spar_levels(tmp_path):
 def test_benchmarks_vilasr_json_and_each_files_rule(tmp_path):
     for i in range(3):
         _img(str(tmp_path / "imgs" / f"{i}.jpg"))
-    q = dict(question="Which way? Your answer can only include one of options A, B, C or D.",
-             problem_type="multiple choice", options=["A. left", "B. right"], image_path=["imgs/0.jpg", "imgs/1.jpg"],
-             answer="B", original_question_type="object_rel_direction_easy", data_type="multi_view")
+    q = VILASR_ITEM
     (tmp_path / "vsi_bench.json").write_text(json.dumps([q, dict(q, original_question_type="object_rel_direction_hard"),
                                                          dict(q, image_path=["imgs/0.jpg", "imgs/9.jpg"])]))
     with pytest.raises(FileNotFoundError, match=r"item 2: image .*9.jpg not found"):
@@ -4297,9 +4350,7 @@ def test_benchmarks_vilasr_json_and_each_files_rule(tmp_path):
 
 def test_benchmarks_mme_realworld_json_and_task_subtask(tmp_path):
     _img(str(tmp_path / "remote_sensing" / "1.jpg"))
-    q = {"Question_id": "Perception/Remote Sensing/count/0001", "Question Type": "Multiple Choice",
-         "Image": "remote_sensing/1.jpg", "Text": "How many planes?", "Answer choices": MME_CHOICES,
-         "Ground truth": "B", "Task": "Perception", "Subtask": "Remote Sensing", "Category": "count"}
+    q = MME_ITEM
     (tmp_path / "MME_RealWorld.json").write_text(json.dumps([q, dict(q, Task="Reasoning", **{"Ground truth": "A"})]))
     a, b = B.load("mme_realworld", str(tmp_path / "MME_RealWorld.json"))
     assert a["question"].startswith("How many planes?\nThe choices are listed below:\n(A) 458\n(B) 457")
@@ -4325,6 +4376,247 @@ def test_benchmarks_scorer_and_fix_flags_reach_the_records(tmp_path):
              [dict(id="t1", image=_struct(30), options=str(P10), answer="C", subject="Art")])
     (r,) = B.load("mmmu_pro", str(tmp_path), scorer="rethinker", fix=True)
     assert r["type"] == "rethinker" and r["fix"] and R.accuracy("\\boxed{C}", r)[0] == 1.0
+
+
+# ---- benchmarks through --replay: each benchmark end to end, as issue #30 asks
+#      python -m pytest -q test_all.py -k test_benchmarks_replay
+#      Per benchmark: a fixture in its published layout (the rows above), the hand-worked vectors above as the model's
+#      outputs (one item each), eval.py --replay on the tiny model, tools off; each item's score must be its vector's,
+#      and the aggregate (overall, per category) is worked out by hand below from the vectors. The official scorer gets
+#      the episode's turns joined: a replayed text ends its call at the dialect's first stop string (lookagain's
+#      "</answer>", kept) or else at <|im_end|>, which the turn does not keep: a vector written with <|im_end|> at its
+#      end is a call that ended on it, and VL-Rethinker's scorer puts it back as its decoded tokens have it.
+
+
+def _replay_bench(tmp_path, bench, data, outputs, *flags):
+    """eval.py --bench --data --replay with {item id: output text} (one model call each), the tiny model, tools off
+    -> ({id: its items.jsonl line}, results.json's run); every item of the fixture is in outputs and scored."""
+    (tmp_path / "replay.jsonl").write_text("".join(json.dumps(dict(id=k, turns=[t])) + "\n"
+                                                   for k, t in outputs.items()))
+    out = tmp_path / "ev"
+    E.main(["--model", "tiny", "--bench", bench, "--data", str(data), "--replay", str(tmp_path / "replay.jsonl"),
+            "--tools", "none", "--device", "cpu", "--out", str(out), *flags])
+    items = {it["id"]: it for it in map(json.loads, open(out / "items.jsonl"))}
+    (run,) = json.load(open(out / "results.json"))["runs"].values()
+    assert set(items) == set(outputs) and (run["missing"], run["skipped"]) == (0, 0)
+    assert [it["turns"] for it in items.values()] == [[outputs[k].split(EOS)[0]] for k in items]  # as written
+    return items, run
+
+
+def _scores(items, ids):
+    return [items[k]["score"] for k in ids]
+
+
+def test_benchmarks_replay_mmmu(tmp_path, one_thread):
+    """MMMU_STREAM_CASES as 15 multiple-choice items (MMMU_OPTS, gold B) and MMMU_OPEN_CASES as 16 open ones, in
+    Accounting and Art. The replay file lists them backwards; the run is scored again in MMMU's order (Accounting's
+    file, then Art's) from one Random(42): the fallbacks draw A, A, C, B, B, B, A, as in MMMU's own run."""
+    rows, outputs, wants = {"Accounting": [], "Art": []}, {}, []
+    for n, (text, letter) in enumerate(MMMU_STREAM_CASES):
+        subject = "Accounting" if n < 8 else "Art"
+        rows[subject].append(_mmmu_row(subject, len(rows[subject]) + 1, options=str(MMMU_OPTS), answer="B"))
+        outputs[rows[subject][-1]["id"]] = text
+        wants.append(float(letter == "B"))
+    for n, (text, gold, want) in enumerate(MMMU_OPEN_CASES):
+        subject = "Accounting" if n < 8 else "Art"
+        rows[subject].append(_mmmu_row(subject, len(rows[subject]) + 1, options="[]", question_type="open",
+                                       question="How long? <image 1>", answer=str(gold)))  # a list: its literal
+        outputs[rows[subject][-1]["id"]] = text
+        wants.append(want)
+    for subject in rows:
+        _parquet(str(tmp_path / subject / "validation-00000-of-00001.parquet"), rows[subject])
+    ids = list(outputs)
+    items, run = _replay_bench(tmp_path, "mmmu", tmp_path, dict(reversed(outputs.items())))
+    assert _scores(items, ids) == wants
+    assert [items[k]["why"] for k in ids[:15]] == [f"parsed {letter}" for _, letter in MMMU_STREAM_CASES]
+    # multiple choice B,B,B,A,A,C,A,C | C,B,B,B,A,D,B against B: Accounting 3 of 8, Art 4 of 7; open (wants):
+    # Accounting 1,1,0,1,1,1,1,1 = 7 of 8, Art 0,1,1,1,1,1,0,0 = 5 of 8
+    assert run["per_category"] == {"Accounting": 10 / 16, "Art": 9 / 15} and run["accuracy"] == 19 / 31
+
+
+def test_benchmarks_replay_mmmu_pro(tmp_path, one_thread):
+    """MMMU_PRO_CASES, gold B: the first 7 in standard (10 options), the rest in vision under the same ids (as
+    published: a question's two configs share its id). The three with no letter draw from one Random(42) over
+    10 letters in the run's order: B, A, E (MMMU-Pro's own fallback is unseeded)."""
+    std = dict(question="Pick <image 1>.", options=str(P10), answer="B", subject="Art",
+               **{f"image_{k}": _struct(20) if k == 1 else None for k in range(1, 8)})
+    vis = dict(image=_struct(30), options=str(P10), answer="B", subject="Art")
+    _parquet(str(tmp_path / "standard (10 options)" / "test-00000-of-00001.parquet"),
+             [dict(std, id=f"test_Art_{n}") for n in range(1, 8)])
+    _parquet(str(tmp_path / "vision" / "test-00000-of-00001.parquet"),
+             [dict(vis, id=f"test_Art_{n}") for n in range(1, 8)])
+    ids = [f"{c}/test_Art_{n}" for c in ("standard (10 options)", "vision") for n in range(1, 8)]
+    items, run = _replay_bench(tmp_path, "mmmu_pro", tmp_path, {k: t for k, (t, _) in zip(ids, MMMU_PRO_CASES)})
+    letters = [want or draw for (_, want), draw in zip(MMMU_PRO_CASES, [None] * 11 + ["B", "A", "E"])]
+    assert [items[k]["why"] for k in ids] == [f"parsed {x}" for x in letters]
+    # B,B,B,A,B,C,B: 5 of 7; B,B,B,C,B,A,E: 4 of 7; the overall is the mean of the two configs
+    assert _scores(items, ids) == [1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 0, 0]
+    assert run["per_category"] == {"standard (10 options)": 5 / 7, "vision": 4 / 7}
+    assert run["accuracy"] == pytest.approx(9 / 14)
+
+
+MATHVERSE_VERSIONS = ("Text Dominant", "Vision Only")
+
+
+def _mathverse(tmp_path, cases):
+    _parquet(str(tmp_path / "testmini.parquet"), [
+        dict(MATHVERSE_ROW, sample_index=str(n), answer=gold, problem_version=MATHVERSE_VERSIONS[n % 2])
+        for n, (_, gold, _) in enumerate(cases)])
+    return [f"mathverse-{n}" for n in range(len(cases))]
+
+
+def test_benchmarks_replay_mathverse(tmp_path, one_thread):
+    """RETHINKER_CASES (VL-Rethinker's handle_boxed, MathVerse's default scorer) but the one with text after
+    <|im_end|>, which no replayed call can have (generation stops there); the versions alternate."""
+    cases = [c for c in RETHINKER_CASES if c[0].find(EOS) in (-1, len(c[0]) - len(EOS))]
+    assert len(cases) == len(RETHINKER_CASES) - 1
+    ids = _mathverse(tmp_path, cases)
+    items, run = _replay_bench(tmp_path, "mathverse", tmp_path, {k: t for k, (t, _, _) in zip(ids, cases)})
+    assert _scores(items, ids) == [want for _, _, want in cases]
+    # the wants of the even cases 1,0,0,1,1,0,0,1,1,1,0,0,0: 6 of 13; of the odd ones 1,1,0,1,1,1,1,0,1,1,1,1: 10 of 12
+    assert run["per_category"] == {"Text Dominant": 6 / 13, "Vision Only": 10 / 12} and run["accuracy"] == 16 / 25
+
+
+def test_benchmarks_replay_mathverse_truncated_response_has_no_eos(tmp_path, policy, one_thread):
+    """A response cut at the token limit has no <|im_end|>, and VL-Rethinker's scorer sees none: 'Answer: 12' parses
+    (test_benchmarks_rethinker_truncated_response_has_no_eos's vector). --max-turn-tokens is the text's length: the
+    cap falls where its <|im_end|> would have been. lookagain still reads the cut \\boxed{13} as an answer."""
+    (k,) = _mathverse(tmp_path, [(RETHINKER_CUT, "12", 1)])
+    items, run = _replay_bench(tmp_path, "mathverse", tmp_path, {k: RETHINKER_CUT}, "--max-turn-tokens",
+                               str(len(M.ids(policy, RETHINKER_CUT))))
+    assert (items[k]["score"], run["stops"]) == (1.0, {"answer": 1})
+
+
+def test_benchmarks_replay_mathvision(tmp_path, one_thread):
+    """MATHVISION_CASES, each with its options (none: an open question); two subjects, alternating."""
+    subjects = ("metric geometry", "algebra")
+    _parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"), [
+        dict(MATHVISION_ROW, id=str(n), question="Which? <image1>", options=choices or [], answer=gold,
+             subject=subjects[n % 2]) for n, (_, gold, choices, _) in enumerate(MATHVISION_CASES)])
+    ids = [f"mathvision-{n}" for n in range(len(MATHVISION_CASES))]
+    items, run = _replay_bench(tmp_path, "mathvision", tmp_path,
+                               {k: t for k, (t, _, _, _) in zip(ids, MATHVISION_CASES)})
+    assert _scores(items, ids) == [want for *_, want in MATHVISION_CASES]
+    # even cases 1,0,1,1,0,1,1,0,0,0: 5 of 10; odd ones 1,1,1,1,1,0,1,0,1: 7 of 9
+    assert run["per_category"] == {"metric geometry": 5 / 10, "algebra": 7 / 9} and run["accuracy"] == 12 / 19
+
+
+def test_benchmarks_replay_emma(tmp_path, one_thread):
+    """EMMA_CASES (no options) then EMMA_OPTION_CASES (the gold option's text counts): Physics then Math, each
+    <Subject>/test-*.parquet as published."""
+    cases = [(t, g, [], w) for t, g, w in EMMA_CASES] + EMMA_OPTION_CASES
+    rows = [dict(EMMA_ROW, pid=f"q{n}", question="What? <image_1>", options=options, answer=gold,
+                 subject="Physics" if n < 10 else "Math") for n, (_, gold, options, _) in enumerate(cases)]
+    for subject in ("Physics", "Math"):
+        _parquet(str(tmp_path / subject / "test-00000-of-00001.parquet"), [r for r in rows if r["subject"] == subject])
+    ids = [f"emma-q{n}" for n in range(len(cases))]
+    items, run = _replay_bench(tmp_path, "emma", tmp_path, {k: t for k, (t, *_) in zip(ids, cases)})
+    assert _scores(items, ids) == [want for *_, want in cases]
+    # Physics: 1,0,1,1,0,0,1,0,0,0 = 4 of 10; Math: 0,1,0,1,1,0,0 and 1,0 = 4 of 9
+    assert run["per_category"] == {"Physics": 4 / 10, "Math": 4 / 9} and run["accuracy"] == 8 / 19
+
+
+# VSI_CASES' tasks: the 11 letter cases as the three relative-direction levels, the 16 numbers as two MRA tasks
+VSI_TASKS = (["object_rel_direction_easy"] * 4 + ["object_rel_direction_medium"] * 4
+             + ["object_rel_direction_hard"] * 3 + ["object_counting"] * 8 + ["room_size_estimation"] * 8)
+
+
+def test_benchmarks_replay_vsibench(tmp_path, one_thread):
+    """VSI_CASES (the first token; float64 MRA): the parquet and a scene's frames folder, 2 frames sampled."""
+    assert len(VSI_TASKS) == len(VSI_CASES) and all(g.isalpha() for _, g, _ in VSI_CASES[:11])
+    for i in range(2):
+        _img(str(tmp_path / "frames" / "scannet" / "scene0" / f"{i:05d}.jpg"))
+    _parquet(str(tmp_path / "test-00000-of-00001.parquet"), [
+        dict(VSI_ROW, id=n, question_type=task, ground_truth=gold,
+             options=["A. left", "B. right"] if gold.isalpha() else None)
+        for n, ((_, gold, _), task) in enumerate(zip(VSI_CASES, VSI_TASKS))])
+    ids = [f"vsi-{n}" for n in range(len(VSI_CASES))]
+    items, run = _replay_bench(tmp_path, "vsibench", tmp_path, {k: t for k, (t, _, _) in zip(ids, VSI_CASES)},
+                               "--frames", "2")
+    assert _scores(items, ids) == pytest.approx([want for *_, want in VSI_CASES], abs=1e-12)
+    # easy 1,1,1,1 = 1; medium 1,0,0,0 = 0.25; hard 0,0,0 = 0: relative direction (1 + 0.25 + 0) / 3;
+    # counting 1,1,0,0,0.6,1,0.3,0.9 = 4.8 / 8; room size 0.6,0.6,0,0,0,1,1,0 = 3.2 / 8; then the mean of 3 tasks
+    assert run["per_category"] == pytest.approx(
+        {"object_rel_direction": 1.25 / 3, "object_counting": 0.6, "room_size_estimation": 0.4}, abs=1e-12)
+    assert run["accuracy"] == pytest.approx((1.25 / 3 + 0.6 + 0.4) / 3, abs=1e-12)
+
+
+def test_benchmarks_replay_sparbench(tmp_path, one_thread):
+    """SPAR_CASES by task (the empty output counted right, view_change_infer's swapped MRA)."""
+    _parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"), [
+        dict(SPAR_ROW, id=n, task=task, answer=gold) for n, (_, gold, task, _) in enumerate(SPAR_CASES)])
+    ids = [f"spar-{n}" for n in range(len(SPAR_CASES))]
+    items, run = _replay_bench(tmp_path, "sparbench", tmp_path, {k: t for k, (t, *_) in zip(ids, SPAR_CASES)})
+    assert _scores(items, ids) == pytest.approx([want for *_, want in SPAR_CASES], abs=1e-12)
+    per = dict(obj_spatial_relation_oo=4 / 6, position_matching=1.0, camera_motion_infer=0.5,  # 1,1,1,0,1,0; 1; 1,0
+               depth_prediction_oc=3.3 / 7, distance_prediction_oo=0.5 / 3,  # 1,.6,.7,1,0,0,0; 0,0,.5
+               depth_prediction_oc_mv=0.5, view_change_infer=5.32 / 7)  # 0,1; 1,1,.8,.82,.8,.9,0
+    levels = {"level Low": (3.3 / 7 + 0.5 / 3 + 0.5) / 3, "level Middle": 0.75, "level High": 4 / 6}
+    assert run["per_category"] == pytest.approx({**per, **levels}, abs=1e-12)
+    assert run["accuracy"] == pytest.approx(sum(per.values()) / 7, abs=1e-12)  # view_change_infer in no level
+
+
+def test_benchmarks_replay_mmsi(tmp_path, one_thread):
+    """MMSI_CASES (backticks, then a standalone capital A-D not followed by a word); two question types."""
+    kinds = ("MSR", "Positional Relationship (Cam.-Obj.)")
+    _parquet(str(tmp_path / "MMSI_Bench.parquet"), [
+        dict(MMSI_ROW, id=n, answer=gold, question_type=kinds[n % 2]) for n, (_, gold, _) in enumerate(MMSI_CASES)])
+    ids = [f"mmsi-{n}" for n in range(len(MMSI_CASES))]
+    items, run = _replay_bench(tmp_path, "mmsi", tmp_path, {k: t for k, (t, _, _) in zip(ids, MMSI_CASES)})
+    assert _scores(items, ids) == [want for *_, want in MMSI_CASES]
+    # even cases 1,1,0,0,1,1,1,1,0 = 6 of 9; odd ones 1,0,0,1,1,1,1,0 = 5 of 8
+    assert run["per_category"] == {kinds[0]: 6 / 9, kinds[1]: 5 / 8} and run["accuracy"] == 11 / 17
+
+
+def test_benchmarks_replay_mme_realworld(tmp_path, one_thread):
+    """MME_CASES (MME_CHOICES) and the 'd' that 'and' holds (MME_CARS): 'Best answer: D' is read as B (two missing
+    commas keep 'Best answer:'), the empty output as A; Perception, then Reasoning from the 10th item."""
+    _img(str(tmp_path / "remote_sensing" / "1.jpg"))
+    cases = [(t, g, MME_CHOICES, w) for t, g, w in MME_CASES] + [("d", "D", MME_CARS, 0)]
+    (tmp_path / "MME_RealWorld.json").write_text(json.dumps([
+        dict(MME_ITEM, Question_id=str(n), Task="Perception" if n < 9 else "Reasoning",
+             **{"Ground truth": gold, "Answer choices": choices}) for n, (_, gold, choices, _) in enumerate(cases)]))
+    ids = [f"mme-{n}" for n in range(len(cases))]
+    items, run = _replay_bench(tmp_path, "mme_realworld", tmp_path / "MME_RealWorld.json",
+                               {k: t for k, (t, *_) in zip(ids, cases)})
+    assert _scores(items, ids) == [want for *_, want in cases]
+    whys = {text: items[k]["why"] for k, (text, *_) in zip(ids, cases)}
+    assert (whys["Best answer: D"], whys[""], whys["d"]) == ("extracted 'B'", "extracted 'A'", "extracted 'A'")
+    # Perception 1,1,1,1,0,0,0,0,1 = 5 of 9; Reasoning 1,1,1,1,1,0,0,1,0 and 0 = 6 of 10
+    assert run["per_category"] == {"Perception/Remote Sensing": 5 / 9, "Reasoning/Remote Sensing": 6 / 10}
+    assert run["accuracy"] == 11 / 19
+
+
+# VILASR_CASES' files: multiple choice and free-form in maze.json (micro), numerical and regression in
+# vsi_bench.json (the mean over its types), vci in spar_bench.json (view_change_infer)
+VILASR_FILES = {"multiple choice": ("maze", None), "free-form": ("maze", None),
+                "numerical": ("vsi_bench", "object_counting"), "regression": ("vsi_bench", "object_abs_distance"),
+                "vci": ("spar_bench", "view_change_infer")}
+
+
+def test_benchmarks_replay_vilasr(tmp_path, one_thread):
+    """VILASR_CASES (the first <answer>, float32 MRA) replayed in ViLaSR's own dialect, which stops only at
+    <|im_end|> (lookagain's would end '<answer>A</answer> <answer>B</answer>' at the first </answer>)."""
+    _img(str(tmp_path / "imgs" / "0.jpg"))
+    files, ids, outputs = {}, [], {}
+    for text, gold, kind, _ in VILASR_CASES:
+        stem, task = VILASR_FILES[kind]
+        files.setdefault(stem, []).append(dict(VILASR_ITEM, problem_type=kind, answer=gold, image_path=["imgs/0.jpg"],
+                                               original_question_type=task))
+        ids.append(f"vilasr-{stem}-{len(files[stem]) - 1}")
+        outputs[ids[-1]] = text
+    for stem, qs in files.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(qs))
+    items, run = _replay_bench(tmp_path, "vilasr", tmp_path, outputs, "--dialect", "vilasr")
+    assert _scores(items, ids) == [pytest.approx(w, abs=1e-6) if k == "vci" else w for _, _, k, w in VILASR_CASES]
+    # maze: multiple choice 1,1,0,0,1,0,0,0 and free-form 0 = 3 of 9; vsi_bench: counting 1,0,0,1,0 = 2 / 5, distance
+    # 0, .6, .7, .2, .7, 1, 0, 1 (float32) = 4.2 / 8, their mean; spar_bench: .82, .8, .8 = 2.42 / 3
+    mra = (0.6000000238418579 + 0.699999988079071 + 0.20000000298023224 + 0.699999988079071 + 1 + 1) / 8
+    per = {"maze": 3 / 9, "maze/multiple choice": 3 / 8, "maze/free-form": 0.0, "vsi_bench": (2 / 5 + mra) / 2,
+           "vsi_bench/object_counting": 2 / 5, "vsi_bench/object_abs_distance": mra,
+           "spar_bench": 2.42 / 3, "spar_bench/view_change_infer": 2.42 / 3}
+    assert run["per_category"] == pytest.approx(per, abs=1e-6)
+    assert run["accuracy"] == pytest.approx((3 / 9 + (2 / 5 + mra) / 2 + 2.42 / 3) / 3, abs=1e-6)
 
 
 # ---- view: the trajectory page in a real browser, asking one question, the pictures, --report-to (view.py)

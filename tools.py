@@ -288,7 +288,8 @@ def settings(improc, **cfg):
 #   messages   the conversation so far (model.py's: role, parts, closed), its last message the open assistant one
 #   turns      the text of each model call (what the model wrote, and what the harness appended in its message)
 #   calls      one dict per tool call (run_tool: name, arguments as written, ok, error, zoom, region, size, image)
-#   stop       None while running, then why it ended (advance()'s table); truncated: it ended at a limit
+#   stop       None while running, then why it ended (advance()'s table); truncated: it ended at a limit; cut: its
+#              last model call ran into its token cap (no <|im_end|>), even where the dialect reads it as an answer
 #   seq, mask, logp  the conversation rendered (model.render): token ids, 1 on trained tokens, the sampler's
 #              log-probs (0 where not sampled). logp is diagnostic only: training recomputes log-probs
 #              (grpo.fill_old_logprobs, or the update's own forward when on-policy)
@@ -315,7 +316,7 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     d = DIALECTS[cfg["dialect"]]
     ep = dict(record=record, tools=list(tools), specs={t: TOOLS[t] for t in tools}, cfg=cfg, dialect=d,
               compact=policy.toy, originals=originals, images=images, turns=[], calls=[], stop=None, truncated=False,
-              n_sampled=0, rethinks=0, guide=[], guided=False, gen=None)
+              cut=False, n_sampled=0, rethinks=0, guide=[], guided=False, gen=None)
     ep["messages"] = d["prompt"](ep) + [dict(role="assistant", parts=[d["prefill"]] if d["prefill"] else [],
                                              closed=False)]
     return render(policy, ep)
@@ -426,6 +427,7 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
 def _act(policy, ep, new_ids, logps, reason):
     d, cfg, msg = ep["dialect"], ep["cfg"], ep["messages"][-1]
     new_ids, logps, text, rest = _cut(policy, ep, new_ids, logps, reason)
+    ep["cut"] = reason == "length"
     if d.get("split_prefill") and not any(isinstance(p, dict) for p in msg["parts"]):
         msg["closed"] = True  # Groundlight: a prefill is an assistant message of its own
         msg = dict(role="assistant", parts=[], closed=False)
