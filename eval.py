@@ -224,6 +224,10 @@ def load_replay(path, records):
     except (ValueError, FileNotFoundError) as e:  # not a file, not UTF-8, a line that is not JSON
         raise SystemExit(f"--replay {e}") from None
     ids = [str(r.get("id")) for r in records]
+    twice = sorted({k for k in ids if ids.count(k) > 1} & set(texts))
+    if twice:  # one line of the file for two items: which one did the model answer?
+        raise SystemExit(f"--replay {path}: the data has several items with the id {twice[0]!r}: give them ids of "
+                         f"their own to replay them")
     scripts = {i: texts[k] for i, k in enumerate(ids) if k in texts}
     if not scripts:
         raise SystemExit(f"--replay {path}: names no item of these {len(records)} (its ids: "

@@ -423,7 +423,7 @@ def heldout_eval(policy, records, args, cfg):
     """--eval-every: greedy rollouts on the held-out records (sharded over ranks by common.run_episodes).
     -> {eval_accuracy, eval_tool_use, eval_calls_per_item}"""
     def finish(ep, record):
-        score = R.accuracy("".join(ep["turns"]), record, ep["dialect"]["answer"])[0]
+        score = R.accuracy("".join(ep["turns"]), record, ep["dialect"]["answer"], ep["truncated"] or ep["cut"])[0]
         return score, any(c["ok"] for c in ep["calls"]), len(ep["calls"])
     done, _ = C.run_episodes(policy, records, args.tools, cfg, finish, seed=args.seed, desc="eval", progress=False)
     acc, used, calls = (sum(v) / len(done) for v in zip(*done.values()))

@@ -308,7 +308,7 @@ def reward(traj, record, preset="vlm_r3", weights=None):
     unknown = [k for k in w if k != "accuracy" and k not in TERMS]
     if unknown:
         raise ValueError(f"unknown reward terms {unknown}; known terms: accuracy, {', '.join(TERMS)}")
-    acc, why = accuracy(_text(traj), record, traj.get("extract"))
+    acc, why = accuracy(_text(traj), record, traj.get("extract"), traj.get("cut", False))
     components, reasons = {"accuracy": acc}, {"accuracy": why}
     for name in w:
         if name != "accuracy":

@@ -3816,15 +3816,17 @@ def test_dialects_observation_tokens_masked_as_each_dialect_masks_them(policy, t
 
 def test_dialects_bad_input_one_line_nothing_written(policy, tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
-    (tmp_path / "d.jsonl").write_text(json.dumps(dict(id="a", image="x.png", question="Q?", answer="x")) + "\n")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(id=k, image="x.png", question="Q?", answer="x")) + "\n"
+                                              for k in ("a", "d", "d")))
     base = ["--model", "tiny", "--data", str(tmp_path / "d.jsonl"), "--device", "cpu", "--out", str(tmp_path / "ev")]
     with pytest.raises(SystemExit) as e:
         E.main(base + ["--dialect", "deepeye"])
     assert e.value.code == 2 and "invalid choice: 'deepeye'" in capsys.readouterr().err
     for lines, msg in ((['{"id": "a", "turns": ["x"]}', "not json"], r"r.jsonl:2: invalid JSON"),
-                       (['{"id": "zz", "turns": ["x"]}'], r"names no item of these 1 \(its ids: zz; the items': a\)"),
+                       (['{"id": "zz", "turns": ["x"]}'], r"names no item of these 3 \(its ids: zz; the items': a, d, d\)"),
                        (['{"id": "a", "turns": ["x", 3]}'], r"r.jsonl:1: 'turns' must be a list of strings"),
-                       (['["a", "x"]'], r"r.jsonl:1: a replay line is")):
+                       (['["a", "x"]'], r"r.jsonl:1: a replay line is"),
+                       (['{"id": "d", "turns": ["x"]}'], r"several items with the id 'd'")):
         (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
         with pytest.raises(SystemExit, match=msg):
             E.main(base + ["--replay", str(tmp_path / "r.jsonl")])

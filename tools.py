@@ -579,6 +579,7 @@ def episode_images(policy, ep):
 
 
 def trajectory(ep):
-    """What rewards.py scores: the turns, the calls, the stop reason, the dialect's answer extractor."""
+    """What rewards.py scores: the turns, the calls, the stop reason, the dialect's answer extractor, whether the
+    response was cut at a limit."""
     return dict(turns=ep["turns"], calls=ep["calls"], stop=ep["stop"], rethinks=ep["rethinks"],
-                extract=ep["dialect"]["answer"])
+                extract=ep["dialect"]["answer"], cut=ep["truncated"] or ep["cut"])
