@@ -22,23 +22,31 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 
 
 def _rope(theta, section, **kw):
+    # M-RoPE is the default rotary embedding with its head_dim / 2 frequencies split into (t, h, w) sections
     return dict(rope_type="default", rope_theta=theta, mrope_section=section, **kw)
 
 
 # a random model of each family at toy width (model.tiny_config; --model tiny is Qwen2.5-VL's): ~2-3M parameters,
 # most of them the embedding. head_dim 32; M-RoPE's 16 frequencies split as each family splits its own.
+# The merger projects the ViT's 2x2 merged tokens to the decoder's width (out_hidden_size = hidden_size, 192).
+# 6 query heads share 2 K/V heads (grouped-query attention, 3 per K/V head: the "3x" of model.grouped_sdpa).
 _TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, spatial_merge_size=2,
                     temporal_patch_size=2, out_hidden_size=192)
 _TINY_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=8192)
+# Qwen3-VL: the published 48 x 48 = 2304 learned position embeddings of its ViT, and DeepStack taking features from
+# both tiny blocks (the 8B: blocks 8, 16, 24) into the decoder's first layers; M-RoPE [6, 5, 5] as the 8B's [24, 20, 20]
 _QWEN3_VL = dict(vision=dict(_TINY_VISION, patch_size=16, num_position_embeddings=2304,
                              deepstack_visual_indexes=[0, 1]),
                  text=dict(_TINY_TEXT, head_dim=32, rope_parameters=_rope(5e6, [6, 5, 5], mrope_interleaved=True)))
+# Qwen3.5: of the 4 layers, 3 gated DeltaNet (linear attention) and the 4th full attention, as its default layer_types;
+# 2 value heads per key head as the 9B's 32 / 16; rotary on a quarter of head_dim 64: 8 frequencies, [3, 3, 2] as the
+# 9B's [11, 11, 10]
 _QWEN3_5 = dict(vision=dict(_TINY_VISION, patch_size=16, num_position_embeddings=2304),
                 text=dict(_TINY_TEXT, num_attention_heads=2, num_key_value_heads=1, head_dim=64, linear_num_key_heads=2,
-                          linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,  # rotary: 64/4
+                          linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
                           rope_parameters=_rope(1e7, [3, 3, 2], mrope_interleaved=True, partial_rotary_factor=0.25)))
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)  # (the 30B-A3B: 128 experts, 8 a token)
 
 # cls: the transformers model; patch: the vision patch (x 2x2 merge = the resize factor) and mean/std: the image
 # processor of a model built here (a folder brings its own); header: the assistant turn's opening, the chat
@@ -48,6 +56,8 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
 # writes the published folder layout (config, preprocessor) that transformers 4.5x and vLLM read, else transformers'
 # own; max_length: the published tokenizer's model_max_length; tiny: a toy model's fields.
 FAMILIES = {
+    # tiny's ViT: windows of 112 px (8 patches of 14, the published window_size) with block 1 of 2 full attention (the
+    # 3B: every 8th); its decoder's M-RoPE [4, 6, 6] as the 3B's [16, 24, 24]
     "qwen2_5_vl": dict(cls=tf.Qwen2_5_VLForConditionalGeneration, config=tf.Qwen2_5_VLConfig, patch=14, mean=CLIP_MEAN,
                        std=CLIP_STD, header="<|im_start|>assistant\n", kv_turns=True, published=True, max_length=131072,
                        default_system="You are a helpful assistant.",
@@ -56,6 +66,7 @@ FAMILIES = {
     "qwen3_vl": dict(cls=tf.Qwen3VLForConditionalGeneration, config=tf.Qwen3VLConfig, patch=16, mean=[0.5] * 3,
                      std=[0.5] * 3, header="<|im_start|>assistant\n", kv_turns=True, published=True, max_length=262144,
                      tiny=_QWEN3_VL),
+    # published=False: the published MoE expert tensor layout was not at hand (docs/models.md)
     "qwen3_vl_moe": dict(cls=tf.Qwen3VLMoeForConditionalGeneration, config=tf.Qwen3VLMoeConfig, patch=16,
                          mean=[0.5] * 3, std=[0.5] * 3, header="<|im_start|>assistant\n", kv_turns=True,
                          published=False, max_length=262144,
@@ -69,7 +80,7 @@ FAMILIES = {
                         tiny=dict(_QWEN3_5, text=dict(_QWEN3_5["text"], shared_expert_intermediate_size=64, **_MOE))),
 }
 for _name, _fam in FAMILIES.items():
-    _fam["name"] = _name
+    _fam["name"] = _name  # a family carries its own key: model.save and published_files branch on it
     _fam.setdefault("default_system", None)  # Qwen3-VL's and Qwen3.5's chat templates write no system turn of their own
 
 # -----------------------------------------------------------------------------
@@ -117,6 +128,7 @@ def published_files(family, model, tok, improc):
     """-> {file name: fields} as Qwen publishes them for this family (transformers 5 writes its own layout)."""
     c, t, v = model.config, model.config.text_config, model.config.vision_config
     if family["name"] == "qwen2_5_vl":  # Qwen/Qwen2.5-VL-3B-Instruct's, in its order
+        # in_chans and spatial_patch_size: Qwen2-VL's names, still in the published file, from transformers' fields
         vision = {k: getattr(v, {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(k, k)) for k in (
             "depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "in_chans", "out_hidden_size",
             "patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "fullatt_block_indexes",
@@ -132,9 +144,10 @@ def published_files(family, model, tok, improc):
             **{k: getattr(t, k) for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads",
                                           "rms_norm_eps")},
             "rope_theta": t.rope_parameters["rope_theta"], "sliding_window": t.sliding_window or 32768,  # (not used)
-            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",
+            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "bfloat16",  # what model.save writes
             "transformers_version": tf.__version__, "use_cache": True, "use_sliding_window": False,
             "vision_config": vision,
+            # where 4.5x and vLLM read M-RoPE's sections (transformers 5 keeps them in rope_parameters)
             "rope_scaling": {"type": "mrope", "mrope_section": t.rope_parameters["mrope_section"]},
             "vocab_size": t.vocab_size}
         # 4.5x reads min/max_pixels, not `size`
@@ -148,6 +161,7 @@ def published_files(family, model, tok, improc):
         text |= {"model_type": "qwen3_vl_text"} | {k: getattr(t, k) for k in (
             "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps")}
         rope = t.rope_parameters
+        # M-RoPE in rope_scaling here too; interleaved: the t, h, w frequencies alternate rather than sit in blocks
         text |= {"rope_scaling": {"mrope_interleaved": True, "mrope_section": rope["mrope_section"],
                                   "rope_type": "default"},
                  "rope_theta": rope["rope_theta"], "tie_word_embeddings": c.tie_word_embeddings, "use_cache": True,

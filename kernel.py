@@ -190,14 +190,14 @@ def _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn=None, n
             ent[s:e] = ent_c
         if loss_fn is None:
             continue
-        if not (need_dh or need_dW):
+        if not (need_dh or need_dW):  # no gradient wanted (no_grad, or nothing requires one): the value only
             loss += loss_fn(logp[s:e], slice(s, e)).sum()
             continue
         # fused loss: g = dL/dlogp for this chunk, by autograd through the caller's per-token loss
         with torch.enable_grad():
             lp = logp[s:e].detach().requires_grad_()
             loss_c = loss_fn(lp, slice(s, e)).sum()
-            g, = torch.autograd.grad(loss_c, lp)
+            g, = torch.autograd.grad(loss_c, lp)       # [c]; the chunk's own terms only: the loss is a sum
         loss += loss_c.detach()
         dz_(z, targets[s:e], lse[s:e], g, inv_tau)     # z <- dz, in place
         _add_grads(z, hidden[s:e], weight, dh, dW, s, e)
@@ -224,13 +224,14 @@ class FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, tau, want_ent, loss_fn, rows, impl):
         fused = loss_fn is not None
+        # only the gradients an input needs: a frozen output layer costs no [V, H] dW and no third GEMM
         logp, lse, ent, loss, dh, dW = _forward(hidden, weight, targets, tau, want_ent, rows, impl, loss_fn,
                                                 ctx.needs_input_grad[0] and fused, ctx.needs_input_grad[1] and fused)
         if fused:
             ctx.grads = (dh, dW)   # the gradients of loss, formed chunk by chunk above
             ctx.mark_non_differentiable(logp)
         else:
-            ctx.save_for_backward(hidden, weight, targets, lse)
+            ctx.save_for_backward(hidden, weight, targets, lse)   # lse [N]: rebuilds the softmax of recomputed logits
             ctx.config = (tau, rows, impl)
         if ent is not None:
             ctx.mark_non_differentiable(ent)
@@ -243,14 +244,14 @@ class FusedLogProbs(torch.autograd.Function):
             if dh is None and dW is None:
                 raise RuntimeError("fused_logprobs(loss_fn=...): backward can only run once")
             ctx.grads = (None, None)   # scaled in place below, so they must not be reused
-            for grad in (dh, dW):
+            for grad in (dh, dW):  # d(loss)/d(input) x the upstream gradient: the caller's scale
                 if grad is not None:
                     grad.mul_(g_loss.to(grad.dtype))
         else:
             hidden, weight, targets, lse = ctx.saved_tensors
             tau, rows, impl = ctx.config
             dh, dW = _backward(hidden, weight, targets, lse, g_logp.float(), tau, rows, impl, *ctx.needs_input_grad[:2])
-        return dh, dW, None, None, None, None, None, None
+        return dh, dW, None, None, None, None, None, None   # one per forward input: only hidden and weight
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
@@ -264,7 +265,8 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
         not the chunk's). Returns (loss, logp) or (loss, logp, ent): loss a differentiable scalar, logp detached.
     chunk_size: tokens per chunk (default chunk_rows). impl: "auto" (Triton on CUDA when importable, else
         PyTorch), "torch", or "triton" (on CPU tensors only with TRITON_INTERPRET=1 set before Triton's first use)."""
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], "hidden [N, H], weight [V, H]"
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
+        "hidden [N, H], weight [V, H]"
     assert hidden.dtype == weight.dtype, "hidden and weight must have the same dtype"
     assert targets.shape == hidden.shape[:1], "targets [N]"
     if impl == "auto":
@@ -274,7 +276,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, *,
     assert impl in ("torch", "triton"), impl
     N, V = hidden.shape[0], weight.shape[0]
     rows = max(1, min(N, chunk_size or chunk_rows(N, V, hidden.device)))
-    targets = targets.long()
+    targets = targets.long()   # gather's and the kernels' index dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         logp, ent, loss = FusedLogProbs.apply(hidden, weight, targets, float(temperature), entropy, loss_fn, rows, impl)
     else:   # forward only: no autograd graph, no saved tensors

@@ -48,12 +48,14 @@ def tiny_tokenizer(corpus, vocab_size=2048):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # all 256 byte symbols in the base vocabulary, so a character the corpus never had still encodes (as bytes)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    # eos and pad as in Qwen2.5-VL-*-Instruct's tokenizer_config.json
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL})
-    tok.add_tokens(ADDED + TINY_ADDED)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL})  # after the BPE ids, as Qwen's (151643 on)
+    tok.add_tokens(ADDED + TINY_ADDED)  # never split; kept by decode(skip_special_tokens=True)
     return tok
 
 
@@ -63,6 +65,7 @@ def tiny_config(tok, vision=None, text=None, family="qwen2_5_vl", tie=True):
     (the published widths: RANDOM); tie: the output layer is the input embedding."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     base = FAMILIES[family]["tiny"]
+    # token ids by name (the tiny vocabulary numbers them differently); bos and eos as Qwen2.5-VL's config.json
     return FAMILIES[family]["config"](
         vision_config=dict(base["vision"], **(vision or {})),
         text_config={**base["text"], "vocab_size": len(tok), "bos_token_id": ids["<|endoftext|>"],
@@ -85,6 +88,7 @@ def resolve(name):
     (hub_snapshot)."""
     if name in RANDOM or os.path.isdir(name):
         return None if name in RANDOM else name
+    # config, weights, tokenizer (vocab.json, merges.txt) and chat template: no .bin or .pth copies of the weights
     return hub_snapshot(name, f"--model {name}: not {' or '.join(RANDOM)}, no such folder",
                         patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
 
@@ -98,7 +102,7 @@ def hub_snapshot(name, said, repo_type="model", patterns=None, error=SystemExit)
         return snapshot_download(name, repo_type=repo_type, local_files_only=True)  # the cache only, never the network
     except HFValidationError:
         raise error(f"{said}, and not a hub id (org/name)") from None
-    except OSError:
+    except OSError:  # not in the cache; the message below if it cannot be downloaded either
         why = f"HF_HUB_OFFLINE is set; cache {constants.HF_HUB_CACHE}"
     if not constants.HF_HUB_OFFLINE:
         try:
@@ -133,21 +137,25 @@ def family_of(name, folder, arch=None):
     return FAMILIES[kind]
 
 
-SDPA = AttentionInterface()["sdpa"]
+SDPA = AttentionInterface()["sdpa"]  # transformers' own, kept for every other case
 
 
 def grouped_sdpa(module, q, k, v, attention_mask, **kw):
     """transformers' sdpa attention, except in a forward without gradients on CPU with a mask (sampling a
     padded batch, old log-probs): transformers then copies K and V heads / kv_heads times (3x in tiny, 8x in
     the 3B), while torch's CPU kernel takes them grouped and gives the same values. Training keeps
-    transformers' path (the grouped backward sums its gradients in another order). q [B, heads, Lq, D]; k, v [B, kv_heads, Lk, D]; mask [B, 1, Lq, Lk]."""
+    transformers' path (the grouped backward sums its gradients in another order).
+    q [B, heads, Lq, D]; k, v [B, kv_heads, Lk, D]; mask [B, 1, Lq, Lk]."""
     if torch.is_grad_enabled() or q.device.type != "cpu" or attention_mask is None:
         return SDPA(module, q, k, v, attention_mask, **kw)
+    # the mask holds causality and padding (transformers passes is_causal only without one); no dropout: Qwen's
+    # attention_dropout is 0
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=kw.get("scaling"), enable_gqa=True)
-    return o.transpose(1, 2).contiguous(), None
+    return o.transpose(1, 2).contiguous(), None  # [B, Lq, heads, D], as transformers' attention functions return
 
 
 AttentionInterface.register("grouped_sdpa", grouped_sdpa)
+# transformers builds the mask by the implementation's name: sdpa's, so grouped_sdpa gets the same [B, 1, Lq, Lk]
 AttentionMaskInterface.register("grouped_sdpa", sdpa_mask)
 
 
@@ -159,7 +167,7 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
     overrides (bench.py --layers). On GPU: bf16 weights for inference; for training fp32 master weights under
     bf16 autocast (an update of lr 1e-6 is far below bf16's 2^-8 resolution). fp32 on CPU unless `dtype` says."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = device.type == "cuda" and train and dtype is None
+    amp = device.type == "cuda" and train and dtype is None  # fp32 weights, bf16 matmuls (forward below)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and not train else torch.float32)
     folder = resolve(name)
     family = family_of(name, folder, arch)
@@ -169,21 +177,26 @@ def load(name="tiny", seed=0, device=None, dtype=None, grad_ckpt=False, freeze_v
             raise ValueError("the tiny model's tokenizer needs a corpus: load it with common.load_policy")
         tok = tiny_tokenizer(corpus)
         torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
+        torch.cuda.manual_seed_all(seed)  # random-* on a GPU draw from its generator
         arch = arch or RANDOM[name]
-        with torch.device(device if arch else "cpu"):  # tiny: drawn on the CPU, the same weights on every device
+        # tiny: drawn on the CPU, the same weights on every device; random-*: where they run (an 8B is 35 GB in fp32)
+        with torch.device(device if arch else "cpu"):
             model = family["cls"](tiny_config(tok, **(arch or {})))
     else:
         tok = AutoTokenizer.from_pretrained(folder)
-        model = family["cls"].from_pretrained(folder, dtype=dtype)
-    model.set_attn_implementation("grouped_sdpa")
+        model = family["cls"].from_pretrained(folder, dtype=dtype)  # read in its dtype: no fp32 copy for bf16
+    model.set_attn_implementation("grouped_sdpa")  # (the vision tower passes no mask: transformers' sdpa there)
     model.to(device=device, dtype=dtype)
     if grad_ckpt:
+        # non-reentrant, PyTorch's advice: the reentrant variant gives no parameter gradients to a block whose
+        # inputs need none
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if freeze_vision:
+        model.config.use_cache = False  # a training forward keeps no KV cache (sample() asks for one explicitly)
+    if freeze_vision:  # the ViT and its merger (VLM-R3's RL and SFT, ViLaSR's SFT: recipes.py)
         model.model.visual.requires_grad_(False)
-    captured = {}  # the final norm's output is the last hidden state; forward() reads it from here
+    # the final norm's output is the last hidden state [B, L, H]; forward() reads it from here, so that the model
+    # itself projects only the last position (logits_to_keep=1) and token_logprobs projects the trained ones
+    captured = {}
     model.model.language_model.norm.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
     sid = tok.convert_tokens_to_ids
     return SimpleNamespace(
@@ -221,6 +234,7 @@ def save(policy, path, state_dict=None):
     model, tok, improc = policy.model, policy.tok, policy.improc
     c, t = model.config, model.config.text_config
     sd = model.state_dict() if state_dict is None else state_dict
+    # bf16 on the CPU (fp32 master weights halved); a tied output layer is the input embedding: written once
     model.save_pretrained(path, state_dict={k: w.detach().to("cpu", torch.bfloat16) for k, w in sd.items()
                                             if not (c.tie_word_embeddings and k == "lm_head.weight")})
     tok.save_pretrained(path)  # tokenizer.json (and the chat template, if any); its config is rewritten below
@@ -229,21 +243,23 @@ def save(policy, path, state_dict=None):
                                         "eos_token_id": policy.eos, "transformers_version": transformers.__version__}}
     if policy.published:
         cls = json.load(open(os.path.join(path, "tokenizer_config.json")))["tokenizer_class"]
-        added = sorted(tok.added_tokens_decoder.items())
+        added = sorted(tok.added_tokens_decoder.items())  # (id, AddedToken), by id as Qwen lists them
         files |= published_files(FAMILIES[policy.family], model, tok, improc)
         files["tokenizer_config.json"] = {
             "add_prefix_space": False,
             "added_tokens_decoder": {str(i): {k: getattr(a, k) for k in ("content", "lstrip", "normalized", "rstrip",
                                                                         "single_word", "special")} for i, a in added},
-            # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it)
+            # the list 4.5x reads (5.x's list-valued extra_special_tokens breaks it); Qwen's leaves <|endoftext|> out
             "additional_special_tokens": [a.content for _, a in added if a.special and a.content != "<|endoftext|>"],
             "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tok.eos_token, "errors": "replace",
+            # (the tiny tokenizer's is transformers' "unlimited" 1e30: the published value instead)
             "model_max_length": min(tok.model_max_length, FAMILIES[policy.family]["max_length"]),
             "pad_token": tok.pad_token, "split_special_tokens": False,
+            # TokenizersBackend is transformers 5's name, which 4.5x cannot import
             "tokenizer_class": "PreTrainedTokenizerFast" if cls == "TokenizersBackend" else cls, "unk_token": None}
     else:
         improc.save_pretrained(path)
-    for name, obj in files.items():
+    for name, obj in files.items():  # over what save_pretrained wrote
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
     if policy.folder and not os.path.samefile(policy.folder, path):  # the rest of a published folder, as loaded
@@ -258,12 +274,15 @@ def save(policy, path, state_dict=None):
 
 
 def ids(policy, text):
-    return policy.tok.encode(text, add_special_tokens=False)
+    return policy.tok.encode(text, add_special_tokens=False)  # the layout writes its special tokens itself
 
 
 def encode_image(policy, img):
-    """PIL image (already sized to multiples of 28 by tools.py) -> dict(pixels [n_patches, 3*2*14*14],
-    grid [3] = (t, h, w) in 14 px patches, n = number of <|image_pad|> tokens = t*h*w / merge^2)."""
+    """PIL image (already sized to multiples of policy.factor by tools.py: 28 px, 32 for Qwen3-VL and Qwen3.5) ->
+    dict(pixels [n_patches, 3*2*p*p], grid [3] = (t, h, w) in p px patches (p = 14, or 16), n = number of
+    <|image_pad|> tokens = t*h*w / merge^2)."""
+    # no resize: tools.py chose the size, the frame the model's coordinates are read in; t = 1 (one frame, repeated
+    # to the temporal patch of 2)
     out = policy.improc(images=[img], do_resize=False, return_tensors="pt")
     grid = out["image_grid_thw"][0]
     return dict(pixels=out["pixel_values"], grid=grid, n=int(grid.prod()) // policy.merge ** 2)
@@ -286,7 +305,7 @@ def _chunks(policy, messages, trained_text=False):
     none), and so does this. A closed message ends in <|im_end|> (unless the policy sampled it) and, when another
     message follows, "\n". trained: the harness text inside an assistant message and its closing <|im_end|> (VLM-R3
     trains them), with trained_text."""
-    first = next((m for m in messages if m["role"]), None)
+    first = next((m for m in messages if m["role"]), None)  # parts before any header stay before the default turn
     for i, m in enumerate(messages):
         train = trained_text and m["role"] == "assistant"
         if m is first and m["role"] != "system" and policy.default_system is not None:
@@ -302,7 +321,7 @@ def _chunks(policy, messages, trained_text=False):
             last = m["parts"][-1] if m["parts"] else None
             if not (isinstance(last, dict) and last["ids"] and last["ids"][-1] in policy.eos):  # not sampled
                 yield "text", "<|im_end|>", train
-            if i + 1 < len(messages):
+            if i + 1 < len(messages):  # (nothing after the last <|im_end|>: a sampled turn ends there)
                 yield "text", "\n", False
 
 
@@ -311,9 +330,9 @@ def render(policy, messages, images, trained_text=False):
     becomes <|vision_start|> + n x <|image_pad|> + <|vision_end|>). Harness text is tokenised in maximal runs, as a
     chat template's output is (BPE merges across the pieces of a run), so a prompt equals the processor's token for
     token. mask: 1 on sampled tokens (and trained harness text), 0 elsewhere; logps: the sampler's, 0 elsewhere."""
-    ids_, mask, logps, run = [], [], [], ["", False]
+    ids_, mask, logps, run = [], [], [], ["", False]  # run: harness text not yet tokenised, and whether it is trained
 
-    def flush():
+    def flush():  # a run ends at an image, a sampled part or a change of `trained`: BPE merges never cross those
         if run[0]:
             t = ids(policy, run[0])
             ids_.extend(t), mask.extend([int(run[1])] * len(t)), logps.extend([0.0] * len(t))
@@ -358,14 +377,16 @@ def mrope_positions(seq, grids, policy, start=0):
     is_img = (seq == policy.image_pad).tolist()
     i, nxt, k = 0, start, 0
     while i < len(seq):
+        # invariant: nxt is the position the next token gets, k the index of the next image's grid
         if not is_img[i]:
             pos[:, i] = nxt
             nxt, i = nxt + 1, i + 1
             continue
         t, h, w = (int(g) for g in grids[k])
-        h, w = h // policy.merge, w // policy.merge
+        h, w = h // policy.merge, w // policy.merge  # the grid counts patches; a token is merge x merge of them
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        pos[:, i:i + t * h * w] = torch.stack([tt, hh, ww]).reshape(3, -1) + nxt
+        pos[:, i:i + t * h * w] = torch.stack([tt, hh, ww]).reshape(3, -1) + nxt  # the t*h*w tokens, row-major
+        # the text after it: the image's largest position + 1 (transformers' get_rope_index)
         nxt, i, k = nxt + max(t, h, w), i + t * h * w, k + 1
     return pos
 
@@ -375,6 +396,8 @@ def collate(policy, seqs, image_lists, starts=None):
     starts: B first positions (continuations; default 0). -> model inputs: input_ids, attention_mask [B, L];
     position_ids [3, B, L]; pixel_values [sum patches, D] and image_grid_thw [n_images, 3] concatenated row by
     row, so the model's split by grid.prod(-1) gives each image its own patches."""
+    # left padding: every row's last token sits in column L - 1, so the last position's logits are each row's next
+    # token, and what is sampled appends on the right of every row alike
     B, L = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((B, L), policy.pad, dtype=torch.long)
     attn = torch.zeros(B, L, dtype=torch.long)
@@ -385,11 +408,14 @@ def collate(policy, seqs, image_lists, starts=None):
         attn[b, L - len(s):] = 1
         g = torch.stack([e["grid"] for e in imgs]) if imgs else torch.zeros(0, 3, dtype=torch.long)
         pos[:, b, L - len(s):] = mrope_positions(s, g, policy, starts[b] if starts else 0)
+        # rows in order, images in order within a row: the order of the <|image_pad|> runs in input_ids, which the
+        # model fills with the image features one after the other
         pixels += [e["pixels"] for e in imgs]
         grids += [e["grid"] for e in imgs]
     d = policy.device
     batch = dict(input_ids=input_ids.to(d), attention_mask=attn.to(d), position_ids=pos.to(d))
     if pixels:
+        # under autocast the patch embedding's conv computes in bf16 anyway: the same values, half the bytes
         batch["pixel_values"] = torch.cat(pixels).to(d, torch.bfloat16 if policy.amp else policy.model.dtype)
         batch["image_grid_thw"] = torch.stack(grids).to(d)
     return batch
@@ -400,8 +426,10 @@ def forward(policy, batch, past=None, use_cache=False):
     last position's logits. -> hidden [B, L, H] (the decoder's output, captured at its final norm),
     the KV cache, and the last logits [B, V] (float32)."""
     with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=policy.amp):
+        # logits_to_keep=1: the output layer on the last position only, [B, 1, V], never [B, L, V]
         out = policy.model(**batch, past_key_values=past, use_cache=use_cache, logits_to_keep=1)
-    return policy.captured.pop("h"), out.past_key_values, out.logits[:, -1].float()
+    # pop: the dict keeps no [B, L, H] hidden state alive between calls
+    return policy.captured.pop("h"), out.past_key_values, out.logits[:, -1].float()  # fp32: draw's log_softmax
 
 
 def shard(policy):
@@ -410,7 +438,7 @@ def shard(policy):
     from torch.distributed.fsdp import fully_shard
     for layer in policy.model.model.language_model.layers:
         fully_shard(layer)
-    fully_shard(policy.model)
+    fully_shard(policy.model)  # last: the root takes what the layers' units did not
     policy.sharded = True
 
 
@@ -420,8 +448,8 @@ def lockstep(policy):
 
 
 def any_rank(flag, policy):
-    t = torch.tensor([float(flag)], device=policy.device)
-    dist.all_reduce(t)
+    t = torch.tensor([float(flag)], device=policy.device)  # on the model's device: NCCL reduces CUDA tensors only
+    dist.all_reduce(t)  # the sum of 0/1 flags: > 0 when some rank has work
     return bool(t.item() > 0)
 
 
@@ -450,15 +478,15 @@ def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, g
         probs = lp.exp()
         drop = torch.zeros_like(probs, dtype=torch.bool)                  # [B, V] the tokens filtered out
         if top_k:
-            drop |= lp < lp.topk(min(top_k, lp.shape[-1]), -1).values[:, -1:]
+            drop |= lp < lp.topk(min(top_k, lp.shape[-1]), -1).values[:, -1:]  # below the k-th largest [B, 1]
         if top_p < 1.0:  # sorted ascending, drop the tokens whose cumulative mass stays within 1 - top_p
             sp, si = probs.masked_fill(drop, 0).sort(-1)
-            low = (sp / sp.sum(-1, keepdim=True)).cumsum(-1) <= 1 - top_p
+            low = (sp / sp.sum(-1, keepdim=True)).cumsum(-1) <= 1 - top_p  # mass renormalised over top-k's tokens
             low[:, -1] = False                                            # the top token always stays
-            drop |= low.scatter(-1, si, low)
+            drop |= low.scatter(-1, si, low)                              # back to vocabulary order
         if min_p:
             p = probs.masked_fill(drop, 0)
-            drop |= p < min_p * p.amax(-1, keepdim=True)
+            drop |= p < min_p * p.amax(-1, keepdim=True)  # a ratio to the top: no renormalisation needed
         # inverse CDF: one uniform u per row, from the row's own generator (its draws then do not depend on
         # the batch); the token is the first whose cumulative mass passes u x the row's kept mass (float64:
         # no rounding at a 152k vocabulary). A filtered token adds no mass, so it is never the first to pass.
@@ -468,6 +496,8 @@ def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, g
         cdf = probs.masked_fill(drop, 0).double().cumsum(-1)              # [B, V]
         if not torch.isfinite(cdf[:, -1]).all():
             raise FloatingPointError("sampling: the model's probabilities are not finite (NaN or inf logits)")
+        # right=True: the first cdf strictly above u x mass, never a zero-mass token that repeats its predecessor's
+        # cdf; the clamp guards against u x mass rounding up to the total
         tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
 
@@ -480,17 +510,19 @@ def _stack(caches, device):
         return None, None
     B, Lc = len(caches), max(c[0] for c in have)
     attn = torch.zeros(B, Lc, dtype=torch.long, device=device)
+    # full-attention K/V only: a family whose layers keep another state (Qwen3.5) keeps no cache between calls
     layers = [tuple(t.new_zeros(B, t.shape[0], Lc, t.shape[2]) for t in kv) for kv in have[0][2]]
     for b, c in enumerate(caches):
-        if c:
+        if c:  # right-aligned, so that the new tokens' columns follow every row's past alike; a new row: all zeros
             attn[b, Lc - c[0]:] = 1
             for (K, V), (k, v) in zip(layers, c[2]):
                 K[b, :, Lc - c[0]:], V[b, :, Lc - c[0]:] = k, v
-    return DynamicCache(ddp_cache_data=layers), attn
+    return DynamicCache(ddp_cache_data=layers), attn  # transformers' constructor from [(K, V) per layer]
 
 
 def _row_cache(past, attn, i, nxt):
     """Row i of a batch cache as its own tensors, padding dropped: (n, next position, [(K, V)])."""
+    # the attended columns only: K already carries its rotary position, so the gaps are nothing but padding
     cols = attn[i].nonzero().squeeze(1)
     return len(cols), int(nxt[i]), [(layer.keys[i][:, cols], layer.values[i][:, cols]) for layer in past.layers]
 
@@ -499,9 +531,10 @@ def _keep_rows(past, attn, idx):
     """The batch rows idx (repeats allowed) of the cache, in place, and of its mask, without the leading
     columns none of them uses (a linear-attention layer's state, Qwen3.5's, has no columns). -> the mask"""
     attn = attn[idx]
-    start = int(attn.any(0).long().argmax())
+    start = int(attn.any(0).long().argmax())  # the first column a kept row attends to; the ones before are padding
     for layer in past.layers:
-        if hasattr(layer, "recurrent_states"):  # conv [B, channels, kernel], recurrent [B, heads, dk, dv]
+        # conv [B, channels, kernel], recurrent [B, heads, dk, dv]; [0]: transformers keys a layer's states by index
+        if hasattr(layer, "recurrent_states"):
             layer.conv_states[0], layer.recurrent_states[0] = layer.conv_states[0][idx], layer.recurrent_states[0][idx]
         else:
             layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
@@ -514,11 +547,12 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
     """Sample one assistant turn per sequence (each ends with the assistant header, or is a turn to go on).
     A row stops at <|im_end|>/<|endoftext|>, at the first of its stop strings (stops: one tuple per row, or None),
     after max_new_tokens, or at a vision placeholder token (not kept): what the turn's text does with a stop string
-    (keep it, cut it) is the caller's (tools.advance asks the dialect). caches: None (the uncached path: whole sequences prefilled, nothing kept)
-    or per row None (new) or the cache this returned for it, its sequence grown only at the end since.
-    generators: one per row (None: the global RNG), so results depend neither on batching nor on sharding.
-    -> list of (new_ids, logps, reason, cache), reason in {"eos", "stop", "length", "invalid"}, logps as
-    draw()'s; cache: the row's sequence and new_ids but the last (not yet forwarded), None when uncached."""
+    (keep it, cut it) is the caller's (tools.advance asks the dialect). caches: None (the uncached path: whole
+    sequences prefilled, nothing kept) or per row None (new) or the cache this returned for it, its sequence grown
+    only at the end since. generators: one per row (None: the global RNG), so results depend neither on batching
+    nor on sharding. -> list of (new_ids, logps, reason, cache), reason in {"eos", "stop", "length", "invalid"},
+    logps as draw()'s; cache: the row's sequence and new_ids but the last (not yet forwarded; all of them after
+    "invalid", whose placeholder is not in new_ids), None when uncached."""
     B, keep = len(seqs), caches is not None and policy.kv_turns  # (a family whose cache cannot: whole turns)
     caches = caches if keep else [None] * B
 
@@ -527,18 +561,20 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
     if B:  # identical rows (a GRPO group at its first turn: same ids, images and cache) are prefilled once
         keys = [(tuple(s), tuple(map(id, ims)), id(c)) if keep else b
                 for b, (s, ims, c) in enumerate(zip(seqs, image_lists, caches))]
-        first = {}
+        first = {}  # key -> its first row, in order of first appearance
         for b, k in enumerate(keys):
             first.setdefault(k, b)
-        u = list(first.values())
+        u = list(first.values())  # the U unique rows
         blocks = [seqs[b][caches[b][0]:] if caches[b] else seqs[b] for b in u]       # what each row adds
+        # a row's images are in order of appearance and only its last ones are in what it adds
         news = [image_lists[b][len(image_lists[b]) - blk.count(policy.vision_start):] for b, blk in zip(u, blocks)]
-        batch = collate(policy, blocks, news, [caches[b][1] if caches[b] else 0 for b in u])
+        batch = collate(policy, blocks, news, [caches[b][1] if caches[b] else 0 for b in u])  # positions go on
         past, attn = _stack([caches[b] for b in u], policy.device)
-        if past is not None:
+        if past is not None:  # [U, Lc + L]: pad, past, pad, new tokens per row
             batch["attention_mask"] = torch.cat([attn, batch["attention_mask"]], 1)
         policy.stats["prefill_tokens"] += sum(map(len, blocks))
         _, past, logits = forward(policy, batch, past, use_cache=True)              # logits [U, V]
+        # nxt [U]: the position the next token gets, the last token's largest axis + 1 (mrope_positions' rule)
         attn, nxt = batch["attention_mask"], batch["position_ids"][:, :, -1].max(0).values + 1
         if len(u) < B:  # copy each unique row to the rows that share it
             pos = {k: i for i, k in enumerate(first)}
@@ -549,16 +585,20 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
     caches = None  # (the batch cache holds them now)
     out, logps, reason, kept = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B, [None] * B
     stops = stops or [()] * B
+    # tails: the last `width` characters of each row's text, enough for a stop string to begin there and end in the
+    # next token; pieces: each token's text, decoded once (a piece holding part of a multi-byte character decodes to
+    # U+FFFD alone, harmless for the dialects' ASCII stop strings)
     tails, width, pieces = [""] * B, max((len(s) for ss in stops for s in ss), default=1) - 1, {}
     gens = generators or [None] * B
-    rows = list(range(B))  # the rows of the batch: those still sampling
+    # the rows of the batch: those still sampling; row i of past, attn, logits, tok and nxt is episode rows[i]
+    rows = list(range(B))
     while True:
         if rows:
             tok, tlp = draw(logits, temperature, top_k, top_p, min_p, greedy, [gens[b] for b in rows])
             for b, t, lp in zip(rows, tok.tolist(), tlp.tolist()):
                 if t in policy.forbidden:
                     reason[b] = "invalid"
-                    continue
+                    continue  # not kept: its row leaves below, before the token could be forwarded
                 out[b].append(t)
                 logps[b].append(lp)
                 if t not in pieces:
@@ -576,15 +616,16 @@ def sample(policy, seqs, image_lists, caches=None, max_new_tokens=256, temperatu
                 for i, b in enumerate(rows):
                     if keep and reason[b] is not None:
                         kept[b] = _row_cache(past, attn, i, nxt)
-                attn = _keep_rows(past, attn, going)
+                attn = _keep_rows(past, attn, going)  # (the cache trimmed in place, its leading padding too)
                 tok, nxt, rows = tok[going], nxt[going], [rows[i] for i in going]
         if not (any_rank(bool(rows), policy) if lockstep(policy) else rows):
             break
         if not rows:
             standin()
             continue
-        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
+        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)  # [R, Lc + 1]: the token drawn goes in last
         policy.stats["decode_rows"] += len(rows)
+        # one token per row [R, 1], its text position the same on all three M-RoPE axes [3, R, 1]
         _, past, logits = forward(policy, dict(input_ids=tok[:, None], attention_mask=attn,
                                                position_ids=nxt.view(1, -1, 1).expand(3, -1, 1)), past, use_cache=True)
         nxt = nxt + 1
@@ -606,26 +647,28 @@ def left_pad(rows, L, device):
 def token_logprobs(policy, seqs, image_lists, masks, temperature=1.0, entropy=False, token_loss=None):
     """Per-token log-probs of the trained tokens of whole trajectories, one forward pass; only the hidden states
     that predict a trained token go through the output layer (kernel.py): no [B, L, V] logits.
-    masks: B lists of 0/1 (1 = a token the policy sampled). -> logp [B, L] float32, mask [B, L] float
-    (left-padded like collate), and entropy [B, L] when asked. token_loss: fn(lp [c], b [c], t [c]) -> the
-    losses [c] of the trained tokens at rows b, positions t, fused into the kernel (the gradient is formed in
-    the forward pass); the result is then (loss, logp, mask[, entropy]), loss differentiable, logp detached."""
+    masks: B lists of 0/1 (1 = a trained token: sampled, or harness text a dialect trains). -> logp [B, L]
+    float32, mask [B, L] float (left-padded like collate), and entropy [B, L] when asked. token_loss: fn(lp [c],
+    b [c], t [c]) -> the losses [c] of the trained tokens at rows b, positions t, fused into the kernel (the
+    gradient is formed in the forward pass); the result is then (loss, logp, mask[, entropy]), loss
+    differentiable, logp detached."""
     batch = collate(policy, seqs, image_lists)
     B, L = batch["input_ids"].shape
     m = left_pad(masks, L, policy.device)
     h, _, _ = forward(policy, batch)
     # hidden at position t predicts token t+1: shift the mask left by one to pick the predicting states
-    pick = m[:, 1:].bool()                                                 # [B, L-1]
+    pick = m[:, 1:].bool()                                                 # [B, L-1], N of them set
     hs = h[:, :-1][pick]                                                   # [N, H]
     targets = batch["input_ids"][:, 1:][pick]                              # [N]
     w = policy.model.lm_head.weight  # [V, H]: tied to the input embedding in small Qwens, separate in 7B
     w = w.to(torch.bfloat16) if policy.amp else w  # under autocast the GEMMs run in bf16; grads reach fp32 w
+    # (explicitly: the kernel's torch.mm(out=...) is not an op autocast casts)
     loss_fn = None
     if token_loss is not None:
         bi, ti = pick.nonzero(as_tuple=True)   # the N trained tokens in hs's order: row b, position t + 1
         loss_fn = lambda lp, rows: token_loss(lp, bi[rows], ti[rows] + 1)
     res = fused_logprobs(hs.to(w.dtype), w, targets, temperature, entropy=entropy, loss_fn=loss_fn)
-    res = res if isinstance(res, tuple) else (res,)
+    res = res if isinstance(res, tuple) else (res,)  # (a bare logp when nothing else was asked)
     loss, res = (res[0], res[1:]) if loss_fn else (None, res)
     def spread(x):   # [N] -> [B, L], zero where no token is trained
         full = torch.zeros(B, L, device=policy.device)

@@ -24,6 +24,9 @@ RECIPES = {
     "vl_rethinker": dict(
         all=dict(tools="none", view_min_pixels=256 * 784, view_max_pixels=1280 * 784, max_turn_tokens=2048,
                  max_tokens=2048, answer_format="boxed"),
+        # a rollout of 512 prompts trained in 8 optimizer steps; ssr_extend "before": its replay buffer takes a step's
+        # samples before the fill draws (active_sampling); SSR and rethinking on, as the paper runs them (its launcher
+        # leaves both off: its issues #3, #4)
         grpo=dict(preset="vl_rethinker", group_size=8, prompts=512, mini_batches=8, lr=1e-6, schedule="cosine",
                   lr_min_ratio=0.5, warmup=0.03, weight_decay=0.0, adam_betas=(0.9, 0.95), grad_clip=1.0, eps_low=0.2,
                   eps_high=0.35, beta=0.0, temperature=1.0, top_p=0.95, top_k=40, loss_type="bnpo",
@@ -57,7 +60,7 @@ RECIPES = {
         eval=dict(temperature=0.1, view_max_side=0)),  # V* / HR-Bench: the original (TextVQA: long side 1024)
     # Visual-Agent/DeepEyes: examples/agent/final_merged_v1v8_thinklite.sh, verl/trainer/config/ppo_trainer.yaml,
     # verl/utils/reward_score/vl_agent.py, verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py
-    "deepeyes": dict(
+    "deepeyes": dict(  # 16384 x 784 = 12845056 px: Qwen2.5-VL's own max_pixels
         all=dict(tools="zoom_in", view_max_pixels=16384 * 784, crop_max_pixels=16384 * 784, adaptive_zoom=False,
                  max_turns=5, max_turn_tokens=10240, max_tokens=20480),
         grpo=dict(preset="deepeyes", group_size=16, prompts=256, lr=1e-6, schedule="constant", warmup=0,

@@ -44,6 +44,7 @@ def nonzero(samples, eps=1e-6):
 
 def drop_zero_groups(samples, eps=1e-6):
     """Drop every group whose advantages are all ~zero; keep useful groups whole."""
+    # a useful group stays whole (DAPO filters prompts, not samples): a member at the group mean keeps its A = 0
     useful = {s["group"] for s in nonzero(samples, eps)}
     return [s for s in samples if s["group"] in useful]
 
@@ -67,11 +68,13 @@ def _cpu(x):
 
 def _draw(items, weights, k, rng):
     p = np.asarray(weights, dtype=np.float64)
+    # with replacement, as VL-Rethinker's np.random.choice: a strong sample can come up more than once
     idx = rng.choice(len(items), size=k, replace=True, p=p / p.sum())
     return [items[i] for i in idx]
 
 
 def _extend(store, samples):
+    # the newest `capacity` kept, oldest evicted first: VL-Rethinker's deque(maxlen=...)
     store["items"] = (store["items"] + [_cpu(s) for s in samples])[-store["capacity"]:]
 
 
@@ -82,23 +85,27 @@ def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
     if alpha < 0:
         raise ValueError(f"SSR alpha must be >= 0, got {alpha}")
     rng = np.random.default_rng() if rng is None else rng
-    cur = nonzero(samples)
-    if extend_first:
+    cur = nonzero(samples)  # step 1: the zero-advantage samples go
+    if extend_first:  # VL-Rethinker's order: the fill below may draw this step's samples again
         _extend(store, cur)
-    old = list(store["items"])
+    old = list(store["items"])  # what the fill draws from: a snapshot, before an extend after the draws
     if not cur and not old:
         return []
     batch = []
     if cur:
-        # on an empty store the whole update comes from the current samples (with repeats)
+        # step 2: |A|^alpha, prioritized replay's weights (a group's lone right answer is drawn most); min(size,
+        # n_current) draws (VL-Rethinker: min(half a rollout, n_current)), and on an empty store the whole update
+        # comes from the current samples (with repeats)
         k = min(size, len(cur)) if old else size
         batch = [dict(s, replayed=False) for s in _draw(cur, [abs(float(s["adv"])) ** alpha for s in cur], k, rng)]
     need = size - len(batch)
     if need > 0:
-        # whole passes over the store while it is smaller than what is missing; + 1e-4 keeps every sample reachable
+        # step 3: whole passes over the store while it is smaller than what is missing, (need - 1) // len(old) of
+        # them, which leaves 1 to len(old) to draw; + 1e-4 keeps every sample reachable (VL-Rethinker's weights
+        # are also x 0.8, which normalising cancels)
         fill = old * ((need - 1) // len(old))
         fill += _draw(old, [abs(float(s["adv"])) + 1e-4 for s in old], need - len(fill), rng)
-        batch += [dict(s, replayed=True) for s in fill]
-    if not extend_first:
+        batch += [dict(s, replayed=True) for s in fill]  # shallow copies: the stored sample itself is never marked
+    if not extend_first:  # --ssr-extend after: only earlier steps' samples ever fill
         _extend(store, cur)
     return batch

@@ -47,8 +47,8 @@ def cut_back(text):
     "\\boxed", then before the first "answer" (any case; here the <answer> tag), then at the last blank line."""
     for i in (text.rfind("Wait"), text.rfind("\\boxed")):
         text = text[:i] if i >= 0 else text
-    i = text.lower().find("answer")
-    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text
+    i = text.lower().find("answer")  # the first, as VL-Rethinker's find()
+    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text  # an <answer> tag's "<" goes with it
     i = text.rfind("\n\n")
     return (text[:i] if i >= 0 else text).strip()
 
@@ -57,19 +57,22 @@ def rethink_episode(policy, ep, trigger, truncate):
     """A copy of an answered episode (sharing its images), its last turn cut back when `truncate`, the trigger
     appended (trained, as in VL-Rethinker's code: a part of what the policy wrote) and the turn left open for
     rollout() to go on."""
+    # stop None: rollout() takes it up again; rethinks: r_rethink pays no reflection bonus to a forced rethink
     new = dict(T.copy_episode(ep), stop=None, truncated=False, rethinks=ep["rethinks"] + 1)
     msg = new["messages"][-1]  # the answering assistant message; its last sampled part is the answer's turn
     k = max(i for i, p in enumerate(msg["parts"]) if isinstance(p, dict))
     turn, logps = msg["parts"][k]["ids"], msg["parts"][k]["logps"]
     n_turn = len(turn)
-    if turn and turn[-1] in policy.eos:
+    if turn and turn[-1] in policy.eos:  # the turn goes on after the trigger: its end goes (VL-Rethinker's too)
         turn = turn[:-1]
     text = policy.tok.decode(turn)
+    # the sampled ids themselves up to where the text is cut, never re-tokenised (their log-probs stay theirs)
     kept = T.prefix_ids(policy, turn, len(cut_back(text)) if truncate else len(text))
     tids = M.ids(policy, trigger)
+    # the trigger was not sampled: 0.0, as render gives every token the sampler did not draw
     msg["parts"][k:] = [dict(ids=kept + tids, logps=logps[:len(kept)] + [0.0] * len(tids))]
-    msg["closed"] = False
-    new["turns"][-1] = policy.tok.decode(kept) + trigger
+    msg["closed"] = False  # open: the next model call continues this turn after the trigger
+    new["turns"][-1] = policy.tok.decode(kept) + trigger  # the turn's text, as the reward reads it
     new["n_sampled"] = ep["n_sampled"] - (n_turn - len(kept))  # what was cut, a stripped end-of-turn token too
     new["rethink_from"] = (len(new["turns"]), new["n_sampled"])  # where the continuation starts
     return T.render(policy, new)
@@ -86,23 +89,28 @@ def forced_rethinking(policy, groups, scores, rng, score, max_tokens, prob, trun
         right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]
         easy = sum(right) / len(right) > EASY_GROUP
         for ei, ep in enumerate(g):
+            # VL-Rethinker: a response that ended (its eos) within maxtoken - 1024 tokens, half its 2048
             if ep["stop"] != "answer" or ep["n_sampled"] > max_tokens // 2 or (easy and not right[ei]):
                 continue
-            if rng.random() < prob:
+            if rng.random() < prob:  # (VL-Rethinker skips a candidate with probability 0.35: prob 0.65)
                 trigger = pick_trigger(right[ei], rng)
                 todo.append((gi, ei, rethink_episode(policy, ep, trigger, rng.random() < truncate)))
     if not todo and not M.lockstep(policy):  # sharded ranks roll out together, even with nothing to continue
         return 0
+    # one batched rollout for every continuation, as the first rollout (VL-Rethinker: temperature 0.9)
     T.rollout(policy, [t[2] for t in todo], temperature=temperature, max_turn_tokens=max_turn_tokens, **sampling)
     kept, slots = 0, {}
     for gi, ei, ep in todo:
         total, comp = score(ep)
         k, n0 = ep["rethink_from"]
+        # VL-Rethinker's checks: right, 30 < new tokens < 1024 (half its 2048), a slot left in the group
         if (comp["accuracy"] < R.CORRECT or not MIN_NEW_TOKENS < ep["n_sampled"] - n0 < max_tokens // 2
                 or slots.get(gi, 0) >= MAX_PER_GROUP):
             continue
-        slots[gi] = slots.get(gi, 0) + 1
+        slots[gi] = slots.get(gi, 0) + 1  # taken even if the wait count below drops it (its q2cnt)
+        # waits counted in the continuation's text only, + 1 for the trigger's own (its 1 + nw1 + nw2 + nalt)
         if 1 + R.rethinker_waits("".join(ep["turns"][k:])) <= MAX_WAITS:
+            # in place: the group's advantages, computed after this, see the continuation, not the original
             groups[gi][ei], scores[gi][ei] = ep, (total, comp)
             kept += 1
     return kept
