@@ -45,12 +45,13 @@ def pick_trigger(correct, rng):
 def cut_back(text):
     """VL-Rethinker's truncation of a response before rethinking: before the last "Wait", then before the last
     "\\boxed", then before the first "answer" (any case; here the <answer> tag), then at the last blank line."""
-    for i in (text.rfind("Wait"), text.rfind("\\boxed")):
+    for mark in ("Wait", "\\boxed"):  # one after the other: the last \boxed is looked for in what the Wait cut left
+        i = text.rfind(mark)
         text = text[:i] if i >= 0 else text
     i = text.lower().find("answer")  # the first, as VL-Rethinker's find()
-    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text  # an <answer> tag's "<" goes with it
+    text = text[:i - (text[i - 1:i] == "<")] if i >= 0 else text  # an <answer> tag's "<" goes with it (ours)
     i = text.rfind("\n\n")
-    return (text[:i] if i >= 0 else text).strip()
+    return text[:i].strip() if i >= 0 else text  # (stripped only when cut at a blank line, as theirs)
 
 
 def rethink_episode(policy, ep, trigger, truncate):

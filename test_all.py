@@ -1985,10 +1985,12 @@ def _answered(policy, answer, seed=9):
 
 
 def test_grpo_rethink_cut_back_as_vl_rethinkers_code():
-    # before the last "Wait", then the last "\\boxed", then the first "answer", then at the last blank line
-    assert rethink.cut_back("I think B. Wait, maybe C.\n\nSo the answer is C") == "I think B."
+    # before the last "Wait", then the last "\\boxed" of what is left, then the first "answer", then at the last blank
+    # line (stripped there only): experience_maker.py's _generate_vllm, worked by hand
+    assert rethink.cut_back("I think B. Wait, maybe C.\n\nSo the answer is C") == "I think B. "
     assert rethink.cut_back("Step 1.\n\nStep 2: so \\boxed{3}") == "Step 1."
-    assert rethink.cut_back("Step 1. Step 2: the Answer is 3") == "Step 1. Step 2: the"
+    assert rethink.cut_back("Step 1. Step 2: the Answer is 3") == "Step 1. Step 2: the "
+    assert rethink.cut_back("So x = \\boxed{1}.\n\nWait, no.\n\nSo \\boxed{2}") == "So x = "  # the box before the Wait
     assert rethink.cut_back("<think>it is red</think><answer>red</answer>") == "<think>it is red</think>"
     assert rethink.cut_back("no marks at all") == "no marks at all"
 
