@@ -1,24 +1,21 @@
 """
-dialects.py: the formats models are spoken to in, one entry of DIALECTS each. lookagain's own format is the default,
-and every released checkpoint of the methods we implement gets its own, reproduced from its released code: the prompt
-(character for character), how a tool call is written and parsed, the coordinate frame and image numbering of a call,
-the observation a tool's result comes back as, the stop strings, the answer extractor, what is trained.
-
-A dialect is a dict of plain functions over an episode (tools.py) and a few values:
-    prompt(ep)         -> the opening messages (model.py's conversation: role, parts, closed); tools.py adds the open
-                          assistant message, starting with `prefill`
+dialects.py: the formats models are spoken to in, one entry of DIALECTS each: lookagain's own (the default), and one
+per released checkpoint of the methods we implement, reproduced from its released code: the prompt (character for
+character), how a call is written and parsed, its coordinate frame and image numbering, the observation a result
+comes back as, the stop strings, the answer extractor, what is trained. A dialect is a dict of plain functions over an
+episode (tools.py) and a few values:
+    prompt(ep)         -> the opening messages (model.py's: role, parts, closed); tools.py opens the assistant one
     prefill            the text the first assistant message starts with ("" for most)
     stops, keep_stop   the stop strings of a model call, and whether the text keeps them (the rest of it is cut)
     read(ep, text, reason) -> what one model call did: calls (requests for tools.run_tool), answered, tail (harness
                           text appended to the assistant message), again (go on in the same message), end (a stop
                           reason the dialect decides)
-    observe(ep, calls, final) -> what the results come back as: messages after the assistant message (closed), or
-                          parts inline in it, and the next assistant message's prefill
+    observe(ep, calls, final) -> messages after the assistant message (closed), or parts inline in it; the next prefill
     answer(text)       -> the final answer of a transcript (the text of its turns), for scoring
     trained_text       harness text inside the assistant message is trained too (VLM-R3)
 A request (what read() asks tools.run_tool to run): name and arguments as the model wrote them, tool (a tools.TOOLS
-row) and args (its checked arguments in lookagain's frame: image_index, pixels of that image as shown), or error.
-Adding a dialect is adding one entry (and its test); README's table says what each reproduces.
+row) and args (checked, in lookagain's frame: image_index, pixels of that image as shown), or error. Adding a dialect
+is adding one entry (and its test); docs/dialects.md's table says what each reproduces.
 """
 import ast
 import json
@@ -45,14 +42,14 @@ def system_prompt(tools, compact=False, boxed=False):
         return s
     if compact:
         return s + " Tools: " + "; ".join(f"{n}({', '.join(t['params'])})" for n, t in tools.items()) + "."
-    s += ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    s += ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"  # Qwen2.5's
           "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
     for name, tool in tools.items():
         params = tool["params"]
         props = {k: {**JSON_TYPES[t], "description": d} for k, (t, d) in params.items()}
         schema = {"type": "function", "function": {"name": name, "description": tool["doc"], "parameters": {
             "type": "object", "properties": props, "required": list(params)}}}
-        s += "\n" + json.dumps(schema)
+        s += "\n" + json.dumps(schema)  # one a line, as Qwen2.5's chat template writes them
     return s + ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
                 '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
                 '<args-json-object>}\n</tool_call>\nCoordinates are pixels of the image as you see it.')
@@ -81,13 +78,13 @@ def _number(v, what):
 def _check(kind, v, what):
     """One argument checked by its spec type, normalised."""
     if kind == "string":
-        if not isinstance(v, str) or len(v) > 64:
+        if not isinstance(v, str) or len(v) > 64:  # a label is drawn on the image
             raise ValueError("label must be a string of at most 64 characters")
         return v
     if kind == "integer":
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise ValueError(f"{what} must be an integer")
-        return int(v)
+        return int(v)  # 2.0 reads as 2
     if kind in ("box", "point"):
         n = 4 if kind == "box" else 2
         if not isinstance(v, list) or len(v) != n:
@@ -100,33 +97,33 @@ def _check(kind, v, what):
             raise ValueError(f"{what} must be a list of 1 to 16 objects")
         out = []
         for i, op in enumerate(v):
-            if not isinstance(op, dict) or set(op) != set(keys):
+            if not isinstance(op, dict) or set(op) != set(keys):  # a misspelt key: an error
                 raise ValueError(f"{what}[{i}] must have exactly the keys {sorted(keys)}")
             out.append({k: _check(t, op[k], f"{what}[{i}].{k}") for k, t in keys.items()})
         return out
-    raise AssertionError(kind)
+    raise AssertionError(kind)  # a tools.TOOLS type unknown here: a bug, not model text
 
 
 def parse_call(text, tools):
     """A turn's first <tool_call>, parsed strictly (never raises, never evals); tools: {name: its tools.TOOLS row}.
     -> (name, args, None) or (name or None, None, error)"""
-    start = text.find("<tool_call>")
+    start = text.find("<tool_call>")  # the first: one call a turn, a second is ignored
     end = text.find("</tool_call>", start + 1)
     if start < 0 or end < 0:
         return None, None, "no <tool_call>" if start < 0 else "unclosed <tool_call>"
     try:
-        call = json.loads(text[start + len("<tool_call>"):end])
+        call = json.loads(text[start + len("<tool_call>"):end])  # strict JSON, never evaluated
     except (ValueError, RecursionError) as e:
         return None, None, f"invalid JSON in tool call ({str(e)[:60]})"
-    if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
+    if not isinstance(call, dict) or set(call) != {"name", "arguments"}:  # as Qwen2.5 writes a call
         return None, None, 'a tool call must be {"name": ..., "arguments": {...}}'
     name, args = call["name"], call["arguments"]
     if not isinstance(name, str) or name not in tools:  # echo at most 40 characters of what the model wrote
         return None, None, f"unknown tool {_show(name)}; available: {', '.join(tools)}"
     params = tools[name]["params"]
     if not isinstance(args, dict):
-        return name, None, "arguments must be an object"
-    if set(args) != set(params):
+        return name, None, "arguments must be an object"  # (the name kept: the record says which tool)
+    if set(args) != set(params):  # all required (the schema says so), none extra
         missing, extra = set(params) - set(args), set(args) - set(params)
         return name, None, (f"missing argument(s) {sorted(missing)}" if missing
                             else f"unexpected argument(s) {[k[:40] for k in sorted(extra)[:5]]}")
@@ -146,8 +143,8 @@ def render_call(name, arguments):
 
 
 
-FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the question now."
-BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
+FINAL_TURN = "This is your last turn: you cannot call a tool again. Answer the question now."  # final_answer_turn
+BOXED = "Please reason step by step, and put your final answer within \\boxed{}."  # VL-Rethinker's trigger
 
 
 def place_images(question, n):
@@ -155,7 +152,7 @@ def place_images(question, n):
     writes them where a benchmark puts its images), else all images first, then the question (Qwen's processor
     template, and most released harnesses)."""
     pieces = question.split("<image>")
-    if n and len(pieces) == n + 1:
+    if n and len(pieces) == n + 1:  # one <image> per image: each image where the question has it
         return [x for i, p in enumerate(pieces) for x in ([i - 1] if i else []) + ([p] if p else [])]
     return list(range(n)) + [question]
 
@@ -163,26 +160,27 @@ def place_images(question, n):
 def lookagain_prompt(ep):
     """Our system prompt with the tools' schemas; the images and the question (with a benchmark's own instruction,
     where benchmarks.py kept one apart: the other dialects write their harness's instead)."""
-    boxed, r = ep["cfg"]["answer_format"] == "boxed", ep["record"]
+    boxed, r = ep["cfg"]["answer_format"] == "boxed", ep["record"]  # boxed: \boxed{} in place of <answer>
     question = (question_text(r) + (f"\n{r['instruction']}" if r.get("instruction") else "")
-                + ("\n\n" + BOXED if boxed else ""))
+                + ("\n\n" + BOXED if boxed else ""))  # "\n\n" + trigger, as VL-Rethinker's
     return [dict(role="system", parts=[system_prompt(ep["specs"], compact=ep["compact"], boxed=boxed)], closed=True),
             dict(role="user", parts=place_images(question, len(ep["images"])), closed=True)]
 
 
 def lookagain_read(ep, text, reason):
     """A turn with a <tool_call> is a call (the first, parsed strictly); else it answered if it has an answer."""
-    if "<tool_call>" not in text:
+    if "<tool_call>" not in text:  # an <answer> or a \boxed{} answers; neither: no action
         return dict(answered=scorers.extract_answer(text) is not None)
-    name, args, err = parse_call(text, ep["specs"])
+    name, args, err = parse_call(text, ep["specs"])  # args: in the frame of image k as shown (ours)
     return dict(calls=[dict(name=name, arguments=args, tool=name if err is None else None, args=args, error=err)])
 
 
 def lookagain_observe(ep, calls, final):
     """Qwen's tool-response turn: the new image and a line saying which it is, or the error."""
     c = calls[0]
-    obs = RESULT.format(i=c["new_image"], w=c["size"][0], h=c["size"][1], j=c["image"]) if c["ok"] else f"Error: {c['error']}"
-    obs += " " + FINAL_TURN if final and ep["cfg"]["final_answer_turn"] else ""
+    obs = (RESULT.format(i=c["new_image"], w=c["size"][0], h=c["size"][1], j=c["image"]) if c["ok"]
+           else f"Error: {c['error']}")  # the size as shown: the frame of the next call on it
+    obs += " " + FINAL_TURN if final and ep["cfg"]["final_answer_turn"] else ""  # the last turn told so
     parts = ["<tool_response>\n"] + ([c["new_image"]] if c["ok"] else []) + [obs + "\n</tool_response>"]
     return dict(messages=[dict(role="user", parts=parts, closed=True)])
 
@@ -202,21 +200,21 @@ def vstar_text(record):
     if not record.get("options"):
         return record["question"]
     return (record["question"] + options(record, lambda k, o: f"\n({k}) {o}")
-            + "\nAnswer with the option's letter from the given choices directly.")
+            + "\nAnswer with the option's letter from the given choices directly.")  # V*'s own instruction
 
 
 def _literal(s):
     """A Python literal (JSON or Python syntax) in model text, or ValueError; never evaluated as code."""
-    if len(s) > 100_000:
+    if len(s) > 100_000:  # bounds literal_eval's work on model text
         raise ValueError("too long")
     try:
-        return ast.literal_eval(s.strip())
+        return ast.literal_eval(s.strip())  # JSON or Python (what DeepEyes' eval() reads), never run
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
         raise ValueError(f"not a literal ({type(e).__name__})") from None
 
 
 def _box(v, what="bbox_2d"):
-    return _check("box", v, what)
+    return _check("box", v, what)  # 4 finite numbers, |v| <= 1e6, as floats
 
 
 def request(name, arguments, tool=None, args=None, error=None, **extra):
@@ -227,22 +225,22 @@ def request(name, arguments, tool=None, args=None, error=None, **extra):
 def to_view(ep, k, x, y, frame):
     """A point in a call's frame -> pixels of image k as shown. frame "view": already; "original": pixels of the
     original image k shows; (w, h): pixels of an image of that size showing the same rectangle."""
-    w, h = ep["images"][k]["img"].size
+    w, h = ep["images"][k]["img"].size  # image k as shown
     if frame == "view":
         return x, y
     if frame == "original":
-        x0, y0, x1, y1 = ep["images"][k]["box"]
+        x0, y0, x1, y1 = ep["images"][k]["box"]  # the rectangle of the original it shows, original px
         return (x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)
-    return x * w / frame[0], y * h / frame[1]
+    return x * w / frame[0], y * h / frame[1]  # (w, h): scaled to the size shown
 
 
 def boxed_answer(text):
     """VL-Rethinker's (and Pixel-Reasoner's) answer: the last \\boxed{}, else the first <answer>...</answer>, else the
     text after the last "Answer:", else the whole text (its verifier tries them in that order)."""
-    b = mathscore.last_boxed(text)
+    b = mathscore.last_boxed(text)  # braces balanced: \boxed{\frac{1}{2}} whole
     if b is not None:
         return b
-    m = re.search("<answer>(.*?)</answer>", text)
+    m = re.search("<answer>(.*?)</answer>", text)  # no re.S: one line, as handle_boxed's regex
     if m:
         return m.group(1).strip()
     return text.rpartition("Answer:")[2].strip() if "Answer:" in text else (text.strip() or None)
@@ -250,7 +248,7 @@ def boxed_answer(text):
 
 def first_answer(text):
     """The first <answer>...</answer> (Groundlight's and Mini-o3's parsers), else final_answer's reading."""
-    m = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
+    m = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S)  # XMLParser's pattern: the first, across lines
     return m.group(1).strip() if m else scorers.final_answer(text)
 
 
@@ -264,13 +262,13 @@ VLR_TRIGGER = "Please reason step by step, and put your final answer within \\bo
 
 def vl_rethinker_prompt(ep):
     q, n = question_text(ep["record"]) + "\n\n" + VLR_TRIGGER, len(ep["images"])
-    if n and q.count("<image>") == n:
+    if n and q.count("<image>") == n:  # handle_placeholders puts an image block at each <image>
         return [dict(role="user", parts=place_images(q, n), closed=True)]
     return [dict(role=None, parts=list(range(n)), closed=True), dict(role="user", parts=[q], closed=True)]
 
 
 def one_turn_read(ep, text, reason):
-    return dict(end="max_tokens") if reason == "length" else dict(answered=True)
+    return dict(end="max_tokens") if reason == "length" else dict(answered=True)  # cut: no EOS, their invalid
 
 
 # -----------------------------------------------------------------------------
@@ -278,50 +276,52 @@ def one_turn_read(ep, text, reason):
 # box in original pixels of the question's image; a failed call ends the episode (no error is shown at eval); the
 # crop comes back in a <tool_response> user turn with the instruction again.
 
-DE_SYSTEM = ('You are a helpful assistant.\n\n# Tools\nYou may call one or more functions to assist with the user query.\n'
-             'You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{"type":"function",'
-             '"function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by '
-             'cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object",'
-             '"properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":'
-             '"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner '
-             'and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of '
-             'the object in the specified bounding box (optional)."}},"required":["bbox"]}}}\n</tools>\n\n# How to '
-             'call a tool\nReturn a json object with function name and arguments within <tool_call></tool_call> XML '
-             'tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n'
-             '**Example**:  \n<tool_call>  \n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, '
-             '200], "label": "the apple on the desk"}}  \n</tool_call>')  # "required": ["bbox"] (sic)
-DE_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>  "
-           "<tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
+DE_SYSTEM = ('You are a helpful assistant.\n\n# Tools\nYou may call one or more functions to assist with the user '
+             'query.\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n'
+             '{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region '
+             'of an image by cropping it based on a bounding box (bbox) and an optional object label.",'
+             '"parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},'
+             '"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], '
+             'where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},'
+             '"label":{"type":"string","description":"The name or label of the object in the specified bounding box '
+             '(optional)."}},"required":["bbox"]}}}\n</tools>\n\n# How to call a tool\nReturn a json object with '
+             'function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+             '<function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n**Example**:  \n<tool_call>  \n'
+             '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the '
+             'desk"}}  \n</tool_call>')  # "required": ["bbox"] (sic)
+DE_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think> "
+           " <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
 
 
 def deepeyes_prompt(ep):
     r = ep["record"]
     text = (f"Question: {r['question']}\nOptions: \n" + options(r, lambda k, o: f"{k}. {o}\n") + "\n" + DE_USER
             if r.get("options") else f"Question: {r['question']}\n" + DE_USER)  # (no template for open questions)
-    return [dict(role="system", parts=[DE_SYSTEM], closed=True),
+    return [dict(role="system", parts=[DE_SYSTEM], closed=True),  # eval_vstar.py's, a tool schema of its own
             dict(role="user", parts=list(range(len(ep["images"]))) + [text], closed=True)]
 
 
 def deepeyes_read(ep, text, reason):
     """An answer ends it; else the FIRST <tool_call> (eval; their training reads the last) is the call."""
-    if "</answer>" in text:
+    if "</answer>" in text:  # first: a turn with a call and an answer ends (their loop's condition)
         return dict(answered=True)
-    if "<tool_call>" not in text:
+    if "<tool_call>" not in text:  # neither ends it (theirs re-sends the request, which repeats at T 0)
         return {}
-    body = text.split("<tool_call>")[1].split("</tool_call>")[0].strip()
+    body = text.split("<tool_call>")[1].split("</tool_call>")[0].strip()  # an unclosed call: the rest of the text
     try:
-        call = _literal(body)
-        name, args = call["name"], call["arguments"]
+        call = _literal(body)  # their eval(), without running code
+        name, args = call["name"], call["arguments"]  # the name is not checked, the label ignored (theirs)
         box = _box(args["bbox_2d"])
-        x1, y1 = to_view(ep, 0, box[0], box[1], "original")
+        x1, y1 = to_view(ep, 0, box[0], box[1], "original")  # always the question's image, in original px
         x2, y2 = to_view(ep, 0, box[2], box[3], "original")
         return dict(calls=[request(name, args, "zoom_in", dict(image_index=0, bbox_2d=[x1, y1, x2, y2]))])
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # any failure ends the episode (errors_end)
         return dict(calls=[request(None, None, error=f"{type(e).__name__}: {str(e)[:60]}")])
 
 
 def deepeyes_observe(ep, calls, final):
-    return dict(messages=[dict(role="user", parts=["<tool_response>", calls[0]["new_image"], DE_USER + "</tool_response>"],
+    return dict(messages=[dict(role="user",  # the crop, then the instruction again, inside <tool_response>
+                               parts=["<tool_response>", calls[0]["new_image"], DE_USER + "</tool_response>"],
                                closed=True)])
 
 
@@ -345,34 +345,34 @@ def vlm_r3_read(ep, text, reason):
     """Its harness after each model call: "</answer>\n" when an answer is left open; the end at <|im_end|> or an
     answer; "]}\n" after a box, the last {...} parsed, the crop (the box mapped to the original with int(), cut
     inclusively), "Invalid operation!" when it fails; nothing and the same call again when no box parses."""
-    parts = ep["messages"][-1]["parts"]
+    parts = ep["messages"][-1]["parts"]  # the open assistant message: its text, crops and tails
     if len(parts) >= 3 and parts[-2] == "\n" and isinstance(parts[-3], int):
         del parts[-2]  # the "\n" after a crop is in the prompt of the next call only: later renderings lack it
-    tail = "</answer>\n" if "<answer>" in text and "</answer>" not in text else ""
-    if reason == "eos" or "</answer>" in text + tail:
+    tail = "</answer>\n" if "<answer>" in text and "</answer>" not in text else ""  # the stop was cut
+    if reason == "eos" or "</answer>" in text + tail:  # <|im_end|> or an answer: the episode ends
         return dict(tail=tail, answered="<answer>" in text, end=None if "<answer>" in text else "no_action")
-    if "bbox_2d" not in text:
+    if "bbox_2d" not in text:  # stopped without a box: generation goes on in the message
         return dict(tail=tail, again="")
-    tail += "]}\n"
-    found = re.findall(r"\{.*?\}", text + tail, re.S)
+    tail += "]}\n"  # whichever stop fired ("]}", "]\n}", "] }"), or none (the token cap): theirs appends this
+    found = re.findall(r"\{.*?\}", text + tail, re.S)  # their _extract_fields: the last {...}
     try:
-        op = json.loads(found[-1]) if found else None
+        op = json.loads(found[-1]) if found else None  # strict JSON, as theirs
     except ValueError:
         op = None
     if not op or not isinstance(op, dict) or not op.get("bbox_2d"):  # silently nothing (their code)
         return dict(tail=tail, calls=[request("crop", op, error="no box parses", silent=True)])
-    W, H = ep["originals"][0].size
-    w, h = ep["images"][0]["img"].size
+    W, H = ep["originals"][0].size  # original px
+    w, h = ep["images"][0]["img"].size  # as shown: the box's frame
     try:
         x1, y1, x2, y2 = _box(op["bbox_2d"])
-        x1, y1 = max(0, int(x1 * W / w)), max(0, int(y1 * H / h))
-        x2, y2 = min(W - 1, int(x2 * W / w)), min(H - 1, int(y2 * H / h))
-    except (ValueError, KeyError, TypeError) as e:
+        x1, y1 = max(0, int(x1 * W / w)), max(0, int(y1 * H / h))  # bbox_transform's int(): truncated
+        x2, y2 = min(W - 1, int(x2 * W / w)), min(H - 1, int(y2 * H / h))  # clamped as get_img_crop
+    except (ValueError, KeyError, TypeError) as e:  # their exception path (a missing key, a wrong length)
         return dict(tail=tail + "Invalid operation!", calls=[request("crop", op, error=str(e))])
-    if x1 >= x2 or y1 >= y2:
+    if x1 >= x2 or y1 >= y2:  # get_img_crop's None: silent, no error text
         return dict(tail=tail, calls=[request("crop", op, error="degenerate box", silent=True)])
     box = [*to_view(ep, 0, x1, y1, "original"), *to_view(ep, 0, x2 + 1, y2 + 1, "original")]  # x2, y2 inclusive
-    tail += "```\n" if "```json" in text else ""
+    tail += "```\n" if "```json" in text else ""  # theirs closes a fence: ```json anywhere
     return dict(tail=tail, calls=[request("crop", op, "zoom_in", dict(image_index=0, bbox_2d=box))])
 
 
@@ -381,12 +381,12 @@ def vlm_r3_observe(ep, calls, final):
     c = calls[0]
     shown = c["new_image"] if c["ok"] else ep["calls"][-2]["new_image"] if c.get("silent") and len(ep["calls"]) > 1 \
         and ep["calls"][-2]["ok"] else None
-    return dict(inline=[shown, "\n"] if shown is not None else [])
+    return dict(inline=[shown, "\n"] if shown is not None else [])  # (read() drops that "\n" again next call)
 
 
 def vlm_r3_answer(text):
     """The last <answer>...</answer>, else the last line (test_vstar_r3.py)."""
-    found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    found = re.findall(r"<answer>(.*?)</answer>", text, re.S)  # acc_verifier's: the last, across lines
     return found[-1].strip() if found else (text.strip().split("\n")[-1] or None)
 
 
@@ -400,8 +400,8 @@ VILASR_SYSTEM = (
     'is to break down complex spatial problems and iteratively refine your solution through visualization feedback.\n\n'
     '### Available tools:\nYou can use the following two tools to visualize. After each tool usage, you must wait for '
     'and analyze the visualization feedback before proceeding.\n\n1. **Object Mapper**\n- Purpose: Identifies and maps '
-    'key items in the space\n- Input format: JSON\n```json\n[{{\n    "index": i, # Image index\n    "bbox_2d": [x1, y1, '
-    'x2, y2],\n    "label": "object name/description"\n}}]\n```\n- Output: Generates bounding boxes for visual '
+    'key items in the space\n- Input format: JSON\n```json\n[{{\n    "index": i, # Image index\n    "bbox_2d": [x1, '
+    'y1, x2, y2],\n    "label": "object name/description"\n}}]\n```\n- Output: Generates bounding boxes for visual '
     'inspection of the i-th image\n\n2. **Path Tracer**\n- Purpose: Plots movement or connections between points\n- '
     'Input format: JSON\n```json\n[{{\n    "index": i, # Image index\n    "start_point_2d": [x1, y1],\n    '
     '"end_point_2d": [x2, y2],\n    "label": "trace_description"\n}}]\n```\n- Output: Generates visual paths for '
@@ -415,28 +415,31 @@ VILASR_SYSTEM = (
     'coordinates in JSON format (The top-left corner of the image is (0, 0) and the bottom-right corner is ({width}, '
     '{height}))\n   - Observe the visualization output\n   - Reflect on the visualization:\n     * Is the '
     'placement/path accurate?\n     * Does it align with your reasoning?\n     * What adjustments are needed?\n   - '
-    'Backtrack and Adjust:\n     * If errors found, backtrack to previous step to modify actions or decisions as needed')
+    'Backtrack and Adjust:\n'
+    '     * If errors found, backtrack to previous step to modify actions or decisions as needed')
 VILASR_QUESTION = ("\n### Question:\n{question}\n\nBegin your reasoning. After each tool use, critically evaluate the "
                    "visualization and adjust if needed:\n")
 VILASR_TYPE = {"multiple_choice": "\nAnswer with the option's letter from the given choices directly.",
                "number": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14).",
                "mra": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
-VILASR_NEXT = ("The index of the given image is {i} (width: {w}, height: {h}). Continue your reasoning. After each tool "
-               "use, critically evaluate the visualization and adjust if needed:")
+VILASR_NEXT = ("The index of the given image is {i} (width: {w}, height: {h}). Continue your reasoning. After each "
+               "tool use, critically evaluate the visualization and adjust if needed:")
 VILASR_LAST = ("The index of the given image is {i} (width: {w}, height: {h}). Then, you can not invoke the Object "
-               "Mapper or Path Tracer tool. Please answer the initial question and structure your response as required:")
+               "Mapper or Path Tracer tool. Please answer the initial question and structure your response as "
+               "required:")
 
 
 def vilasr_prompt(ep):
     r, n = ep["record"], len(ep["images"])
-    w, h = ep["images"][0]["img"].size
+    w, h = ep["images"][0]["img"].size  # image 1 as shown: the size its system prompt states
     q = r["question"] + ("\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(r["options"]))
                          if r.get("options") else "")
     if n == 1:  # infer.py's single-image datasets (maze, SpatialEval, SPAR / MMSI single view)
         parts = [0, VILASR_QUESTION.format(question=q + "\nThe index of the given image is 1."
                                                     + VILASR_TYPE.get(r.get("type"), ""))]
     else:       # its multi-view ones: each image with its index line (the first image's size, as theirs)
-        parts = [x for i in range(n) for x in (i, f"The index of the given image is {i + 1} (width: {w}, height: {h}).\n")]
+        parts = [x for i in range(n)
+                 for x in (i, f"The index of the given image is {i + 1} (width: {w}, height: {h}).\n")]
         parts.append(VILASR_QUESTION.format(question=q + VILASR_TYPE.get(r.get("type"), "")))
     return [dict(role="system", parts=[VILASR_SYSTEM.format(width=w, height=h)], closed=True),
             dict(role="user", parts=parts, closed=True)]
@@ -444,50 +447,53 @@ def vilasr_prompt(ep):
 
 def vilasr_read(ep, text, reason):
     """An answer (both tags, at <|im_end|>) ends it; else every ```json block's operations, grouped by image."""
-    if "<answer>" in text and "</answer>" in text and reason == "eos":
+    if "<answer>" in text and "</answer>" in text and reason == "eos":  # its _is_finished; calls in it are ignored
         return dict(answered=True)
     lines, ops = text.split("\n"), []
     for i, line in enumerate(lines):
         if line.strip() == "```json":
             body = "\n".join(lines[i + 1:])
-            body = body.split("```")[0] if "```" in body else body.split("</think>")[0].strip()
+            body = body.split("```")[0] if "```" in body else body.split("</think>")[0].strip()  # unclosed: to </think>
             try:
                 block = _literal(body)
             except ValueError:
                 continue
             for op in block if isinstance(block, list) else []:
-                if isinstance(op, dict) and "label" in op and ("bbox_2d" in op or "start_point_2d" in op and "end_point_2d" in op):
+                if isinstance(op, dict) and "label" in op and ("bbox_2d" in op  # a box, or a line; both need a label
+                                                               or "start_point_2d" in op and "end_point_2d" in op):
                     ops.append(op)
     if not ops or any("index" not in op for op in ops):  # their "ToolError" / "ToolGenError": the episode ends
         return {} if "```json" not in text else dict(calls=[request("Object Mapper", None, error=(
             "no box or line operation parses (each needs a label)" if not ops else "an operation has no index"))])
     groups = {}
     for op in ops:
-        groups.setdefault(op["index"], []).append(op)
+        groups.setdefault(op["index"], []).append(op)  # one new image per image drawn on
     calls = []
     for index, group in groups.items():
         try:
-            if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 1:  # 1-based (out of range: run_tool)
                 raise ValueError(f"index {str(index)[:20]} is not an image number (1-based)")
             clean = [{k: _check("box" if k == "bbox_2d" else "point" if k.endswith("_2d") else "string", op[k], k)
                       for k in ("bbox_2d", "label") if k in op} if "bbox_2d" in op else
                      {k: _check("point" if k.endswith("_2d") else "string", op[k], k)
                       for k in ("start_point_2d", "end_point_2d", "label")} for op in group]
             calls.append(request("Object Mapper" if "bbox_2d" in group[0] else "Path Tracer", group, "draw_box",
-                                 dict(image_index=index - 1, boxes=clean)))
+                                 dict(image_index=index - 1, boxes=clean)))  # draw_box draws lines too (tools._draw)
         except ValueError as e:
             calls.append(request("Object Mapper", group, error=str(e)))
     return dict(calls=calls)
 
 
 def vilasr_observe(ep, calls, final):
+    # the last round, or the image cap reached: told to answer (infer.py: final_prompt)
     prompt = VILASR_LAST if final or len(ep["images"]) + 1 >= ep["cfg"]["max_images"] else VILASR_NEXT
     lines = [(c["new_image"], c["size"]) for c in calls]
     if len(lines) == 1:
         (k, (w, h)), = lines
-        parts = [k, "\n" + prompt.format(i=k + 1, w=w, h=h) + "\n"]
+        parts = [k, "\n" + prompt.format(i=k + 1, w=w, h=h) + "\n"]  # 1-based; a "\n" after the image here only
     else:
-        parts = [x for k, (w, h) in lines[:-1] for x in (k, f"The index of the given image is {k + 1} (width: {w}, height: {h}).\n")]
+        parts = [x for k, (w, h) in lines[:-1]
+                 for x in (k, f"The index of the given image is {k + 1} (width: {w}, height: {h}).\n")]
         (k, (w, h)) = lines[-1]
         parts += [k, prompt.format(i=k + 1, w=w, h=h) + "\n\n"]
     return dict(messages=[dict(role="user", parts=parts, closed=True)])
@@ -495,7 +501,7 @@ def vilasr_observe(ep, calls, final):
 
 def last_answer(text):
     """The last <answer>...</answer> (ViLaSR's scorer reads the last turn's), else final_answer's reading."""
-    found = re.findall(r"<answer>\s*(.*?)\s*</answer>", text, re.S)
+    found = re.findall(r"<answer>\s*(.*?)\s*</answer>", text, re.S)  # (the last turn's is the transcript's last)
     return found[-1].strip() if found else scorers.final_answer(text)
 
 
@@ -506,18 +512,18 @@ def last_answer(text):
 # call are assistant messages of their own.
 
 GL_SYSTEM = (
-    "You may call any of the tools exactly one time. You have access to the following tools to help solve problems: "
-    "\n\nzoom: Returns the image zoomed in on the specified keypoint.\nThis is useful to see a region of interest with "
+    "You may call any of the tools exactly one time. You have access to the following tools to help solve problems: \n"
+    "\nzoom: Returns the image zoomed in on the specified keypoint.\nThis is useful to see a region of interest with "
     "higher clarity, like for reading text or identifying objects.\n\nArguments:\n  - keypoint: list[int], the [x, y] "
     "coordinates of the point to center the zoom on. Must be within the image boundaries.\n\nExamples:\n  <tool>\n  "
-    "name: zoom\n  keypoint: [500, 400]\n  </tool>\n  <tool>\n  name: zoom\n  keypoint: [23, 44]\n  </tool>\n  "
-    "<tool>\n  name: zoom\n  keypoint: [723, 461]\n  </tool>\n\nFor each step:\n1. Start by thinking through your "
-    "reasoning inside <think> tags. Then either return your answer inside <answer> tags, or use a tool inside <tool> "
-    "tags.\n2. If needed, use a tool by writing its arguments inside <tool> tags. Use one line for each argument in the "
-    "format 'key: value'. The first line must be 'name: <tool_name>'.\n3. You will see the tool's output inside "
-    "<result> tags.\n4. Continue until you can give the final answer inside <answer> tags.\n\nTools expect specific "
-    "arguments. Follow the examples carefully for the required keys and expected value formats.\nDo not make up tools "
-    "or arguments that aren't listed. \n")
+    "name: zoom\n  keypoint: [500, 400]\n  </tool>\n  <tool>\n  name: zoom\n  keypoint: [23, 44]\n  </tool>\n  <tool>\n"
+    "  name: zoom\n  keypoint: [723, 461]\n  </tool>\n\nFor each step:\n1. Start by thinking through your reasoning "
+    "inside <think> tags. Then either return your answer inside <answer> tags, or use a tool inside <tool> tags.\n2. "
+    "If needed, use a tool by writing its arguments inside <tool> tags. Use one line for each argument in the format "
+    "'key: value'. The first line must be 'name: <tool_name>'.\n3. You will see the tool's output inside <result> "
+    "tags.\n4. Continue until you can give the final answer inside <answer> tags.\n\nTools expect specific arguments. "
+    "Follow the examples carefully for the required keys and expected value formats.\nDo not make up tools or "
+    "arguments that aren't listed. \n")
 GL_INSTRUCTION = (
     "\n    The image size is {size}.\n    Please thoroughly think through the question and refine your answer while "
     "thinking. You should try to collect the visual evidence you need to support your answer. Then, provide your "
@@ -529,6 +535,7 @@ GL_GUIDE = ["</think>", "<answer>", "</answer>"]  # ([^<]*)</think>([^<]*)<answe
 def stated_size(ep):
     """The size Groundlight's prompt states: the question's image, its long side cut to --view-max-side (int())."""
     W, H = ep["originals"][0].size
+    # their resize_image: training's long side 1024; 0 (their V* / HR-Bench eval): the original's size
     s = min(1.0, ep["cfg"]["view_max_side"] / max(W, H)) if ep["cfg"]["view_max_side"] else 1.0
     return int(W * s), int(H * s)
 
@@ -540,13 +547,14 @@ def groundlight_prompt(ep):
 
 
 def groundlight_read(ep, text, reason):
-    if re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S):
+    if re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.S):  # is_completed: an answer wins over a tool
         return dict(answered=True)
     if reason == "eos":
         return dict(end="no_action")  # "ended early": <|im_end|> in the text completes the episode
-    m = re.search(r"<tool>\s*(.*?)\s*</tool>", text, re.S)
-    if not m:
+    m = re.search(r"<tool>\s*(.*?)\s*</tool>", text, re.S)  # XMLParser: the first, stripped
+    if not m:  # neither: observe() says so (their env_response), the step goes on
         return dict(calls=[], respond=True)
+    # their _general_parse_key_value: a line without ": " (colon, space) is skipped
     kv = dict(line.strip().split(": ", 1) for line in m.group(1).strip().split("\n") if ": " in line.strip())
     kv = {k.strip(): v.strip() for k, v in kv.items()}
     name = kv.get("name")
@@ -555,8 +563,8 @@ def groundlight_read(ep, text, reason):
     if name != "zoom":
         return dict(calls=[request(name, kv, error=f"Error: Unknown tool '{name}' specified. Valid tools are: zoom")])
     err = None
-    missing, extra = {"name", "keypoint"} - set(kv), set(kv) - {"name", "keypoint"}
-    W, H = stated_size(ep)
+    missing, extra = {"name", "keypoint"} - set(kv), set(kv) - {"name", "keypoint"}  # parse_zoom_args (zoom.py)
+    W, H = stated_size(ep)  # the keypoint's frame: the size the prompt states
     if missing:
         err = f"Missing required arguments for zoom tool: {', '.join(sorted(missing))}"
     elif extra:
@@ -568,11 +576,11 @@ def groundlight_read(ep, text, reason):
             kp, err = None, f"Error: Invalid JSON format for 'keypoint': '{kv['keypoint']}'"
         if err is None and not (isinstance(kp, list) and len(kp) == 2):
             err = "Error: 'keypoint' must be a JSON list of two elements."
-        elif err is None and not all(isinstance(v, int) for v in kp):
+        elif err is None and not all(isinstance(v, int) for v in kp):  # a bool passes, as theirs
             err = "Error: Both elements in 'keypoint' list must be integers."
-        elif err is None and not (0 <= kp[0] < W and 0 <= kp[1] < H):
+        elif err is None and not (0 <= kp[0] < W and 0 <= kp[1] < H):  # calculate_crop_coordinates' bounds
             err = f"Error: keypoint [{kp[0]}, {kp[1]}] is outside the image boundaries (width={W}, height={H})"
-    if err is not None:
+    if err is not None:  # call_tool wraps every ValueError so
         return dict(calls=[request(name, kv, error=f"Error: Parsing arguments for tool 'zoom': {err}")])
     return dict(calls=[request(name, dict(keypoint=kp), "zoom_point", dict(image_index=0, point_2d=kp, frame=(W, H)))])
 
@@ -581,8 +589,9 @@ def groundlight_observe(ep, calls, final):
     """The zoom as a user turn named tool_result_1, or the error in <result> tags; then the "<think>" prefill and
     the last step, shaped by the regex."""
     c = calls[0] if calls else None
-    parts = (["Error: No tool call or answer found in your last message."] if c is None else
-             ["<image_name> tool_result_1 </image_name>", c["new_image"]] if c["ok"] else [f"<result>\n{c['error']}\n</result>"])
+    parts = (["Error: No tool call or answer found in your last message."] if c is None else  # (not in <result>)
+             ["<image_name> tool_result_1 </image_name>", c["new_image"]] if c["ok"]  # named, no other text
+             else [f"<result>\n{c['error']}\n</result>"])  # XMLParser.format of the error
     return dict(messages=[dict(role="user", parts=parts, closed=True)], prefill="<think>", guide=GL_GUIDE)
 
 
@@ -613,26 +622,26 @@ def mini_o3_prompt(ep):
 
 
 def mini_o3_read(ep, text, reason):
-    if not re.findall(r"<grounding>(.*?)</grounding>", text, re.S):
+    if not re.findall(r"<grounding>(.*?)</grounding>", text, re.S):  # no call: the answer turn, the episode ends
         return dict(answered=bool(re.search(r"<answer>.*</answer>", text, re.S)))
     m = MO3_CALL.match(text)  # the last <grounding> of the turn, exact spacing
     try:
         if m is None:
-            raise ValueError("'NoneType' object has no attribute 'group'")
-        box, source = _literal(m.group(1)), m.group(2)
+            raise ValueError("'NoneType' object has no attribute 'group'")  # their error text, shown to the model
+        box, source = _literal(m.group(1)), m.group(2)  # their eval(), without running code
         if not (isinstance(box, list) and len(box) == 4):
-            raise ValueError("")
+            raise ValueError("")  # a bare assert: its message is empty
         box = _box(box)
         k = 0 if source == "original_image" else re.match("observation_([0-9]*)", source)
         if k is None:
             raise ValueError(f"The 'source' argument \"{source}\" does not match the pattern 'observation_([0-9]*)'.")
-        k = k if isinstance(k, int) else int(k.group(1) or -1)
+        k = k if isinstance(k, int) else int(k.group(1) or -1)  # observation_k is image k (the k-th crop)
         if not 0 <= k < len(ep["images"]):
             raise ValueError(f'Error in predicting the source observation: "{source}".')
         x0, y0, x1, y1 = ep["images"][k]["box"]
         w, h = x1 - x0, y1 - y0  # the source at its own resolution: the original, or the crop as cut
-        px = [min(max(int(v * s), 0), int(s) - 1) for v, s in zip(box, (w, h, w, h))]
-        if not px[0] <= px[2] - 1:
+        px = [min(max(int(v * s), 0), int(s) - 1) for v, s in zip(box, (w, h, w, h))]  # int(), clamped (theirs)
+        if not px[0] <= px[2] - 1:  # PIL's right edge is exclusive: at least a pixel
             raise ValueError(f"The bounding box is not valid in width: {px}")
         if not px[1] <= px[3] - 1:
             raise ValueError(f"The bounding box is not valid in height: {px}")
@@ -645,8 +654,10 @@ def mini_o3_read(ep, text, reason):
 
 def mini_o3_observe(ep, calls, final):
     c, t = calls[0], len(ep["turns"]) - 1  # the action's number: the model call's, from 0
+    # (after a failed call the numbers run ahead of the crops' observation_k, as in their harness)
     parts = ([f"After the above Action {t}, here is the the zoom-in image (Observation {t + 1}):\n", c["new_image"],
-              MO3_NEXT] if c["ok"] else [f"ERROR occurs during grounding. Error Information: {c['error']}.\n" + MO3_ERROR])
+              MO3_NEXT] if c["ok"]
+             else [f"ERROR occurs during grounding. Error Information: {c['error']}.\n" + MO3_ERROR])
     return dict(messages=[dict(role="user", parts=parts, closed=True)])
 
 
@@ -687,49 +698,51 @@ def pixel_reasoner_read(ep, text, reason):
     if not text.endswith("</tool_call>"):
         return dict(answered=True)
     try:
-        call = json.loads(text.split("<tool_call>")[-1].split("</tool_call>")[0])
+        call = json.loads(text.split("<tool_call>")[-1].split("</tool_call>")[0])  # the last call, strict JSON
         name, args = call["name"], call["arguments"]
         if name != "crop_image_normalized":
-            raise KeyError(name)
-        t, box = args["target_image"], [float(v) for v in args["bbox_2d"][:4]]
-        if not isinstance(t, int) or not 1 <= t <= len(ep["images"]):
+            raise KeyError(name)  # theirs: a KeyError in its operations table
+        t, box = args["target_image"], [float(v) for v in args["bbox_2d"][:4]]  # a 5th number is ignored
+        if not isinstance(t, int) or not 1 <= t <= len(ep["images"]):  # 1-based; 1.0 fails in theirs too
             raise ValueError("Execution Error: Incorrect `target_image` argument in `crop_image_normalized` operation. "
                              f"You can only pick an image within [1,{len(ep['images'])}]")
-        w, h = ep["images"][t - 1]["img"].size
+        w, h = ep["images"][t - 1]["img"].size  # the target as shown: theirs crops the processed image
         if not all(v < 1 for v in box):  # pixels, not fractions
             box = [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
-        box = [min(max(v + d, 0.0), 1.0) for v, d in zip(box, (-0.1, -0.1, 0.1, 0.1))]
-        px = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
-        if not (round(px[2]) - round(px[0]) > 28 and round(px[3]) - round(px[1]) > 28):
+        box = [min(max(v + d, 0.0), 1.0) for v, d in zip(box, (-0.1, -0.1, 0.1, 0.1))]  # padded by 0.1, clamped
+        px = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]  # floats: PIL's crop rounds them
+        if not (round(px[2]) - round(px[0]) > 28 and round(px[3]) - round(px[1]) > 28):  # their assert, strict
             raise ValueError(f"Cropped image is too small: {round(px[2]) - round(px[0])}x{round(px[3]) - round(px[1])}")
         return dict(calls=[request(name, args, "zoom_in", dict(image_index=t - 1, bbox_2d=px))])
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:  # shown: "\nExecution error:\n..."
         return dict(calls=[request(None, None, error=str(e) if not isinstance(e, KeyError) else repr(e.args[0]))])
 
 
 def pixel_reasoner_observe(ep, calls, final):
     c = calls[0]
+    # the size as shown (theirs states the crop's size after its resize)
     parts = ([f"\nHere is the cropped image (Image Size: {c['size'][0]}x{c['size'][1]}):", c["new_image"]] if c["ok"]
              else [f"\nExecution error:\n{c['error']}\n"])
     return dict(messages=[dict(role="user", parts=parts, closed=True)])
 
 
 # -----------------------------------------------------------------------------
-# the table: adding a format is adding an entry (and its test; README's dialect table)
+# the table: adding a format is adding an entry (and its test; the table in docs/dialects.md)
 
 DIALECTS = {
     "lookagain": dict(prompt=lookagain_prompt, prefill="", stops=("</tool_call>", "</answer>"), keep_stop=True,
                       read=lookagain_read, observe=lookagain_observe, answer=scorers.final_answer,
                       checkpoints="(lookagain's own format: new training)"),
-    "vl_rethinker": dict(prompt=vl_rethinker_prompt, prefill="", stops=(), keep_stop=True, read=one_turn_read,
+    "vl_rethinker": dict(prompt=vl_rethinker_prompt, prefill="", stops=(), keep_stop=True, read=one_turn_read,  # EOS
                          observe=None, answer=boxed_answer, checkpoints="TIGER-Lab/VL-Rethinker-7B, -72B"),
     "deepeyes": dict(prompt=deepeyes_prompt, prefill="", stops=(), keep_stop=True, read=deepeyes_read,
-                     observe=deepeyes_observe, answer=first_answer, errors_end=True, checkpoints="ChenShawn/DeepEyes-7B"),
+                     observe=deepeyes_observe, answer=first_answer, errors_end=True,  # as its eval: no error shown
+                     checkpoints="ChenShawn/DeepEyes-7B"),
     "vlm_r3": dict(prompt=vlm_r3_prompt, prefill="", stops=("]}", "]\n}", "] }", "</answer>"), keep_stop=False,
-                   read=vlm_r3_read, observe=vlm_r3_observe, answer=vlm_r3_answer, trained_text=True,
+                   read=vlm_r3_read, observe=vlm_r3_observe, answer=vlm_r3_answer, trained_text=True,  # its RL mask
                    checkpoints="lh-hyr/VLM-R3-7b-rl-v1"),
     "vilasr": dict(prompt=vilasr_prompt, prefill="", stops=(), keep_stop=True, read=vilasr_read,
-                   observe=vilasr_observe, answer=last_answer, errors_end=True,
+                   observe=vilasr_observe, answer=last_answer, errors_end=True,  # a failed call ends it, never shown
                    checkpoints="AntResearchNLP/ViLaSR, ViLaSR-cold-start"),
     "groundlight": dict(prompt=groundlight_prompt, prefill="\n<think> Let me think step by step.", split_prefill=True,
                         stops=("</tool>", "</answer>"), keep_stop=True, read=groundlight_read,
@@ -738,7 +751,7 @@ DIALECTS = {
                     observe=mini_o3_observe, answer=first_answer, checkpoints="Mini-o3/Mini-o3-7B-v1, -7B-SFT"),
     "pixel_reasoner": dict(prompt=pixel_reasoner_prompt, prefill="", stops=(), keep_stop=True,
                            read=pixel_reasoner_read, observe=pixel_reasoner_observe, answer=boxed_answer, max_calls=4,
-                           checkpoints="TIGER-Lab/PixelReasoner-RL-v1, -WarmStart"),
+                           checkpoints="TIGER-Lab/PixelReasoner-RL-v1, -WarmStart"),  # max_calls: the 5th not run
 }
 for _d in DIALECTS.values():  # the defaults an entry may leave out
     _d.setdefault("trained_text", False)

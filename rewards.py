@@ -37,11 +37,11 @@ def accuracy(pred_text, record, extract=None, cut=False):
         raise ValueError(f"unknown record type {kind!r}; expected one of {', '.join(SCORERS)}")
     if "answer" not in record:
         raise ValueError(f"record {record.get('id')!r} has no 'answer'")
-    if SCORERS[kind] in (score_choice, score_final):
+    if SCORERS[kind] in (score_choice, score_final):  # lookagain's own scorers: the answer where the dialect puts it
         return SCORERS[kind](pred_text, record, extract)
-    if kind == "rethinker" and cut:
+    if kind == "rethinker" and cut:  # their scorer reads a response cut at its cap without the <|im_end|>
         return SCORERS[kind](pred_text, record, eos="")
-    return SCORERS[kind](pred_text, record)
+    return SCORERS[kind](pred_text, record)  # a benchmark's official scorer finds its answer in the raw text itself
 
 # -----------------------------------------------------------------------------
 # 2. region helpers (coverage, further down, sits beside the region terms)
@@ -53,11 +53,11 @@ def _box(v):
         x1, y1, x2, y2 = (float(x) for x in v)
     except (TypeError, ValueError):
         return None
-    ok = all(math.isfinite(x) for x in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1
+    ok = all(math.isfinite(x) for x in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1  # iou() divides by the area
     return (x1, y1, x2, y2) if ok else None
 
 
-def _inter(a, b):
+def _inter(a, b):  # the overlap's area; each side floored at 0: two negative sides would multiply to a positive area
     return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
@@ -70,11 +70,11 @@ def iou(a, b):
 # 3. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
 
 
-def _turns(traj):
+def _turns(traj):  # a malformed entry is skipped, never raised on (model output never raises here)
     return [t for t in (traj.get("turns") or []) if isinstance(t, str)]
 
 
-def _text(traj):
+def _text(traj):  # the whole output, turns joined, as the methods score one response string
     return "\n".join(_turns(traj))
 
 
@@ -93,7 +93,7 @@ def r_soft(traj, record, acc):
 
 def r_format_r3(traj, record, acc):
     """VLM-R3: 0.5 if the output ends in a closed <answer>...</answer>."""
-    text = _text(traj).rstrip()
+    text = _text(traj).rstrip()  # their format_reward (rgrpo.py): fullmatch of .*?<answer>.*?</answer>\s*
     if text.endswith("</answer>") and "<answer>" in text:
         return 0.5, "ends in <answer>...</answer>"
     return 0.0, "does not end in a closed <answer>"
@@ -107,13 +107,14 @@ def r_format_vilasr(traj, record, acc):
         return 0.0, "no turns"
     for i, t in enumerate(turns):
         last = i == len(turns) - 1
+        # their pattern is <think>(.*?)</think>\s*Action:\s*(.*?)(?=\n|$); the action here is lookagain's tag
         if not re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S):
             return 0.0, f"turn {i} is not <think>...</think> then an action"
         if last and ("<answer>" not in t or "</answer>" not in t):
             return 0.0, "last turn has no <answer>...</answer>"
         if not last and ("<answer>" in t or "</answer>" in t or "<tool_call>" not in t):
             return 0.0, f"turn {i} answers early or makes no operation"
-    bad = sum(c.get("arguments") is None for c in calls)
+    bad = sum(c.get("arguments") is None for c in calls)  # arguments None: the call did not parse (dialects.py)
     if bad:
         return 0.0, f"{bad} of {len(calls)} operations do not parse"
     return 1.0, f"well formed, {len(calls)} operations all parse"
@@ -126,11 +127,12 @@ def r_format_groundlight(traj, record, acc):
     if not turns:
         return 0.0, "no turns"
     score = 0.0
-    for t in turns:
+    for t in turns:  # each model call scored alone, as theirs scores each assistant message
         s = t.strip()
         think = "<think>" in s and "</think>" in s
         tool = "<tool_call>" in s and "</tool_call>" in s
         answer = "<answer>" in s and "</answer>" in s
+        # 0.4: think and exactly one of call / answer (their XOR); the 0.2 terms: a tag present, starts and ends right
         score += (0.4 * (think and tool + answer == 1) + 0.2 * (think or tool or answer) + 0.2 * s.startswith("<think>")
                   + 0.2 * ((tool and s.endswith("</tool_call>")) or (answer and s.endswith("</answer>"))))
     return score / len(turns), f"graded format {score:.1f} over {len(turns)} turns"
@@ -140,6 +142,7 @@ def r_format_deepeyes(traj, record, acc):
     """DeepEyes: -1 for unbalanced <think>, unbalanced <answer> after the last </think>, a 1000+ char answer; else 0."""
     text = _text(traj)
     tail, answer = text.rpartition("</think>")[2], text.split("<answer>")[-1].split("</answer>")[0]  # their slices
+    # (their check that every <|vision_start|><|image_pad|> is closed has no counterpart: turns hold no image tokens)
     errors = [why for why, bad in [("unbalanced <think>", text.count("<think>") != text.count("</think>")),
                                    ("unbalanced <answer>", tail.count("<answer>") != tail.count("</answer>")),
                                    ("answer of 1000+ characters", len(answer.strip()) >= 1000)] if bad]
@@ -151,13 +154,13 @@ def r_tool_success(traj, record, acc):
     calls = _calls(traj)
     if not calls:
         return 0.0, "no tool calls"
-    ok = sum(bool(c.get("ok")) for c in calls)
+    ok = sum(bool(c.get("ok")) for c in calls)  # theirs: no "Error:" in the turn after the call
     return ok / len(calls), f"{ok}/{len(calls)} calls succeeded"
 
 
 def r_tool_bonus(traj, record, acc):
     """DeepEyes: 1 only when the answer is correct and at least one tool call succeeded."""
-    if acc >= CORRECT and any(c.get("ok") for c in _calls(traj)):
+    if acc >= CORRECT and any(c.get("ok") for c in _calls(traj)):  # theirs: judge accuracy > 0.5 and an image came back
         return 1.0, "correct with a successful tool call"
     return 0.0, "answer wrong" if acc < CORRECT else "no successful tool call"
 
@@ -166,9 +169,9 @@ def r_region_valid(traj, record, acc):
     """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if the answer is fully correct
     (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop)."""
     calls = _calls(traj)
-    if acc < 1.0 or not calls:
+    if acc < 1.0 or not calls:  # a partly right answer (a VQA or MRA score below 1) earns nothing here
         return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes"
-    bad = sum(c.get("arguments") is None for c in calls)
+    bad = sum(c.get("arguments") is None for c in calls)  # one box that does not parse spoils all, as their break
     if bad:
         return 0.0, f"{bad} of {len(calls)} boxes do not parse"
     return 0.5, f"{len(calls)} boxes parse"
@@ -177,7 +180,7 @@ def r_region_valid(traj, record, acc):
 def r_region_executed(traj, record, acc):
     """Stricter r_region_valid, every box cut (opt in: --weights '{"region_valid": 0, "region_executed": 1}')."""
     calls = _calls(traj)
-    if acc < 1.0 or not calls or not all(c.get("ok") for c in calls):
+    if acc < 1.0 or not calls or not all(c.get("ok") for c in calls):  # ok: parsed and cut (tools.run_tool)
         return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes" if not calls else "a box failed"
     return 0.5, f"{len(calls)} boxes cut"
 
@@ -187,8 +190,9 @@ def r_region_iou(traj, record, acc):
     if record.get("bbox") is None:
         return 0.0, "record has no bbox"
     gt = _box(record["bbox"])
-    if gt is None:
+    if gt is None:  # the record is wrong, not the model: say so (data.py should have caught it)
         raise ValueError(f"record bbox {record['bbox']!r} is not [x1, y1, x2, y2] with positive area")
+    # region: original pixels (tools.run_tool), the bbox's frame too; a drawing's region is the image drawn on
     regions = [b for b in (_box(c.get("region")) for c in _calls(traj) if c.get("ok")) if b]
     if not regions:
         return 0.0, "no region looked at"
@@ -206,13 +210,16 @@ def coverage(traj, record):
     if gt is None:
         raise ValueError(f"record bbox {record['bbox']!r} is not [x1, y1, x2, y2] with positive area")
     zooms = [b for b in (_box(c.get("region")) for c in _calls(traj) if c.get("ok") and c.get("zoom")) if b]
+    # tuples compare IoU first, then the share held; (0, 0) when it never zoomed
     return max([(0.0, 0.0)] + [(iou(b, gt), _inter(b, gt) / ((gt[2] - gt[0]) * (gt[3] - gt[1]))) for b in zooms])
 
 
 def r_length(traj, record, acc):
     """VLM-R3, as their code: min(0.1, 0.01 x characters of the shortest reasoning segment between the tool calls before
     the first <answer>); empty segments count only at the ends (no reasoning before the first or after the last: 0)."""
+    # their length_reward (rgrpo.py): before the first <answer>, think tags dropped, whitespace runs as one space
     text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
+    # split at the calls (theirs splits at the bare {"bbox_2d": [...]} its format writes; here lookagain's blocks)
     segments = [s.strip() for s in split_blocks(text, "<tool_call>", "</tool_call>")]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
@@ -220,7 +227,7 @@ def r_length(traj, record, acc):
 
 def rethinker_waits(text):
     """VL-Rethinker's count of self-reflections in a response: 'wait,' + 'wait a' + 'alternatively', lower-cased."""
-    t = text.lower()
+    t = text.lower()  # three phrases, not every 'wait' (r_rethink's validity check counts every 'wait')
     return t.count("wait,") + t.count("wait a") + t.count("alternatively")
 
 
@@ -230,10 +237,11 @@ def r_rethink(traj, record, acc):
     to rethink with n self-reflections (rethinker_waits) gets 1.1 for n in 1-2, max(1 - 0.2 n, -0.1) for n >= 3.
     (Their \\boxed check never fires, an argument-order slip passes None: no answer is valid and wrong, as here.)"""
     text = _text(traj)
+    # cut off: their rule_reward finds no EOS in the text; 'wait' counted as any substring, unlike rethinker_waits
     invalid = traj.get("stop") in ("max_tokens", "invalid_token") or text.lower().count("wait") > 5
     shaped, why = ((-0.1, "invalid: cut off or more than 5 waits") if invalid
                    else (1.0, "correct") if acc >= CORRECT else (0.0, "wrong"))
-    if acc < CORRECT or traj.get("rethinks"):
+    if acc < CORRECT or traj.get("rethinks"):  # the shaping below rewards reflection the model chose, not a forced one
         return shaped, why + (" (forced rethink)" if traj.get("rethinks") else "")
     n = rethinker_waits(text)
     if 0 < n < 3:
@@ -241,23 +249,25 @@ def r_rethink(traj, record, acc):
     return max(shaped - 0.2 * n, -0.1), f"{why}, {n} self-reflections"
 
 
-_FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
+_FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")  # gcot.py's first number: 3.5, -2, .5; '1,000' reads as 1
 
 
 def vilasr_accuracy(traj, record, acc):
     """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn: multiple choice
     by stripped ==, number and mra by MRA of the first numbers (strict '<'); other types (none in their data): acc."""
-    last = (_turns(traj) or [""])[-1]
+    last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
     m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
     ans = m.group(1) if m else last
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
-    if record.get("type") == "multiple_choice":
+    if record.get("type") == "multiple_choice":  # the whole string: '(B)' or 'B. left' is wrong for B
         return float(ans.strip() == str(gold).strip())
-    if record.get("type") in ("number", "mra"):
+    if record.get("type") in ("number", "mra"):  # convert.py maps numerical and regression to mra: both MRA here
         p, g = _FIRST_NUMBER.search(ans[:MAX_ANSWER_CHARS]), _FIRST_NUMBER.search(str(gold))
         if p is None or g is None:
             return 0.0
         p, g = float(p.group()), float(g.group())
+        # relative error < 1 - theta, theta 0.5..0.95, strict as gcot.py (1e-8: a gold of 0); gcot.py computes in
+        # float32 (scorers.mra32): on a boundary (12 for 10) it scores 0.6 where this float64 gives 0.7
         return float(np.mean(abs(p - g) / (abs(g) + 1e-8) < 1 - MRA_THRESHOLDS))
     return acc
 
@@ -266,7 +276,7 @@ def r_vilasr(traj, record, acc, beta=0.0):
     """ViLaSR: S = 1(acc > beta) x (0.5 acc + 0.5 format), acc by vilasr_accuracy, format by r_format_vilasr."""
     acc = vilasr_accuracy(traj, record, acc)
     fmt, why = r_format_vilasr(traj, record, acc)
-    if not acc > beta:
+    if not acc > beta:  # gcot_compute_score: format counts only once the answer scores (format alone earns nothing)
         return 0.0, f"gated off: accuracy {acc:.3f} <= {beta}"
     return 0.5 * acc + 0.5 * fmt, f"0.5 x accuracy {acc:.3f} + 0.5 x format {fmt:.0f} ({why})"
 
@@ -278,11 +288,12 @@ def r_vqa_hard(traj, record, acc):
     ans = final_answer(_text(traj))
     if not ans:
         return 0.0, "no answer"
-    p = vqa_normalize(ans)
+    p = vqa_normalize(ans)  # EvalAI normalisation on both sides, as their normalize_answer
     matches = sum(vqa_normalize(a) == p for a in gold_answers(record["answer"]))
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 
+# every r_* function above, by its name without the prefix: a new term is one function, no registry to edit
 TERMS = {name[2:]: f for name, f in list(globals().items()) if name.startswith("r_") and callable(f)}
 
 # -----------------------------------------------------------------------------
@@ -304,12 +315,12 @@ def reward(traj, record, preset="vlm_r3", weights=None):
     """Weighted sum of the preset's terms, `weights` overriding or adding; components always hold "accuracy"."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown reward preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    w = {**(PRESETS[preset] if preset else {}), **(weights or {})}
-    unknown = [k for k in w if k != "accuracy" and k not in TERMS]
+    w = {**(PRESETS[preset] if preset else {}), **(weights or {})}  # --weights overrides a preset's weight or adds one
+    unknown = [k for k in w if k != "accuracy" and k not in TERMS]  # a typo in --weights fails here, not silently
     if unknown:
         raise ValueError(f"unknown reward terms {unknown}; known terms: accuracy, {', '.join(TERMS)}")
-    acc, why = accuracy(_text(traj), record, traj.get("extract"), traj.get("cut", False))
-    components, reasons = {"accuracy": acc}, {"accuracy": why}
+    acc, why = accuracy(_text(traj), record, traj.get("extract"), traj.get("cut", False))  # once: gated terms read it
+    components, reasons = {"accuracy": acc}, {"accuracy": why}  # logged even at weight 0 (eval and grpo report it)
     for name in w:
         if name != "accuracy":
             components[name], reasons[name] = TERMS[name](traj, record, acc)
