@@ -33,7 +33,9 @@ def _vstar_record(key, img, question, options, correct, shuffle_seed, category, 
     order, as DeepEyes' published 90.1 was measured at 6c5e796); bbox around all targets."""
     order = list(range(len(options)))
     if shuffle_seed >= 0:
-        random.Random(f"{shuffle_seed}:{key}").shuffle(order)  # str seeds hash with sha512: stable across runs
+        # seeded per item: its order does not depend on which others are loaded; str seeds hash with sha512, so it is
+        # stable across runs (hash() of a str is not)
+        random.Random(f"{shuffle_seed}:{key}").shuffle(order)
     r = dict(id=f"vstar-{key.replace('/', '-')}", image=img, question=question, answer=chr(65 + order.index(correct)),
              type="multiple_choice", options=[options[k] for k in order], category=category, source=where)
     boxes = ann.get("bbox") if isinstance(ann, dict) else None
@@ -119,8 +121,9 @@ HRBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "category", "cycle_c
 
 
 def load_hrbench(path, o, bad=None):
-    """HR-Bench 4K/8K TSV: index, question, A-D, answer (letter), category, cycle_category (option rotation), image
-    (base64 JPEG, or as in VLMEvalKit the index of the row with it), decoded when needed: no 8K image stays decoded."""
+    """HR-Bench 4K/8K TSV: index, question, A-D, answer (letter), category, cycle_category (option rotation: each
+    question is there in 4 rotations, so nothing is shuffled), image (base64 JPEG, or as in VLMEvalKit the index of
+    the row with it), decoded when needed: no 8K image stays decoded."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)  # a base64 8K image is tens of MB in one field
@@ -372,7 +375,9 @@ def load_mmmu_pro(path, o, bad=None):
                     "last line of your response should be of the following format: 'Answer: $LETTER' (without quotes) "
                     "where LETTER is one of options. Think step by step before answering.")
     files = [f for f in _files(path, ".parquet", o["split"]) if "(4 options)" not in f or "(4 options)" in path]
-    return _rows(files, ("id", "options", "answer"), bad, make)  # the 4-option config only when asked by name
+    # the 4-option config only when asked by name: MMMU-Pro's prompt code handles only 10 options and vision, the
+    # two configs_mean averages
+    return _rows(files, ("id", "options", "answer"), bad, make)
 
 
 def _json_items(path):
@@ -392,6 +397,7 @@ def load_mathverse(path, o, bad=None):
                                                                     where, bad)
         if img is None:
             return None
+        # Vision Only has an empty question (it is in the picture): its query_wo (the official "w/o" input) then
         return dict(id=f"mathverse-{row['sample_index']}", image=[img], question=row["question"] or row["query_wo"],
                     answer=str(row["answer"]), type="rethinker", category=row["problem_version"],
                     question_type=row.get("question_type"),
@@ -419,6 +425,7 @@ def load_mathvision(path, o, bad=None):
         if img is None:
             return None
         opts = [str(x) for x in row.get("options") or []]
+        # options just A-E: the choices are drawn in the picture, and the official prompt lists none
         q = row["question"] + ("\n" + _letter_lines(opts, "({}) {}\n") if opts and opts != list("ABCDE") else "")
         q, imgs = place_images(q, {1: img}, r"<image(\d+)>")
         return dict(id=f"mathvision-{row['id']}", image=imgs, question=q, answer=str(row["answer"]), type="mathvision",
@@ -488,7 +495,7 @@ def _spatial(name, kind, images, extra=()):
     return load
 
 
-SPAR_SENTENCES = ("Your answer can only include one of options A, B, C or D.",
+SPAR_SENTENCES = ("Your answer can only include one of options A, B, C or D.",  # ViLaSR's infer.py removes these
                   "Answer using a single number and nothing else.")
 
 
@@ -563,7 +570,7 @@ def micro(items, value):
 
 def rotations(items, value):
     """HR-Bench (its official evaluate()): the mean per rotation (cycle_category), then over rotations; per category
-    the same within the category."""
+    the same within the category. With the 4 rotations whole (200 rows each) that is micro; not once rows are lost."""
     cycles = defaultdict(list)
     for it in items:
         cycles[it.get("cycle_category")].append(it)
@@ -584,7 +591,8 @@ REL_DIRECTION = ("object_rel_direction_easy", "object_rel_direction_medium", "ob
 
 def vsi_tasks(items, value):
     """VSI-Bench (utils.py aggregate): the mean per question type, the three relative-direction levels' means averaged
-    into one (not pooled), then the unweighted mean over the 8 tasks."""
+    into one (not pooled: easy 60 of 100 right, medium 40 of 100, hard 40 of 200 give 0.4; pooled as ViLaSR's 0.35),
+    then the unweighted mean over the 8 tasks."""
     per = _by(items, value)
     levels = [per.pop(k) for k in REL_DIRECTION if k in per]
     if levels:

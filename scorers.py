@@ -3,7 +3,8 @@ scorers.py: answer extraction and the benchmarks' scorers; SCORERS (a record's "
 rewards.accuracy dispatches on. Read top to bottom:
   1. answer extraction  extract_answer, final_answer, extract_choice (the one extractor of lookagain's own format)
   2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation)
-  3. lookagain's own    vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score
+  3. lookagain's own    vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score; score_choice
+                        and score_final, which apply them to the answer a dialect extracted
   4. official scorers   each benchmark's own extraction and comparison, behaviour for behaviour (quirks included)
   5. SCORERS            type -> scorer(model output text, record) -> (value in [0, 1], why)
 
@@ -151,7 +152,8 @@ def vqa_normalize(text):
 
 
 # -----------------------------------------------------------------------------
-# 3. lookagain's own scorers: (prediction text, ground truth) -> float in [0, 1]
+# 3. lookagain's own scorers: (prediction text, ground truth) -> float in [0, 1]. They score the answer a dialect
+#    extracted (score_choice, score_final), where section 4's official scorers read the raw output as their code does.
 
 
 def gold_answers(gold):
@@ -199,7 +201,8 @@ MRA_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
 
 def _vsi_float(pred):
-    """VSI-Bench's prediction parse: the first space-separated token, trailing periods dropped, float()."""
+    """VSI-Bench's prediction parse, stripped first: the first space-separated token, trailing periods dropped, float().
+    (Theirs strips last, so ' 4' is no number there; vsi_score keeps that order.)"""
     if isinstance(pred, (int, float)) and not isinstance(pred, bool):
         return float(pred)
     try:
@@ -223,6 +226,7 @@ def mra(pred, gt):
 
 
 def _gold_letter(answer, options):
+    """The gold as an option letter: records give the letter or the option's own text."""
     letters = string.ascii_uppercase[:len(options)]
     m = _BARE_LETTER.fullmatch(str(answer).strip())
     if m and m.group(1).upper() in letters:
@@ -452,6 +456,7 @@ def vsi_score(text, record):
 
 
 def _spar_mra(pred, target):
+    """SPAR's MRA (utils.py): float64 thresholds, <=, the absolute error at a target of 0 (VSI's code divides by it)."""
     rel = abs((pred - target) / target) if target != 0 else abs(pred - target)
     return float(np.mean(rel <= 1 - MRA_F64))
 
@@ -484,7 +489,7 @@ def spar_score(text, record):
         if task in SPAR_NA:
             nums = re.findall(r"(?<!\^)\d+\.\d+|(?<!\^)\d+", text)
             if task.endswith("_mv"):
-                nums = nums or ["-1"]
+                nums = nums or ["-1"]  # theirs: no number in a multi-view answer reads as -1 (MRA 0), not an error
             p = float(nums[-1] if task.endswith("_mv") else nums[0])
             return _spar_mra(p, float(gold)), f"MRA of {p}"
         pred, target = text.lower(), gold.lower()
@@ -509,7 +514,8 @@ def mmsi_score(text, record):
 
 def mra32(pred, gt, strict=False):
     """ViLaSR's MRA (eval/evaluate.py; strict: gcot.py's training reward) in float32, as torch computes it:
-    |p - t| / (|t| + 1e-8) <= 1 - arange(0.5, 0.975, 0.05); the mean comes back as float(float32(k / 10))."""
+    |p - t| / (|t| + 1e-8) <= 1 - arange(0.5, 0.975, 0.05); the mean comes back as float(float32(k / 10)). float32
+    moves the threshold edges: 1.2 for 1 scores 0.6 here, 0.7 in VSI's float64; 14 for 10: 0.2 here, 0.3 there."""
     p, t = np.array(pred, np.float32), np.array(gt, np.float32)
     rel = np.abs(p - t) / (np.abs(t) + np.float32(1e-8))
     one_minus = np.float32(1) - (0.5 + 0.05 * np.arange(10)).astype(np.float32)
@@ -568,7 +574,7 @@ def mme_realworld_score(text, record):
     elif m:
         got = m.group()
     else:
-        got = next((c[1] for c in record.get("choices") or [] if s.lower() in c.lower()), "")
+        got = next((c[1] for c in record.get("choices") or [] if s.lower() in c.lower()), "")  # "(B) ..." -> B
     return float(got == _gold(record)), f"extracted {got!r}"
 
 # -----------------------------------------------------------------------------
@@ -577,6 +583,7 @@ def mme_realworld_score(text, record):
 SCORERS = {"multiple_choice": score_choice, **{t: score_final for t in ("number", "mra", "vqa", "anls", "text",
                                                                           "mathvista")},
            "mmmu": mmmu_score, "mmmu_pro": mmmu_pro_score,
-           "rethinker": mathscore.rethinker_score, "mathvision": mathscore.mathvision_score, "emma": mathscore.emma_score,
+           "rethinker": mathscore.rethinker_score, "mathvision": mathscore.mathvision_score,
+           "emma": mathscore.emma_score,
            "vsi": vsi_score, "spar": spar_score, "mmsi": mmsi_score, "vilasr": vilasr_score,
            "mme_realworld": mme_realworld_score}

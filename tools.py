@@ -6,6 +6,9 @@ sft.py, grpo.py and eval.py share. Conventions (docs/methods.md): one call per a
 shown it* (image 0: the question's, then one per tool result). Each image knows the rectangle of its original it shows
 (`box`), so a zoom on a zoom cuts from the original, and drawings (kept in original pixels) reappear on every image
 derived from theirs. A bad call is data: an error observation, a failed call, and the episode goes on.
+Three frames meet here: pixels of an image as shown (every tool's arguments), pixels of its original (a view's box,
+drawings, a call's region and point; floats), and a dialect's own frame (normalized, a stated size, 1-based image
+numbers), which its read() converts into the first before anything here runs (dialects.py).
 """
 import argparse
 import math
@@ -29,9 +32,12 @@ def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 *
     if max(h, w) / min(h, w) > 200:
         raise ValueError(f"aspect ratio {max(h, w) / min(h, w):.0f} is over Qwen's limit of 200")
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    # out of budget: both sides scaled by one beta (the aspect kept), then rounded down when shrinking and up when
+    # growing, as rounding to the nearest could land just outside the budget again
     if hb * wb > max_pixels:
         beta = math.sqrt(h * w / max_pixels)
-        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+        hb, wb = (max(factor, math.floor(h / beta / factor) * factor),
+                  max(factor, math.floor(w / beta / factor) * factor))
     elif hb * wb < min_pixels:
         beta = math.sqrt(min_pixels / (h * w))
         hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
@@ -39,12 +45,14 @@ def smart_resize(h, w, factor=28, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=112 *
 
 
 def zoom_scale(crop_area, image_area):
-    """VLM-R3's adaptive zoom: 2x for crops under 1/8 of the image, 1x from half of it, linear in between."""
+    """VLM-R3's adaptive zoom (r3_vllm.py): 2x for crops under 1/8 of the image, 1x from half of it, linear in
+    between. Both areas in original px^2, the crop's after zoom_in has grown it to a resize unit."""
     return min(2.0, max(1.0, 2.0 - (crop_area / image_area - 0.125) / 0.375))
 
 
 def to_original(view, x, y):
-    """A point in a view's pixel frame -> the same point in its original's pixels."""
+    """A point in a view's pixel frame -> the same point in its original's pixels. Floats, never rounded (VLM-R3's
+    bbox_transform truncates with int()): a zoom of a zoom maps through two boxes without adding up rounding."""
     x0, y0, x1, y1 = view["box"]
     w, h = view["img"].size
     return x0 + x * (x1 - x0) / w, y0 + y * (y1 - y0) / h
@@ -64,13 +72,20 @@ BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "pu
 
 
 def render_view(original, box, size, annots):
-    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations as ViLaSR does."""
+    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations in ViLaSR's style
+    (edit_image.py: 4 px box outlines in a colour cycle, the label at the top left; black 4 px lines, a red start dot
+    and a blue end dot; its label offsets, colour list and dot radius differ slightly, and it writes no line label)."""
+    # Cut from the original, never from the image shown: that one is downscaled, and enlarging it would only
+    # magnify pixels already averaged away (test_tools_zoom_reads_original_pixels). resize(box=) cuts and resamples
+    # in one step, at the box's fractional edges.
     img = original.resize(size, Image.BICUBIC, box=tuple(box))
     if not annots:
         return img
     (x0, y0, x1, y1), (w, h) = box, img.size
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
 
+    # drawn after the resize, so an outline is 4 px as shown on every image, however magnified; dict order is
+    # drawing order
     for a in annots.values():  # original pixels -> this image's
         p, q = [((x - x0) * w / (x1 - x0), (y - y0) * h / (y1 - y0)) for x, y in (a["xy"][:2], a["xy"][2:])]
         if a["kind"] == "box":
@@ -94,6 +109,7 @@ def render_view(original, box, size, annots):
 
 
 def make_view(originals, src, box, size, annots=None):
+    """A new view of originals[src]; its annots are a copy, so drawing on it never changes the image drawn from."""
     annots = dict(annots or {})
     return dict(img=render_view(originals[src], box, size, annots), src=src, box=tuple(box), annots=annots, enc=None)
 
@@ -103,11 +119,13 @@ def make_view(originals, src, box, size, annots=None):
 
 
 class ToolError(Exception):
-    pass
+    """A call the model got wrong: run_tool records it as the call's error, which the dialect shows the model as
+    the observation; never a crash."""
 
 
 def _clamped_box(view, box):
-    """A box in a view's frame -> the part inside the view, or an error for a degenerate/outside box."""
+    """A box in a view's frame -> the part inside the view, or an error for a degenerate/outside box. A box partly
+    outside is cut to the view rather than refused (VLM-R3's get_img_crop clamps too)."""
     x1, y1, x2, y2 = box
     if x2 <= x1 or y2 <= y1:
         raise ToolError(f"degenerate box {box}: need x1 < x2 and y1 < y2")
@@ -122,8 +140,8 @@ def zoom_in(ep, image_index, bbox_2d, cfg):
     """VLM-R3's crop: the box clamped, in original pixels, grown to >= one resize unit a side (28 px for Qwen2.5-VL),
     adaptively magnified."""
     view = ep["images"][image_index]
-    x1, y1, x2, y2 = _clamped_box(view, bbox_2d)
-    (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)
+    x1, y1, x2, y2 = _clamped_box(view, bbox_2d)  # pixels of image k as shown
+    (ox1, oy1), (ox2, oy2) = to_original(view, x1, y1), to_original(view, x2, y2)  # from here on: original px
     W, H = ep["originals"][view["src"]].size
     # each side at least a resize unit and 1/199 of the other (Qwen's aspect limit is 200: a thin box across a wide
     # image would break it); the window still fits, as data.py admits images of aspect <= 200 only
@@ -150,16 +168,21 @@ def zoom_point(ep, image_index, point_2d, cfg, frame=None):
     if not (0 <= point_2d[0] <= w and 0 <= point_2d[1] <= h):
         raise ToolError(f"point {point_2d} is outside the image ({w}x{h})")
     if cfg["zoom_source"] == "view" or frame:  # (a frame: the image the dialect's harness cuts from is the one shown)
-        (x1, x2), (y1, y2) = fit_window(point_2d[0], win, w), fit_window(point_2d[1], win, h)
+        (x1, x2), (y1, y2) = fit_window(point_2d[0], win, w), fit_window(point_2d[1], win, h)  # in the frame
+        # zoom.py's output size: the window's long side becomes max(w, h, window) of the frame; then the resize unit
         s = max(w, h, win) / max(x2 - x1, y2 - y1)
         hh, ww = smart_resize((y2 - y1) * s, (x2 - x1) * s, cfg["factor"], cfg["crop_min_pixels"],
                               cfg["crop_max_pixels"])
         cut = (x1 * vw / w, y1 * vh / h, x2 * vw / w, y2 * vh / h)  # in the pixels shown
         box = (*to_original(view, *cut[:2]), *to_original(view, *cut[2:]))
         img = view["img"].resize((ww, hh), Image.BICUBIC, box=cut)
+        # not make_view: the pixels are the shown image's, drawings already on them; `box` still lets a later zoom
+        # of this image cut from the original
         return dict(img=img, src=view["src"], box=box, annots=dict(view["annots"]), enc=None)
     (ox, oy), (W, H) = to_original(view, point_2d[0] * vw / w, point_2d[1] * vh / h), ep["originals"][view["src"]].size
     (x1, x2), (y1, y2) = fit_window(ox, win, W), fit_window(oy, win, H)
+    # the window's original pixels shown at the question view's pixel count (min = max): the paper's "upsampled to
+    # the size of the downsampled view" (SPEC 2.4); a large original is magnified more than zoom.py's cut would be
     target = math.prod(ep["images"][0]["img"].size)
     hh, ww = smart_resize(y2 - y1, x2 - x1, cfg["factor"], min_pixels=target, max_pixels=target)
     return make_view(ep["originals"], view["src"], (x1, y1, x2, y2), (ww, hh), view["annots"])
@@ -181,13 +204,14 @@ def _draw(ep, image_index, ops):
             if not all(0 <= x <= w for x in (x1, x2)) or not all(0 <= y <= h for y in (y1, y2)):
                 raise ToolError(f"line from {op['start_point_2d']} to {op['end_point_2d']} leaves the image ({w}x{h})")
         xy = [*to_original(view, x1, y1), *to_original(view, x2, y2)]
-        key = op["label"] or f"#{len(annots)}"
+        key = op["label"] or f"#{len(annots)}"  # an unlabelled op is a drawing of its own: only a label replaces
         colour = annots.pop(key)["colour"] if key in annots else len(annots)  # redrawn: its colour, on top
         annots[key] = dict(kind=kind, xy=xy, label=op["label"], colour=colour)
     return make_view(ep["originals"], view["src"], view["box"], view["img"].size, annots)
 
 
 def draw_box(ep, image_index, boxes, cfg):
+    # _draw tells a box from a line by its keys: ViLaSR's dialect sends both its tools' calls here
     return _draw(ep, image_index, boxes)
 
 
@@ -212,7 +236,8 @@ TOOLS = {
     "draw_box": dict(run=draw_box, zoom=False, ops="boxes", doc="Draw labelled boxes on a copy of an image.",
                      params={"image_index": INDEX, "boxes": ("boxes", 'A list of {"bbox_2d": [x1, y1, x2, y2], '
                                                                       '"label": "..."}.')}),
-    "draw_line": dict(run=draw_line, zoom=False, ops="lines", doc="Draw labelled auxiliary lines on a copy of an image.",
+    "draw_line": dict(run=draw_line, zoom=False, ops="lines",
+                      doc="Draw labelled auxiliary lines on a copy of an image.",
                       params={"image_index": INDEX, "lines": ("lines", 'A list of {"start_point_2d": [x, y], '
                                                                        '"end_point_2d": [x, y], "label": "..."}.')}),
 }
@@ -277,7 +302,8 @@ def settings(improc, **cfg):
         cfg[k] = cfg[k] or (hi if "max" in k else lo)
     for k in ("view", "crop"):
         if cfg[f"{k}_min_pixels"] > cfg[f"{k}_max_pixels"]:
-            raise ValueError(f"--{k}-min-pixels {cfg[f'{k}_min_pixels']} is over --{k}-max-pixels {cfg[f'{k}_max_pixels']}")
+            raise ValueError(f"--{k}-min-pixels {cfg[f'{k}_min_pixels']} is over "
+                             f"--{k}-max-pixels {cfg[f'{k}_max_pixels']}")
     return dict(cfg, factor=factor)
 
 
@@ -287,7 +313,8 @@ def settings(improc, **cfg):
 #   originals  the record's images at full resolution (PIL); images: the views shown so far, image 0 first
 #   messages   the conversation so far (model.py's: role, parts, closed), its last message the open assistant one
 #   turns      the text of each model call (what the model wrote, and what the harness appended in its message)
-#   calls      one dict per tool call (run_tool: name, arguments as written, ok, error, zoom, region, size, image)
+#   calls      one dict per tool call that ran or failed (run_tool: name, arguments as written, ok, error, zoom,
+#              region, point, size, image, new_image, turn); a call an environment stop refused is not in it
 #   stop       None while running, then why it ended (advance()'s table); truncated: it ended at a limit; cut: its
 #              last model call ran into its token cap (no <|im_end|>), even where the dialect reads it as an answer
 #   seq, mask, logp  the conversation rendered (model.render): token ids, 1 on trained tokens, the sampler's
@@ -309,7 +336,9 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
         raise ValueError(f"unknown dialect {cfg['dialect']!r}; known: {', '.join(DIALECTS)}")
     originals = load_images(record)
     images = []
-    for i, im in enumerate(originals):
+    for i, im in enumerate(originals):  # each image of the record (a video's frames too): a view of its whole original
+        # --view-max-side: Groundlight's training gives its model the photo at a long side of at most 1024 (SPEC 2.5);
+        # the view budget's smart_resize then applies as to any image
         s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
         h, w = smart_resize(im.height * s, im.width * s, cfg["factor"], cfg["view_min_pixels"], cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
@@ -330,7 +359,8 @@ def render(policy, ep):
 
 
 def copy_episode(ep):
-    """An independent copy that shares the (immutable) images, originals and sampled parts."""
+    """An independent copy that shares the (immutable) images, originals and sampled parts. A view changes once, when
+    its enc is filled, so the members of a group share one encoding of each image."""
     return dict(ep, seq=list(ep["seq"]), mask=list(ep["mask"]), logp=list(ep["logp"]), turns=list(ep["turns"]),
                 calls=list(ep["calls"]), images=list(ep["images"]), guide=list(ep["guide"]),
                 messages=[dict(m, parts=list(m["parts"])) for m in ep["messages"]])
@@ -366,6 +396,8 @@ def run_tool(ep, req):
             if not 0 <= k < len(ep["images"]):
                 raise ToolError(f"image_index {str(k)[:40]} out of range: images are 0..{len(ep['images']) - 1}")
             view = TOOLS[req["tool"]]["run"](ep, **args, cfg=ep["cfg"])
+            # original px, as the record's bbox is: rewards.py's IoU and coverage credit where a zoom of a zoom
+            # really looked
             region = view["box"] if call["zoom"] else ep["images"][k]["box"]
             call.update(ok=True, region=[round(v, 2) for v in region], size=list(view["img"].size), image=k,
                         new_image=len(ep["images"]))
@@ -425,6 +457,11 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
 
 
 def _act(policy, ep, new_ids, logps, reason):
+    # The order decides the stop reason when several apply: the dialect's reading first (its own end, then an answer;
+    # where it reads an answer in a turn cut at its cap, that is "answer" and ep["cut"] says it was cut), then a turn
+    # with nothing to run, then the environment's stops (repeat, max_images, max_calls), checked before any call runs
+    # so a refused call adds no image and no record, then a failed call, and the turn and token caps only once the
+    # observation is in the conversation.
     d, cfg, msg = ep["dialect"], ep["cfg"], ep["messages"][-1]
     new_ids, logps, text, rest = _cut(policy, ep, new_ids, logps, reason)
     ep["cut"] = reason == "length"
@@ -472,6 +509,7 @@ def _act(policy, ep, new_ids, logps, reason):
     done = [run_tool(ep, c) for c in calls]
     if not all(c["ok"] for c in done) and ("error" in cfg["stop_on"] or d.get("errors_end")):
         return _stop(ep, "tool_error")
+    # final: the next model call is the last allowed one (ViLaSR's and --final-answer-turn's "answer now" prompt)
     obs = d["observe"](ep, done, len(ep["turns"]) == cfg["max_turns"] - 1)
     if "inline" in obs:  # VLM-R3: the result goes into the assistant message itself
         msg["parts"] += obs["inline"]
@@ -547,6 +585,8 @@ def rollout(policy, episodes, temperature=1.0, top_p=1.0, greedy=False, max_turn
             if on_turn is not None:
                 on_turn(ep)
             if ep["stop"] is None and cache is not None:
+                # the cache holds the rendering before this call and every sampled token but the last (sampled, not
+                # yet forwarded); the next call reuses it only if its rendering starts with exactly these ids
                 caches[id(ep)] = (cache, seq + new_ids[:-1])
 
 
