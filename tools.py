@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 import model as M
 from data import load_images
@@ -68,13 +68,17 @@ def fit_window(c, size, limit):
 # -----------------------------------------------------------------------------
 # images: an original, the rectangle of it shown, the drawings, rendered at a size
 
-BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
+# ViLaSR's colour cycle (edit_image.py: 23 names, then PIL's whole colour map), by a box's place among the boxes
+BOX_COLOURS = ["red", "green", "blue", "yellow", "orange", "pink", "purple", "brown", "gray", "beige", "turquoise",
+               "cyan", "magenta", "lime", "navy", "maroon", "teal", "olive", "coral", "lavender", "violet", "gold",
+               "silver"] + list(ImageColor.colormap)
 
 
 def render_view(original, box, size, annots):
-    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations in ViLaSR's style
-    (edit_image.py: 4 px box outlines in a colour cycle, the label at the top left; black 4 px lines, a red start dot
-    and a blue end dot; its label offsets, colour list and dot radius differ slightly, and it writes no line label)."""
+    """Cut `box` (original px, floats allowed), resize it to `size` (w, h), draw the annotations as ViLaSR does
+    (edit_image.py: 4 px box outlines in its colour cycle, the label at (x1 + 8, y1 + 6); black 4 px lines, a red
+    start dot and a blue end dot of radius 4, no label). Theirs draws on the image shown, earlier drawings included,
+    and truncates coordinates to ints; this redraws every drawing on a fresh cut of the original."""
     # Cut from the original, never from the image shown: that one is downscaled, and enlarging it would only
     # magnify pixels already averaged away (test_tools_zoom_reads_original_pixels). resize(box=) cuts and resamples
     # in one step, at the box's fractional edges.
@@ -91,12 +95,11 @@ def render_view(original, box, size, annots):
         if a["kind"] == "box":
             colour = BOX_COLOURS[a["colour"] % len(BOX_COLOURS)]
             d.rectangle([*p, *q], outline=colour, width=4)
-            d.text((p[0] + 5, p[1] + 4), a["label"], fill=colour, font=font)
+            d.text((p[0] + 8, p[1] + 6), a["label"], fill=colour, font=font)
         else:
             d.line([p, q], fill="black", width=4)
             for (x, y), c in ((p, "red"), (q, "blue")):
-                d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=c)
-            d.text((p[0] + 7, p[1] - 7), a["label"], fill="black", font=font)
+                d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
     return img
 
 
@@ -204,8 +207,10 @@ def _draw(ep, image_index, ops):
             if not all(0 <= x <= w for x in (x1, x2)) or not all(0 <= y <= h for y in (y1, y2)):
                 raise ToolError(f"line from {op['start_point_2d']} to {op['end_point_2d']} leaves the image ({w}x{h})")
         xy = [*to_original(view, x1, y1), *to_original(view, x2, y2)]
-        key = op["label"] or f"#{len(annots)}"  # an unlabelled op is a drawing of its own: only a label replaces
-        colour = annots.pop(key)["colour"] if key in annots else len(annots)  # redrawn: its colour, on top
+        # boxes and lines are merged by label, each kind apart (merge_bbox_list); an unlabelled op stands alone
+        key = f"{kind}:{op['label']}" if op["label"] else f"{kind}#{len(annots)}"
+        boxes = sum(a["kind"] == "box" for a in annots.values())  # the colour: its place among the boxes
+        colour = annots.pop(key)["colour"] if key in annots else boxes  # redrawn: its colour, on top
         annots[key] = dict(kind=kind, xy=xy, label=op["label"], colour=colour)
     return make_view(ep["originals"], view["src"], view["box"], view["img"].size, annots)
 
