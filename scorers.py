@@ -197,7 +197,7 @@ def soft_score(pred, answers):
     return min(1.0, sum(sorted(sims, reverse=True)[:3]) / 3)
 
 
-MRA_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+MRA_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # VSI-Bench's and SPAR's thresholds, float64 (0.8999999999999999 ...)
 
 
 def _vsi_float(pred):
@@ -430,9 +430,6 @@ def mmmu_pro_score(text, record, rng=None):
     return mmmu_score(text, record, rng, pro=True)
 
 
-MRA_F64 = np.linspace(0.5, 0.95, 10)  # VSI-Bench's and SPAR's thresholds: float64 (0.8999999999999999 ...)
-
-
 def _float(s):
     try:
         return float(s)
@@ -452,13 +449,13 @@ def vsi_score(text, record):
         return 0.0, f"first token {pred[:20]!r} is no number"
     if t == 0:  # their code divides by it (an uncaught ZeroDivisionError); the data never has it
         return float(p == 0), "gold 0"
-    return float(np.mean(abs(p - t) / t <= 1 - MRA_F64)), f"MRA of {p}"
+    return float(np.mean(abs(p - t) / t <= 1 - MRA_THRESHOLDS)), f"MRA of {p}"
 
 
 def _spar_mra(pred, target):
     """SPAR's MRA (utils.py): float64 thresholds, <=, the absolute error at a target of 0 (VSI's code divides by it)."""
     rel = abs((pred - target) / target) if target != 0 else abs(pred - target)
-    return float(np.mean(rel <= 1 - MRA_F64))
+    return float(np.mean(rel <= 1 - MRA_THRESHOLDS))
 
 
 VCI_AXES = (("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
