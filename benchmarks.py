@@ -497,6 +497,25 @@ def _spatial(name, kind, images, extra=()):
 
 SPAR_SENTENCES = ("Your answer can only include one of options A, B, C or D.",  # ViLaSR's infer.py removes these
                   "Answer using a single number and nothing else.")
+SPAR_BOX_NOTE = ("The values represent the bounding box coordinates normalized to a 0-1000 scale, with the top-left "
+                 "corner as the origin of the image.")  # infer.py's post_prompt for two SPAR tasks
+
+
+def vilasr_question(stem, q, n):
+    """The question as ViLaSR's infer.py writes it for each file (the dialect adds the image lines and its template):
+    options joined on lines; VSI's frame preamble (its typo kept); SPAR and MMSI without SPAR's answer-format sentences,
+    then a line with the 0-1000 note for position_matching and camera_motion_infer, else an empty one."""
+    text = q["question"] + ("\n" + "\n".join(q["options"]) if q["problem_type"] == "multiple choice"
+                            and q.get("options") is not None else "")
+    if stem.startswith("vsi"):  # n frames, all of them shown (infer.py asserts the count is --max-frames)
+        return (f"These are frames from a video, numbered from 1 to {n} in sequence. That is, the index of each image "
+                f"is 1, 2, 3, ..., {n}.\n\nAnswer the quesntion with appropriate tools:\n{text}")
+    if stem.startswith(("spar", "mmsi")):
+        for sentence in SPAR_SENTENCES:
+            text = text.replace(sentence, "")
+        note = q.get("original_question_type") in ("position_matching", "camera_motion_infer")
+        return text + "\n" + (SPAR_BOX_NOTE if note else "")
+    return text  # maze, SpatialEval: as written
 
 
 def load_vilasr(path, o, bad=None):
@@ -519,12 +538,8 @@ def load_vilasr(path, o, bad=None):
                 continue
             if not all(D.checked_image(p, where, bad) for p in paths):
                 continue
-            text = q["question"] + ("\n" + "\n".join(q["options"]) if q["problem_type"] == "multiple choice"
-                                    and q.get("options") else "")
-            for sentence in SPAR_SENTENCES:
-                text = text.replace(sentence, "")
-            out.append(dict(id=f"vilasr-{stem}-{n}", image=paths, question=text.strip(), answer=str(q["answer"]),
-                            type="vilasr", problem_type=q["problem_type"], source=where,
+            out.append(dict(id=f"vilasr-{stem}-{n}", image=paths, question=vilasr_question(stem, q, len(paths)),
+                            answer=str(q["answer"]), type="vilasr", problem_type=q["problem_type"], source=where,
                             category=f"{stem}/{q.get('original_question_type') or q['problem_type']}"))
     return out
 

@@ -575,6 +575,28 @@ def test_tools_draw_box_pixels_source_unchanged_and_accumulation():
     assert tuple(np.asarray(z["img"])[z["img"].size[1] // 2, zx + 1]) == (255, 0, 0)
 
 
+def test_tools_drawing_follows_vilasrs_edit_image():
+    """edit_image.py by hand: boxes and lines merged by label, each kind apart; a box's colour is its place among the
+    boxes in ['red', 'green', ...]; the label at (x1 + 8, y1 + 6); dots of radius 4; a line has no label."""
+    ep = blank_episode(w=500, h=400)  # the view is the original at half size: 250x200, drawn at 250x200
+    v = T.draw_box(ep, 0, [dict(bbox_2d=[20, 20, 80, 80], label="a")], ep["cfg"])
+    ep["images"].append(v)
+    v = T.draw_line(ep, 1, [dict(start_point_2d=[150, 100], end_point_2d=[220, 100], label="a")], ep["cfg"])
+    ep["images"].append(v)
+    v = T.draw_box(ep, 2, [dict(bbox_2d=[100, 140, 140, 190], label="b")], ep["cfg"])
+    a = np.asarray(v["img"])
+    assert len(v["annots"]) == 3                                # the line labelled "a" did not replace the box "a"
+    assert tuple(a[50, 21]) == (255, 0, 0)                      # the first box: red
+    assert tuple(a[165, 101]) == (0, 128, 0)                    # the second box is green: the line does not count
+    assert tuple(a[100, 147]) == (255, 0, 0)                    # 3 px left of the start: inside the red dot
+    assert tuple(a[100, 145]) == (128, 128, 128)                # 5 px left: outside a dot of radius 4
+    assert tuple(a[96, 185]) == (128, 128, 128)                 # the 4 px line spans y 98..101, no label above it
+    red = (a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)
+    ys, xs = np.nonzero(red[24:60, 24:60])                      # the label "a", clear of the outline (x, y < 24)
+    # PIL's default font puts "a" in (0, 4)-(5, 10) of its origin: from (28, 26) that is x 28..32, y 30..35
+    assert xs.min() + 24 >= 28 and ys.min() + 24 >= 30 and xs.max() + 24 <= 33 and ys.max() + 24 <= 36
+
+
 def test_tools_parse_valid_and_each_error():
     tools = {t: T.TOOLS[t] for t in ("zoom_in", "zoom_point")}
     ok = '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1, 2, 3, 4]}}</tool_call>'
@@ -4341,7 +4363,18 @@ def test_benchmarks_vilasr_json_and_each_files_rule(tmp_path):
         B.load("vilasr", str(tmp_path / "vsi_bench.json"))
     bad = []
     a, b = B.load("vilasr", str(tmp_path / "vsi_bench.json"), bad=bad)
-    assert len(bad) == 1 and a["question"] == "Which way? \nA. left\nB. right"  # the SPAR sentence removed
+    # infer.py's VSI prompt: the frame preamble (typo kept), the question as written, the options on lines
+    assert len(bad) == 1 and a["question"] == (
+        "These are frames from a video, numbered from 1 to 2 in sequence. That is, the index of each image is 1, 2, 3, "
+        "..., 2.\n\nAnswer the quesntion with appropriate tools:\nWhich way? Your answer can only include one of "
+        "options A, B, C or D.\nA. left\nB. right")
+    # SPAR and MMSI: the two sentences removed, then "\n" and the 0-1000 note for two tasks, else "\n" alone
+    spar = [dict(q, image_path=["imgs/0.jpg"], original_question_type=t) for t in ("position_matching", "depth")]
+    (tmp_path / "spar_bench.json").write_text(json.dumps(spar))
+    s1, s2 = B.load("vilasr", str(tmp_path / "spar_bench.json"))
+    assert s2["question"] == "Which way? \nA. left\nB. right\n"
+    assert s1["question"] == s2["question"] + ("The values represent the bounding box coordinates normalized to a "
+                                               "0-1000 scale, with the top-left corner as the origin of the image.")
     assert a["category"] == "vsi_bench/object_rel_direction_easy" and R.accuracy("<answer>B</answer>", a)[0] == 1
     # pooled levels: easy 1/1, hard 0/2 -> 1/3 (the official VSI rule would give (1 + 0) / 2)
     items = [_item([1.0], "vsi_bench/object_rel_direction_easy"), _item([0.0], "vsi_bench/object_rel_direction_hard"),
