@@ -5,7 +5,9 @@ scorers.SCORERS). Read top to bottom:
   2. region helpers     iou, coverage
   3. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
                         {"turns": [assistant turns], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}],
-                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
+                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional), "dialect": the name of
+                         the format the turns are in (optional: lookagain's)}; a term reads its method's own format
+                         under its method's dialect, and stands in for it on lookagain's tags otherwise
   4. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
 
 Model text never makes anything here raise; a malformed *record* (unknown type, missing options, non-numeric gold)
@@ -68,6 +70,10 @@ def iou(a, b):
 
 # -----------------------------------------------------------------------------
 # 3. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
+
+
+def _dialect(traj):  # the format the turns are written in (tools.trajectory); a hand-built or replayed one: ours
+    return traj.get("dialect") or "lookagain"
 
 
 def _turns(traj):  # a malformed entry is skipped, never raised on (model output never raises here)

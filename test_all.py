@@ -1174,6 +1174,15 @@ def test_rewards_accuracy_bad_records_raise():
         accuracy("", {"type": "vqa"})
 
 
+def test_rewards_trajectory_names_its_dialect(policy, tmp_path):
+    """The terms read the format the turns are written in: tools.trajectory says which (a hand-built one: lookagain)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    rec = dict(id="x", image=[str(tmp_path / "x.png")], question="Q?", answer="A", type="text")
+    for d in ("lookagain", "vilasr", "groundlight"):
+        assert T.trajectory(T.new_episode(policy, rec, ["zoom_in"], dialect=d))["dialect"] == d
+    assert R._dialect(RW_GOOD) == "lookagain"
+
+
 def test_rewards_format_terms():
     assert r_format_r3(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_format_r3(_rw_traj(["<answer>B</answer> and more"]), RW_MC, 1.0)[0] == 0.0

@@ -579,7 +579,7 @@ def episode_images(policy, ep):
 
 
 def trajectory(ep):
-    """What rewards.py scores: the turns, the calls, the stop reason, the dialect's answer extractor, whether the
-    response was cut at a limit."""
+    """What rewards.py scores: the turns, the calls, the stop reason, the dialect (its name: a term reads the format
+    the turns are written in), its answer extractor, whether the response was cut at a limit."""
     return dict(turns=ep["turns"], calls=ep["calls"], stop=ep["stop"], rethinks=ep["rethinks"],
-                extract=ep["dialect"]["answer"], cut=ep["truncated"] or ep["cut"])
+                dialect=ep["cfg"]["dialect"], extract=ep["dialect"]["answer"], cut=ep["truncated"] or ep["cut"])
