@@ -14,6 +14,7 @@ Model text never makes anything here raise; a malformed *record* (unknown type, 
 raises ValueError.
 """
 
+import ast
 import math
 import re
 
@@ -105,21 +106,61 @@ def r_format_r3(traj, record, acc):
     return 0.0, "does not end in a closed <answer>"
 
 
+_VILASR_TURN = re.compile(r"<think>(.*?)</think>\s*Action:\s*(.*?)(?=\n|$)", re.S)  # gcot.py format_reward:78
+
+
+def _json_blocks(text):
+    """gcot.py's parse_json (:24-34): after each line that is ```json once stripped, the lines up to the next ```
+    (else to the end), joined by "\n"; the scan stops at the next ```json line at the latest (it holds ```)."""
+    lines, blocks = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == "```json":
+            j = i + 1
+            while j < len(lines) and "```" not in lines[j]:
+                j += 1
+            blocks.append("\n".join(lines[i + 1:j] + ([lines[j].split("```")[0]] if j < len(lines) else [])))
+    return blocks
+
+
+def _vilasr_ops_parse(text):
+    """gcot.py's parse_bbox_and_movement (:45-61): every block a Python literal (None counts as failing) whose every
+    item holds "bbox_2d" and "label" (a box) or "start_point_2d", "end_point_2d" and "label" (a line), tested with
+    `in` as theirs (a key of a dict, a substring of a string); no index, coordinate or image is checked."""
+    for body in _json_blocks(text):
+        try:
+            block = ast.literal_eval(body)
+            if block is None or not all(("bbox_2d" in it and "label" in it)
+                                        or ("start_point_2d" in it and "end_point_2d" in it and "label" in it)
+                                        for it in block):
+                return False
+        # theirs catches ValueError and SyntaxError (the block fails); the rest (an int block, an item `in` cannot
+        # search) raise out of their reward: a failure here
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return False
+    return True
+
+
 def r_format_vilasr(traj, record, acc):
-    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> then its action (a tool call; in the last turn, and
-    only there, the answer) and every operation parses (as in the code, a box outside the image still counts)."""
-    turns, calls = _turns(traj), _calls(traj)
+    """ViLaSR (gcot.py format_reward): 1 only if every turn is <think>...</think> then its action and the answer tags
+    are in the last turn, and only there, and every operation parses (as in the code, a box outside the image still
+    counts). Under its dialect as gcot.py: each assistant message, unstripped, fullmatches its pattern (it starts
+    with <think>, "Action:" follows a </think>), the ```json blocks of all turns hold only boxes and lines."""
+    turns, calls, native = _turns(traj), _calls(traj), _dialect(traj) == "vilasr"
     if not turns:
         return 0.0, "no turns"
     for i, t in enumerate(turns):
-        last = i == len(turns) - 1
-        # their pattern is <think>(.*?)</think>\s*Action:\s*(.*?)(?=\n|$); the action here is lookagain's tag
-        if not re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S):
-            return 0.0, f"turn {i} is not <think>...</think> then an action"
-        if last and ("<answer>" not in t or "</answer>" not in t):
+        last, tags = i == len(turns) - 1, ("<answer>" in t, "</answer>" in t)
+        # lookagain's stand-in: the action is our tag, one of <tool_call> or <answer>
+        if not (_VILASR_TURN.fullmatch(t) if native
+                else re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S)):
+            return 0.0, f"turn {i} is not <think>...</think> then {'Action:' if native else 'an action'}"
+        if last and not all(tags):
             return 0.0, "last turn has no <answer>...</answer>"
-        if not last and ("<answer>" in t or "</answer>" in t or "<tool_call>" not in t):
-            return 0.0, f"turn {i} answers early or makes no operation"
+        if not last and (any(tags) or not native and "<tool_call>" not in t):
+            return 0.0, f"turn {i} answers early" + ("" if native else " or makes no operation")
+    if native:  # every block of the whole output (theirs joins the turns with nothing between them)
+        ok = _vilasr_ops_parse("".join(turns))
+        return (1.0, "well formed, every operation parses") if ok else (0.0, "a ```json block is not boxes and lines")
     bad = sum(c.get("arguments") is None for c in calls)  # arguments None: the call did not parse (dialects.py)
     if bad:
         return 0.0, f"{bad} of {len(calls)} operations do not parse"

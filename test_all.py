@@ -1287,6 +1287,37 @@ def test_rewards_vilasr_term():
     assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == pytest.approx(0.5 * 0.1 + 0.5)
 
 
+def test_rewards_vilasr_format_native():
+    """gcot.py format_reward under ViLaSR's dialect, worked by hand from its rule: every assistant message fullmatches
+    <think>(.*?)</think>\\s*Action:\\s*(.*?)(?=\\n|$) (so it starts with <think>), <answer> and </answer> in the last
+    one only, every ```json block (turns joined with nothing) a literal whose items each hold bbox_2d and label or
+    start_point_2d, end_point_2d and label, tested with `in`."""
+    call, answer = DIALECT_CASES["vilasr"]["a"]
+
+    def fmt(*turns):
+        return r_format_vilasr({"turns": list(turns), "calls": [], "dialect": "vilasr"}, RW_MC, 1.0)[0]
+    assert fmt(call, answer) == 1.0
+    assert r_format_vilasr(_rw_traj([call, answer]), RW_MC, 1.0)[0] == 0.0  # read as lookagain's tags: no <tool_call>
+    assert fmt("<think> a </think> Action: Object Mapper", answer) == 1.0  # a turn need not hold a block
+    assert fmt("<think> a </think>\n\nAction:Answer <answer>A</answer>") == 1.0  # whitespace around "Action:"
+    assert fmt(" " + call, answer) == 0.0 and fmt(call, answer + "\n") == 1.0  # starts with <think>; any tail
+    assert fmt("<think> a </think> so Action: Answer <answer>A</answer>") == 0.0  # "Action:" right after </think>
+    assert fmt(answer, answer) == 0.0 and fmt(call, call) == 0.0  # the answer early; none at the end
+    assert fmt(call.replace(', "label": "woman"', ""), answer) == 0.0  # an item without a label
+    assert fmt(call.replace('"bbox_2d"', '"start_point_2d": [1, 2], "end_point_2d"'), answer) == 1.0  # a line
+    # a bare dict: its keys are the items ("label" is not in "bbox_2d"); None: `in` raises in theirs
+    assert fmt(call.replace("[{", "{").replace("}]", "}"), answer) == 0.0
+    assert fmt(call.replace("}]", "}, None]"), answer) == 0.0
+    assert fmt(call.replace("}]", "}"), answer) == 0.0  # unbalanced: not a literal
+    # an item that is a string holding both words passes their `in` test
+    assert fmt("<think> a </think> Action: Object Mapper\n```json\n['bbox_2d label']\n```", answer) == 1.0
+    # a block left open runs to the end of the output, into the next turn: not a literal
+    assert fmt(call[:-len("\n```")], answer) == 0.0
+    # the whole reward: 0.5 x accuracy + 0.5 x format, accuracy of the last turn's answer (the gold exactly)
+    rec = {**RW_MC, "answer": "A"}
+    assert r_vilasr({"turns": [call, answer], "calls": [], "dialect": "vilasr"}, rec, 0.0)[0] == 1.0
+
+
 def test_rewards_groundlight_hard_score():
     # min(1, matches / 3) over the 10 answers, not the leave-one-out VQA accuracy (2 matches: 2/3 vs 0.6)
     rec = {"id": 3, "question": "brand?", "type": "vqa", "answer": ["coke"] * 2 + ["pepsi"] * 8}
