@@ -530,6 +530,7 @@ GL_INSTRUCTION = (
     "answer. The answer (which you will provide in the <answer> </answer> tags) should be a single word or phrase "
     "directly answering the question.\n    Question: {question}\n    ")
 GL_GUIDE = ["</think>", "<answer>", "</answer>"]  # ([^<]*)</think>([^<]*)<answer>([^<]*)</answer>
+GL_NEXT = "<think>"  # the assistant message env_response adds after its user turn, prefilling the next step
 
 
 def stated_size(ep):
@@ -592,7 +593,7 @@ def groundlight_observe(ep, calls, final):
     parts = (["Error: No tool call or answer found in your last message."] if c is None else  # (not in <result>)
              ["<image_name> tool_result_1 </image_name>", c["new_image"]] if c["ok"]  # named, no other text
              else [f"<result>\n{c['error']}\n</result>"])  # XMLParser.format of the error
-    return dict(messages=[dict(role="user", parts=parts, closed=True)], prefill="<think>", guide=GL_GUIDE)
+    return dict(messages=[dict(role="user", parts=parts, closed=True)], prefill=GL_NEXT, guide=GL_GUIDE)
 
 
 # -----------------------------------------------------------------------------

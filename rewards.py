@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 
+from dialects import DIALECTS, GL_NEXT
 from scorers import (MAX_ANSWER_CHARS, MRA_THRESHOLDS, SCORERS, final_answer, gold_answers, score_choice, score_final,
                      soft_score, split_blocks, vqa_normalize)
 
@@ -167,22 +168,36 @@ def r_format_vilasr(traj, record, acc):
     return 1.0, f"well formed, {len(calls)} operations all parse"
 
 
+def _between(text, open_tag, close_tag):
+    """The text between the first open_tag and the first close_tag after it, or None: what XMLParser's regex
+    <tag>\\s*(.*?)\\s*</tag> (verifiers xml_parser.py:252) finds once stripped, by str.find (the lazy regex is
+    quadratic on many unclosed tags)."""
+    i = text.find(open_tag)
+    j = text.find(close_tag, i + len(open_tag)) if i >= 0 else -1
+    return text[i + len(open_tag):j].strip() if j >= 0 else None
+
+
 def r_format_groundlight(traj, record, acc):
-    """Groundlight (tool_use_text_vqa_env.py), mean over turns of 0.4 (think and exactly one of call or answer), 0.2
-    (any of them parses: their "spacing" check), 0.2 (starts with <think>), 0.2 (ends in the call's or answer's tag)."""
+    """Groundlight (tool_use_text_vqa_env.py format_reward_func, :376-461), the mean over the assistant messages of
+    0.4 (think and exactly one of tool and answer, each found by XMLParser), 0.2 (their "spacing" check: it parses
+    with and without strip by the same regex, so it always passes, a message without any tag too), 0.2 (starts with
+    <think>), 0.2 (ends in the closing tag of the tool or answer it holds). Under its dialect the tool tag is <tool>
+    and a message is a model call after its prefill (preprocess_messages, multistep_vision_env.py:309-384, merges
+    them: the first after the dialect's, each later one after "<think>"); else each turn, lookagain's <tool_call>."""
     turns = _turns(traj)
     if not turns:
         return 0.0, "no turns"
+    native = _dialect(traj) == "groundlight"
+    tool = "tool" if native else "tool_call"
+    if native:
+        turns = [(DIALECTS["groundlight"]["prefill"] if i == 0 else GL_NEXT) + t for i, t in enumerate(turns)]
     score = 0.0
-    for t in turns:  # each model call scored alone, as theirs scores each assistant message
+    for t in turns:  # each message scored alone
         s = t.strip()
-        think = "<think>" in s and "</think>" in s
-        tool = "<tool_call>" in s and "</tool_call>" in s
-        answer = "<answer>" in s and "</answer>" in s
-        # 0.4: think and exactly one of call / answer (their XOR); the 0.2 terms: a tag present, starts and ends right
-        score += (0.4 * (think and tool + answer == 1) + 0.2 * (think or tool or answer) + 0.2 * s.startswith("<think>")
-                  + 0.2 * ((tool and s.endswith("</tool_call>")) or (answer and s.endswith("</answer>"))))
-    return score / len(turns), f"graded format {score:.1f} over {len(turns)} turns"
+        think, call, answer = (_between(t, f"<{k}>", f"</{k}>") is not None for k in ("think", tool, "answer"))
+        score += (0.4 * (think and call != answer) + 0.2 + 0.2 * s.startswith("<think>")
+                  + 0.2 * ((call and s.endswith(f"</{tool}>")) or (answer and s.endswith("</answer>"))))
+    return score / len(turns), f"graded format {score:.1f} over {len(turns)} messages"
 
 
 def r_format_deepeyes(traj, record, acc):

@@ -1194,17 +1194,38 @@ def test_rewards_format_terms():
     assert r_format_vilasr(_rw_traj(["<think>x</think><answer>A</answer>", "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == 0.0
     assert r_format_vilasr(_rw_traj(["<think>x</think> so <tool_call>{}</tool_call>", RW_GOOD["turns"][1]],
                                     [_rw_call()]), RW_MC, 1.0)[0] == 0.0  # text between the thought and the action
-    # Groundlight, graded per turn (0.4 think + one action, 0.2 a field parses, 0.2 starts <think>, 0.2 ends
-    # with the action's closing tag), averaged over the turns
+    # Groundlight, graded per turn (0.4 think + one action, 0.2 their spacing check, which always passes, 0.2 starts
+    # <think>, 0.2 ends with the action's closing tag), averaged over the turns
     assert r_format_groundlight(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(1.0)
     both = "<think>x</think><tool_call>{}</tool_call><answer>B</answer>"  # a call and an answer: 0 + .2 + .2 + .2
     assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx((0.6 + 1.0) / 2)
     assert r_format_groundlight(_rw_traj(["<answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.4)  # no think
     assert r_format_groundlight(_rw_traj(["<think>x</think><answer>B</answer> ok"]), RW_MC, 1.0)[0] == pytest.approx(0.8)
-    assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == 0.0
+    assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == pytest.approx(0.2)  # no tag: spacing alone
+    # a think is an open tag then a close after it (XMLParser's regex): a </think> before the <think> is none
+    late = _rw_traj(["</think> a <think> b <answer>B</answer>"])  # 0 + 0.2 + 0 + 0.2
+    assert r_format_groundlight(late, RW_MC, 1.0)[0] == pytest.approx(0.4)
     assert r_format_deepeyes(RW_GOOD, RW_MC, 1.0)[0] == 0.0
     assert r_format_deepeyes(_rw_traj(["<think>x<answer>B</answer>"]), RW_MC, 1.0)[0] == -1.0
     assert r_format_deepeyes(_rw_traj(["<think>x</think><answer>B"]), RW_MC, 1.0)[0] == -1.0
+
+
+def test_rewards_groundlight_format_native():
+    """format_reward_func under Groundlight's dialect, worked by hand: each message is the model call after its
+    prefill ("\\n<think> Let me think step by step." first, "<think>" after the tool's turn), the tool tag <tool>;
+    0.4 think and one of tool / answer, 0.2 always, 0.2 starts with <think>, 0.2 ends in the held action's tag."""
+    call, answer = DIALECT_CASES["groundlight"]["a"]
+
+    def fmt(*turns, dialect="groundlight"):
+        return r_format_groundlight({"turns": list(turns), "calls": [], "dialect": dialect}, RW_MC, 1.0)[0]
+    assert fmt(call, answer) == pytest.approx(1.0)  # (0.4 + 0.2 + 0.2 + 0.2) twice
+    # read as lookagain's: no <think> opens either turn, no <tool_call>: (0.2) and (0.2 + 0.2 the answer's end)
+    assert fmt(call, answer, dialect=None) == pytest.approx((0.2 + 0.4) / 2)
+    assert fmt(" I am not sure") == pytest.approx(0.4)  # the prefill's <think>, never closed: 0.2 + 0.2 (starts)
+    both = " x </think><tool>\nname: zoom\n</tool><answer>A</answer>"  # tool and answer: 0 + 0.2 + 0.2 + 0.2
+    assert fmt(both) == pytest.approx(0.6)
+    assert fmt(" a </think><tool_call>{}</tool_call>") == pytest.approx(0.4)  # <tool_call> is no tool here
+    assert fmt(call, " no tags, no answer") == pytest.approx((1.0 + 0.4) / 2)  # "<think>" + text: 0.2 + 0.2
 
 
 def test_rewards_tool_terms():
