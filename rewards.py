@@ -82,8 +82,9 @@ def _turns(traj):  # a malformed entry is skipped, never raised on (model output
     return [t for t in (traj.get("turns") or []) if isinstance(t, str)]
 
 
-def _text(traj):  # the whole output, turns joined, as the methods score one response string
-    return "\n".join(_turns(traj))
+def _text(traj):  # the whole output, turns joined, as the methods score one response string; VLM-R3's turns are
+    # pieces of one assistant message (its harness writes each crop into it): joined as they stand
+    return ("" if _dialect(traj) == "vlm_r3" else "\n").join(_turns(traj))
 
 
 def _calls(traj):
@@ -276,13 +277,18 @@ def coverage(traj, record):
     return max([(0.0, 0.0)] + [(iou(b, gt), _inter(b, gt) / ((gt[2] - gt[0]) * (gt[3] - gt[1]))) for b in zooms])
 
 
+_R3_BOX = re.compile(r'\{"bbox_2d":\s*\[[^\]]*\]\}')  # rgrpo.py length_reward:428: the box VLM-R3's format writes
+
+
 def r_length(traj, record, acc):
     """VLM-R3, as their code: min(0.1, 0.01 x characters of the shortest reasoning segment between the tool calls before
     the first <answer>); empty segments count only at the ends (no reasoning before the first or after the last: 0)."""
-    # their length_reward (rgrpo.py): before the first <answer>, think tags dropped, whitespace runs as one space
+    # their length_reward (rgrpo.py:419-450): before the first <answer>, think tags out, whitespace runs as one space
     text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
-    # split at the calls (theirs splits at the bare {"bbox_2d": [...]} its format writes; here lookagain's blocks)
-    segments = [s.strip() for s in split_blocks(text, "<tool_call>", "</tool_call>")]
+    # split at the calls: under its dialect at each bare {"bbox_2d": [...]} as its harness leaves it (it writes "]}"
+    # back at each stop; a '{ "bbox_2d"' with a space is no split), else at lookagain's <tool_call> blocks
+    segments = [s.strip() for s in (_R3_BOX.split(text) if _dialect(traj) == "vlm_r3"
+                                    else split_blocks(text, "<tool_call>", "</tool_call>"))]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
 

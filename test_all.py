@@ -1269,6 +1269,21 @@ def test_rewards_length_term():
     assert r_length(_rw_traj(["<think>abc</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.03)
 
 
+def test_rewards_length_term_vlm_r3():
+    """length_reward (rgrpo.py) under VLM-R3's dialect, by hand: the turns of its one message joined as they stand,
+    split at each {"bbox_2d": [...]} with no space after { or before }, middle segments kept only if not empty."""
+    def length(*turns, dialect="vlm_r3"):
+        return r_length({"turns": list(turns), "calls": [], "dialect": dialect}, RW_MC, 1.0)[0]
+    box, box2, end = '{"bbox_2d": [1, 2, 3, 4]}\n', '{"bbox_2d": [5, 6, 7, 8]}\n', " White. </think><answer>A</answer>"
+    assert length("<think> Zoom. " + box, end) == pytest.approx(0.05)  # "Zoom." 5, "White." 6
+    assert length("<think> Zoom. " + box, end, dialect=None) == pytest.approx(0.1)  # read as ours: one segment
+    assert length("<think> Zoom. " + box, box2, end) == pytest.approx(0.05)  # the empty middle one is dropped
+    assert length("<think> Zoom. " + box, "<answer>A</answer>") == 0.0  # nothing after the crop: the empty end
+    assert length('<think> Zoom. { "bbox_2d": [1, 2, 3, 4]} White. </think><answer>A</answer>') == pytest.approx(0.1)
+    # the harness's text sticks to the next call's: "Bad!ok" 6 characters (joined by "\n": "Bad! ok", 7)
+    assert length("<think> Zoom in on the woman please. " + box[:-1] + "Bad!", "ok</think><answer>A") == pytest.approx(0.06)
+
+
 def test_rewards_rethink_term():
     # VL-Rethinker's code: -0.1 invalid (cut off, or "wait" > 5 times), else 1 / 0; a correct answer written
     # alone gets 1.1 with 1-2 self-reflections ('wait,' + 'wait a' + 'alternatively') and
