@@ -1281,7 +1281,8 @@ def test_rewards_length_term_vlm_r3():
     assert length("<think> Zoom. " + box, "<answer>A</answer>") == 0.0  # nothing after the crop: the empty end
     assert length('<think> Zoom. { "bbox_2d": [1, 2, 3, 4]} White. </think><answer>A</answer>') == pytest.approx(0.1)
     # the harness's text sticks to the next call's: "Bad!ok" 6 characters (joined by "\n": "Bad! ok", 7)
-    assert length("<think> Zoom in on the woman please. " + box[:-1] + "Bad!", "ok</think><answer>A") == pytest.approx(0.06)
+    long = "<think> Zoom in on the woman please. " + box[:-1] + "Bad!"
+    assert length(long, "ok</think><answer>A") == pytest.approx(0.06)
 
 
 def test_rewards_rethink_term():
