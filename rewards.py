@@ -18,11 +18,9 @@ import ast
 import math
 import re
 
-import numpy as np
-
 from dialects import DIALECTS, GL_NEXT
-from scorers import (MAX_ANSWER_CHARS, MRA_THRESHOLDS, SCORERS, final_answer, gold_answers, score_choice, score_final,
-                     soft_score, split_blocks, vqa_normalize)
+from scorers import (SCORERS, final_answer, gold_answers, mra32, score_choice, score_final, soft_score, split_blocks,
+                     vqa_normalize)
 
 CORRECT = 0.5            # accuracy at or above this counts as "correct" for the correctness-gated terms
 TYPES = tuple(SCORERS)   # data.py checks records against it
@@ -321,22 +319,22 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")  # gcot.py's first number: 3.5, -2
 
 
 def vilasr_accuracy(traj, record, acc):
-    """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn: multiple choice
-    by stripped ==, number and mra by MRA of the first numbers (strict '<'); other types (none in their data): acc."""
+    """ViLaSR's accuracy (gcot.py accuracy_reward, :190-267) of the last turn's first <answer>...</answer>, else that
+    whole turn: multiple choice by stripped ==, number and mra by MRA of the first numbers (strict '<', in float32:
+    scorers.mra32); other types (none in their data): acc."""
     last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
-    m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
-    ans = m.group(1) if m else last
+    ans = _between(last, "<answer>", "</answer>")  # their extract_answer: the first, stripped, else all of it
+    ans = last.strip() if ans is None else ans
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
     if record.get("type") == "multiple_choice":  # the whole string: '(B)' or 'B. left' is wrong for B
-        return float(ans.strip() == str(gold).strip())
+        return float(ans == str(gold).strip())
     if record.get("type") in ("number", "mra"):  # convert.py maps numerical and regression to mra: both MRA here
-        p, g = _FIRST_NUMBER.search(ans[:MAX_ANSWER_CHARS]), _FIRST_NUMBER.search(str(gold))
+        p, g = _FIRST_NUMBER.search(ans), _FIRST_NUMBER.search(str(gold))
         if p is None or g is None:
             return 0.0
-        p, g = float(p.group()), float(g.group())
-        # relative error < 1 - theta, theta 0.5..0.95, strict as gcot.py (1e-8: a gold of 0); gcot.py computes in
-        # float32 (scorers.mra32): on a boundary (12 for 10) it scores 0.6 where this float64 gives 0.7
-        return float(np.mean(abs(p - g) / (abs(g) + 1e-8) < 1 - MRA_THRESHOLDS))
+        # relative error < 1 - theta, theta 0.5..0.95, in float32 as gcot.py's torch (1e-8: a gold of 0): on a
+        # boundary 12 for 10 scores 0.6 (float64 would give 0.7), 15 for 10 scores 0 (float64: 0.1)
+        return mra32(float(p.group()), float(g.group()), strict=True)
     return acc
 
 

@@ -1314,14 +1314,29 @@ def test_rewards_vilasr_term():
     dot = _rw_traj([RW_GOOD["turns"][0], "<think>it is a dog</think><answer>B.</answer>"], [_rw_call()])
     assert r_vilasr(dot, RW_MC, 1.0)[0] == 0.0  # ViLaSR's multiple choice: the gold string exactly
     # counting: the first number found in the answer (VSI-Bench's parse takes the first token, "some": 0),
-    # MRA with a strict '<' and |g| + 1e-8 below: 1 / (10 + 1e-8) = 0.0999999999 < 1 - theta for theta = 0.50
-    # ... 0.90 (1 - 0.9 is 0.09999999999999998 in floats: still above), not 0.95 -> 9 of 10
+    # MRA with a strict '<' in float32 (gcot.py's torch): |9 - 10| / (10 + 1e-8) is 0.1 in float32 (10 + 1e-8 is 10),
+    # 0.100000001; 1 - 0.9 is 0.100000024 in float32: still above; 1 - 0.95 is not -> 9 of 10
     rec = {"id": 2, "question": "how far?", "type": "mra", "answer": "10"}
     far = _rw_traj([RW_GOOD["turns"][0], "<think>about</think><answer>some 9 metres, not 12</answer>"], [_rw_call()])
     assert mra("some 9 metres, not 12", "10") == 0.0
     assert r_vilasr(far, rec, 0.0)[0] == pytest.approx(0.5 * 0.9 + 0.5 * 1.0)
-    # 5 / (10 + 1e-8) is just under 0.5 = 1 - 0.50, above 0.45: 1 of 10
-    assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == pytest.approx(0.5 * 0.1 + 0.5)
+    # 5 / 10 is 0.5 in float32, not below 1 - 0.50 = 0.5: 0 of 10 (float64's 5 / (10 + 1e-8) would pass once),
+    # so the accuracy gate closes
+    assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == 0.0
+
+
+def test_rewards_vilasr_accuracy_float32_boundaries():
+    """gcot.py's MRA in float32, worked by hand: 12 for 10 has a relative error of 0.2 (0.200000003 in float32) and
+    1 - 0.80 is 0.199999988 in float32, so theta 0.80 fails as do 0.85-0.95: 6 of 10 (float64 passes 0.80: 0.7)."""
+    def acc(pred, gold):
+        rec = {"id": 2, "question": "how many?", "type": "number", "answer": gold}
+        return R.vilasr_accuracy(_rw_traj([f"<think>x</think><answer>{pred}</answer>"]), rec, 0.0)
+    # 4 for 5: 0.2 again; 14 for 10: 0.4 (0.400000006) fails at 1 - 0.60 (0.399999976): 2 of 10; 8.5 for 10: 0.15
+    # (0.150000006) fails at 1 - 0.85 (0.149999976): 7; 0.95 for 1: 0.05 (0.0500000119) fails at 0.95 only: 9
+    for pred, gold, want in ((12, "10", 0.6), (4, "5", 0.6), (14, "10", 0.2), (8.5, "10", 0.7), (0.95, "1", 0.9)):
+        assert acc(pred, gold) == pytest.approx(want, abs=1e-6), (pred, gold)
+    assert acc("about 12, not 20", "10") == pytest.approx(0.6, abs=1e-6)  # the first number
+    assert acc("x" * 2000 + " 10", "10") == 1.0  # the first number, however far into the answer
 
 
 def test_rewards_vilasr_format_native():
