@@ -3888,6 +3888,32 @@ def test_dialects_observations_are_the_released_harnesses(policy, tmp_path):
                         '[100, 50, 300, 200]}\n' + IMG + "\n")
 
 
+def test_dialects_vlm_r3_harness_text_after_failed_boxes(policy, tmp_path):
+    """r3_vllm.py after a box that fails, worked by hand: "]}\\n" after any text with bbox_2d; the last {...} read;
+    an empty box or one that crops nothing returns None without raising, so "```\\n" still follows a ```json and
+    the latest crop is shown again (crop_flag); a {...} without bbox_2d raises KeyError: "Invalid operation!";
+    nothing that parses: no text, no image."""
+    def first(text):
+        _, ep = _after_first_call(policy, tmp_path, "vlm_r3", text)
+        return ep["turns"][0], ep["calls"][0]
+    turn, call = first('<think> Look.\n```json\n{"bbox_2d": []}')  # an empty box
+    assert turn == '<think> Look.\n```json\n{"bbox_2d": []}\n```\n' and not call["ok"] and call["silent"]
+    turn, call = first('<think> Look.\n```json\n{"bbox_2d": [100, 50, 100, 200]}')  # x1 = x2: cuts nothing
+    assert turn.endswith('200]}\n```\n') and not call["ok"] and call["silent"]
+    turn, call = first('Look {"bbox_2d": [10, 10, 50, 50], "label": "cat"} or {"region": [1, 2]}')
+    assert turn.endswith('{"region": [1, 2]}\nInvalid operation!') and not call["ok"] and "silent" not in call
+    turn, call = first('Consider {"a": 1} and [1, 2]}')  # no bbox_2d: no "]}\\n", the {...} still read
+    assert turn == 'Consider {"a": 1} and [1, 2Invalid operation!'
+    # after a crop: a box that crops nothing shows that crop again; one that does not parse shows nothing
+    for box, again in (('{"bbox_2d": [100, 50, 100, 200]}', True), ('{"bbox_2d": [1, 2, 3, 4,]}', False)):
+        _, ep = _after_first_call(policy, tmp_path, "vlm_r3", DIALECT_CASES["vlm_r3"]["a"][0])
+        ep["script"] = [box]
+        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+        shown = '200]}\n' + IMG + box + "\n" + (IMG + "\n" if again else "")
+        assert M.chat_text(policy, ep["messages"]).endswith(shown)
+        assert len(ep["images"]) == 2 and [c["ok"] for c in ep["calls"]] == [True, False]
+
+
 def test_dialects_observation_tokens_masked_as_each_dialect_masks_them(policy, tmp_path):
     """Trained tokens: what the model wrote (lookagain, DeepEyes: the observation turns are not); VLM-R3 trains the
     text its harness writes into the assistant turn too (vllm_rgrpo_trainer.py masks only the vision tokens)."""

@@ -357,6 +357,8 @@ def run_tool(ep, req):
     call = dict(name=req["name"], arguments=req["arguments"], ok=False, error=req.get("error"), region=None,
                 size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]),
                 turn=len(ep.get("turns", [])) - 1)  # the model call that made it (view.py draws it under its turn)
+    if req.get("silent"):  # a failure its harness does not report (VLM-R3's observe shows the last crop again)
+        call["silent"] = True
     if call["error"] is None and req["tool"] not in ep["tools"]:
         call["error"] = f"{req['tool']} is not offered in this run (--tools)"
     if call["error"] is None:
