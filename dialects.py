@@ -348,8 +348,9 @@ def vlm_r3_read(ep, text, reason):
     "```\n" where ```json was written and the last crop again; else the crop (the box mapped to the original with
     int(), cut inclusively) and "```\n" where ```json was written."""
     parts = ep["messages"][-1]["parts"]  # the open assistant message: its text, crops and tails
-    if len(parts) >= 3 and parts[-2] == "\n" and isinstance(parts[-3], int):
-        del parts[-2]  # the "\n" after a crop is in the prompt of the next call only: later renderings lack it
+    k = max((i for i, p in enumerate(parts) if isinstance(p, dict)), default=0)  # this call's ids
+    if k and parts[k - 1] == "\n":  # each later call's prompt ends in "\n" (its <|im_end|>\n cut to \n, :268-269),
+        del parts[k - 1]  # after a crop or text alike; the message itself never holds it
     tail = "</answer>\n" if "<answer>" in text and "</answer>" not in text else ""  # the stop was cut
     if reason == "eos" or "</answer>" in text + tail:  # <|im_end|> or an answer: the episode ends
         return dict(tail=tail, answered="<answer>" in text, end=None if "<answer>" in text else "no_action")
@@ -360,7 +361,7 @@ def vlm_r3_read(ep, text, reason):
     except ValueError:
         op = None
     if not op:  # their `if op:` skips the rest: generation goes on in the message
-        return dict(tail=tail, again="") if "bbox_2d" not in text else \
+        return dict(tail=tail, again="\n") if "bbox_2d" not in text else \
             dict(tail=tail, calls=[request("crop", op, error="no box parses")])
     fence = "```\n" if "```json" in text else ""  # theirs closes a fence after a crop that did not raise
     W, H = ep["originals"][0].size  # original px
@@ -380,12 +381,12 @@ def vlm_r3_read(ep, text, reason):
 
 
 def vlm_r3_observe(ep, calls, final):
-    """The crop inline, then "\n" (at generation); after a silent failure the last crop made comes again (their
-    crop_flag re-adds the latest crop file, r3_vllm.py:253-263, 344)."""
+    """The crop inline, then "\n" (at generation, after any call); after a silent failure the last crop made comes
+    again (their crop_flag re-adds the latest crop file, r3_vllm.py:253-263, 344)."""
     c = calls[0]
     shown = c["new_image"] if c["ok"] else None if not c.get("silent") else \
         next((p["new_image"] for p in reversed(ep["calls"][:-1]) if p["ok"]), None)
-    return dict(inline=[shown, "\n"] if shown is not None else [])  # (read() drops that "\n" again next call)
+    return dict(inline=([shown] if shown is not None else []) + ["\n"])  # (read() drops that "\n" next call)
 
 
 def vlm_r3_answer(text):

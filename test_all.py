@@ -3909,9 +3909,23 @@ def test_dialects_vlm_r3_harness_text_after_failed_boxes(policy, tmp_path):
         _, ep = _after_first_call(policy, tmp_path, "vlm_r3", DIALECT_CASES["vlm_r3"]["a"][0])
         ep["script"] = [box]
         T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
-        shown = '200]}\n' + IMG + box + "\n" + (IMG + "\n" if again else "")
+        shown = '200]}\n' + IMG + box + "\n" + (IMG if again else "") + "\n"  # and the next prompt's "\n"
         assert M.chat_text(policy, ep["messages"]).endswith(shown)
         assert len(ep["images"]) == 2 and [c["ok"] for c in ep["calls"]] == [True, False]
+
+
+def test_dialects_vlm_r3_prompt_ends_in_newline_after_any_call(policy, tmp_path):
+    """r3_vllm.py renders the conversation again for each call and cuts its closing <|im_end|>\\n to "\\n": every
+    call after the first sees its message so far then "\\n", whatever came last (a crop, the harness's text, the
+    model's), and the message kept has none of those."""
+    for text, end in (('So {"a": 1} and [1, 2]}', 'So {"a": 1} and [1, 2Invalid operation!\n'),
+                      ("Hmm [1, 2]}", "Hmm [1, 2\n")):  # the stop "]}" cut, nothing parses: nothing written
+        got, ep = _after_first_call(policy, tmp_path, "vlm_r3", text)
+        assert got.endswith("<|im_start|>assistant\n" + end), got[-80:]
+        ep["script"] = ["<answer>A</answer>"]
+        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+        assert ep["stop"] == "answer"
+        assert M.chat_text(policy, ep["messages"]).endswith(end[:-1] + "<answer>A</answer>\n<|im_end|>")
 
 
 def test_dialects_observation_tokens_masked_as_each_dialect_masks_them(policy, tmp_path):
