@@ -3260,6 +3260,9 @@ def test_convert_vlm_r3_sft_native_and_as_lookagain_calls_then_one_sft_step(poli
     with pytest.raises(SystemExit, match=r"data.jsonl:1: its boxes are in a 12544 px view"):
         sft.main(["--data", str(out / "data.jsonl"), "--view-max-pixels", str(224 * 224), "--steps", "1",
                   "--out", str(tmp_path / "run2"), "--device", "cpu"])
+    # a last segment answering in \\boxed{} alone: the reasoning stops before the box, keeping its last character
+    last = convert.vlir_lookagain(["So it reads \\boxed{STOP}."], [], (1000, 800), 112 * 112, (3136, 1605632))
+    assert last == ["<think>So it reads</think><answer>STOP</answer>"]
     # a bad segment is named: file, row, field
     (tmp_path / "bad.json").write_text(json.dumps([VLIR, {**VLIR, "response_list": ["no box", "<answer>x</answer>"]}]))
     (tmp_path / "a.png").write_bytes(grey)
