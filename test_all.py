@@ -4092,6 +4092,11 @@ def test_benchmarks_emma_gold_option_text_and_word_numbers():
     assert MS.word_to_num("two point five") == 2.5 and MS.word_to_num("7") == 7
     with pytest.raises(ValueError):
         MS.word_to_num("no number here")
+    # latex2sympy2 (1.9.0, latex2sympy2.py:412) reads a:b as a / b: is_equal's evalf comparison sees 0.5 for 1:2
+    for text, gold, want in (("\\boxed{1:2}", "0.5", 1), ("\\boxed{3:4}", "\\frac{3}{4}", 1),
+                             ("\\boxed{1:3}", "0.5", 0)):
+        assert S.SCORERS["emma"](text, {"answer": gold})[0] == want, text
+    assert MS.emma_equal("1:2", "0.5") and not MS.emma_equal("1:2", "2")
 
 
 def test_benchmarks_math_evaluator_values():
