@@ -19,8 +19,8 @@ import math
 import re
 
 from dialects import DIALECTS, GL_NEXT
-from scorers import (SCORERS, final_answer, gold_answers, mra32, score_choice, score_final, soft_score, split_blocks,
-                     vqa_normalize)
+from scorers import (SCORERS, final_answer, gl_normalize, gold_answers, mra32, score_choice, score_final, soft_score,
+                     split_blocks)
 
 CORRECT = 0.5            # accuracy at or above this counts as "correct" for the correctness-gated terms
 TYPES = tuple(SCORERS)   # data.py checks records against it
@@ -89,10 +89,27 @@ def _calls(traj):
     return [c for c in (traj.get("calls") or []) if isinstance(c, dict)]
 
 
+def _between(text, open_tag, close_tag):
+    """The text between the first open_tag and the first close_tag after it, or None: what XMLParser's regex
+    <tag>\\s*(.*?)\\s*</tag> (verifiers xml_parser.py:252) finds once stripped, by str.find (the lazy regex is
+    quadratic on many unclosed tags)."""
+    i = text.find(open_tag)
+    j = text.find(close_tag, i + len(open_tag)) if i >= 0 else -1
+    return text[i + len(open_tag):j].strip() if j >= 0 else None
+
+
+def _gl_answer(traj):
+    """The answer Groundlight's rubric reads under its dialect (check_correctness, get_edit_distance_score: XMLParser's
+    first <answer> of the last message, else none, so no untagged fallback); else final_answer of the whole output."""
+    if _dialect(traj) == "groundlight":
+        return _between((_turns(traj) or [""])[-1], "<answer>", "</answer>")
+    return final_answer(_text(traj))
+
+
 def r_soft(traj, record, acc):
-    """Groundlight: soft edit-distance correctness of the final answer."""
-    ans = final_answer(_text(traj))
-    if not ans:
+    """Groundlight: soft edit-distance correctness of the final answer (scorers.soft_score: their normalisation)."""
+    ans = _gl_answer(traj)
+    if ans is None:
         return 0.0, "no answer"
     v = soft_score(ans, record["answer"])
     return v, f"soft {v:.3f}"
@@ -165,15 +182,6 @@ def r_format_vilasr(traj, record, acc):
     if bad:
         return 0.0, f"{bad} of {len(calls)} operations do not parse"
     return 1.0, f"well formed, {len(calls)} operations all parse"
-
-
-def _between(text, open_tag, close_tag):
-    """The text between the first open_tag and the first close_tag after it, or None: what XMLParser's regex
-    <tag>\\s*(.*?)\\s*</tag> (verifiers xml_parser.py:252) finds once stripped, by str.find (the lazy regex is
-    quadratic on many unclosed tags)."""
-    i = text.find(open_tag)
-    j = text.find(close_tag, i + len(open_tag)) if i >= 0 else -1
-    return text[i + len(open_tag):j].strip() if j >= 0 else None
 
 
 def r_format_groundlight(traj, record, acc):
@@ -348,14 +356,15 @@ def r_vilasr(traj, record, acc, beta=0.0):
 
 
 def r_vqa_hard(traj, record, acc):
-    """Groundlight's hard score (tool_use_text_vqa_env.py): min(1, normalised matches / 3), no leave-one-out mean."""
+    """Groundlight's hard score (tool_use_text_vqa_env.py check_correctness): min(1, normalised matches / 3), no
+    leave-one-out mean."""
     if record.get("type") != "vqa":  # one gold answer: the hard score is plain accuracy
         return acc, "accuracy (not a VQA record)"
-    ans = final_answer(_text(traj))
-    if not ans:
+    ans = _gl_answer(traj)
+    if ans is None:
         return 0.0, "no answer"
-    p = vqa_normalize(ans)  # EvalAI normalisation on both sides, as their normalize_answer
-    matches = sum(vqa_normalize(a) == p for a in gold_answers(record["answer"]))
+    p = gl_normalize(ans)  # their normalize_answer on both sides (EvalAI's steps, not its tokenizing first)
+    matches = sum(gl_normalize(a) == p for a in gold_answers(record["answer"]))
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 

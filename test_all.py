@@ -1380,6 +1380,25 @@ def test_rewards_groundlight_hard_score():
     assert reward(t, rec, "groundlight")[1]["vqa_hard"] == pytest.approx(2 / 3)
 
 
+def test_rewards_groundlight_answer_terms_native():
+    """Groundlight's check_correctness / get_edit_distance_score, by hand: their normalize_answer (EvalAI's steps
+    without its tokenizing first) on both sides; under its dialect the first <answer> of the last message, none
+    without one (no untagged fallback)."""
+    assert S.gl_normalize("what's up?") == "what's up" and S.gl_normalize("x,y") == "x y"  # no "'s" split, "," kept
+    assert S.gl_normalize("1,000 a-b") == "1000 ab" and S.gl_normalize("coca-cola") == "coca cola"  # digit,digit
+    assert soft_score("john's", ["johns"]) == pytest.approx((1 - 1 / 6) / 3)  # one edit in 6 characters
+    rec = {"id": 3, "question": "what?", "type": "vqa", "answer": ["x,y"] * 3 + ["z"] * 7}
+    t = {"turns": [" Look. </think>\n<answer> x y </answer>"], "calls": [], "dialect": "groundlight"}
+    assert r_vqa_hard(t, rec, 0.0)[0] == 1.0  # "x,y" reads "x y": 3 matches
+    red = {"id": 4, "question": "color?", "type": "vqa", "answer": ["red"] * 10}
+    untagged = [" It is red. </think> red"]
+    assert R.r_soft({"turns": untagged, "dialect": "groundlight"}, red, 0.0)[0] == 0.0  # no <answer>: none
+    assert R.r_soft(_rw_traj(untagged), red, 0.0)[0] == 1.0  # lookagain's reading: the text after </think>
+    two = [" x </think><answer>blue</answer> no, <answer>red</answer>"]
+    assert r_vqa_hard({"turns": two, "dialect": "groundlight"}, red, 0.0)[0] == 0.0  # the first: blue
+    assert r_vqa_hard(_rw_traj(two), red, 0.0)[0] == 1.0  # lookagain's reading: the last
+
+
 def test_rewards_presets():
     total, comp, why = reward(RW_GOOD, RW_MC, "vlm_r3")
     assert total == pytest.approx(1 + 0.5 + 0.5 + 0.1)  # acc + format + valid boxes + length
