@@ -15,6 +15,7 @@ raises ValueError.
 """
 
 import ast
+import json
 import math
 import re
 
@@ -234,12 +235,34 @@ def r_tool_bonus(traj, record, acc):
     return 0.0, "answer wrong" if acc < CORRECT else "no successful tool call"
 
 
+def _braces(text):
+    """re.findall(r"\\{.*?\\}", text, re.S) by str.find: each { to the first } after it (the lazy regex is quadratic
+    on many unclosed braces)."""
+    found, i = [], text.find("{")
+    while i >= 0 and (j := text.find("}", i + 1)) >= 0:
+        found.append(text[i:j + 1])
+        i = text.find("{", j + 1)
+    return found
+
+
 def r_region_valid(traj, record, acc):
-    """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if the answer is fully correct
-    (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop)."""
+    """VLM-R3 (rgrpo.py repeat_reward, :456-498, gated in vllm_rgrpo_trainer.py:1113-1121): 0.5 if the answer is fully
+    correct (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop). Under
+    its dialect as their code reads the text: each {...} (to its first }) that mentions "bbox" must load as JSON
+    with a bbox_2d key, and there must be one; else lookagain's calls stand in."""
+    if acc < 1.0:  # a partly right answer (a VQA or MRA score below 1) earns nothing here
+        return 0.0, "answer not fully correct"
+    if _dialect(traj) == "vlm_r3":
+        boxes = [j for j in _braces(_text(traj)) if "bbox" in j]
+        for j in boxes:
+            try:
+                json.loads(j)["bbox_2d"]
+            except (ValueError, KeyError, TypeError, RecursionError):  # their `except Exception`: one spoils all
+                return 0.0, f"{j[:40]!r} does not parse to a bbox_2d"
+        return (0.5, f"{len(boxes)} boxes parse") if boxes else (0.0, "no boxes")
     calls = _calls(traj)
-    if acc < 1.0 or not calls:  # a partly right answer (a VQA or MRA score below 1) earns nothing here
-        return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes"
+    if not calls:
+        return 0.0, "no boxes"
     bad = sum(c.get("arguments") is None for c in calls)  # one box that does not parse spoils all, as their break
     if bad:
         return 0.0, f"{bad} of {len(calls)} boxes do not parse"

@@ -1259,6 +1259,25 @@ def test_rewards_region_terms():
         r_region_iou(t, {**RW_MC, "bbox": [5, 5, 1, 1]}, 1.0)
 
 
+def test_rewards_vlm_r3_terms_native():
+    """format_reward and repeat_reward (rgrpo.py) on VLM-R3's own text, by hand: the one message (its turns joined as
+    they stand) fullmatches .*?<answer>.*?</answer>\\s*; each {...} (to its first }) mentioning "bbox" must load
+    with a bbox_2d key, and one must, for 0.5 when the answer is fully right."""
+    def traj(*turns):
+        return {"turns": list(turns), "calls": [], "dialect": "vlm_r3"}
+    good = traj('<think> Zoom. {"bbox_2d": [1, 2, 3, 4]}\n', " White. </think><answer>A</answer>\n")
+    assert r_format_r3(good, RW_MC, 1.0)[0] == 0.5 and r_region_valid(good, RW_MC, 1.0)[0] == 0.5
+    assert r_region_valid(good, RW_MC, 0.9)[0] == 0.0  # their gate: accuracy == 1
+    assert r_format_r3(traj("<think> x </think><answer>A</answer> more"), RW_MC, 1.0)[0] == 0.0
+    assert r_region_valid(traj("<think> x </think><answer>A</answer>"), RW_MC, 1.0)[0] == 0.0  # no box
+    # a {"bbox": ...} (no bbox_2d), or a nested {...} cut at its first }, spoils them all; a {...} without "bbox" is
+    # not looked at
+    spoilt = traj('<think> {"bbox_2d": [1, 2, 3, 4]}\n', ' also {"bbox": [1]} </think><answer>A</answer>')
+    nested = traj('<think> {"bbox_2d": [1, 2, 3, 4], "meta": {"a": 1}} </think><answer>A</answer>')
+    loose = traj('<think> a set {x, y} then {"bbox_2d": [1, 2, 3, 4]}\n', " so </think><answer>A</answer>")
+    assert [r_region_valid(t, RW_MC, 1.0)[0] for t in (spoilt, nested, loose)] == [0.0, 0.0, 0.5]
+
+
 def test_rewards_length_term():
     # segments: "look at it" (10 chars) and "it is a dog" (11 chars): min(0.1, 0.01 x 10)
     assert r_length(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(0.1)
