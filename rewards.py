@@ -19,7 +19,7 @@ import json
 import math
 import re
 
-from dialects import DIALECTS, GL_NEXT
+from dialects import DE_USER, DIALECTS, GL_NEXT
 from scorers import (SCORERS, final_answer, gl_normalize, gold_answers, mra32, score_choice, score_final, soft_score,
                      split_blocks)
 
@@ -208,14 +208,34 @@ def r_format_groundlight(traj, record, acc):
     return score / len(turns), f"graded format {score:.1f} over {len(turns)} messages"
 
 
+# what follows each crop in the response DeepEyes' reward reads (visual_toolbox_v2.py:102-105: the instruction again,
+# its own <think>...</think> and <answer>...</answer> in it), after the model's <|im_end|>
+DE_OBS = ("<|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|image_pad|><|vision_end|>" + DE_USER
+          + "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def _deepeyes_text(traj):
+    """The response as vl_agent.py compute_score reads it: under DeepEyes' dialect decoded with its observations (a
+    failed call ends the episode there, so each turn but the last made one crop), else the turns."""
+    if _dialect(traj) != "deepeyes":
+        return _text(traj)
+    turns, crops = _turns(traj), sum(bool(c.get("ok")) for c in _calls(traj))
+    return "".join(t + (DE_OBS if i < crops else "") for i, t in enumerate(turns))
+
+
+def _deepeyes_answer(text):  # their slice (vl_agent.py:209): after the last <answer>, to the next </answer>
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
+
+
 def r_format_deepeyes(traj, record, acc):
-    """DeepEyes: -1 for unbalanced <think>, unbalanced <answer> after the last </think>, a 1000+ char answer; else 0."""
-    text = _text(traj)
-    tail, answer = text.rpartition("</think>")[2], text.split("<answer>")[-1].split("</answer>")[0]  # their slices
-    # (their check that every <|vision_start|><|image_pad|> is closed has no counterpart: turns hold no image tokens)
+    """DeepEyes (vl_agent.py compute_score, :190-262): -1 for unbalanced <think>, unbalanced <answer> after the last
+    </think>, a 1000+ char answer; else 0. Under its dialect the text holds the observations' tags too."""
+    text = _deepeyes_text(traj)
+    tail = text.rpartition("</think>")[2]  # their split('</think>')[-1]
+    # (their check that each <|vision_start|><|image_pad|> is closed always passes here: the crops' tokens are)
     errors = [why for why, bad in [("unbalanced <think>", text.count("<think>") != text.count("</think>")),
                                    ("unbalanced <answer>", tail.count("<answer>") != tail.count("</answer>")),
-                                   ("answer of 1000+ characters", len(answer.strip()) >= 1000)] if bad]
+                                   ("answer of 1000+ characters", len(_deepeyes_answer(text)) >= 1000)] if bad]
     return (-1.0, "; ".join(errors)) if errors else (0.0, "well formed")
 
 
@@ -229,10 +249,13 @@ def r_tool_success(traj, record, acc):
 
 
 def r_tool_bonus(traj, record, acc):
-    """DeepEyes: 1 only when the answer is correct and at least one tool call succeeded."""
-    if acc >= CORRECT and any(c.get("ok") for c in _calls(traj)):  # theirs: judge accuracy > 0.5 and an image came back
+    """DeepEyes (vl_agent.py:255-261): 1 only when the judged accuracy is above 0.5 (strictly: a graded 0.5 is not),
+    the answer is under 1000 characters (else judged 0) and at least one tool call succeeded (an image came back)."""
+    if len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000:
+        return 0.0, "answer of 1000+ characters (judged 0)"
+    if acc > 0.5 and any(c.get("ok") for c in _calls(traj)):
         return 1.0, "correct with a successful tool call"
-    return 0.0, "answer wrong" if acc < CORRECT else "no successful tool call"
+    return 0.0, "answer wrong" if acc <= 0.5 else "no successful tool call"
 
 
 def _braces(text):

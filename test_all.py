@@ -1237,6 +1237,23 @@ def test_rewards_tool_terms():
     assert r_tool_bonus(_rw_traj(["x"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0  # no successful call
 
 
+def test_rewards_deepeyes_terms_native():
+    """vl_agent.py compute_score under DeepEyes' dialect, by hand: its response holds each crop's tool response, whose
+    instruction has a <think>...</think> and an <answer>...</answer> of its own; the tool bonus needs accuracy > 0.5
+    (strictly) and an answer under 1000 characters."""
+    call = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 30, 40]}}</tool_call>'
+    early = "<think>a</think> maybe <answer> " + call  # an <answer> left open before the call
+    t = {"turns": [early, "<answer>B</answer>"], "calls": [_rw_call()], "dialect": "deepeyes"}
+    # after the response's last </think> (the instruction's): its answer pair and the model's: 2 and 2
+    assert r_format_deepeyes(t, RW_MC, 1.0)[0] == 0.0
+    assert r_format_deepeyes(_rw_traj(t["turns"], t["calls"]), RW_MC, 1.0)[0] == -1.0  # turns alone: 2 and 1
+    t2 = {**t, "turns": [early.replace("maybe <answer> ", ""), "<think>hmm<answer>B</answer>"]}
+    assert r_format_deepeyes(t2, RW_MC, 1.0)[0] == -1.0  # 3 <think> and 2 </think>
+    assert r_tool_bonus(t, RW_MC, 0.6)[0] == 1.0 and r_tool_bonus(t, RW_MC, 0.5)[0] == 0.0  # > 0.5, strictly
+    long = {**t, "turns": [t["turns"][0], "<answer>" + "x" * 1000 + "</answer>"]}
+    assert r_tool_bonus(long, RW_MC, 1.0)[0] == 0.0 and r_format_deepeyes(long, RW_MC, 1.0)[0] == -1.0
+
+
 def test_rewards_region_terms():
     # VLM-R3's code: 0.5 when every box parses and there is one, gated on a fully correct answer
     assert r_region_valid(RW_GOOD, RW_MC, 1.0)[0] == 0.5
