@@ -1340,6 +1340,11 @@ def test_rewards_rethink_term():
     assert r_rethink(answer("x", rethinks=1), RW_MC, 0.0)[0] == 0.0
     assert r_rethink(answer("x", stop="max_tokens"), RW_MC, 1.0)[0] == -0.1  # cut off
     assert r_rethink(_rw_traj(["<think>x</think>"], stop="no_action"), RW_MC, 0.0)[0] == 0.0  # ended, no answer
+    # its own text (one turn, \\boxed{}, no tags) reads the same
+    own = {"turns": ["So \\boxed{B}. Wait, is it? Yes, \\boxed{B}."], "stop": "answer", "dialect": "vl_rethinker"}
+    assert r_rethink(own, RW_MC, 1.0)[0] == 1.1
+    # cut off yet right with 1-2 waits: the shaping overrides the validity (their get_logprobs_and_logs) -> 1.1
+    assert r_rethink({**own, "stop": "max_tokens"}, RW_MC, 1.0)[0] == 1.1
 
 
 def test_rewards_vilasr_term():
@@ -1486,10 +1491,12 @@ def test_rewards_fuzz_never_raises():
         extract_answer(text)
         v, why = accuracy(text, rec)
         assert 0.0 <= v <= 1.0 and isinstance(why, str)
-        t = {"turns": [text, text[:50]], "calls": odd_calls[: i % 6], "rethinks": i % 4}
-        for preset in PRESETS:
-            total, comp, reasons = reward(t, rec, preset, weights={"region_iou": 1.0, "soft": 0.1})
-            assert math.isfinite(total) and set(comp) == set(reasons)
+        names = list(dialects.DIALECTS)  # each term in its own method's reading too (the long texts: all of them)
+        for dialect in names if i < 14 else [names[i % len(names)]]:
+            t = {"turns": [text, text[:50]], "calls": odd_calls[: i % 6], "rethinks": i % 4, "dialect": dialect}
+            for preset in PRESETS:
+                total, comp, reasons = reward(t, rec, preset, weights={"region_iou": 1.0, "soft": 0.1})
+                assert math.isfinite(total) and set(comp) == set(reasons)
     assert reward({}, RW_MC, "vlm_r3")[0] == 0.0  # no turns at all
 
 
