@@ -19,11 +19,15 @@ import json
 import math
 import re
 
-from dialects import DE_USER, DIALECTS, GL_NEXT
 from scorers import (SCORERS, final_answer, gl_normalize, gold_answers, mra32, score_choice, score_final, soft_score,
                      split_blocks)
 
 CORRECT = 0.5            # accuracy at or above this counts as "correct" for the correctness-gated terms
+# the harness text a method's reward reads besides the model's, as dialects.py writes it (rewards.py stands on
+# scorers.py alone; test_rewards_harness_texts_are_the_dialects checks these against dialects.py):
+GL_PREFILLS = ("\n<think> Let me think step by step.", "<think>")  # Groundlight's: before the first step, each later
+DE_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>"
+           "  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")  # DeepEyes' USER_PROMPT_V2
 TYPES = tuple(SCORERS)   # data.py checks records against it
 
 # -----------------------------------------------------------------------------
@@ -198,7 +202,7 @@ def r_format_groundlight(traj, record, acc):
     native = _dialect(traj) == "groundlight"
     tool = "tool" if native else "tool_call"
     if native:
-        turns = [(DIALECTS["groundlight"]["prefill"] if i == 0 else GL_NEXT) + t for i, t in enumerate(turns)]
+        turns = [GL_PREFILLS[i > 0] + t for i, t in enumerate(turns)]
     score = 0.0
     for t in turns:  # each message scored alone
         s = t.strip()

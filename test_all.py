@@ -1183,6 +1183,12 @@ def test_rewards_trajectory_names_its_dialect(policy, tmp_path):
     assert R._dialect(RW_GOOD) == "lookagain"
 
 
+def test_rewards_harness_texts_are_the_dialects():
+    """rewards.py stands on scorers.py alone: the harness texts its terms read are its own copies of dialects.py's."""
+    assert R.GL_PREFILLS == (dialects.DIALECTS["groundlight"]["prefill"], dialects.GL_NEXT)
+    assert R.DE_USER == dialects.DE_USER
+
+
 def test_rewards_format_terms():
     assert r_format_r3(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_format_r3(_rw_traj(["<answer>B</answer> and more"]), RW_MC, 1.0)[0] == 0.0
