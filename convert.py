@@ -385,8 +385,10 @@ def vlir_lookagain(texts, crops, size, view_max_pixels, frame):
         box = [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]  # a box thinner than a view pixel keeps 1 px
         turns.append(think(before) + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": box}))
     last = texts[-1]
-    # the last segment: its reasoning, then its answer alone (vlir_crops checked it has one)
-    return turns + [think(last[:last.rfind("<answer>")]) + f"<answer>{S.extract_answer(last)}</answer>"]
+    # the last segment: its reasoning, then its answer alone (vlir_crops checked it has one: an <answer>, else a
+    # \boxed{}, where the reasoning stops)
+    at = next((i for i in (last.rfind("<answer>"), last.rfind("\\boxed{")) if i >= 0), len(last))
+    return turns + [think(last[:at]) + f"<answer>{S.extract_answer(last)}</answer>"]
 
 
 def vlm_r3_sft(row, ctx):

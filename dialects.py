@@ -342,46 +342,51 @@ def vlm_r3_prompt(ep):
 
 
 def vlm_r3_read(ep, text, reason):
-    """Its harness after each model call: "</answer>\n" when an answer is left open; the end at <|im_end|> or an
-    answer; "]}\n" after a box, the last {...} parsed, the crop (the box mapped to the original with int(), cut
-    inclusively), "Invalid operation!" when it fails; nothing and the same call again when no box parses."""
+    """Its harness after each model call (r3_vllm.py:302-364): "</answer>\n" when an answer is left open; the end at
+    <|im_end|> or an answer; "]}\n" after a box; then the last {...}: none that parses, nothing; one without a
+    bbox_2d, or a box that fails, "Invalid operation!"; an empty box or one that crops nothing (their silent None),
+    "```\n" where ```json was written and the last crop again; else the crop (the box mapped to the original with
+    int(), cut inclusively) and "```\n" where ```json was written."""
     parts = ep["messages"][-1]["parts"]  # the open assistant message: its text, crops and tails
-    if len(parts) >= 3 and parts[-2] == "\n" and isinstance(parts[-3], int):
-        del parts[-2]  # the "\n" after a crop is in the prompt of the next call only: later renderings lack it
+    k = max((i for i, p in enumerate(parts) if isinstance(p, dict)), default=0)  # this call's ids
+    if k and parts[k - 1] == "\n":  # each later call's prompt ends in "\n" (its <|im_end|>\n cut to \n, :268-269),
+        del parts[k - 1]  # after a crop or text alike; the message itself never holds it
     tail = "</answer>\n" if "<answer>" in text and "</answer>" not in text else ""  # the stop was cut
     if reason == "eos" or "</answer>" in text + tail:  # <|im_end|> or an answer: the episode ends
         return dict(tail=tail, answered="<answer>" in text, end=None if "<answer>" in text else "no_action")
-    if "bbox_2d" not in text:  # stopped without a box: generation goes on in the message
-        return dict(tail=tail, again="")
-    tail += "]}\n"  # whichever stop fired ("]}", "]\n}", "] }"), or none (the token cap): theirs appends this
-    found = re.findall(r"\{.*?\}", text + tail, re.S)  # their _extract_fields: the last {...}
+    tail += "]}\n" if "bbox_2d" in text else ""  # whichever stop fired ("]}", "]\n}", "] }"), or none (the cap)
+    found = re.findall(r"\{.*?\}", text + tail, re.S)  # their _extract_fields: the last {...}, a box or not
     try:
-        op = json.loads(found[-1]) if found else None  # strict JSON, as theirs
+        op = json.loads(found[-1]) if found else None  # strict JSON, as theirs: a {...} parses to a dict
     except ValueError:
         op = None
-    if not op or not isinstance(op, dict) or not op.get("bbox_2d"):  # silently nothing (their code)
-        return dict(tail=tail, calls=[request("crop", op, error="no box parses", silent=True)])
+    if not op:  # their `if op:` skips the rest: generation goes on in the message
+        return dict(tail=tail, again="\n") if "bbox_2d" not in text else \
+            dict(tail=tail, calls=[request("crop", op, error="no box parses")])
+    fence = "```\n" if "```json" in text else ""  # theirs closes a fence after a crop that did not raise
     W, H = ep["originals"][0].size  # original px
     w, h = ep["images"][0]["img"].size  # as shown: the box's frame
     try:
+        if not op["bbox_2d"]:  # _crop_and_save_region's `if not bbox`: None, silent (no key: their KeyError)
+            return dict(tail=tail + fence, calls=[request("crop", op, error="empty box", silent=True)])
         x1, y1, x2, y2 = _box(op["bbox_2d"])
         x1, y1 = max(0, int(x1 * W / w)), max(0, int(y1 * H / h))  # bbox_transform's int(): truncated
         x2, y2 = min(W - 1, int(x2 * W / w)), min(H - 1, int(y2 * H / h))  # clamped as get_img_crop
     except (ValueError, KeyError, TypeError) as e:  # their exception path (a missing key, a wrong length)
         return dict(tail=tail + "Invalid operation!", calls=[request("crop", op, error=str(e))])
     if x1 >= x2 or y1 >= y2:  # get_img_crop's None: silent, no error text
-        return dict(tail=tail, calls=[request("crop", op, error="degenerate box", silent=True)])
+        return dict(tail=tail + fence, calls=[request("crop", op, error="degenerate box", silent=True)])
     box = [*to_view(ep, 0, x1, y1, "original"), *to_view(ep, 0, x2 + 1, y2 + 1, "original")]  # x2, y2 inclusive
-    tail += "```\n" if "```json" in text else ""  # theirs closes a fence: ```json anywhere
-    return dict(tail=tail, calls=[request("crop", op, "zoom_in", dict(image_index=0, bbox_2d=box))])
+    return dict(tail=tail + fence, calls=[request("crop", op, "zoom_in", dict(image_index=0, bbox_2d=box))])
 
 
 def vlm_r3_observe(ep, calls, final):
-    """The crop inline, then "\n" (at generation); a box that silently failed shows the previous crop again."""
+    """The crop inline, then "\n" (at generation, after any call); after a silent failure the last crop made comes
+    again (their crop_flag re-adds the latest crop file, r3_vllm.py:253-263, 344)."""
     c = calls[0]
-    shown = c["new_image"] if c["ok"] else ep["calls"][-2]["new_image"] if c.get("silent") and len(ep["calls"]) > 1 \
-        and ep["calls"][-2]["ok"] else None
-    return dict(inline=[shown, "\n"] if shown is not None else [])  # (read() drops that "\n" again next call)
+    shown = c["new_image"] if c["ok"] else None if not c.get("silent") else \
+        next((p["new_image"] for p in reversed(ep["calls"][:-1]) if p["ok"]), None)
+    return dict(inline=([shown] if shown is not None else []) + ["\n"])  # (read() drops that "\n" next call)
 
 
 def vlm_r3_answer(text):
@@ -530,6 +535,7 @@ GL_INSTRUCTION = (
     "answer. The answer (which you will provide in the <answer> </answer> tags) should be a single word or phrase "
     "directly answering the question.\n    Question: {question}\n    ")
 GL_GUIDE = ["</think>", "<answer>", "</answer>"]  # ([^<]*)</think>([^<]*)<answer>([^<]*)</answer>
+GL_NEXT = "<think>"  # the assistant message env_response adds after its user turn, prefilling the next step
 
 
 def stated_size(ep):
@@ -592,7 +598,7 @@ def groundlight_observe(ep, calls, final):
     parts = (["Error: No tool call or answer found in your last message."] if c is None else  # (not in <result>)
              ["<image_name> tool_result_1 </image_name>", c["new_image"]] if c["ok"]  # named, no other text
              else [f"<result>\n{c['error']}\n</result>"])  # XMLParser.format of the error
-    return dict(messages=[dict(role="user", parts=parts, closed=True)], prefill="<think>", guide=GL_GUIDE)
+    return dict(messages=[dict(role="user", parts=parts, closed=True)], prefill=GL_NEXT, guide=GL_GUIDE)
 
 
 # -----------------------------------------------------------------------------

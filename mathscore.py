@@ -507,7 +507,9 @@ def emma_equal(md, gt):
             return True
     except ValueError:  # no number word: not equal this way (as theirs)
         pass
-    return _latex_close(md, gt, math.e, False)  # EMMA evaluates with evalf: a bare e is 2.718...
+    # EMMA evaluates with evalf: a bare e is 2.718...; latex2sympy2 reads a:b as a / b (its grammar's COLON is a
+    # division, latex2sympy2.py:412 at 1.9.0, as in latex2sympy2_extended.py:678): 1:2 equals 0.5
+    return _latex_close(md, gt, math.e, True)
 
 
 def emma_score(text, record):

@@ -5,22 +5,29 @@ scorers.SCORERS). Read top to bottom:
   2. region helpers     iou, coverage
   3. reward terms       r_* functions, each (traj, record, acc) -> (value, reason); a trajectory from tools.py is
                         {"turns": [assistant turns], "calls": [{"name", "arguments", "ok", "error", "region", "zoom"}],
-                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional)}
+                         "stop": "answer" | "max_turns" | ..., "rethinks": int (optional), "dialect": the name of
+                         the format the turns are in (optional: lookagain's)}; a term reads its method's own format
+                         under its method's dialect, and stands in for it on lookagain's tags otherwise
   4. presets            PRESETS (one per paper) and reward(traj, record, preset, weights)
 
 Model text never makes anything here raise; a malformed *record* (unknown type, missing options, non-numeric gold)
 raises ValueError.
 """
 
+import ast
+import json
 import math
 import re
 
-import numpy as np
-
-from scorers import (MAX_ANSWER_CHARS, MRA_THRESHOLDS, SCORERS, final_answer, gold_answers, score_choice, score_final,
-                     soft_score, split_blocks, vqa_normalize)
+from scorers import (SCORERS, final_answer, gl_normalize, gold_answers, mra32, score_choice, score_final, soft_score,
+                     split_blocks)
 
 CORRECT = 0.5            # accuracy at or above this counts as "correct" for the correctness-gated terms
+# the harness text a method's reward reads besides the model's, as dialects.py writes it (rewards.py stands on
+# scorers.py alone; test_rewards_harness_texts_are_the_dialects checks these against dialects.py):
+GL_PREFILLS = ("\n<think> Let me think step by step.", "<think>")  # Groundlight's: before the first step, each later
+DE_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>"
+           "  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")  # DeepEyes' USER_PROMPT_V2
 TYPES = tuple(SCORERS)   # data.py checks records against it
 
 # -----------------------------------------------------------------------------
@@ -70,22 +77,44 @@ def iou(a, b):
 # 3. reward terms: (traj, record, acc) -> (value, reason); acc is accuracy() of the final answer
 
 
+def _dialect(traj):  # the format the turns are written in (tools.trajectory); a hand-built or replayed one: ours
+    return traj.get("dialect") or "lookagain"
+
+
 def _turns(traj):  # a malformed entry is skipped, never raised on (model output never raises here)
     return [t for t in (traj.get("turns") or []) if isinstance(t, str)]
 
 
-def _text(traj):  # the whole output, turns joined, as the methods score one response string
-    return "\n".join(_turns(traj))
+def _text(traj):  # the whole output, turns joined, as the methods score one response string; VLM-R3's turns are
+    # pieces of one assistant message (its harness writes each crop into it): joined as they stand
+    return ("" if _dialect(traj) == "vlm_r3" else "\n").join(_turns(traj))
 
 
 def _calls(traj):
     return [c for c in (traj.get("calls") or []) if isinstance(c, dict)]
 
 
+def _between(text, open_tag, close_tag):
+    """The text between the first open_tag and the first close_tag after it, or None: what XMLParser's regex
+    <tag>\\s*(.*?)\\s*</tag> (verifiers xml_parser.py:252) finds once stripped, by str.find (the lazy regex is
+    quadratic on many unclosed tags)."""
+    i = text.find(open_tag)
+    j = text.find(close_tag, i + len(open_tag)) if i >= 0 else -1
+    return text[i + len(open_tag):j].strip() if j >= 0 else None
+
+
+def _gl_answer(traj):
+    """The answer Groundlight's rubric reads under its dialect (check_correctness, get_edit_distance_score: XMLParser's
+    first <answer> of the last message, else none, so no untagged fallback); else final_answer of the whole output."""
+    if _dialect(traj) == "groundlight":
+        return _between((_turns(traj) or [""])[-1], "<answer>", "</answer>")
+    return final_answer(_text(traj))
+
+
 def r_soft(traj, record, acc):
-    """Groundlight: soft edit-distance correctness of the final answer."""
-    ans = final_answer(_text(traj))
-    if not ans:
+    """Groundlight: soft edit-distance correctness of the final answer (scorers.soft_score: their normalisation)."""
+    ans = _gl_answer(traj)
+    if ans is None:
         return 0.0, "no answer"
     v = soft_score(ans, record["answer"])
     return v, f"soft {v:.3f}"
@@ -99,21 +128,61 @@ def r_format_r3(traj, record, acc):
     return 0.0, "does not end in a closed <answer>"
 
 
+_VILASR_TURN = re.compile(r"<think>(.*?)</think>\s*Action:\s*(.*?)(?=\n|$)", re.S)  # gcot.py format_reward:78
+
+
+def _json_blocks(text):
+    """gcot.py's parse_json (:24-34): after each line that is ```json once stripped, the lines up to the next ```
+    (else to the end), joined by "\n"; the scan stops at the next ```json line at the latest (it holds ```)."""
+    lines, blocks = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == "```json":
+            j = i + 1
+            while j < len(lines) and "```" not in lines[j]:
+                j += 1
+            blocks.append("\n".join(lines[i + 1:j] + ([lines[j].split("```")[0]] if j < len(lines) else [])))
+    return blocks
+
+
+def _vilasr_ops_parse(text):
+    """gcot.py's parse_bbox_and_movement (:45-61): every block a Python literal (None counts as failing) whose every
+    item holds "bbox_2d" and "label" (a box) or "start_point_2d", "end_point_2d" and "label" (a line), tested with
+    `in` as theirs (a key of a dict, a substring of a string); no index, coordinate or image is checked."""
+    for body in _json_blocks(text):
+        try:
+            block = ast.literal_eval(body)
+            if block is None or not all(("bbox_2d" in it and "label" in it)
+                                        or ("start_point_2d" in it and "end_point_2d" in it and "label" in it)
+                                        for it in block):
+                return False
+        # theirs catches ValueError and SyntaxError (the block fails); the rest (an int block, an item `in` cannot
+        # search) raise out of their reward: a failure here
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return False
+    return True
+
+
 def r_format_vilasr(traj, record, acc):
-    """ViLaSR (gcot.py): 1 only if every turn is <think>...</think> then its action (a tool call; in the last turn, and
-    only there, the answer) and every operation parses (as in the code, a box outside the image still counts)."""
-    turns, calls = _turns(traj), _calls(traj)
+    """ViLaSR (gcot.py format_reward): 1 only if every turn is <think>...</think> then its action and the answer tags
+    are in the last turn, and only there, and every operation parses (as in the code, a box outside the image still
+    counts). Under its dialect as gcot.py: each assistant message, unstripped, fullmatches its pattern (it starts
+    with <think>, "Action:" follows a </think>), the ```json blocks of all turns hold only boxes and lines."""
+    turns, calls, native = _turns(traj), _calls(traj), _dialect(traj) == "vilasr"
     if not turns:
         return 0.0, "no turns"
     for i, t in enumerate(turns):
-        last = i == len(turns) - 1
-        # their pattern is <think>(.*?)</think>\s*Action:\s*(.*?)(?=\n|$); the action here is lookagain's tag
-        if not re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S):
-            return 0.0, f"turn {i} is not <think>...</think> then an action"
-        if last and ("<answer>" not in t or "</answer>" not in t):
+        last, tags = i == len(turns) - 1, ("<answer>" in t, "</answer>" in t)
+        # lookagain's stand-in: the action is our tag, one of <tool_call> or <answer>
+        if not (_VILASR_TURN.fullmatch(t) if native
+                else re.fullmatch(r"<think>.*?</think>\s*<(tool_call|answer)>.*", t.strip(), re.S)):
+            return 0.0, f"turn {i} is not <think>...</think> then {'Action:' if native else 'an action'}"
+        if last and not all(tags):
             return 0.0, "last turn has no <answer>...</answer>"
-        if not last and ("<answer>" in t or "</answer>" in t or "<tool_call>" not in t):
-            return 0.0, f"turn {i} answers early or makes no operation"
+        if not last and (any(tags) or not native and "<tool_call>" not in t):
+            return 0.0, f"turn {i} answers early" + ("" if native else " or makes no operation")
+    if native:  # every block of the whole output (theirs joins the turns with nothing between them)
+        ok = _vilasr_ops_parse("".join(turns))
+        return (1.0, "well formed, every operation parses") if ok else (0.0, "a ```json block is not boxes and lines")
     bad = sum(c.get("arguments") is None for c in calls)  # arguments None: the call did not parse (dialects.py)
     if bad:
         return 0.0, f"{bad} of {len(calls)} operations do not parse"
@@ -121,31 +190,56 @@ def r_format_vilasr(traj, record, acc):
 
 
 def r_format_groundlight(traj, record, acc):
-    """Groundlight (tool_use_text_vqa_env.py), mean over turns of 0.4 (think and exactly one of call or answer), 0.2
-    (any of them parses: their "spacing" check), 0.2 (starts with <think>), 0.2 (ends in the call's or answer's tag)."""
+    """Groundlight (tool_use_text_vqa_env.py format_reward_func, :376-461), the mean over the assistant messages of
+    0.4 (think and exactly one of tool and answer, each found by XMLParser), 0.2 (their "spacing" check: it parses
+    with and without strip by the same regex, so it always passes, a message without any tag too), 0.2 (starts with
+    <think>), 0.2 (ends in the closing tag of the tool or answer it holds). Under its dialect the tool tag is <tool>
+    and a message is a model call after its prefill (preprocess_messages, multistep_vision_env.py:309-384, merges
+    them: the first after the dialect's, each later one after "<think>"); else each turn, lookagain's <tool_call>."""
     turns = _turns(traj)
     if not turns:
         return 0.0, "no turns"
+    native = _dialect(traj) == "groundlight"
+    tool = "tool" if native else "tool_call"
+    if native:
+        turns = [GL_PREFILLS[i > 0] + t for i, t in enumerate(turns)]
     score = 0.0
-    for t in turns:  # each model call scored alone, as theirs scores each assistant message
+    for t in turns:  # each message scored alone
         s = t.strip()
-        think = "<think>" in s and "</think>" in s
-        tool = "<tool_call>" in s and "</tool_call>" in s
-        answer = "<answer>" in s and "</answer>" in s
-        # 0.4: think and exactly one of call / answer (their XOR); the 0.2 terms: a tag present, starts and ends right
-        score += (0.4 * (think and tool + answer == 1) + 0.2 * (think or tool or answer) + 0.2 * s.startswith("<think>")
-                  + 0.2 * ((tool and s.endswith("</tool_call>")) or (answer and s.endswith("</answer>"))))
-    return score / len(turns), f"graded format {score:.1f} over {len(turns)} turns"
+        think, call, answer = (_between(t, f"<{k}>", f"</{k}>") is not None for k in ("think", tool, "answer"))
+        score += (0.4 * (think and call != answer) + 0.2 + 0.2 * s.startswith("<think>")
+                  + 0.2 * ((call and s.endswith(f"</{tool}>")) or (answer and s.endswith("</answer>"))))
+    return score / len(turns), f"graded format {score:.1f} over {len(turns)} messages"
+
+
+# what follows each crop in the response DeepEyes' reward reads (visual_toolbox_v2.py:102-105: the instruction again,
+# its own <think>...</think> and <answer>...</answer> in it), after the model's <|im_end|>
+DE_OBS = ("<|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|image_pad|><|vision_end|>" + DE_USER
+          + "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def _deepeyes_text(traj):
+    """The response as vl_agent.py compute_score reads it: under DeepEyes' dialect decoded with its observations (a
+    failed call ends the episode there, so each turn but the last made one crop), else the turns."""
+    if _dialect(traj) != "deepeyes":
+        return _text(traj)
+    turns, crops = _turns(traj), sum(bool(c.get("ok")) for c in _calls(traj))
+    return "".join(t + (DE_OBS if i < crops else "") for i, t in enumerate(turns))
+
+
+def _deepeyes_answer(text):  # their slice (vl_agent.py:209): after the last <answer>, to the next </answer>
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
 
 
 def r_format_deepeyes(traj, record, acc):
-    """DeepEyes: -1 for unbalanced <think>, unbalanced <answer> after the last </think>, a 1000+ char answer; else 0."""
-    text = _text(traj)
-    tail, answer = text.rpartition("</think>")[2], text.split("<answer>")[-1].split("</answer>")[0]  # their slices
-    # (their check that every <|vision_start|><|image_pad|> is closed has no counterpart: turns hold no image tokens)
+    """DeepEyes (vl_agent.py compute_score, :190-262): -1 for unbalanced <think>, unbalanced <answer> after the last
+    </think>, a 1000+ char answer; else 0. Under its dialect the text holds the observations' tags too."""
+    text = _deepeyes_text(traj)
+    tail = text.rpartition("</think>")[2]  # their split('</think>')[-1]
+    # (their check that each <|vision_start|><|image_pad|> is closed always passes here: the crops' tokens are)
     errors = [why for why, bad in [("unbalanced <think>", text.count("<think>") != text.count("</think>")),
                                    ("unbalanced <answer>", tail.count("<answer>") != tail.count("</answer>")),
-                                   ("answer of 1000+ characters", len(answer.strip()) >= 1000)] if bad]
+                                   ("answer of 1000+ characters", len(_deepeyes_answer(text)) >= 1000)] if bad]
     return (-1.0, "; ".join(errors)) if errors else (0.0, "well formed")
 
 
@@ -159,18 +253,43 @@ def r_tool_success(traj, record, acc):
 
 
 def r_tool_bonus(traj, record, acc):
-    """DeepEyes: 1 only when the answer is correct and at least one tool call succeeded."""
-    if acc >= CORRECT and any(c.get("ok") for c in _calls(traj)):  # theirs: judge accuracy > 0.5 and an image came back
+    """DeepEyes (vl_agent.py:255-261): 1 only when the judged accuracy is above 0.5 (strictly: a graded 0.5 is not),
+    the answer is under 1000 characters (else judged 0) and at least one tool call succeeded (an image came back)."""
+    if len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000:
+        return 0.0, "answer of 1000+ characters (judged 0)"
+    if acc > 0.5 and any(c.get("ok") for c in _calls(traj)):
         return 1.0, "correct with a successful tool call"
-    return 0.0, "answer wrong" if acc < CORRECT else "no successful tool call"
+    return 0.0, "answer wrong" if acc <= 0.5 else "no successful tool call"
+
+
+def _braces(text):
+    """re.findall(r"\\{.*?\\}", text, re.S) by str.find: each { to the first } after it (the lazy regex is quadratic
+    on many unclosed braces)."""
+    found, i = [], text.find("{")
+    while i >= 0 and (j := text.find("}", i + 1)) >= 0:
+        found.append(text[i:j + 1])
+        i = text.find("{", j + 1)
+    return found
 
 
 def r_region_valid(traj, record, acc):
-    """VLM-R3 (rgrpo.py repeat_reward, gated in vllm_rgrpo_trainer.py): 0.5 if the answer is fully correct
-    (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop)."""
+    """VLM-R3 (rgrpo.py repeat_reward, :456-498, gated in vllm_rgrpo_trainer.py:1113-1121): 0.5 if the answer is fully
+    correct (accuracy 1), there is a box and every box request parses (the code checks the JSON, not the crop). Under
+    its dialect as their code reads the text: each {...} (to its first }) that mentions "bbox" must load as JSON
+    with a bbox_2d key, and there must be one; else lookagain's calls stand in."""
+    if acc < 1.0:  # a partly right answer (a VQA or MRA score below 1) earns nothing here
+        return 0.0, "answer not fully correct"
+    if _dialect(traj) == "vlm_r3":
+        boxes = [j for j in _braces(_text(traj)) if "bbox" in j]
+        for j in boxes:
+            try:
+                json.loads(j)["bbox_2d"]
+            except (ValueError, KeyError, TypeError, RecursionError):  # their `except Exception`: one spoils all
+                return 0.0, f"{j[:40]!r} does not parse to a bbox_2d"
+        return (0.5, f"{len(boxes)} boxes parse") if boxes else (0.0, "no boxes")
     calls = _calls(traj)
-    if acc < 1.0 or not calls:  # a partly right answer (a VQA or MRA score below 1) earns nothing here
-        return 0.0, "answer not fully correct" if acc < 1.0 else "no boxes"
+    if not calls:
+        return 0.0, "no boxes"
     bad = sum(c.get("arguments") is None for c in calls)  # one box that does not parse spoils all, as their break
     if bad:
         return 0.0, f"{bad} of {len(calls)} boxes do not parse"
@@ -214,13 +333,18 @@ def coverage(traj, record):
     return max([(0.0, 0.0)] + [(iou(b, gt), _inter(b, gt) / ((gt[2] - gt[0]) * (gt[3] - gt[1]))) for b in zooms])
 
 
+_R3_BOX = re.compile(r'\{"bbox_2d":\s*\[[^\]]*\]\}')  # rgrpo.py length_reward:428: the box VLM-R3's format writes
+
+
 def r_length(traj, record, acc):
     """VLM-R3, as their code: min(0.1, 0.01 x characters of the shortest reasoning segment between the tool calls before
     the first <answer>); empty segments count only at the ends (no reasoning before the first or after the last: 0)."""
-    # their length_reward (rgrpo.py): before the first <answer>, think tags dropped, whitespace runs as one space
+    # their length_reward (rgrpo.py:419-450): before the first <answer>, think tags out, whitespace runs as one space
     text = re.sub(r"\s+", " ", _text(traj).split("<answer>")[0].replace("<think>", "").replace("</think>", "")).strip()
-    # split at the calls (theirs splits at the bare {"bbox_2d": [...]} its format writes; here lookagain's blocks)
-    segments = [s.strip() for s in split_blocks(text, "<tool_call>", "</tool_call>")]
+    # split at the calls: under its dialect at each bare {"bbox_2d": [...]} as its harness leaves it (it writes "]}"
+    # back at each stop; a '{ "bbox_2d"' with a space is no split), else at lookagain's <tool_call> blocks
+    segments = [s.strip() for s in (_R3_BOX.split(text) if _dialect(traj) == "vlm_r3"
+                                    else split_blocks(text, "<tool_call>", "</tool_call>"))]
     shortest = min(len(s) for n, s in enumerate(segments) if s or n in (0, len(segments) - 1))
     return min(0.1, 0.01 * shortest), f"shortest reasoning segment {shortest} chars"
 
@@ -253,22 +377,22 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")  # gcot.py's first number: 3.5, -2
 
 
 def vilasr_accuracy(traj, record, acc):
-    """ViLaSR's accuracy (gcot.py) of the last turn's first <answer>...</answer>, else that whole turn: multiple choice
-    by stripped ==, number and mra by MRA of the first numbers (strict '<'); other types (none in their data): acc."""
+    """ViLaSR's accuracy (gcot.py accuracy_reward, :190-267) of the last turn's first <answer>...</answer>, else that
+    whole turn: multiple choice by stripped ==, number and mra by MRA of the first numbers (strict '<', in float32:
+    scorers.mra32); other types (none in their data): acc."""
     last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
-    m = re.search(r"<answer>\s*(.*?)\s*</answer>", last, re.S)
-    ans = m.group(1) if m else last
+    ans = _between(last, "<answer>", "</answer>")  # their extract_answer: the first, stripped, else all of it
+    ans = last.strip() if ans is None else ans
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
     if record.get("type") == "multiple_choice":  # the whole string: '(B)' or 'B. left' is wrong for B
-        return float(ans.strip() == str(gold).strip())
+        return float(ans == str(gold).strip())
     if record.get("type") in ("number", "mra"):  # convert.py maps numerical and regression to mra: both MRA here
-        p, g = _FIRST_NUMBER.search(ans[:MAX_ANSWER_CHARS]), _FIRST_NUMBER.search(str(gold))
+        p, g = _FIRST_NUMBER.search(ans), _FIRST_NUMBER.search(str(gold))
         if p is None or g is None:
             return 0.0
-        p, g = float(p.group()), float(g.group())
-        # relative error < 1 - theta, theta 0.5..0.95, strict as gcot.py (1e-8: a gold of 0); gcot.py computes in
-        # float32 (scorers.mra32): on a boundary (12 for 10) it scores 0.6 where this float64 gives 0.7
-        return float(np.mean(abs(p - g) / (abs(g) + 1e-8) < 1 - MRA_THRESHOLDS))
+        # relative error < 1 - theta, theta 0.5..0.95, in float32 as gcot.py's torch (1e-8: a gold of 0): on a
+        # boundary 12 for 10 scores 0.6 (float64 would give 0.7), 15 for 10 scores 0 (float64: 0.1)
+        return mra32(float(p.group()), float(g.group()), strict=True)
     return acc
 
 
@@ -282,14 +406,15 @@ def r_vilasr(traj, record, acc, beta=0.0):
 
 
 def r_vqa_hard(traj, record, acc):
-    """Groundlight's hard score (tool_use_text_vqa_env.py): min(1, normalised matches / 3), no leave-one-out mean."""
+    """Groundlight's hard score (tool_use_text_vqa_env.py check_correctness): min(1, normalised matches / 3), no
+    leave-one-out mean."""
     if record.get("type") != "vqa":  # one gold answer: the hard score is plain accuracy
         return acc, "accuracy (not a VQA record)"
-    ans = final_answer(_text(traj))
-    if not ans:
+    ans = _gl_answer(traj)
+    if ans is None:
         return 0.0, "no answer"
-    p = vqa_normalize(ans)  # EvalAI normalisation on both sides, as their normalize_answer
-    matches = sum(vqa_normalize(a) == p for a in gold_answers(record["answer"]))
+    p = gl_normalize(ans)  # their normalize_answer on both sides (EvalAI's steps, not its tokenizing first)
+    matches = sum(gl_normalize(a) == p for a in gold_answers(record["answer"]))
     return min(1.0, matches / 3), f"{matches} of the answers match"
 
 

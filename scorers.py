@@ -2,7 +2,7 @@
 scorers.py: answer extraction and the benchmarks' scorers; SCORERS (a record's "type" -> its scorer) is the table
 rewards.accuracy dispatches on. Read top to bottom:
   1. answer extraction  extract_answer, final_answer, extract_choice (the one extractor of lookagain's own format)
-  2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation)
+  2. text helpers       levenshtein, vqa_normalize (EvalAI / TextVQA answer normalisation), gl_normalize (Groundlight's)
   3. lookagain's own    vqa_score, anls, soft_score, mra, choice_score, number_score, mathvista_score; score_choice
                         and score_final, which apply them to the answer a dialect extracted
   4. official scorers   each benchmark's own extraction and comparison, behaviour for behaviour (quirks included)
@@ -151,6 +151,23 @@ def vqa_normalize(text):
 
 
 
+_GL_PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # EvalAI's list whole: nothing took "," and "?" out before
+
+
+def gl_normalize(text):
+    """Groundlight's normalize_answer (r1_vlm tool_use_text_vqa_env.py:189-247): EvalAI's steps without its tokenizing
+    first (no "," or "?" taken out up front, no "'s" split off): tabs and newlines as spaces, stripped; a punctuation
+    mark dropped where spaced, or anywhere once a digit,digit appears, else made a space; periods not before a digit
+    (32 at most); then the lower-cased words, number words, articles, contractions."""
+    s = str(text).replace("\n", " ").replace("\t", " ").strip()
+    out, drop_all = s, re.search(r"\d,\d", s) is not None  # their commaStrip
+    for p in _GL_PUNCT:
+        out = out.replace(p, "" if drop_all or p + " " in s or " " + p in s else " ")
+    words = [NUMBER_WORDS.get(w, w) for w in _PERIOD.sub("", out, count=32).lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in {"a", "an", "the"})  # (their capitalised
+    # contractions never fire on lower-cased words, and "let's" and "she's" map to themselves)
+
+
 # -----------------------------------------------------------------------------
 # 3. lookagain's own scorers: (prediction text, ground truth) -> float in [0, 1]. They score the answer a dialect
 #    extracted (score_choice, score_final), where section 4's official scorers read the raw output as their code does.
@@ -188,11 +205,12 @@ def anls(pred, answers, threshold=0.5):
 
 
 def soft_score(pred, answers):
-    """Groundlight's soft score, as their code: the top-3 similarities 1 - lev / max(len), summed / 3 (1 match: 1/3)."""
+    """Groundlight's soft score, as their code (get_edit_distance_score): both sides by their normalize_answer
+    (gl_normalize), the top-3 similarities 1 - lev / max(len), summed / 3 (1 match: 1/3)."""
     answers = gold_answers(answers)
     if not isinstance(pred, str):
         return 0.0
-    p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
+    p, gts = gl_normalize(pred), [gl_normalize(a) for a in answers]
     sims = [1 - levenshtein(p, g) / max(len(p), len(g)) if p or g else 0.0 for g in gts]  # two '': they say "wrong"
     return min(1.0, sum(sorted(sims, reverse=True)[:3]) / 3)
 

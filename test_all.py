@@ -1196,6 +1196,21 @@ def test_rewards_accuracy_bad_records_raise():
         accuracy("", {"type": "vqa"})
 
 
+def test_rewards_trajectory_names_its_dialect(policy, tmp_path):
+    """The terms read the format the turns are written in: tools.trajectory says which (a hand-built one: lookagain)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    rec = dict(id="x", image=[str(tmp_path / "x.png")], question="Q?", answer="A", type="text")
+    for d in ("lookagain", "vilasr", "groundlight"):
+        assert T.trajectory(T.new_episode(policy, rec, ["zoom_in"], dialect=d))["dialect"] == d
+    assert R._dialect(RW_GOOD) == "lookagain"
+
+
+def test_rewards_harness_texts_are_the_dialects():
+    """rewards.py stands on scorers.py alone: the harness texts its terms read are its own copies of dialects.py's."""
+    assert R.GL_PREFILLS == (dialects.DIALECTS["groundlight"]["prefill"], dialects.GL_NEXT)
+    assert R.DE_USER == dialects.DE_USER
+
+
 def test_rewards_format_terms():
     assert r_format_r3(RW_GOOD, RW_MC, 1.0)[0] == 0.5
     assert r_format_r3(_rw_traj(["<answer>B</answer> and more"]), RW_MC, 1.0)[0] == 0.0
@@ -1207,17 +1222,38 @@ def test_rewards_format_terms():
     assert r_format_vilasr(_rw_traj(["<think>x</think><answer>A</answer>", "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == 0.0
     assert r_format_vilasr(_rw_traj(["<think>x</think> so <tool_call>{}</tool_call>", RW_GOOD["turns"][1]],
                                     [_rw_call()]), RW_MC, 1.0)[0] == 0.0  # text between the thought and the action
-    # Groundlight, graded per turn (0.4 think + one action, 0.2 a field parses, 0.2 starts <think>, 0.2 ends
-    # with the action's closing tag), averaged over the turns
+    # Groundlight, graded per turn (0.4 think + one action, 0.2 their spacing check, which always passes, 0.2 starts
+    # <think>, 0.2 ends with the action's closing tag), averaged over the turns
     assert r_format_groundlight(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(1.0)
     both = "<think>x</think><tool_call>{}</tool_call><answer>B</answer>"  # a call and an answer: 0 + .2 + .2 + .2
     assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx((0.6 + 1.0) / 2)
     assert r_format_groundlight(_rw_traj(["<answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.4)  # no think
     assert r_format_groundlight(_rw_traj(["<think>x</think><answer>B</answer> ok"]), RW_MC, 1.0)[0] == pytest.approx(0.8)
-    assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == 0.0
+    assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == pytest.approx(0.2)  # no tag: spacing alone
+    # a think is an open tag then a close after it (XMLParser's regex): a </think> before the <think> is none
+    late = _rw_traj(["</think> a <think> b <answer>B</answer>"])  # 0 + 0.2 + 0 + 0.2
+    assert r_format_groundlight(late, RW_MC, 1.0)[0] == pytest.approx(0.4)
     assert r_format_deepeyes(RW_GOOD, RW_MC, 1.0)[0] == 0.0
     assert r_format_deepeyes(_rw_traj(["<think>x<answer>B</answer>"]), RW_MC, 1.0)[0] == -1.0
     assert r_format_deepeyes(_rw_traj(["<think>x</think><answer>B"]), RW_MC, 1.0)[0] == -1.0
+
+
+def test_rewards_groundlight_format_native():
+    """format_reward_func under Groundlight's dialect, worked by hand: each message is the model call after its
+    prefill ("\\n<think> Let me think step by step." first, "<think>" after the tool's turn), the tool tag <tool>;
+    0.4 think and one of tool / answer, 0.2 always, 0.2 starts with <think>, 0.2 ends in the held action's tag."""
+    call, answer = DIALECT_CASES["groundlight"]["a"]
+
+    def fmt(*turns, dialect="groundlight"):
+        return r_format_groundlight({"turns": list(turns), "calls": [], "dialect": dialect}, RW_MC, 1.0)[0]
+    assert fmt(call, answer) == pytest.approx(1.0)  # (0.4 + 0.2 + 0.2 + 0.2) twice
+    # read as lookagain's: no <think> opens either turn, no <tool_call>: (0.2) and (0.2 + 0.2 the answer's end)
+    assert fmt(call, answer, dialect=None) == pytest.approx((0.2 + 0.4) / 2)
+    assert fmt(" I am not sure") == pytest.approx(0.4)  # the prefill's <think>, never closed: 0.2 + 0.2 (starts)
+    both = " x </think><tool>\nname: zoom\n</tool><answer>A</answer>"  # tool and answer: 0 + 0.2 + 0.2 + 0.2
+    assert fmt(both) == pytest.approx(0.6)
+    assert fmt(" a </think><tool_call>{}</tool_call>") == pytest.approx(0.4)  # <tool_call> is no tool here
+    assert fmt(call, " no tags, no answer") == pytest.approx((1.0 + 0.4) / 2)  # "<think>" + text: 0.2 + 0.2
 
 
 def test_rewards_tool_terms():
@@ -1227,6 +1263,23 @@ def test_rewards_tool_terms():
     assert r_tool_bonus(_rw_traj(["x"], [_rw_call(ok=False), _rw_call()]), RW_MC, 1.0)[0] == 1.0
     assert r_tool_bonus(_rw_traj(["x"], [_rw_call()]), RW_MC, 0.0)[0] == 0.0  # wrong answer
     assert r_tool_bonus(_rw_traj(["x"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 0.0  # no successful call
+
+
+def test_rewards_deepeyes_terms_native():
+    """vl_agent.py compute_score under DeepEyes' dialect, by hand: its response holds each crop's tool response, whose
+    instruction has a <think>...</think> and an <answer>...</answer> of its own; the tool bonus needs accuracy > 0.5
+    (strictly) and an answer under 1000 characters."""
+    call = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 30, 40]}}</tool_call>'
+    early = "<think>a</think> maybe <answer> " + call  # an <answer> left open before the call
+    t = {"turns": [early, "<answer>B</answer>"], "calls": [_rw_call()], "dialect": "deepeyes"}
+    # after the response's last </think> (the instruction's): its answer pair and the model's: 2 and 2
+    assert r_format_deepeyes(t, RW_MC, 1.0)[0] == 0.0
+    assert r_format_deepeyes(_rw_traj(t["turns"], t["calls"]), RW_MC, 1.0)[0] == -1.0  # turns alone: 2 and 1
+    t2 = {**t, "turns": [early.replace("maybe <answer> ", ""), "<think>hmm<answer>B</answer>"]}
+    assert r_format_deepeyes(t2, RW_MC, 1.0)[0] == -1.0  # 3 <think> and 2 </think>
+    assert r_tool_bonus(t, RW_MC, 0.6)[0] == 1.0 and r_tool_bonus(t, RW_MC, 0.5)[0] == 0.0  # > 0.5, strictly
+    long = {**t, "turns": [t["turns"][0], "<answer>" + "x" * 1000 + "</answer>"]}
+    assert r_tool_bonus(long, RW_MC, 1.0)[0] == 0.0 and r_format_deepeyes(long, RW_MC, 1.0)[0] == -1.0
 
 
 def test_rewards_region_terms():
@@ -1251,6 +1304,25 @@ def test_rewards_region_terms():
         r_region_iou(t, {**RW_MC, "bbox": [5, 5, 1, 1]}, 1.0)
 
 
+def test_rewards_vlm_r3_terms_native():
+    """format_reward and repeat_reward (rgrpo.py) on VLM-R3's own text, by hand: the one message (its turns joined as
+    they stand) fullmatches .*?<answer>.*?</answer>\\s*; each {...} (to its first }) mentioning "bbox" must load
+    with a bbox_2d key, and one must, for 0.5 when the answer is fully right."""
+    def traj(*turns):
+        return {"turns": list(turns), "calls": [], "dialect": "vlm_r3"}
+    good = traj('<think> Zoom. {"bbox_2d": [1, 2, 3, 4]}\n', " White. </think><answer>A</answer>\n")
+    assert r_format_r3(good, RW_MC, 1.0)[0] == 0.5 and r_region_valid(good, RW_MC, 1.0)[0] == 0.5
+    assert r_region_valid(good, RW_MC, 0.9)[0] == 0.0  # their gate: accuracy == 1
+    assert r_format_r3(traj("<think> x </think><answer>A</answer> more"), RW_MC, 1.0)[0] == 0.0
+    assert r_region_valid(traj("<think> x </think><answer>A</answer>"), RW_MC, 1.0)[0] == 0.0  # no box
+    # a {"bbox": ...} (no bbox_2d), or a nested {...} cut at its first }, spoils them all; a {...} without "bbox" is
+    # not looked at
+    spoilt = traj('<think> {"bbox_2d": [1, 2, 3, 4]}\n', ' also {"bbox": [1]} </think><answer>A</answer>')
+    nested = traj('<think> {"bbox_2d": [1, 2, 3, 4], "meta": {"a": 1}} </think><answer>A</answer>')
+    loose = traj('<think> a set {x, y} then {"bbox_2d": [1, 2, 3, 4]}\n', " so </think><answer>A</answer>")
+    assert [r_region_valid(t, RW_MC, 1.0)[0] for t in (spoilt, nested, loose)] == [0.0, 0.0, 0.5]
+
+
 def test_rewards_length_term():
     # segments: "look at it" (10 chars) and "it is a dog" (11 chars): min(0.1, 0.01 x 10)
     assert r_length(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(0.1)
@@ -1259,6 +1331,22 @@ def test_rewards_length_term():
     t = _rw_traj(["<think>abcdefghij</think><tool_call>{}</tool_call>", "<answer>B</answer>"])
     assert r_length(t, RW_MC, 1.0)[0] == 0.0  # nothing reasoned after the crop
     assert r_length(_rw_traj(["<think>abc</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.03)
+
+
+def test_rewards_length_term_vlm_r3():
+    """length_reward (rgrpo.py) under VLM-R3's dialect, by hand: the turns of its one message joined as they stand,
+    split at each {"bbox_2d": [...]} with no space after { or before }, middle segments kept only if not empty."""
+    def length(*turns, dialect="vlm_r3"):
+        return r_length({"turns": list(turns), "calls": [], "dialect": dialect}, RW_MC, 1.0)[0]
+    box, box2, end = '{"bbox_2d": [1, 2, 3, 4]}\n', '{"bbox_2d": [5, 6, 7, 8]}\n', " White. </think><answer>A</answer>"
+    assert length("<think> Zoom. " + box, end) == pytest.approx(0.05)  # "Zoom." 5, "White." 6
+    assert length("<think> Zoom. " + box, end, dialect=None) == pytest.approx(0.1)  # read as ours: one segment
+    assert length("<think> Zoom. " + box, box2, end) == pytest.approx(0.05)  # the empty middle one is dropped
+    assert length("<think> Zoom. " + box, "<answer>A</answer>") == 0.0  # nothing after the crop: the empty end
+    assert length('<think> Zoom. { "bbox_2d": [1, 2, 3, 4]} White. </think><answer>A</answer>') == pytest.approx(0.1)
+    # the harness's text sticks to the next call's: "Bad!ok" 6 characters (joined by "\n": "Bad! ok", 7)
+    long = "<think> Zoom in on the woman please. " + box[:-1] + "Bad!"
+    assert length(long, "ok</think><answer>A") == pytest.approx(0.06)
 
 
 def test_rewards_rethink_term():
@@ -1280,6 +1368,11 @@ def test_rewards_rethink_term():
     assert r_rethink(answer("x", rethinks=1), RW_MC, 0.0)[0] == 0.0
     assert r_rethink(answer("x", stop="max_tokens"), RW_MC, 1.0)[0] == -0.1  # cut off
     assert r_rethink(_rw_traj(["<think>x</think>"], stop="no_action"), RW_MC, 0.0)[0] == 0.0  # ended, no answer
+    # its own text (one turn, \\boxed{}, no tags) reads the same
+    own = {"turns": ["So \\boxed{B}. Wait, is it? Yes, \\boxed{B}."], "stop": "answer", "dialect": "vl_rethinker"}
+    assert r_rethink(own, RW_MC, 1.0)[0] == 1.1
+    # cut off yet right with 1-2 waits: the shaping overrides the validity (their get_logprobs_and_logs) -> 1.1
+    assert r_rethink({**own, "stop": "max_tokens"}, RW_MC, 1.0)[0] == 1.1
 
 
 def test_rewards_vilasr_term():
@@ -1290,14 +1383,60 @@ def test_rewards_vilasr_term():
     dot = _rw_traj([RW_GOOD["turns"][0], "<think>it is a dog</think><answer>B.</answer>"], [_rw_call()])
     assert r_vilasr(dot, RW_MC, 1.0)[0] == 0.0  # ViLaSR's multiple choice: the gold string exactly
     # counting: the first number found in the answer (VSI-Bench's parse takes the first token, "some": 0),
-    # MRA with a strict '<' and |g| + 1e-8 below: 1 / (10 + 1e-8) = 0.0999999999 < 1 - theta for theta = 0.50
-    # ... 0.90 (1 - 0.9 is 0.09999999999999998 in floats: still above), not 0.95 -> 9 of 10
+    # MRA with a strict '<' in float32 (gcot.py's torch): |9 - 10| / (10 + 1e-8) is 0.1 in float32 (10 + 1e-8 is 10),
+    # 0.100000001; 1 - 0.9 is 0.100000024 in float32: still above; 1 - 0.95 is not -> 9 of 10
     rec = {"id": 2, "question": "how far?", "type": "mra", "answer": "10"}
     far = _rw_traj([RW_GOOD["turns"][0], "<think>about</think><answer>some 9 metres, not 12</answer>"], [_rw_call()])
     assert mra("some 9 metres, not 12", "10") == 0.0
     assert r_vilasr(far, rec, 0.0)[0] == pytest.approx(0.5 * 0.9 + 0.5 * 1.0)
-    # 5 / (10 + 1e-8) is just under 0.5 = 1 - 0.50, above 0.45: 1 of 10
-    assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == pytest.approx(0.5 * 0.1 + 0.5)
+    # 5 / 10 is 0.5 in float32, not below 1 - 0.50 = 0.5: 0 of 10 (float64's 5 / (10 + 1e-8) would pass once),
+    # so the accuracy gate closes
+    assert r_vilasr(_rw_traj(["<think>a</think><answer>15</answer>"]), rec, 0.0)[0] == 0.0
+
+
+def test_rewards_vilasr_accuracy_float32_boundaries():
+    """gcot.py's MRA in float32, worked by hand: 12 for 10 has a relative error of 0.2 (0.200000003 in float32) and
+    1 - 0.80 is 0.199999988 in float32, so theta 0.80 fails as do 0.85-0.95: 6 of 10 (float64 passes 0.80: 0.7)."""
+    def acc(pred, gold):
+        rec = {"id": 2, "question": "how many?", "type": "number", "answer": gold}
+        return R.vilasr_accuracy(_rw_traj([f"<think>x</think><answer>{pred}</answer>"]), rec, 0.0)
+    # 4 for 5: 0.2 again; 14 for 10: 0.4 (0.400000006) fails at 1 - 0.60 (0.399999976): 2 of 10; 8.5 for 10: 0.15
+    # (0.150000006) fails at 1 - 0.85 (0.149999976): 7; 0.95 for 1: 0.05 (0.0500000119) fails at 0.95 only: 9
+    for pred, gold, want in ((12, "10", 0.6), (4, "5", 0.6), (14, "10", 0.2), (8.5, "10", 0.7), (0.95, "1", 0.9)):
+        assert acc(pred, gold) == pytest.approx(want, abs=1e-6), (pred, gold)
+    assert acc("about 12, not 20", "10") == pytest.approx(0.6, abs=1e-6)  # the first number
+    assert acc("x" * 2000 + " 10", "10") == 1.0  # the first number, however far into the answer
+
+
+def test_rewards_vilasr_format_native():
+    """gcot.py format_reward under ViLaSR's dialect, worked by hand from its rule: every assistant message fullmatches
+    <think>(.*?)</think>\\s*Action:\\s*(.*?)(?=\\n|$) (so it starts with <think>), <answer> and </answer> in the last
+    one only, every ```json block (turns joined with nothing) a literal whose items each hold bbox_2d and label or
+    start_point_2d, end_point_2d and label, tested with `in`."""
+    call, answer = DIALECT_CASES["vilasr"]["a"]
+
+    def fmt(*turns):
+        return r_format_vilasr({"turns": list(turns), "calls": [], "dialect": "vilasr"}, RW_MC, 1.0)[0]
+    assert fmt(call, answer) == 1.0
+    assert r_format_vilasr(_rw_traj([call, answer]), RW_MC, 1.0)[0] == 0.0  # read as lookagain's tags: no <tool_call>
+    assert fmt("<think> a </think> Action: Object Mapper", answer) == 1.0  # a turn need not hold a block
+    assert fmt("<think> a </think>\n\nAction:Answer <answer>A</answer>") == 1.0  # whitespace around "Action:"
+    assert fmt(" " + call, answer) == 0.0 and fmt(call, answer + "\n") == 1.0  # starts with <think>; any tail
+    assert fmt("<think> a </think> so Action: Answer <answer>A</answer>") == 0.0  # "Action:" right after </think>
+    assert fmt(answer, answer) == 0.0 and fmt(call, call) == 0.0  # the answer early; none at the end
+    assert fmt(call.replace(', "label": "woman"', ""), answer) == 0.0  # an item without a label
+    assert fmt(call.replace('"bbox_2d"', '"start_point_2d": [1, 2], "end_point_2d"'), answer) == 1.0  # a line
+    # a bare dict: its keys are the items ("label" is not in "bbox_2d"); None: `in` raises in theirs
+    assert fmt(call.replace("[{", "{").replace("}]", "}"), answer) == 0.0
+    assert fmt(call.replace("}]", "}, None]"), answer) == 0.0
+    assert fmt(call.replace("}]", "}"), answer) == 0.0  # unbalanced: not a literal
+    # an item that is a string holding both words passes their `in` test
+    assert fmt("<think> a </think> Action: Object Mapper\n```json\n['bbox_2d label']\n```", answer) == 1.0
+    # a block left open runs to the end of the output, into the next turn: not a literal
+    assert fmt(call[:-len("\n```")], answer) == 0.0
+    # the whole reward: 0.5 x accuracy + 0.5 x format, accuracy of the last turn's answer (the gold exactly)
+    rec = {**RW_MC, "answer": "A"}
+    assert r_vilasr({"turns": [call, answer], "calls": [], "dialect": "vilasr"}, rec, 0.0)[0] == 1.0
 
 
 def test_rewards_groundlight_hard_score():
@@ -1308,6 +1447,25 @@ def test_rewards_groundlight_hard_score():
     assert accuracy("<answer>Coke</answer>", rec)[0] == pytest.approx(0.6)  # eval keeps the official score
     assert r_vqa_hard(_rw_traj(["<answer>pepsi</answer>"]), rec, 1.0)[0] == 1.0
     assert reward(t, rec, "groundlight")[1]["vqa_hard"] == pytest.approx(2 / 3)
+
+
+def test_rewards_groundlight_answer_terms_native():
+    """Groundlight's check_correctness / get_edit_distance_score, by hand: their normalize_answer (EvalAI's steps
+    without its tokenizing first) on both sides; under its dialect the first <answer> of the last message, none
+    without one (no untagged fallback)."""
+    assert S.gl_normalize("what's up?") == "what's up" and S.gl_normalize("x,y") == "x y"  # no "'s" split, "," kept
+    assert S.gl_normalize("1,000 a-b") == "1000 ab" and S.gl_normalize("coca-cola") == "coca cola"  # digit,digit
+    assert soft_score("john's", ["johns"]) == pytest.approx((1 - 1 / 6) / 3)  # one edit in 6 characters
+    rec = {"id": 3, "question": "what?", "type": "vqa", "answer": ["x,y"] * 3 + ["z"] * 7}
+    t = {"turns": [" Look. </think>\n<answer> x y </answer>"], "calls": [], "dialect": "groundlight"}
+    assert r_vqa_hard(t, rec, 0.0)[0] == 1.0  # "x,y" reads "x y": 3 matches
+    red = {"id": 4, "question": "color?", "type": "vqa", "answer": ["red"] * 10}
+    untagged = [" It is red. </think> red"]
+    assert R.r_soft({"turns": untagged, "dialect": "groundlight"}, red, 0.0)[0] == 0.0  # no <answer>: none
+    assert R.r_soft(_rw_traj(untagged), red, 0.0)[0] == 1.0  # lookagain's reading: the text after </think>
+    two = [" x </think><answer>blue</answer> no, <answer>red</answer>"]
+    assert r_vqa_hard({"turns": two, "dialect": "groundlight"}, red, 0.0)[0] == 0.0  # the first: blue
+    assert r_vqa_hard(_rw_traj(two), red, 0.0)[0] == 1.0  # lookagain's reading: the last
 
 
 def test_rewards_presets():
@@ -1361,10 +1519,12 @@ def test_rewards_fuzz_never_raises():
         extract_answer(text)
         v, why = accuracy(text, rec)
         assert 0.0 <= v <= 1.0 and isinstance(why, str)
-        t = {"turns": [text, text[:50]], "calls": odd_calls[: i % 6], "rethinks": i % 4}
-        for preset in PRESETS:
-            total, comp, reasons = reward(t, rec, preset, weights={"region_iou": 1.0, "soft": 0.1})
-            assert math.isfinite(total) and set(comp) == set(reasons)
+        names = list(dialects.DIALECTS)  # each term in its own method's reading too (the long texts: all of them)
+        for dialect in names if i < 14 else [names[i % len(names)]]:
+            t = {"turns": [text, text[:50]], "calls": odd_calls[: i % 6], "rethinks": i % 4, "dialect": dialect}
+            for preset in PRESETS:
+                total, comp, reasons = reward(t, rec, preset, weights={"region_iou": 1.0, "soft": 0.1})
+                assert math.isfinite(total) and set(comp) == set(reasons)
     assert reward({}, RW_MC, "vlm_r3")[0] == 0.0  # no turns at all
 
 
@@ -3190,6 +3350,9 @@ def test_convert_vlm_r3_sft_native_and_as_lookagain_calls_then_one_sft_step(poli
     with pytest.raises(SystemExit, match=r"data.jsonl:1: its boxes are in a 12544 px view"):
         sft.main(["--data", str(out / "data.jsonl"), "--view-max-pixels", str(224 * 224), "--steps", "1",
                   "--out", str(tmp_path / "run2"), "--device", "cpu"])
+    # a last segment answering in \\boxed{} alone: the reasoning stops before the box, keeping its last character
+    last = convert.vlir_lookagain(["So it reads \\boxed{STOP}."], [], (1000, 800), 112 * 112, (3136, 1605632))
+    assert last == ["<think>So it reads</think><answer>STOP</answer>"]
     # a bad segment is named: file, row, field
     (tmp_path / "bad.json").write_text(json.dumps([VLIR, {**VLIR, "response_list": ["no box", "<answer>x</answer>"]}]))
     (tmp_path / "a.png").write_bytes(grey)
@@ -3818,6 +3981,46 @@ def test_dialects_observations_are_the_released_harnesses(policy, tmp_path):
                         '[100, 50, 300, 200]}\n' + IMG + "\n")
 
 
+def test_dialects_vlm_r3_harness_text_after_failed_boxes(policy, tmp_path):
+    """r3_vllm.py after a box that fails, worked by hand: "]}\\n" after any text with bbox_2d; the last {...} read;
+    an empty box or one that crops nothing returns None without raising, so "```\\n" still follows a ```json and
+    the latest crop is shown again (crop_flag); a {...} without bbox_2d raises KeyError: "Invalid operation!";
+    nothing that parses: no text, no image."""
+    def first(text):
+        _, ep = _after_first_call(policy, tmp_path, "vlm_r3", text)
+        return ep["turns"][0], ep["calls"][0]
+    turn, call = first('<think> Look.\n```json\n{"bbox_2d": []}')  # an empty box
+    assert turn == '<think> Look.\n```json\n{"bbox_2d": []}\n```\n' and not call["ok"] and call["silent"]
+    turn, call = first('<think> Look.\n```json\n{"bbox_2d": [100, 50, 100, 200]}')  # x1 = x2: cuts nothing
+    assert turn.endswith('200]}\n```\n') and not call["ok"] and call["silent"]
+    turn, call = first('Look {"bbox_2d": [10, 10, 50, 50], "label": "cat"} or {"region": [1, 2]}')
+    assert turn.endswith('{"region": [1, 2]}\nInvalid operation!') and not call["ok"] and "silent" not in call
+    turn, call = first('Consider {"a": 1} and [1, 2]}')  # no bbox_2d: no "]}\\n", the {...} still read
+    assert turn == 'Consider {"a": 1} and [1, 2Invalid operation!'
+    # after a crop: a box that crops nothing shows that crop again; one that does not parse shows nothing
+    for box, again in (('{"bbox_2d": [100, 50, 100, 200]}', True), ('{"bbox_2d": [1, 2, 3, 4,]}', False)):
+        _, ep = _after_first_call(policy, tmp_path, "vlm_r3", DIALECT_CASES["vlm_r3"]["a"][0])
+        ep["script"] = [box]
+        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+        shown = '200]}\n' + IMG + box + "\n" + (IMG if again else "") + "\n"  # and the next prompt's "\n"
+        assert M.chat_text(policy, ep["messages"]).endswith(shown)
+        assert len(ep["images"]) == 2 and [c["ok"] for c in ep["calls"]] == [True, False]
+
+
+def test_dialects_vlm_r3_prompt_ends_in_newline_after_any_call(policy, tmp_path):
+    """r3_vllm.py renders the conversation again for each call and cuts its closing <|im_end|>\\n to "\\n": every
+    call after the first sees its message so far then "\\n", whatever came last (a crop, the harness's text, the
+    model's), and the message kept has none of those."""
+    for text, end in (('So {"a": 1} and [1, 2]}', 'So {"a": 1} and [1, 2Invalid operation!\n'),
+                      ("Hmm [1, 2]}", "Hmm [1, 2\n")):  # the stop "]}" cut, nothing parses: nothing written
+        got, ep = _after_first_call(policy, tmp_path, "vlm_r3", text)
+        assert got.endswith("<|im_start|>assistant\n" + end), got[-80:]
+        ep["script"] = ["<answer>A</answer>"]
+        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+        assert ep["stop"] == "answer"
+        assert M.chat_text(policy, ep["messages"]).endswith(end[:-1] + "<answer>A</answer>\n<|im_end|>")
+
+
 def test_dialects_observation_tokens_masked_as_each_dialect_masks_them(policy, tmp_path):
     """Trained tokens: what the model wrote (lookagain, DeepEyes: the observation turns are not); VLM-R3 trains the
     text its harness writes into the assistant turn too (vllm_rgrpo_trainer.py masks only the vision tokens)."""
@@ -3979,6 +4182,11 @@ def test_benchmarks_emma_gold_option_text_and_word_numbers():
     assert MS.word_to_num("two point five") == 2.5 and MS.word_to_num("7") == 7
     with pytest.raises(ValueError):
         MS.word_to_num("no number here")
+    # latex2sympy2 (1.9.0, latex2sympy2.py:412) reads a:b as a / b: is_equal's evalf comparison sees 0.5 for 1:2
+    for text, gold, want in (("\\boxed{1:2}", "0.5", 1), ("\\boxed{3:4}", "\\frac{3}{4}", 1),
+                             ("\\boxed{1:3}", "0.5", 0)):
+        assert S.SCORERS["emma"](text, {"answer": gold})[0] == want, text
+    assert MS.emma_equal("1:2", "0.5") and not MS.emma_equal("1:2", "2")
 
 
 def test_benchmarks_math_evaluator_values():

@@ -392,6 +392,8 @@ def run_tool(ep, req):
     call = dict(name=req["name"], arguments=req["arguments"], ok=False, error=req.get("error"), region=None,
                 size=None, image=None, zoom=bool(req.get("tool") and TOOLS[req["tool"]]["zoom"]),
                 turn=len(ep.get("turns", [])) - 1)  # the model call that made it (view.py draws it under its turn)
+    if req.get("silent"):  # a failure its harness does not report (VLM-R3's observe shows the last crop again)
+        call["silent"] = True
     if call["error"] is None and req["tool"] not in ep["tools"]:
         call["error"] = f"{req['tool']} is not offered in this run (--tools)"
     if call["error"] is None:
@@ -624,7 +626,7 @@ def episode_images(policy, ep):
 
 
 def trajectory(ep):
-    """What rewards.py scores: the turns, the calls, the stop reason, the dialect's answer extractor, whether the
-    response was cut at a limit."""
+    """What rewards.py scores: the turns, the calls, the stop reason, the dialect (its name: a term reads the format
+    the turns are written in), its answer extractor, whether the response was cut at a limit."""
     return dict(turns=ep["turns"], calls=ep["calls"], stop=ep["stop"], rethinks=ep["rethinks"],
-                extract=ep["dialect"]["answer"], cut=ep["truncated"] or ep["cut"])
+                dialect=ep["cfg"]["dialect"], extract=ep["dialect"]["answer"], cut=ep["truncated"] or ep["cut"])
