@@ -534,6 +534,8 @@ GL_INSTRUCTION = (
     "thinking. You should try to collect the visual evidence you need to support your answer. Then, provide your "
     "answer. The answer (which you will provide in the <answer> </answer> tags) should be a single word or phrase "
     "directly answering the question.\n    Question: {question}\n    ")
+GL_PLAIN = ("You are a helpful assistant. You first think and reason about the question, then provide the user with the "
+            "answer. Show your work in <think> </think> tags and return the answer in <answer> </answer> tags.")
 GL_GUIDE = ["</think>", "<answer>", "</answer>"]  # ([^<]*)</think>([^<]*)<answer>([^<]*)</answer>
 GL_NEXT = "<think>"  # the assistant message env_response adds after its user turn, prefilling the next step
 
@@ -547,9 +549,13 @@ def stated_size(ep):
 
 
 def groundlight_prompt(ep):
+    text = GL_INSTRUCTION.format(size=stated_size(ep), question=vstar_text(ep["record"]))
+    if not ep["tools"]:  # their tool-free run (datasets/text_vqa/text_vqa_r1.py): R1's system, no size line
+        return [dict(role="system", parts=[GL_PLAIN], closed=True),
+                dict(role="user", parts=["<image_name> input_image </image_name>", 0, text[text.index("\n    P"):]],
+                     closed=True)]
     return [dict(role="system", parts=[GL_SYSTEM], closed=True),
-            dict(role="user", parts=["<image_name> input_image </image_name>", 0, GL_INSTRUCTION.format(
-                size=stated_size(ep), question=vstar_text(ep["record"]))], closed=True)]
+            dict(role="user", parts=["<image_name> input_image </image_name>", 0, text], closed=True)]
 
 
 def groundlight_read(ep, text, reason):

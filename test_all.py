@@ -3793,6 +3793,18 @@ def test_dialects_first_prompts_are_the_released_harnesses(policy, tmp_path):
     # Groundlight (tool_prompts.py, vstar_tool_use_r1.py): the image between its name tag and the indented
     # instruction stating the image's size, the assistant turn prefilled
     assert _prompt(policy, tmp_path, "groundlight", shirt, (1008, 756)) == GROUNDLIGHT_PROMPT
+    # its tool-free run (text_vqa_r1.py, --tools none): R1's system prompt, the instruction without the size line
+    Image.new("RGB", (1008, 756)).save(tmp_path / "p.png")
+    ep = T.new_episode(policy, dict(id="p", image=str(tmp_path / "p.png"), question=shirt, answer="x", type="text"),
+                       [], dialect="groundlight", view_max_pixels=16384 * 784)
+    assert M.chat_text(policy, ep["messages"]) == (
+        "<|im_start|>system\nYou are a helpful assistant. You first think and reason about the question, then provide "
+        "the user with the answer. Show your work in <think> </think> tags and return the answer in <answer> </answer> "
+        "tags.<|im_end|>\n<|im_start|>user\n<image_name> input_image </image_name>" + IMG + "\n    Please thoroughly "
+        "think through the question and refine your answer while thinking. You should try to collect the visual "
+        "evidence you need to support your answer. Then, provide your answer. The answer (which you will provide in "
+        "the <answer> </answer> tags) should be a single word or phrase directly answering the question.\n    "
+        "Question: " + shirt + "\n    <|im_end|>\n<|im_start|>assistant\n\n<think> Let me think step by step.")
     # VL-Rethinker (prompts_dataset.py, handle_placeholders): no system turn of its own (Qwen's default), the
     # image block before everything unless the question places it with <image>
     fig = "As shown in the figure, what is the value of x?"
