@@ -503,6 +503,8 @@ def main(argv=None):
         T.rollout(policy, [ep for g in groups for ep in g], args.temperature, max_turn_tokens=args.max_turn_tokens,
                   **C.filters(args))
         t1 = time.time()
+        # the samples that reflect on their own ("wait", rewards.rethinker_waits), counted before forced rethinking
+        self_waits = (sum(R.rethinker_waits("".join(ep["turns"])) > 0 for g in groups for ep in g), n_roll)
         # 2. rewards (and forced rethinking, which rolls out again)
         scores = [[R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)[:2] for ep in g] for g in groups]
         n_rethink = rethink.forced_rethinking(
@@ -533,7 +535,8 @@ def main(argv=None):
         t3 = time.time()
         nan_run = nan_run + 1 if up is None and batch else 0
         # 5. metrics: means over every rank's episodes (update stats: the mean over ranks), one JSONL line
-        row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(step_metrics(groups, scores, samples, batch, up)))
+        row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(dict(step_metrics(groups, scores, samples, batch, up),
+                                                                  self_waits=self_waits)))
         row.update(skipped=up is None, rethinks_kept=C.all_sum(float(n_rethink)),
                    tokens_per_s=C.all_sum(float(sum(ep["n_sampled"] for g in groups for ep in g))) / max(t1 - t0, 1e-9),
                    time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2)
