@@ -56,9 +56,13 @@ def advantages(rewards, group_size, scale="group"):
     group (scale="group"), of the whole batch ("batch"), or not at all ("none", Dr. GRPO / VL-Rethinker).
     std with Bessel's correction, eps 1e-4, as TRL does."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)      # [B, G]
-    a = r - r.mean(1, keepdim=True)
+    # r - mean(r) as d - mean(d), d = r - its group's first reward: the same numbers, but a group of equal rewards gets
+    # exact zeros (the float32 mean of eight 2.1s misses 2.1 by a rounding step, which the std division below would
+    # blow up to an advantage of 1e-3: a saturated group that SSR and nonzero_groups would count as useful)
+    d = r - r[:, :1]
+    a = d - d.mean(1, keepdim=True)
     if scale == "group":
-        a = a / (r.std(1, keepdim=True) + 1e-4) if group_size > 1 else a
+        a = a / (d.std(1, keepdim=True) + 1e-4) if group_size > 1 else a
     elif scale == "batch":
         a = a / (r.std() + 1e-4) if r.numel() > 1 else a
     elif scale != "none":

@@ -1572,6 +1572,9 @@ def test_grpo_advantages_against_trl_formula():
         got = G.advantages(rewards, 4, scale)
         assert torch.allclose(got.double(), torch.tensor(_ref_advantages(rewards, 4, scale), dtype=torch.float64), atol=1e-5)
     assert torch.equal(G.advantages(rewards, 4, "group")[4:8], torch.zeros(4))
+    # a saturated group of the CPU demo (vlm_r3: 1 + 0.5 + 0.5 + 0.1 each): exact zeros, not rounding dust / 1e-4
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(G.advantages([2.1] * 8 + [0.6, 2.1] * 4, 8, scale)[:8], torch.zeros(8))
     # hand-worked: rewards (1, 0) -> mean 0.5, std sqrt(0.5) = 0.7071 -> +-0.5 / 0.7072 = +-0.7070
     assert G.advantages([1.0, 0.0], 2, "group").tolist() == pytest.approx([0.70700, -0.70700], abs=1e-4)
 
