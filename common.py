@@ -20,6 +20,7 @@ import checkpoint
 import data as D
 import dialects
 import model as M
+import tasks
 import tools as T
 import view as V
 from recipes import RECIPES
@@ -35,13 +36,15 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     # what to run on
     p.add_argument("--model", default=model, help="'tiny', 'random-3b' (random-qwen3vl-8b, ...: model.RANDOM), a hub id "
                                                     "(Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a checkpoint folder")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a lookagain JSONL path")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (the CPU demo's task), 'synthetic:<task>' "
+                   "(tasks.TASKS: glance, boxes) or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
     # the environment: the tools, then the episode's settings (tools.add_episode_flags)
-    p.add_argument("--tools", default="zoom_in", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none")
+    p.add_argument("--tools", help="comma-separated: zoom_in,zoom_point,draw_box,draw_line, or none "
+                   "(default: the synthetic task's, tasks.TASKS; zoom_in for a JSONL file)")
     T.add_episode_flags(p)
     # the model
     p.add_argument("--grad-ckpt", action="store_true")
@@ -85,6 +88,10 @@ def parse_args(p, argv, script):
         for k, v in {**own, **recipe["all"], **recipe.get(script, {})}.items():
             if hasattr(args, k) and getattr(typed, k) is unset:
                 setattr(args, k, v)
+    try:
+        args.tools = args.tools or tasks.default_tools(args.data)
+    except ValueError as e:  # an unknown synthetic:<task>
+        raise SystemExit(f"--data: {e}") from None
     if args.print_config:
         print(json.dumps({k.replace("_", "-"): v for k, v in vars(args).items() if k != "print_config"}, indent=1))
         raise SystemExit(0)
@@ -221,7 +228,7 @@ def tiny_corpus():
     lines += [dialects.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
-    return lines * 4
+    return (lines + tasks.corpus()) * 4
 
 
 def load_policy(name="tiny", **kw):
@@ -232,7 +239,7 @@ def load_policy(name="tiny", **kw):
 def dataset(args, split="train", n=None):
     """--data's records: a bad file, record or image stops the run here, before any step, with its file and line."""
     try:
-        return D.dataset(args.data, split, n=n, seed=args.seed)
+        return tasks.dataset(args.data, split, n=n, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--data: {e}") from None
 

@@ -7,11 +7,12 @@ A record, one JSON object per line: {"id": "q1", "image": "imgs/q1.jpg" (relativ
 "options": ["..", ".."] (multiple choice), "bbox": [x1, y1, x2, y2] (ground-truth region, original px), "category"
 and "source" (file and row) from a benchmark's loader; any other field is kept (a scorer may read it)}
 
-The synthetic task: an 896 px image, a 24 px coloured square near the centre of each cell of a 3x3 grid, "What colour is
-the square at the top left?" In the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a
-~40 px block. Where to look is named (a text-to-coordinates mapping the model can memorise); the colour needs the zoom.
-(A random tiny model learns colours quickly but not where things are: with a ring to find instead, place words stayed
-at chance after 1400 steps.) Demo (README): 10.5% tools off (chance 12.5%); zoom_in: 73.0% after SFT, 86.5% after GRPO.
+The synthetic task: an 896 px image, a 24 px coloured square near the centre of each cell of a 3x3 grid and around it
+three decoy squares of other colours, "What colour is the square at the top left?" (the one at the cell's centre). In
+the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a ~40 px block alone; zoomed on the
+whole cell, a ~12 px block among the decoys. Where to look is named (a text-to-coordinates mapping the model can
+memorise); the colour needs a tight zoom. (A random tiny model learns colours quickly but not where things are: with a ring to find instead, place
+words stayed at chance after 1400 steps.) tasks.py holds the other synthetic tasks and the demonstrators.
 """
 import io
 import json
@@ -25,6 +26,7 @@ from rewards import TYPES, accuracy
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 230), "yellow": (240, 220, 30),
            "magenta": (220, 40, 220), "cyan": (30, 220, 220), "orange": (250, 140, 20), "purple": (120, 40, 170)}
+DEMO_COLOURS = ("red", "green", "blue", "yellow", "cyan", "orange")  # the demo's: magenta and purple were told apart last
 QUESTION = "What colour is the square at the {place}?"
 
 # -----------------------------------------------------------------------------
@@ -35,34 +37,45 @@ PLACES = [f"{r} {c}".replace("middle centre", "centre") for r in ("top", "middle
           for c in ("left", "centre", "right")]  # the 3x3 grid's cells, row by row
 
 
-def synthetic_layout(rng, size=896, grid=3, side=24):
-    """One item's random draws (no pixels yet): a square of a random colour near each cell's centre, the cell asked."""
+def synthetic_layout(rng, size=896, grid=3, side=24, colours=DEMO_COLOURS, decoys=3):
+    """One item's random draws (no pixels yet): a square of a random colour near each cell's centre, around it `decoys`
+    squares of other colours 88-108 px away (outside even the widest tight zoom on the square, +-48 px; inside a zoom
+    on its cell, +-112 px), the cell asked."""
     cell = size / grid
-    names = list(COLOURS)
-    squares = [((gx + 0.5) * cell + rng.uniform(-4, 4), (gy + 0.5) * cell + rng.uniform(-4, 4),
-                names[rng.integers(len(names))]) for gy in range(grid) for gx in range(grid)]
-    return dict(size=size, side=side, squares=squares, target=int(rng.integers(grid * grid)),
+    squares, around = [], []
+    for gy in range(grid):
+        for gx in range(grid):
+            x, y = (gx + 0.5) * cell + rng.uniform(-4, 4), (gy + 0.5) * cell + rng.uniform(-4, 4)
+            c = colours[rng.integers(len(colours))]
+            squares.append((x, y, c))
+            others, a0 = [k for k in colours if k != c], rng.uniform(0, 2 * np.pi)
+            for k in range(decoys):  # evenly spread in angle: they never touch each other
+                a, r = a0 + 2 * np.pi * k / decoys, rng.uniform(88, 108)
+                around.append((x + r * np.cos(a), y + r * np.sin(a), others[rng.integers(len(others))]))
+    return dict(size=size, side=side, squares=squares, decoys=around, target=int(rng.integers(grid * grid)),
                 noise_seed=int(rng.integers(2**31)))
 
 
-def draw_synthetic(lay):  # grey noise and the squares
+def draw_synthetic(lay):  # grey noise, the decoys, the squares
     size, side = lay["size"], lay["side"]
     img = np.random.default_rng(lay["noise_seed"]).normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
-    for x, y, c in lay["squares"]:
+    for x, y, c in lay.get("decoys", []) + lay["squares"]:
         img[int(y - side / 2):int(y + side / 2), int(x - side / 2):int(x + side / 2)] = COLOURS[c]
     return Image.fromarray(img)
 
 
-def synthetic(n, seed=0, **kw):
-    """n records of the synthetic task; item i depends only on (seed, i). "image" is a function that draws it."""
+def synthetic(n, seed=0, layout=synthetic_layout, **kw):
+    """n records of the synthetic task; item i depends only on (seed, i). "image" is a function that draws it.
+    layout, kw: the draws (tasks.py's variants: fewer colours, no decoys, ...); a layout's "record" joins the record."""
     out = []
     for i in range(n):
-        lay = synthetic_layout(np.random.default_rng([seed, i]), **kw)
+        lay = layout(np.random.default_rng([seed, i]), **kw)
         x, y, colour = lay["squares"][lay["target"]]
         h = lay["side"] / 2
         out.append(dict(id=f"syn{seed}-{i}", image=partial(draw_synthetic, lay),
                         question=QUESTION.format(place=PLACES[lay["target"]]), answer=colour, type="text",
-                        bbox=[round(x - h, 1), round(y - h, 1), round(x + h, 1), round(y + h, 1)]))
+                        bbox=[round(x - h, 1), round(y - h, 1), round(x + h, 1), round(y + h, 1)],
+                        **lay.get("record", {})))
     return out
 
 

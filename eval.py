@@ -3,6 +3,8 @@ eval.py: the evaluation harness. A benchmark (benchmarks.load) through training'
 tools; each benchmark's own aggregation, pass@k / avg@k, tool statistics, where the model looked, hard-example mining.
 
 CPU demo, `python eval.py`: runs/grpo (else runs/sft, else tiny) on 200 held-out synthetic items, zoom_in vs tools off.
+Runs side by side (each with the tools it was trained with), and their GRPO metrics by blocks of 5 steps:
+    python eval.py --runs runs/sft runs/grpo runs/ssr --metrics zero_groups,accuracy --out runs/ssr-eval
 1 CPU, a quick look:
     python eval.py --model tiny --data synthetic --limit 8 --out runs/ev
 1 GPU (V* on Qwen2.5-VL-7B, with the tools-off baseline measured at the same pixel budget):
@@ -41,6 +43,7 @@ import data as D
 import dialects
 import model as M
 import rewards as R
+import tasks
 import tools as T
 import view as V
 
@@ -95,6 +98,7 @@ def summarize(items, bench=None, samples=1):
              failed_call_share=sum(t["n_failed"] for t in ts) / calls if calls else None,
              acc_with_tool_use=_mean(t["score"] for t in used), n_with_tool_use=len(used),
              acc_without_tool_use=_mean(t["score"] for t in unused), n_without_tool_use=len(unused),
+             tokens_per_item=_mean(t["n_sampled"] for t in ts), wait_rate=_mean(t["n_waits"] > 0 for t in ts),
              stops=dict(Counter(t["stop"] for t in ts)))
     located = [t for t in ts if t.get("coverage_inside") is not None]
     if located:
@@ -122,7 +126,8 @@ def score_episode(ep, record):
     calls = ep["calls"]
     cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],
-                n_calls=len(calls), n_failed=sum(not c["ok"] for c in calls),
+                n_calls=len(calls), n_failed=sum(not c["ok"] for c in calls), n_sampled=ep["n_sampled"],
+                n_waits=R.rethinker_waits(text),
                 used_tool=any(c["ok"] for c in calls), n_zooms=sum(c["ok"] and c["zoom"] for c in calls),
                 coverage_iou=cov_iou, coverage_inside=cov_inside)
 
@@ -189,6 +194,8 @@ def results_table(runs):
     row("tool use %", lambda s: _pct(s["tool_use"]))
     row("calls / item", lambda s: "-" if s["calls_per_item"] is None else f"{s['calls_per_item']:.2f}")
     row("failed calls / item", lambda s: "-" if s["calls_per_item"] is None else f"{s['failed_calls_per_item']:.2f}")
+    row("sampled tokens / item", lambda s: "-" if s["tokens_per_item"] is None else f"{s['tokens_per_item']:.1f}")
+    row("says 'wait' (self-reflects) %", lambda s: _pct(s["wait_rate"]))
     row("acc. with tool use (n)", lambda s: f"{_pct(s['acc_with_tool_use'])} ({s['n_with_tool_use']})")
     row("acc. without tool use (n)", lambda s: f"{_pct(s['acc_without_tool_use'])} ({s['n_without_tool_use']})")
     if any("coverage" in s for s in runs.values()):
@@ -199,6 +206,38 @@ def results_table(runs):
     row("stop reasons", lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s["stops"].items())))
     row("seconds", lambda s: f"{s['seconds']:.0f}")
     return "\n".join(f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows)
+
+
+STEP_METRICS = {  # --metrics: a value of each step of grpo.py's metrics.jsonl, name -> (its label, how to read it)
+    "zero_groups": ("groups with all-zero advantages %", lambda r: 1 - r["nonzero_groups"]),
+    "self_waits": ("samples that say 'wait' on their own %", lambda r: r.get("self_waits")),
+    "accuracy": ("accuracy of the samples %", lambda r: r["accuracy"]),
+    "tool_use": ("tool use of the samples %", lambda r: r["tool_use"]),
+    "coverage_iou": ("zoom IoU with gt of the samples %", lambda r: r["coverage_iou"]),
+}
+
+
+def metrics_table(folders, names, every=5):
+    """GRPO runs' metrics.jsonl side by side: each metric's mean over each `every` steps, a column per metric and run
+    (a folder with no GRPO steps, e.g. an SFT run, has none)."""
+    logs = {f: [r for r in C.read_metrics(os.path.join(f, "metrics.jsonl")) if "nonzero_groups" in r] for f in folders}
+    cols = [(n, f) for n in names for f in folders if logs[f]]
+    if not cols:
+        return "(no GRPO metrics in " + ", ".join(folders) + ")"
+    rows = ["| steps | " + " | ".join(f"{STEP_METRICS[n][0]}, {f}" for n, f in cols) + " |",
+            "| --- |" + " --- |" * len(cols)]
+    last = max(len(v) for v in logs.values())
+    for a in range(0, last, every):
+        cells = [_pct(_mean(v for v in map(STEP_METRICS[n][1], logs[f][a:a + every]) if v is not None))
+                 for n, f in cols]
+        rows.append(f"| {a + 1}-{min(a + every, last)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def run_tools(folder, default):
+    """The tools a run folder was trained with (its run.json), else `default`."""
+    path = os.path.join(folder, "run.json")
+    return json.load(open(path)).get("tools", default) if os.path.isfile(path) else default
 
 
 def write_subset(items, records, path, keep_below):
@@ -262,6 +301,11 @@ def get_args(argv=None):
     C.add_filter_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per rollout call")
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="run folders (sft.py's, grpo.py's --out) side by side, each "
+                   "with the tools it was trained with (its run.json); --baseline: the last one with tools off too")
+    p.add_argument("--metrics", default=None, help=f"comma-separated ({', '.join(STEP_METRICS)}): a table of the "
+                   "runs' metrics.jsonl, the mean of each --every steps")
+    p.add_argument("--every", type=int, default=5, help="--metrics: steps per row")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
     # checking a format and re-scoring transcripts without a GPU
@@ -282,9 +326,12 @@ def get_args(argv=None):
             p.error(f"--image {path}: no such file")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
-    if args.bench not in (None, "jsonl") and args.data == "synthetic":
+    if args.bench not in (None, "jsonl") and tasks.task_name(args.data):
         p.error(f"--bench {args.bench} needs --data: the benchmark's file or folder")
-    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0, frames=1), gt=dict(top_p=0),
+    args.metrics = args.metrics.split(",") if args.metrics else []
+    if set(args.metrics) - set(STEP_METRICS):
+        p.error(f"--metrics: unknown {sorted(set(args.metrics) - set(STEP_METRICS))}; known: {', '.join(STEP_METRICS)}")
+    C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0, frames=1, every=1), gt=dict(top_p=0),
                   le=dict(top_p=1, min_p=1))
     if args.temperature is None:
         args.temperature = 0.0 if args.samples == 1 else 1.0
@@ -319,9 +366,8 @@ def ask(policy, args, tools, cfg):
 
 def main(argv=None):
     args = get_args(argv)
-    demo = not (sys.argv[1:] if argv is None else argv)
-    if demo:  # the demo: with tools and without, side by side
-        args.baseline = True
+    the_demo = args.model == "demo" and args.data == "synthetic" and not args.runs  # `python eval.py`: the demo
+    args.baseline = args.baseline or the_demo
     rank, world, device = C.setup(args)
     tools = C.parse_tools(args.tools)
     found = [d for d in (C.DEMO_GRPO, C.DEMO_SFT) if os.path.isfile(os.path.join(d, "config.json"))]
@@ -331,10 +377,10 @@ def main(argv=None):
             raise SystemExit("--question runs in one process (no torchrun)")
         policy = C.load_policy(name, seed=args.seed, device=device)
         return ask(policy, args, tools, C.episode_cfg(args, policy))
-    bench = args.bench or ("jsonl" if args.data != "synthetic" else None)
+    bench = args.bench or (None if tasks.task_name(args.data) else "jsonl")
     bad = [] if args.skip_bad else None
-    try:
-        records = D.dataset("synthetic", "test") if bench is None else B.load(
+    try:  # a synthetic task's held-out items are the same 200 whatever --seed (the seeds' tables compare)
+        records = tasks.dataset(args.data, "test") if bench is None else B.load(
             bench, args.data, args.images, args.split, args.shuffle_seed, args.frames, args.scorer, args.fix, bad)
     except (ValueError, FileNotFoundError) as e:  # bad data: the message names file and row
         raise SystemExit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad counts and skips bad rows)"))
@@ -349,11 +395,15 @@ def main(argv=None):
     settings = [(args.tools if tools else "none", name, tools)]
     if args.baseline and tools:
         settings.append(("none", name, []))
-    if demo and name == C.DEMO_GRPO and os.path.isdir(C.DEMO_SFT):
+    if the_demo and name == C.DEMO_GRPO and os.path.isdir(C.DEMO_SFT):
         settings = [("tools off (GRPO model)", name, []), (f"after SFT ({args.tools})", C.DEMO_SFT, tools),
                     (f"after GRPO ({args.tools})", name, tools)]
+    if args.runs:  # runs side by side, each with its own tools; the tools-off column first
+        settings = [(f"{run} ({','.join(ts) or 'none'})", run, ts) for run in args.runs for ts in [run_tools(run, tools)]]
+        settings = [(f"{args.runs[-1]} (tools off)", args.runs[-1], [])] * args.baseline + settings
+        name = " vs ".join(args.runs)
     if not args.print_prompt:
-        C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or 'synthetic'} "
+        C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or args.data} "
                  f"({len(records)} items) on {world} process(es), {device}")
     greedy = args.temperature == 0
     runs, all_items, policies = {}, {}, {}
@@ -378,11 +428,13 @@ def main(argv=None):
         all_items[label] = items
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        table = (f"{name} on {bench or 'synthetic'} ({args.data}), {len(records)} items, "
+        table = (f"{name} on {f'{bench} ({args.data})' if bench else args.data}, {len(records)} items, "
                  f"{'greedy' if greedy else f'{args.samples} samples at T={args.temperature}'}"
                  f"{'' if greedy else f', top-k {args.top_k}, top-p {args.top_p}, min-p {args.min_p}'}, "
                  f"view {cfg['view_max_pixels']} px, zoom {cfg['crop_max_pixels']} px, seed {args.seed}\n\n"
                  + results_table(runs))
+        if args.metrics:
+            table += "\n\n" + metrics_table(args.runs or [name], args.metrics, args.every)
         subset = None
         if args.write_subset:
             kept, of = write_subset(all_items[next(iter(runs))], records, args.write_subset, args.keep_below)

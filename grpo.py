@@ -57,9 +57,13 @@ def advantages(rewards, group_size, scale="group"):
     group (scale="group"), of the whole batch ("batch"), or not at all ("none", Dr. GRPO / VL-Rethinker).
     std with Bessel's correction, eps 1e-4, as TRL does."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)      # [B, G]
-    a = r - r.mean(1, keepdim=True)
+    # r - mean(r) as d - mean(d), d = r - its group's first reward: the same numbers, but a group of equal rewards gets
+    # exact zeros (the float32 mean of eight 2.1s misses 2.1 by a rounding step, which the std division below would
+    # blow up to an advantage of 1e-3: a saturated group that SSR and nonzero_groups would count as useful)
+    d = r - r[:, :1]
+    a = d - d.mean(1, keepdim=True)
     if scale == "group":
-        a = a / (r.std(1, keepdim=True) + 1e-4) if group_size > 1 else a
+        a = a / (d.std(1, keepdim=True) + 1e-4) if group_size > 1 else a
     elif scale == "batch":
         a = a / (r.std() + 1e-4) if r.numel() > 1 else a
     elif scale != "none":
@@ -484,6 +488,8 @@ def main(argv=None):
         T.rollout(policy, [ep for g in groups for ep in g], args.temperature, max_turn_tokens=args.max_turn_tokens,
                   **C.filters(args))
         t1 = time.time()
+        # the samples that reflect on their own ("wait", rewards.rethinker_waits), counted before forced rethinking
+        self_waits = (sum(R.rethinker_waits("".join(ep["turns"])) > 0 for g in groups for ep in g), n_roll)
         # 2. rewards (and forced rethinking, which rolls out again)
         scores = [[R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)[:2] for ep in g] for g in groups]
         n_rethink = rethink.forced_rethinking(
@@ -514,7 +520,8 @@ def main(argv=None):
         t3 = time.time()
         nan_run = nan_run + 1 if up is None and batch else 0
         # 5. metrics: means over every rank's episodes (update stats: the mean over ranks), one JSONL line
-        row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(step_metrics(groups, scores, samples, batch, up)))
+        row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(dict(step_metrics(groups, scores, samples, batch, up),
+                                                                  self_waits=self_waits)))
         row.update(skipped=up is None, rethinks_kept=C.all_sum(float(n_rethink)),
                    tokens_per_s=C.all_sum(float(sum(ep["n_sampled"] for g in groups for ep in g))) / max(t1 - t0, 1e-9),
                    time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2)

@@ -4,11 +4,14 @@ ViLaSR's reflective rejection sampling that makes the data of the next SFT round
 
 CPU demo (tiny model, synthetic demonstrations; saves runs/sft, where `python grpo.py` starts):
     python sft.py
-Its demonstrations are imperfect on purpose (--demo-lazy): on two of the nine places they mostly answer without
-zooming. SFT copies the habit (greedy, it guesses there); GRPO's reward is what teaches it to look there too.
+Its demonstrations (tasks.py) are imperfect on purpose: on one of the nine places they mostly answer without zooming
+(--demo-lazy), on three they mostly zoom on the whole cell, where decoys crowd the square (--demo-loose). SFT copies the
+habits; GRPO's reward is what teaches it to look closely. Another synthetic task: --data synthetic:<task> (its own
+demonstrator; --tools none: answers without looking), e.g. from the demo's checkpoint, README's mechanism commands:
+    python sft.py --model runs/sft --data synthetic:boxes --steps 400 --out runs/boxes-draw-sft
 1 GPU (cold start of Qwen2.5-VL-3B on VLM-R3's VLIR data, with its SFT settings: --recipe vlm_r3; convert.py makes
-vlir/data.jsonl from their dataset.zip, its boxes rewritten as zoom_in calls in that recipe's 1605632 px view):
-    python convert.py vlm_r3_sft dataset.zip --out vlir --dialect lookagain --view-max-pixels 1605632
+vlir/data.jsonl from their dataset.zip in VLM-R3's own dialect, crops as {"bbox_2d": ...} in their frame):
+    python convert.py vlm_r3_sft dataset.zip --out vlir
     python sft.py --recipe vlm_r3 --model Qwen/Qwen2.5-VL-3B-Instruct --data vlir/data.jsonl --batch-size 2 \
         --grad-accum 8 --steps 500 --grad-ckpt --out runs/sft-3b
 8 GPUs (data parallel, each rank replaying and training on its share; on CPU: --nproc_per_node=2 --device cpu):
@@ -32,7 +35,6 @@ import math
 import os
 import time
 from collections import Counter
-from functools import partial
 
 import numpy as np
 import torch
@@ -40,9 +42,9 @@ import torch
 import checkpoint
 import common as C
 import data as D
-import dialects
 import model as M
 import rewards as R
+import tasks
 import tools as T
 import view as V
 
@@ -124,52 +126,6 @@ def report_rejected(rejected, n_total, path=None):
         C.print0(f"  (all of them in {path})")
 
 
-# ---- demonstrations for the synthetic task, from the records' ground-truth regions
-
-
-def zoom_call(box, image_index=0):
-    return dialects.render_call("zoom_in", {"image_index": image_index, "bbox_2d": [int(v) for v in box]})
-
-
-LAZY_PLACES = ("middle left", "bottom right")  # where a --demo-lazy demonstrator often skips the zoom
-
-
-def demo_turns(record, rng, noise=2, correct=0.2, view_max_pixels=112 * 112, half=4, lazy=0.0):
-    """Zoom on the named cell's 3 px square (a 2*half view px box around it, each side jittered by up to `noise`),
-    then answer. With probability `correct` a first zoom is off (the square just out, still overlapping the right
-    box), then refined: a self-correction `reflective` recognises. With probability `lazy`, on LAZY_PLACES, no zoom."""
-    W, H = D.load_images(record)[0].size
-    vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
-    x1, y1, x2, y2 = record["bbox"]
-    cx, cy = (x1 + x2) / 2 * vw / W, (y1 + y2) / 2 * vh / H              # the square's centre, view pixels
-    j = rng.integers(-noise, noise + 1, size=4) if noise > 0 else np.zeros(4, int)
-    box = [max(round(cx - half + j[0]), 0), max(round(cy - half + j[1]), 0),
-           min(round(cx + half + j[2]), vw), min(round(cy + half + j[3]), vh)]
-    place = record["question"].split(" at the ")[-1].rstrip("?")
-    if lazy and place in LAZY_PLACES and rng.random() < lazy:
-        return [f"<think>I can see the square.</think><answer>{record['answer']}</answer>"]
-    turns = [f"<think>Zoom in on the {place}.</think>"]
-    if rng.random() < correct:  # shift just far enough that the square (1.5 view px half side) is out
-        (dx, dy), need = [((1, 0), cx + 1.5 - box[0]), ((-1, 0), box[2] - cx + 1.5),
-                          ((0, 1), cy + 1.5 - box[1]), ((0, -1), box[3] - cy + 1.5)][rng.integers(4)]
-        d = math.floor(need) + 1
-        off = [box[0] + dx * d, box[1] + dy * d, box[2] + dx * d, box[3] + dy * d]
-        size = box[2] - box[0] if dx else box[3] - box[1]
-        if d < size and off[0] >= 0 and off[1] >= 0 and off[2] <= vw and off[3] <= vh:  # still overlapping
-            turns[0] += zoom_call(off)
-            turns.append("<think>The square is not in view. Look again.</think>")
-    turns[-1] += zoom_call(box)
-    turns.append(f"<think>I see the square.</think><answer>{record['answer']}</answer>")
-    return turns
-
-
-def demonstrations(n, seed=0, noise=2, correct=0.2, view_max_pixels=112 * 112, lazy=0.0):
-    """n items (record, turns, where) on data.dataset("synthetic", "train", n), turns made at replay."""
-    records = D.dataset("synthetic", "train", n=n, seed=seed)
-    return [(r, partial(demo_turns, rng=np.random.default_rng([seed, i, 1]), noise=noise, correct=correct,
-                        view_max_pixels=view_max_pixels, lazy=lazy), f"demo {r['id']}") for i, r in enumerate(records)]
-
-
 # ---- reflective rejection sampling (ViLaSR)
 
 
@@ -229,9 +185,12 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_flags(p, model="tiny", out=C.DEMO_SFT, steps=2400)
     p.add_argument("--n-items", type=int, default=512, help="synthetic items to make demonstrations of (or to sample, --reflect)")
-    p.add_argument("--demo-noise", type=int, default=2, help="jitter of each side of a demo's box, view pixels")
-    p.add_argument("--demo-correct", type=float, default=0.1, help="share of demos whose first zoom is off, then refined")
-    p.add_argument("--demo-lazy", type=float, default=0.7, help="share of demos on sft.LAZY_PLACES that answer without zooming")
+    # the demonstrator's habits (tasks.py); a habit not given is the task's (TASKS[...]["habits"]), else its default
+    p.add_argument("--demo-noise", type=int, help="jitter of each side of a demo's box, view pixels (2)")
+    p.add_argument("--demo-correct", type=float, help="share of demos whose first zoom is off, then refined (0.1)")
+    p.add_argument("--demo-lazy", type=float, help="share of demos on lazy items (tasks.LAZY_PLACES) answered at first look")
+    p.add_argument("--demo-loose", type=float, help="share of demos on tasks.LOOSE_PLACES that zoom on the whole cell")
+    p.add_argument("--demo-wait", type=float, help="share of lazy demos that say 'Wait, let's double check.' and zoom")
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, per process")
     C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
@@ -245,25 +204,27 @@ def get_args(argv=None):
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect")
     args = C.parse_args(p, argv, "sft")
     args.tools = C.parse_tools(args.tools)
-    C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0, demo_correct=0,
-                                demo_lazy=0),
-                  gt=dict(temperature=0, top_p=0), le=dict(demo_correct=1, demo_lazy=1, top_p=1, min_p=1))
+    shares = ("demo_correct", "demo_lazy", "demo_loose", "demo_wait")
+    C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0,
+                                **dict.fromkeys(shares, 0)),
+                  gt=dict(temperature=0, top_p=0), le=dict(top_p=1, min_p=1, **dict.fromkeys(shares, 1)))
     return args
 
 
 def train(args):
     rank, world, device = C.setup(args)
     items = None
-    if args.data != "synthetic":  # a trajectory file is read and checked before the model is loaded
+    if tasks.task_name(args.data) is None:  # a trajectory file is read and checked before the model is loaded
         try:
             items = load_trajectories(args.data)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--data: {e}") from None
     policy, opt, state = C.start_run(args, rank, device)
     cfg = C.episode_cfg(args, policy)
-    if items is None:  # the synthetic demonstrations, drawn in the view this model gets
-        items = demonstrations(args.n_items, args.seed, args.demo_noise, args.demo_correct, cfg["view_max_pixels"],
-                               args.demo_lazy)
+    if items is None:  # the synthetic task's demonstrations, drawn in the view this model gets
+        items = tasks.demonstrations(args.data, args.n_items, args.seed, args.tools, cfg["view_max_pixels"],
+                                     noise=args.demo_noise, correct=args.demo_correct, lazy=args.demo_lazy,
+                                     loose=args.demo_loose, wait=args.demo_wait)
     data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
