@@ -34,8 +34,8 @@ DEMO_SFT, DEMO_GRPO = "runs/sft", "runs/grpo"  # where the CPU demo's `python sf
 def add_common_flags(p, model="tiny", out="runs/x", steps=10):
     """The flags sft.py, grpo.py and eval.py share."""
     # what to run on
-    p.add_argument("--model", default=model, help="'tiny', 'random-3b' (random-qwen3vl-8b, ...: model.RANDOM), a hub id "
-                                                    "(Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a checkpoint folder")
+    p.add_argument("--model", default=model, help="'tiny', 'random-3b' (random-qwen3vl-8b, ...: model.RANDOM), a hub "
+                   "id (Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a checkpoint folder")
     p.add_argument("--data", default="synthetic", help="'synthetic' (the CPU demo's task), 'synthetic:<task>' "
                    "(tasks.TASKS: glance, boxes) or a lookagain JSONL path")
     p.add_argument("--out", default=out, help="the run folder")
@@ -245,7 +245,8 @@ def dataset(args, split="train", n=None):
 
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
-                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None):
+                 seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0,
+                 scripts=None):
     """Roll out every record `samples` times (tools=[]: off), each episode reduced by finish(episode, record) to a
     small picklable result; sample j of item i draws from its own generator, seeded from (seed, i, j). Episodes
     (i, j), in order, are cut into fixed batches, batch b on rank b % world, so a sharded run returns an unsharded

@@ -11,8 +11,9 @@ The synthetic task: an 896 px image, a 24 px coloured square near the centre of 
 three decoy squares of other colours, "What colour is the square at the top left?" (the one at the cell's centre). In
 the first 112 px view a square is a 3 px smudge; zoomed on the named cell's centre, a ~40 px block alone; zoomed on the
 whole cell, a ~12 px block among the decoys. Where to look is named (a text-to-coordinates mapping the model can
-memorise); the colour needs a tight zoom. (A random tiny model learns colours quickly but not where things are: with a ring to find instead, place
-words stayed at chance after 1400 steps.) tasks.py holds the other synthetic tasks and the demonstrators.
+memorise); the colour needs a tight zoom. (A random tiny model learns colours quickly but not where things are: with
+a ring to find instead, place words stayed at chance after 1400 steps.) tasks.py holds the other synthetic tasks and
+the demonstrators.
 """
 import io
 import json
@@ -26,7 +27,7 @@ from rewards import TYPES, accuracy
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 230), "yellow": (240, 220, 30),
            "magenta": (220, 40, 220), "cyan": (30, 220, 220), "orange": (250, 140, 20), "purple": (120, 40, 170)}
-DEMO_COLOURS = ("red", "green", "blue", "yellow", "cyan", "orange")  # the demo's: magenta and purple were told apart last
+DEMO_COLOURS = ("red", "green", "blue", "yellow", "cyan", "orange")  # the demo's (magenta, purple: told apart last)
 QUESTION = "What colour is the square at the {place}?"
 
 # -----------------------------------------------------------------------------

@@ -534,8 +534,8 @@ GL_INSTRUCTION = (
     "thinking. You should try to collect the visual evidence you need to support your answer. Then, provide your "
     "answer. The answer (which you will provide in the <answer> </answer> tags) should be a single word or phrase "
     "directly answering the question.\n    Question: {question}\n    ")
-GL_PLAIN = ("You are a helpful assistant. You first think and reason about the question, then provide the user with the "
-            "answer. Show your work in <think> </think> tags and return the answer in <answer> </answer> tags.")
+GL_PLAIN = ("You are a helpful assistant. You first think and reason about the question, then provide the user with "
+            "the answer. Show your work in <think> </think> tags and return the answer in <answer> </answer> tags.")
 GL_GUIDE = ["</think>", "<answer>", "</answer>"]  # ([^<]*)</think>([^<]*)<answer>([^<]*)</answer>
 GL_NEXT = "<think>"  # the assistant message env_response adds after its user turn, prefilling the next step
 

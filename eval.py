@@ -301,8 +301,8 @@ def get_args(argv=None):
     C.add_filter_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per rollout call")
     p.add_argument("--baseline", action="store_true", help="also evaluate with tools off, side by side")
-    p.add_argument("--runs", nargs="+", metavar="RUN", help="run folders (sft.py's, grpo.py's --out) side by side, each "
-                   "with the tools it was trained with (its run.json); --baseline: the last one with tools off too")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="run folders (sft.py's, grpo.py's --out) side by side, "
+                   "each with the tools it was trained with (its run.json); --baseline: the last one tools off too")
     p.add_argument("--metrics", default=None, help=f"comma-separated ({', '.join(STEP_METRICS)}): a table of the "
                    "runs' metrics.jsonl, the mean of each --every steps")
     p.add_argument("--every", type=int, default=5, help="--metrics: steps per row")
@@ -399,7 +399,8 @@ def main(argv=None):
         settings = [("tools off (GRPO model)", name, []), (f"after SFT ({args.tools})", C.DEMO_SFT, tools),
                     (f"after GRPO ({args.tools})", name, tools)]
     if args.runs:  # runs side by side, each with its own tools; the tools-off column first
-        settings = [(f"{run} ({','.join(ts) or 'none'})", run, ts) for run in args.runs for ts in [run_tools(run, tools)]]
+        settings = [(f"{run} ({','.join(ts) or 'none'})", run, ts)
+                    for run in args.runs for ts in [run_tools(run, tools)]]
         settings = [(f"{args.runs[-1]} (tools off)", args.runs[-1], [])] * args.baseline + settings
         name = " vs ".join(args.runs)
     if not args.print_prompt:

@@ -317,7 +317,8 @@ def get_args(argv=None):
     p.add_argument("--ssr-alpha", type=float, default=1.0)
     p.add_argument("--ssr-extend", default="before", choices=["before", "after"],
                    help="add a step's samples to the replay store before drawing (VL-Rethinker's code) or after")
-    p.add_argument("--update-size", type=int, default=None, help="samples per update with SSR (default: half the rollout)")
+    p.add_argument("--update-size", type=int, default=None,
+                   help="samples per update with SSR (default: half the rollout)")
     p.add_argument("--drop-zero", action="store_true", help="drop groups whose advantages are all zero")
     p.add_argument("--mask-truncated", action="store_true", help="no loss on trajectories cut by a limit (Mini-o3)")
     # forced rethinking
@@ -337,13 +338,14 @@ def get_args(argv=None):
     p.add_argument("--is-level", default="token", choices=["token", "sequence"],
                    help="importance ratio per token, or per sequence (GSPO: exp of the mean log-ratio)")
     p.add_argument("--top-entropy-quantile", type=float, default=1.0,
-                   help="policy loss only on this top share of a micro-batch's trained tokens by entropy (0.2 in '80/20')")
+                   help="policy loss only on the top share of a micro-batch's trained tokens by entropy (0.2: '80/20')")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
     p.add_argument("--ref-sync-every", type=int, default=0,
-                   help="every N steps move the reference towards the policy (TRL's ref_model_sync_steps; Groundlight: 64)")
-    p.add_argument("--ref-sync-alpha", type=float, default=0.9, help="ref <- (1 - alpha) ref + alpha policy (TRL's mixup alpha)")
+                   help="every N steps move the reference to the policy (TRL's ref_model_sync_steps; Groundlight: 64)")
+    p.add_argument("--ref-sync-alpha", type=float, default=0.9,
+                   help="ref <- (1 - alpha) ref + alpha policy (TRL's mixup alpha)")
     p.add_argument("--kl-ratio", action=argparse.BooleanOptionalAction, default=True,
-                   help="the KL term times the importance ratio (TRL's use_bias_correction_kl); --no-kl-ratio: plain k3")
+                   help="the KL term times the importance ratio (TRL's use_bias_correction_kl); --no-kl-ratio: k3")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
     p.add_argument("--mini-batches", type=int, default=1,
                    help="optimizer steps per pass: the rollout's samples, shuffled (seeded), cut into this many")
@@ -466,7 +468,8 @@ def main(argv=None):
     ahead = ThreadPoolExecutor(1)  # reads the next step's images while this step runs (read_images)
 
     def fetch(step):
-        return ahead.submit(read_images, records, prompt_indices(len(records), step, args.prompts, rank, world, args.seed))
+        return ahead.submit(read_images, records,
+                            prompt_indices(len(records), step, args.prompts, rank, world, args.seed))
     upcoming = fetch(start)
     metrics_path, curves = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png")
     if rank == 0:
@@ -502,7 +505,8 @@ def main(argv=None):
         # 3. what to train on: everything, the useful groups, or SSR's resampled batch
         if args.ssr:
             fill_old_logprobs(policy, replay.nonzero(samples), args, samples[0])
-            batch = replay.ssr(samples, store, update_size, args.ssr_alpha, rng=nprng, extend_first=args.ssr_extend == "before")
+            batch = replay.ssr(samples, store, update_size, args.ssr_alpha, rng=nprng,
+                               extend_first=args.ssr_extend == "before")
         elif args.drop_zero:
             batch = replay.drop_zero_groups(samples)
         else:

@@ -64,7 +64,7 @@ def rebuild(policy, record, turns, tools, cfg):
     """Replay a trajectory in its dialect (the record's "dialect", else the run's): each turn handled exactly as if the
     model had written it in one call (tools.script_call: the dialect's stop rules; a turn that ends the model's turn
     gets <|im_end|>, so the model learns to close it), its calls run, their results shown as the dialect's rollout
-    shows them. -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no answer or a wrong one."""
+    shows them. -> (episode, None), or (None, (reason, message)): a failed call, a limit hit, no or a wrong answer."""
     budget = record.get("view_max_pixels")  # written by convert.py: the view its boxes are drawn in
     if budget is not None and budget != cfg["view_max_pixels"]:
         raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
@@ -89,7 +89,8 @@ def rebuild(policy, record, turns, tools, cfg):
         return None, ("no_answer", f"the last turn gives no answer (episode stop: {ep['stop']})")
     acc, why = R.accuracy(ep["turns"][-1], record, ep["dialect"]["answer"])
     if acc < R.CORRECT:
-        return None, ("wrong_answer", f"the final answer disagrees with the record ({why}; record: {record['answer']!r})")
+        return None, ("wrong_answer",
+                      f"the final answer disagrees with the record ({why}; record: {record['answer']!r})")
     return ep, None
 
 
@@ -184,11 +185,13 @@ def batch_at(lengths, batch_size, seed, j):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_flags(p, model="tiny", out=C.DEMO_SFT, steps=2400)
-    p.add_argument("--n-items", type=int, default=512, help="synthetic items to make demonstrations of (or to sample, --reflect)")
+    p.add_argument("--n-items", type=int, default=512,
+                   help="synthetic items to make demonstrations of (or to sample, --reflect)")
     # the demonstrator's habits (tasks.py); a habit not given is the task's (TASKS[...]["habits"]), else its default
     p.add_argument("--demo-noise", type=int, help="jitter of each side of a demo's box, view pixels (2)")
     p.add_argument("--demo-correct", type=float, help="share of demos whose first zoom is off, then refined (0.1)")
-    p.add_argument("--demo-lazy", type=float, help="share of demos on lazy items (tasks.LAZY_PLACES) answered at first look")
+    p.add_argument("--demo-lazy", type=float,
+                   help="share of demos on lazy items (tasks.LAZY_PLACES) answered at first look")
     p.add_argument("--demo-loose", type=float, help="share of demos on tasks.LOOSE_PLACES that zoom on the whole cell")
     p.add_argument("--demo-wait", type=float, help="share of lazy demos that say 'Wait, let's double check.' and zoom")
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
@@ -197,7 +200,8 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     V.add_report_flag(p)
-    p.add_argument("--reflect", action="store_true", help="reflective rejection sampling: roll out --model on --data, write --to")
+    p.add_argument("--reflect", action="store_true",
+                   help="reflective rejection sampling: roll out --model on --data, write --to")
     p.add_argument("--samples", type=int, default=4, help="--reflect: trajectories per item")
     p.add_argument("--temperature", type=float, default=1.0, help="--reflect: sampling temperature")
     C.add_filter_flags(p)
@@ -285,8 +289,9 @@ def reflect_main(args):
     if rank == 0:
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
+    rejected = ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "kept") or "none"
     C.print0(f"reflect: kept {counts['kept']} of {total} trajectories ({args.samples} per item, {len(records)} items)"
-             f" -> {args.to}; rejected: " + (", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "kept") or "none"))
+             f" -> {args.to}; rejected: {rejected}")
     C.teardown()
     return kept, counts
 

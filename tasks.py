@@ -57,9 +57,10 @@ def demo_zoom(record, rng, tools=("zoom_in",), view_max_pixels=112 * 112, noise=
               wait=0.0, lazy_on=on_lazy_place, loose_on=on_loose_place, half=4, loose_half=14):
     """Zoom on the record's bbox (a 2*half view px box around it, each side jittered by up to `noise`; zoom_point: its
     centre), then answer. With probability `correct` (zoom_in) a first zoom is off (the square just out, still
-    overlapping the right box), then refined: a self-correction sft.reflective recognises. Habits: where lazy_on(record),
-    with probability `lazy` no zoom (and of those, with probability `wait`, a "Wait, let's double check." and the zoom
-    after all); where loose_on(record), with probability `loose` a 2*loose_half px box. No tools: the answer only."""
+    overlapping the right box), then refined: a self-correction sft.reflective recognises. Habits: where
+    lazy_on(record), with probability `lazy` no zoom (and of those, with probability `wait`, a "Wait, let's double
+    check." and the zoom after all); where loose_on(record), with probability `loose` a 2*loose_half px box. No
+    tools: the answer only."""
     if not tools:
         return [answer("I can see the square.", record)]
     vw, vh, sx, sy = view_frame(record, view_max_pixels)
