@@ -185,7 +185,8 @@ def zoom_point(ep, image_index, point_2d, cfg, frame=None):
     (ox, oy), (W, H) = to_original(view, point_2d[0] * vw / w, point_2d[1] * vh / h), ep["originals"][view["src"]].size
     (x1, x2), (y1, y2) = fit_window(ox, win, W), fit_window(oy, win, H)
     # the window's original pixels shown at the question view's pixel count (min = max): the paper's "upsampled to
-    # the size of the downsampled view" (SPEC 2.4); a large original is magnified more than zoom.py's cut would be
+    # the size of the downsampled view" (arXiv 2506.14821, docs/methods.md): a large original is magnified more
+    # than zoom.py's cut would be
     target = math.prod(ep["images"][0]["img"].size)
     hh, ww = smart_resize(y2 - y1, x2 - x1, cfg["factor"], min_pixels=target, max_pixels=target)
     return make_view(ep["originals"], view["src"], (x1, y1, x2, y2), (ww, hh), view["annots"])
@@ -342,8 +343,8 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
     originals = load_images(record)
     images = []
     for i, im in enumerate(originals):  # each image of the record (a video's frames too): a view of its whole original
-        # --view-max-side: Groundlight's training gives its model the photo at a long side of at most 1024 (SPEC 2.5);
-        # the view budget's smart_resize then applies as to any image
+        # --view-max-side: Groundlight's training gives its model the photo at a long side of at most 1024 (their
+        # text_vqa_tool_use_r1.py, docs/recipes.md); the view budget's smart_resize then applies as to any image
         s = min(1.0, cfg["view_max_side"] / max(im.size)) if cfg["view_max_side"] else 1.0
         h, w = smart_resize(im.height * s, im.width * s, cfg["factor"], cfg["view_min_pixels"], cfg["view_max_pixels"])
         images.append(make_view(originals, i, (0, 0, im.width, im.height), (w, h)))
