@@ -60,15 +60,15 @@ def advantages(rewards, group_size, scale="group"):
     # r - mean(r) as d - mean(d), d = r - its group's first reward: the same numbers, but a group of equal rewards gets
     # exact zeros (the float32 mean of eight 2.1s misses 2.1 by a rounding step, which the std division below would
     # blow up to an advantage of 1e-3: a saturated group that SSR and nonzero_groups would count as useful)
-    d = r - r[:, :1]
-    a = d - d.mean(1, keepdim=True)
-    if scale == "group":
+    d = r - r[:, :1]                                                            # [B, G]
+    a = d - d.mean(1, keepdim=True)                                             # [B, G], each row sums to ~0
+    if scale == "group":  # d's std is r's (a shift changes no spread); G = 1 would give Bessel's nan
         a = a / (d.std(1, keepdim=True) + 1e-4) if group_size > 1 else a
     elif scale == "batch":
         a = a / (r.std() + 1e-4) if r.numel() > 1 else a
     elif scale != "none":
         raise ValueError(f"--scale-rewards: unknown {scale!r}; use group, batch or none")
-    return a.view(-1)
+    return a.view(-1)  # [B*G], in the rewards' order
 
 
 # -----------------------------------------------------------------------------
@@ -95,8 +95,10 @@ def token_loss(logp, old_logp, adv, *, eps_low, eps_high, ref_logp=None, beta=0.
     negative advantage cannot push a huge ratio without bound. k3 is the low-variance, always positive estimator of
     KL(policy || reference); TRL multiplies it by the ratio (use_bias_correction_kl) since the tokens were sampled
     from the old policy. keep: 1, or the top-entropy mask (top_entropy_mask)."""
-    ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
+    ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)  # [B, T]; GSPO: [B, 1], broadcast
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    # the min of the two branches is PPO's pessimistic bound: once a token's ratio has left the clip range in the
+    # direction its advantage pushes, the clipped branch is the smaller and carries no gradient; minus: we minimise
     per_tok = -torch.min(capped * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv) * keep
     if beta != 0.0:
         kl = k3(ref_logp, logp)
@@ -128,8 +130,9 @@ def seq_log_ratio(logp, old_logp, mask):
 def top_entropy_mask(entropy, mask, rho):
     """TRL's top_entropy_quantile: 1 on the trained tokens whose entropy is at least the (1 - rho) quantile
     (linear, of float32 values) of the trained tokens of this batch on every rank, 0 elsewhere. [B, T] -> [B, T]"""
+    # every rank's trained-token entropies (on CPU: gather pickles them), so all ranks cut at one threshold
     vals = torch.cat(C.gather(entropy[mask > 0].float().cpu()))
-    if not vals.numel():
+    if not vals.numel():  # no trained token on any rank: torch.quantile of an empty tensor raises
         return torch.zeros_like(mask)
     return ((entropy >= torch.quantile(vals, 1 - rho).to(entropy.device)) & (mask > 0)).to(mask.dtype)
 
@@ -141,9 +144,10 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="dapo", eps_low=0.2,
     the fused one (which forms the same sum inside the kernel).
     logp, old_logp, ref_logp, mask, entropy, weights (default: loss_weights'): [B, T]; advantages: [B] -> scalar.
     is_level "sequence": GSPO. top_entropy_quantile < 1: the policy term only on the top-entropy tokens."""
-    m = mask.to(logp.dtype)
+    m = mask.to(logp.dtype)  # [B, T] 0/1 in logp's dtype, for the weighted sums
     log_ratio = seq_log_ratio(logp, old_logp, m) if is_level == "sequence" else None
     keep = top_entropy_mask(entropy, m, top_entropy_quantile) if top_entropy_quantile < 1 else 1.0
+    # advantages[:, None]: [B, 1], a trajectory's one advantage on each of its tokens
     per_tok = token_loss(logp, old_logp, advantages[:, None], eps_low=eps_low, eps_high=eps_high, ref_logp=ref_logp,
                          beta=beta, kl_ratio=kl_ratio, delta=delta, log_ratio=log_ratio, keep=keep)
     w = loss_weights(m, loss_type, max_completion_length, num_items) if weights is None else weights
@@ -158,14 +162,19 @@ def make_samples(policy, groups, scores, args, step, rank):
     """Episodes -> the dicts the update needs (CPU): token ids, trained mask, images, advantage."""
     # TRL gathers every rank's rewards first: a group's statistics are its own (groups never span ranks here)
     # and the "batch" std is over all ranks' rewards, so N processes give the advantages of one
-    every = C.gather([s[0] for g in scores for s in g])
+    every = C.gather([s[0] for g in scores for s in g])  # [world][this rank's B*G rewards], group order
+    # all ranks' advantages from this rank's first on (the loop below reads only its own B*G)
     adv = advantages(sum(every, []), args.group_size, args.scale_rewards)[sum(map(len, every[:rank])):]
     out, k = [], 0
     for gi, g in enumerate(groups):
         for ep in g:
+            # --mask-truncated (Mini-o3): a trajectory cut by a limit trains no token, so it is neither rewarded nor
+            # punished for a limit's cut; its reward still enters its group's mean above
             mask = ep["mask"] if not (args.mask_truncated and ep["truncated"]) else [0] * len(ep["mask"])
             # VL-Rethinker's auxiliary NLL trains positive-advantage samples that rethink ("wait", or a trigger)
             nll = float(adv[k]) > 0 and bool(ep["rethinks"] or R.rethinker_waits("".join(ep["turns"])))
+            # seq: token ids [T]; mask: 0/1 [T]; images: the encoded views; group: the key replay.py groups
+            # samples by; old: behaviour log-probs [T], filled when needed (None: on-policy, old = logp.detach())
             out.append(dict(seq=ep["seq"], mask=mask, images=T.episode_images(policy, ep), adv=float(adv[k]),
                             group=(step, rank, gi), old=None, nll=nll))
             k += 1
@@ -178,8 +187,9 @@ def fill_old_logprobs(policy, samples, args, filler):
     later epochs and replays measure the ratio against it."""
     for mb in micro_batches(policy, samples, args.micro_batch, filler):
         lp, m = M.token_logprobs(policy, [s["seq"] for s in mb], [s["images"] for s in mb],
-                                 [s["mask"] for s in mb], args.temperature)
+                                 [s["mask"] for s in mb], args.temperature)  # lp: [B, L] left-padded
         for s, row in zip(mb, lp):
+            # the row's last len(seq) positions undo the left padding; on CPU, as SSR's store and checkpoints keep them
             s["old"] = row[-len(s["seq"]):].cpu()
 
 
@@ -200,40 +210,43 @@ def update(policy, ref, opt, samples, args, world, filler):
     --micro-batch sequences, then averaged over ranks. -> dict of update metrics (means over trained tokens), or None
     when the loss or the gradient was not finite (every rank then skips the step)."""
     K, n = args.mini_batches, len(samples)
-    mini_batches = [samples[k * n // K:(k + 1) * n // K] for k in range(K)]
+    mini_batches = [samples[k * n // K:(k + 1) * n // K] for k in range(K)]  # sizes differ by at most one
     # dapo: an optimizer step's global trained tokens / world size; with several steps per rollout, the
     # average step's, as TRL (num_items_in_batch x gradient_accumulation_steps / steps_per_generation)
     num_items = C.all_sum(float(sum(sum(s["mask"]) for s in samples))) / world / K
     fused = args.is_level == "token" and args.top_entropy_quantile == 1  # see the block comment above
+    # sums over the trained tokens of every pass, divided by their count at the end (loss: a sum of micro-batch losses)
     stats = dict(loss=0.0, tokens=0.0, clip_frac=0.0, clip_low=0.0, clip_high=0.0, kl_old=0.0, entropy=0.0)
     if ref is not None:
         stats["kl_ref"] = 0.0
-    gn, bad = 0.0, 0
+    gn, bad = 0.0, 0  # the last step's gradient norm; micro-batches of this step with a non-finite loss
     for mini in mini_batches * args.ppo_epochs:  # each pass replays the same mini-batches in the same order, as TRL
         n_micro = max(1, math.ceil(len(mini) / args.micro_batch))
+        # lockstep: top_entropy_mask gathers over ranks in every micro-batch, so every rank must run as many
         for micro in micro_batches(policy, mini, args.micro_batch, filler, lockstep=args.top_entropy_quantile < 1):
             seqs, images, masks = [s["seq"] for s in micro], [s["images"] for s in micro], [s["mask"] for s in micro]
-            L, dev = max(len(q) for q in seqs), policy.device
+            L, dev = max(len(q) for q in seqs), policy.device  # L: the padded length collate gives the batch
             # the stored behaviour log-probs [B, L]; a sample with none is on-policy: old = logp.detach()
-            on_policy = torch.tensor([s["old"] is None for s in micro], device=dev)
+            on_policy = torch.tensor([s["old"] is None for s in micro], device=dev)   # [B] bool
             old = M.left_pad([s["old"] if s["old"] is not None else [] for s in micro], L, dev)
             adv = torch.tensor([s["adv"] for s in micro], device=dev)                  # [B]
             ref_lp = None
             if ref is not None:
-                with torch.no_grad():
-                    ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)
+                with torch.no_grad():  # the reference is a fixed target: no graph
+                    ref_lp, _ = M.token_logprobs(ref, seqs, images, masks, args.temperature)  # [B, L]
             # dr_grpo: sum / (this rank's sequences in the step x --max-tokens), the run's constant; over equal
             # micro-batches this is TRL's mean over micro-batches of sum / (micro-batch size x max_completion_length)
             mpad = M.left_pad(masks, L, dev)                                            # [B, L]
-            w = loss_weights(mpad, args.loss_type, args.max_tokens, num_items, len(mini) or 1)
+            w = loss_weights(mpad, args.loss_type, args.max_tokens, num_items, len(mini) or 1)  # [B, L]
             if args.loss_type in ("grpo", "bnpo"):
                 w = w / n_micro  # gradient accumulation: the mean over micro-batches, as TRL does
             # --aux-nll (VL-Rethinker): + coef x the token-mean NLL of the micro-batch's selected samples
-            sel = mpad * torch.tensor([float(s.get("nll", False)) for s in micro], device=dev)[:, None]
-            nll_w = args.aux_nll * sel / sel.sum().clamp(min=1) / n_micro
+            sel = mpad * torch.tensor([float(s.get("nll", False)) for s in micro], device=dev)[:, None]  # [B, L]
+            nll_w = args.aux_nll * sel / sel.sum().clamp(min=1) / n_micro                          # [B, L]
             clip = dict(eps_low=args.eps_low, eps_high=args.eps_high, kl_ratio=args.kl_ratio, delta=args.delta)
             if fused:
                 def per_token(lp, b, t):  # policy_loss's terms for the trained tokens at rows b, positions t
+                    # on-policy: old = lp.detach(), so the ratio is 1 in value and its gradient is that of lp
                     o = torch.where(on_policy[b], lp.detach(), old[b, t])
                     r = ref_lp[b, t] if ref_lp is not None else None
                     return token_loss(lp, o, adv[b], ref_logp=r, beta=args.beta, **clip) * w[b, t] - lp * nll_w[b, t]
@@ -245,16 +258,18 @@ def update(policy, ref, opt, samples, args, world, filler):
                                    ref_logp=ref_lp, beta=args.beta, is_level=args.is_level, entropy=ent,
                                    top_entropy_quantile=args.top_entropy_quantile, weights=w, **clip)
                 loss = loss - (logp * nll_w).sum()
-                logp = logp.detach()
+                logp = logp.detach()  # the diagnostics below read values only
             bad += not bool(torch.isfinite(loss))
-            loss.backward()
+            loss.backward()  # gradients add up in .grad over the micro-batches of the step
             with torch.no_grad():  # diagnostics over trained tokens; clip fractions as TRL logs them
-                old = torch.where(on_policy[:, None], logp, old)
+                old = torch.where(on_policy[:, None], logp, old)  # on-policy rows: ratio 1, never clipped
                 ratio = torch.exp(seq_log_ratio(logp, old, m) if args.is_level == "sequence" else logp - old)
+                # a token counts as clipped only where the clip binds: below the range with a negative advantage,
+                # above it with a positive one (elsewhere the unclipped branch is the min and keeps its gradient)
                 low = (ratio < 1 - args.eps_low) & (adv[:, None] < 0)
                 high = (ratio > 1 + args.eps_high) & (adv[:, None] > 0)
                 per_token_stats = dict(clip_frac=low | high, clip_low=low, clip_high=high, kl_old=k3(old, logp),
-                                       entropy=ent, tokens=torch.ones_like(m))
+                                       entropy=ent, tokens=torch.ones_like(m))  # tokens x m: their count
                 if ref_lp is not None:
                     per_token_stats["kl_ref"] = k3(ref_lp, logp)
                 for k, v in per_token_stats.items():
@@ -262,13 +277,15 @@ def update(policy, ref, opt, samples, args, world, filler):
                 stats["loss"] += loss.item()
         if not policy.sharded:  # FSDP reduce-scatters its own gradients during backward
             C.allreduce_grads(policy.model)
-        gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
-        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        if C.all_sum(float(bad)) > 0 or not math.isfinite(gn):  # decided together: every rank skips
+        gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)  # the norm before clipping
+        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # FSDP2's norm is a DTensor
+        # decided together: every rank skips (one rank stepping alone would leave the replicas apart)
+        if C.all_sum(float(bad)) > 0 or not math.isfinite(gn):
             opt.zero_grad(set_to_none=True)
             return None
         opt.step()
         opt.zero_grad(set_to_none=True)
+    # the loss: the mean over the optimizer steps; the rest: means over this rank's trained tokens of every pass
     loss, t = stats.pop("loss") / (args.ppo_epochs * K), max(stats.pop("tokens"), 1.0)
     return dict(loss=loss, grad_norm=gn, **{k: v / t for k, v in stats.items()})
 
@@ -292,6 +309,7 @@ def micro_batches(policy, samples, size, filler, lockstep=False):
     if M.lockstep(policy) or (lockstep and dist.is_initialized()):
         n = torch.tensor([len(mbs)], device=policy.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        # the filler runs the forward (and its collectives) but, with an all-zero mask, trains and logs no token
         mbs += [[dict(filler, mask=[0] * len(filler["mask"]), old=None, adv=0.0)]] * (int(n) - len(mbs))
     return mbs
 
@@ -366,6 +384,7 @@ def get_args(argv=None):
     if args.model is None:  # the CPU demo starts from the SFT demo's cold start when there is one
         args.model = C.DEMO_SFT if os.path.isdir(C.DEMO_SFT) else "tiny"
     args.tools = C.parse_tools(args.tools)
+    # group_size >= 2: a group of one has advantage 0 and teaches nothing
     C.check_flags(args, ge=dict(prompts=1, group_size=2, micro_batch=1, ppo_epochs=1, mini_batches=1, update_size=1,
                                 eval_every=0, eval_n=1, max_nan=1, ssr_alpha=0, rethink_prob=0, rethink_truncate=0,
                                 eps_low=0, eps_high=0, beta=0, top_entropy_quantile=0, aux_nll=0, ref_sync_every=0,
@@ -377,6 +396,7 @@ def get_args(argv=None):
         raise SystemExit(f"--preset: unknown {args.preset!r}; known: {', '.join(R.PRESETS)}")
     try:
         args.weights = json.loads(args.weights) if args.weights else None
+        # score an empty episode: a weight naming an unknown term fails now, not after the first rollout
         R.reward(dict(turns=[], calls=[], stop="answer"), dict(answer="x", type="text"), args.preset, args.weights)
     except ValueError as e:
         raise SystemExit(f"--weights: {e}")
@@ -390,7 +410,8 @@ def prompt_indices(n_records, step, n_prompts, rank, world, seed):
     per = n_prompts // world
     out = []
     for j in range(step * n_prompts + rank * per, step * n_prompts + (rank + 1) * per):
-        epoch, k = divmod(j, n_records)
+        epoch, k = divmod(j, n_records)  # prompt j is the k-th of pass `epoch` over the data
+        # each pass its own order, seeded by (seed, epoch): every rank draws the same permutation
         out.append((j, int(np.random.default_rng([seed, epoch]).permutation(n_records)[k])))
     return out
 
@@ -405,7 +426,7 @@ def read_images(records, idx):
 def step_metrics(groups, scores, samples, batch, up):
     """Sums and counts of this rank's step, reduced over ranks by the caller. -> dict name -> (sum, count)"""
     eps = [ep for g in groups for ep in g]
-    flat = [s for g in scores for s in g]
+    flat = [s for g in scores for s in g]  # (reward, {term: value}) per episode
     calls = [c for ep in eps for c in ep["calls"]]
     n = len(eps)
     m = {"reward": (sum(s[0] for s in flat), n), "accuracy": (sum(s[1]["accuracy"] for s in flat), n)}
@@ -416,8 +437,9 @@ def step_metrics(groups, scores, samples, batch, up):
                        answered=lambda ep: ep["stop"] == "answer")
     m.update({k: (sum(f(ep) for ep in eps), n) for k, f in per_episode.items()})
     m["failed_calls"] = (sum(not c["ok"] for c in calls), len(calls))
-    m["nonzero_groups"] = (replay.nonzero_group_share(samples) * len(groups), len(groups))
+    m["nonzero_groups"] = (replay.nonzero_group_share(samples) * len(groups), len(groups))  # SSR's key diagnostic
     m["replayed"] = (sum(s.get("replayed", False) for s in batch), len(batch))
+    # IoU of the best zoom with the record's ground-truth box, on the records that have one (None otherwise)
     cov = [c for c in (R.coverage(T.trajectory(ep), ep["record"])[0] for ep in eps) if c is not None]
     m["coverage_iou"] = (sum(cov), len(cov))
     for k, v in (up or {}).items():  # per rank: (v, 1) averages them over ranks
@@ -432,7 +454,7 @@ def heldout_eval(policy, records, args, cfg):
         score = R.accuracy("".join(ep["turns"]), record, ep["dialect"]["answer"], ep["truncated"] or ep["cut"])[0]
         return score, any(c["ok"] for c in ep["calls"]), len(ep["calls"])
     done, _ = C.run_episodes(policy, records, args.tools, cfg, finish, seed=args.seed, desc="eval", progress=False)
-    acc, used, calls = (sum(v) / len(done) for v in zip(*done.values()))
+    acc, used, calls = (sum(v) / len(done) for v in zip(*done.values()))  # done: {(i, 0): finish's triple}
     return dict(eval_accuracy=acc, eval_tool_use=used, eval_calls_per_item=calls)
 
 
@@ -444,8 +466,8 @@ def main(argv=None):
         raise SystemExit(f"--prompts {args.prompts} does not divide by the world size {world}")
     if args.fsdp and args.eval_every:
         raise SystemExit("--eval-every is not supported with --fsdp: run eval.py on the saved checkpoint")
-    n_roll = args.prompts // world * args.group_size
-    update_size = args.update_size or max(1, n_roll // 2)
+    n_roll = args.prompts // world * args.group_size  # this rank's trajectories per step
+    update_size = args.update_size or max(1, n_roll // 2)  # SSR's samples per update: VL-Rethinker's half a rollout
     if args.rethink and args.preset != "vl_rethinker":
         C.print0(f"note: --rethink with preset {args.preset}: VL-Rethinker's reward is the vl_rethinker preset")
     records = C.dataset(args, "train")
@@ -460,7 +482,7 @@ def main(argv=None):
         M.shard(ref)
     cfg = C.episode_cfg(args, policy)
     C.write_config(args, rank, world=world, episode=cfg)
-    start, nan_run = state["step"], state.get("nan_run", 0)
+    start, nan_run = state["step"], state.get("nan_run", 0)  # a resumed run goes on counting non-finite steps
     store = state.get("store", replay.new_store(update_size) if args.ssr else None)  # VL-Rethinker: half a rollout
     C.print0(f"grpo: {args.model} on {args.data} ({len(records)} prompts), {world} process(es), "
              f"{args.prompts} prompts x {args.group_size} per step, tools {args.tools}, preset {args.preset}")
@@ -484,7 +506,7 @@ def main(argv=None):
         # 1. rollouts: G episodes per prompt, all in one batched loop
         policy.model.eval()
         (idx, recs), upcoming = upcoming.result(), fetch(step + 1) if step + 1 < args.steps else None
-        groups = [T.new_group(policy, r, args.tools, args.group_size, **cfg) for r in recs]
+        groups = [T.new_group(policy, r, args.tools, args.group_size, **cfg) for r in recs]  # [B][G] episodes
         for (j, _), g in zip(idx, groups):  # each trajectory's own seed: (seed, step, global prompt, member)
             for k, ep in enumerate(g):
                 T.seed_episode(ep, device, args.seed, step, j, k)
@@ -492,8 +514,9 @@ def main(argv=None):
                   **C.filters(args))
         t1 = time.time()
         # the samples that reflect on their own ("wait", rewards.rethinker_waits), counted before forced rethinking
-        self_waits = (sum(R.rethinker_waits("".join(ep["turns"])) > 0 for g in groups for ep in g), n_roll)
+        self_waits = (sum(R.rethinker_waits("".join(ep["turns"])) > 0 for g in groups for ep in g), n_roll)  # (n, of)
         # 2. rewards (and forced rethinking, which rolls out again)
+        # scores [B][G]: (reward, {term: value}); forced rethinking replaces an episode and its score in place
         scores = [[R.reward(T.trajectory(ep), ep["record"], args.preset, args.weights)[:2] for ep in g] for g in groups]
         n_rethink = rethink.forced_rethinking(
             policy, groups, scores, pyrng, score=lambda ep: R.reward(T.trajectory(ep), ep["record"], args.preset,
@@ -501,9 +524,11 @@ def main(argv=None):
             max_tokens=args.max_tokens, prob=args.rethink_prob, truncate=args.rethink_truncate,
             temperature=args.rethink_temperature, max_turn_tokens=args.max_turn_tokens,
             **C.filters(args)) if args.rethink else 0
-        samples = make_samples(policy, groups, scores, args, step, rank)
+        samples = make_samples(policy, groups, scores, args, step, rank)  # B*G dicts, group order
         # 3. what to train on: everything, the useful groups, or SSR's resampled batch
         if args.ssr:
+            # a drawn sample may be replayed at a later step, from an older policy: its ratio needs the log-probs
+            # of the policy that sampled it, taken now (zero-advantage samples are never drawn; samples[0]: filler)
             fill_old_logprobs(policy, replay.nonzero(samples), args, samples[0])
             batch = replay.ssr(samples, store, update_size, args.ssr_alpha, rng=nprng,
                                extend_first=args.ssr_extend == "before")
@@ -511,18 +536,20 @@ def main(argv=None):
             batch = replay.drop_zero_groups(samples)
         else:
             batch = samples
-        if (args.ppo_epochs > 1 or args.mini_batches > 1) and not args.ssr:  # once, before the first step
+        # once, before the first step: the steps after it train off-policy and need the sampler's log-probs;
+        # with a single step old = logp.detach() is exact and saves this forward pass
+        if (args.ppo_epochs > 1 or args.mini_batches > 1) and not args.ssr:
             fill_old_logprobs(policy, batch, args, samples[0])
-        if args.mini_batches > 1:
+        if args.mini_batches > 1:  # mini-batches that mix the groups, not one prompt's G trajectories each
             batch = [batch[i] for i in nprng.permutation(len(batch))]
         t2 = time.time()
         # 4. the update
         policy.model.train()
         up = None
-        if C.all_sum(float(len(batch))) > 0:
+        if C.all_sum(float(len(batch))) > 0:  # decided over all ranks: update() runs collectives
             up = update(policy, ref, opt, batch, args, world, samples[0])
         t3 = time.time()
-        nan_run = nan_run + 1 if up is None and batch else 0
+        nan_run = nan_run + 1 if up is None and batch else 0  # non-finite steps in a row (--max-nan)
         # 5. metrics: means over every rank's episodes (update stats: the mean over ranks), one JSONL line
         row = dict(step=step + 1, lr=lr, **C.mean_over_ranks(dict(step_metrics(groups, scores, samples, batch, up),
                                                                   self_waits=self_waits)))
