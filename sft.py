@@ -53,6 +53,7 @@ import view as V
 
 def load_trajectories(path):
     """A trajectory JSONL -> [(record, turns, "file:line")]; a bad line or record: ValueError naming file:line."""
+    # turns leave the record: what remains is a plain data.py record, which the replay and the scorer read
     items = [(r, r.pop("turns", None), where) for r, (where, _) in zip(D.load_jsonl(path), D.jsonl_rows(path))]
     for _, turns, where in items:
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
@@ -70,25 +71,25 @@ def rebuild(policy, record, turns, tools, cfg):
         raise ValueError(f"its boxes are in a {budget} px view but this run shows {cfg['view_max_pixels']} px: "
                          f"train with --view-max-pixels {budget}, or convert again at this run's budget")
     ep = T.new_episode(policy, record, tools, **dict(cfg, dialect=record.get("dialect") or cfg["dialect"]))
-    ep["script"] = list(turns)
+    ep["script"] = list(turns)  # script_call pops the next turn from it, as if the model had sampled it
     while ep["stop"] is None:
-        k = len(turns) - len(ep["script"])
+        k = len(turns) - len(ep["script"])  # the turn about to be replayed, 0-based (for the messages)
         call = T.script_call(policy, ep, cfg["max_turn_tokens"], close=True)
         if call is None:
             return None, ("no_answer", f"the turns end before the episode does (after turn {k - 1})")
         if call[2] == "length":  # a rollout would have cut this turn
             return None, ("limit", f"turn {k} has over --max-turn-tokens {cfg['max_turn_tokens']} tokens")
         n_calls = len(ep["calls"])
-        T.advance(policy, ep, *call)
+        T.advance(policy, ep, *call)  # appends the turn, runs its tool call, shows the result: the rollout's own code
         if len(ep["calls"]) > n_calls and not ep["calls"][-1]["ok"]:
             return None, ("tool_error", f"turn {k}: the tool call failed ({ep['calls'][-1]['error']})")
-    if ep["script"]:
+    if ep["script"]:  # the environment ended the episode (a turn or image cap, a stop rule) before the turns did
         return None, ("limit" if ep["truncated"] else "early_stop", f"turn {len(turns) - len(ep['script']) - 1}: the "
                       f"episode stopped ({ep['stop']}) with {len(ep['script'])} turn(s) left")
     if ep["stop"] != "answer":
         return None, ("no_answer", f"the last turn gives no answer (episode stop: {ep['stop']})")
     acc, why = R.accuracy(ep["turns"][-1], record, ep["dialect"]["answer"])
-    if acc < R.CORRECT:
+    if acc < R.CORRECT:  # SFT on a wrong answer would teach it; the record's answer is the judge
         return None, ("wrong_answer",
                       f"the final answer disagrees with the record ({why}; record: {record['answer']!r})")
     return ep, None
@@ -109,10 +110,13 @@ def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
             rejected.append((err[0], f"{where}: {err[1]}"))
         else:
             encs = T.episode_images(policy, ep)
+            # encoded views spare a re-encode every epoch but take 8x PIL's memory (24 bytes a pixel): keep them
+            # while they fit, then keep PIL images and encode them again per batch (train())
             enc_budget -= sum(e["pixels"].nbytes for e in encs)
             views = encs if enc_budget >= 0 else [v["img"] for v in ep["images"]]
+            # seq: the token ids; mask: 1 on the tokens that carry loss (the assistant's); views: one per image
             kept.append(dict(seq=ep["seq"], mask=ep["mask"], views=views))
-    return kept, [r for part in C.gather(rejected) for r in part]
+    return kept, [r for part in C.gather(rejected) for r in part]  # every rank reports the same rejections
 
 
 def report_rejected(rejected, n_total, path=None):
@@ -134,14 +138,14 @@ def reflective(calls):
     """Did the trajectory revise its own looking? ViLaSR's test for drawings: a label drawn twice, elsewhere.
     For zooms: a later zoom's region overlaps an earlier one's and differs, 0 < IoU < 1 (inside it counts)."""
     zooms, drawn = [], {}
-    for c in [c for c in calls if c.get("ok")]:
-        if c["zoom"]:
+    for c in [c for c in calls if c.get("ok")]:  # a failed call revised nothing
+        if c["zoom"]:  # region: in original pixels, so zooms on zooms compare with each other
             if any(0 < R.iou(c["region"], z) < 1 for z in zooms):
                 return True
             zooms.append(c["region"])
         elif "ops" in T.TOOLS[c["name"]]:  # a drawing: its operations' coordinates, by label
             for op in c["arguments"][T.TOOLS[c["name"]]["ops"]]:
-                xy = [op[k] for k in sorted(op) if k != "label"]
+                xy = [op[k] for k in sorted(op) if k != "label"]  # its coordinates, in a fixed order of keys
                 if op["label"] and drawn.setdefault(op["label"], xy) != xy:
                     return True
     return False
@@ -164,7 +168,7 @@ def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, bat
         return judge(T.trajectory(ep), record), ep["turns"]
     done, _ = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy=False, temperature=temperature,
                              seed=seed, batch_size=batch_size, desc="reflect", **filters)
-    done = sorted(done.items())
+    done = sorted(done.items())  # by (item, sample): the output file does not depend on the number of ranks
     kept = [{**records[i], "turns": turns} for (i, _), (why, turns) in done if why is None]
     return kept, Counter(why or "kept" for _, (why, _) in done)
 
@@ -175,11 +179,11 @@ def reflect(policy, records, tools, cfg, samples=4, temperature=1.0, seed=0, bat
 def batch_at(lengths, batch_size, seed, j):
     """The j-th batch, bucketed by length (little padding): each epoch sorts by length, ties broken at random,
     cuts into batches and shuffles them. A function of (seed, j) only, so --resume needs no data state."""
-    epoch, k = divmod(j, math.ceil(len(lengths) / batch_size))
-    rng = np.random.default_rng([seed, epoch])
+    epoch, k = divmod(j, math.ceil(len(lengths) / batch_size))  # batch j is the k-th of pass `epoch`
+    rng = np.random.default_rng([seed, epoch])  # one generator per pass: the same cut for every j of it
     idx = np.lexsort((rng.random(len(lengths)), lengths))  # by length, then by the random key
     batches = [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
-    return batches[rng.permutation(len(batches))[k]]
+    return batches[rng.permutation(len(batches))[k]]  # shuffled: no run of long batches at the end of a pass
 
 
 def get_args(argv=None):
@@ -196,7 +200,7 @@ def get_args(argv=None):
     p.add_argument("--demo-wait", type=float, help="share of lazy demos that say 'Wait, let's double check.' and zoom")
     p.add_argument("--batch-size", type=int, default=8, help="trajectories per forward/backward, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, per process")
-    C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")
+    C.add_optim_flags(p, lr=3e-3, warmup=10, schedule="cosine")  # the tiny demo's; --recipe sets a paper's
     p.add_argument("--save-every", type=int, default=0, help="also save <out>/step<N> every N steps")
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or auto: the newest in --out")
     V.add_report_flag(p)
@@ -208,7 +212,7 @@ def get_args(argv=None):
     p.add_argument("--to", default=None, metavar="OUT", help="output JSONL of --reflect")
     args = C.parse_args(p, argv, "sft")
     args.tools = C.parse_tools(args.tools)
-    shares = ("demo_correct", "demo_lazy", "demo_loose", "demo_wait")
+    shares = ("demo_correct", "demo_lazy", "demo_loose", "demo_wait")  # probabilities: in [0, 1]
     C.check_flags(args, ge=dict(n_items=1, batch_size=1, grad_accum=1, samples=1, demo_noise=0,
                                 **dict.fromkeys(shares, 0)),
                   gt=dict(temperature=0, top_p=0), le=dict(top_p=1, min_p=1, **dict.fromkeys(shares, 1)))
@@ -229,15 +233,15 @@ def train(args):
         items = tasks.demonstrations(args.data, args.n_items, args.seed, args.tools, cfg["view_max_pixels"],
                                      noise=args.demo_noise, correct=args.demo_correct, lazy=args.demo_lazy,
                                      loose=args.demo_loose, wait=args.demo_wait)
-    data, rejected = prepare(policy, items, args.tools, cfg, rank, world)
+    data, rejected = prepare(policy, items, args.tools, cfg, rank, world)  # this rank's share, replayed once
     report_rejected(rejected, len(items), os.path.join(args.out, "rejected.tsv"))
     n_kept = int(C.all_sum([len(data)])[0])
     if n_kept == 0:
         raise SystemExit(f"--data {args.data}: no usable trajectory left ({len(rejected)} rejected, reasons above)")
-    if n_kept < world or C.all_sum([float(not data)])[0]:
+    if n_kept < world or C.all_sum([float(not data)])[0]:  # each rank trains on its own share: none may be empty
         raise SystemExit(f"--data {args.data}: {n_kept} usable trajectories cannot feed {world} processes")
     C.write_config(args, rank, world=world, episode=cfg, trajectories=n_kept, rejected=len(rejected))
-    lengths = np.array([len(t["seq"]) for t in data])
+    lengths = np.array([len(t["seq"]) for t in data])  # tokens per trajectory, for batch_at's length buckets
     C.print0(f"sft: {args.resume or args.model} on {args.data} ({n_kept} trajectories, mean length "
              f"{lengths.mean():.0f} tokens), {world} process(es) x {args.grad_accum} x {args.batch_size} per step")
     policy.model.train()
@@ -247,32 +251,37 @@ def train(args):
         t0 = time.time()
         lr = C.set_lr(opt, step, args)
         js = range(step * args.grad_accum, (step + 1) * args.grad_accum)  # this step's micro-batches
+        # each rank draws from its own share with its own seed; the rank in the seed gives ranks different orders
         batches = [[data[i] for i in batch_at(lengths, args.batch_size, args.seed * 1000 + rank, j)] for j in js]
         # the loss is the mean over every trained token of the step (all ranks, all micro-batches): each rank
         # divides its sum by (global tokens / world), and the gradient average over ranks does the rest
         n_tok, n_seq = C.all_sum([float(sum(sum(t["mask"]) for b in batches for t in b)),
                                   float(sum(len(t["seq"]) for b in batches for t in b))])
-        nll = 0.0
+        nll = 0.0  # this rank's summed NLL over its trained tokens, for the logged loss
         for b in batches:
+            # a dict is a view encoded by prepare(); a PIL image (past its memory budget) is encoded now
             images = [[v if isinstance(v, dict) else M.encode_image(policy, v) for v in t["views"]] for t in b]
+            # the NLL fused into the log-prob kernel (no [N, V] logits held); logp, m: [B, L], logp detached
             loss, logp, m = M.token_logprobs(policy, [t["seq"] for t in b], images, [t["mask"] for t in b],
                                              token_loss=lambda lp, i, j: -lp * world / n_tok)
-            loss.backward()
+            loss.backward()  # gradients add up in .grad over the step's micro-batches
             nll += -float((logp * m).sum())
-        C.allreduce_grads(policy.model)
+        C.allreduce_grads(policy.model)  # the mean over ranks (with world / n_tok above: the global token mean)
         params = [p for g in opt.param_groups for p in g["params"]]
+        # --grad-clip 0: no clipping, but the norm is still measured (and logged, and checked for inf / nan)
         gn = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
-        if math.isfinite(gn):
+        if math.isfinite(gn):  # the same on every rank: the gradients were averaged first
             opt.step()
         else:
             C.print0(f"step {step + 1}: non-finite gradient norm, update skipped")
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
+        # loss: the mean NLL per trained token over all ranks; tokens: trained ones; seq_tokens: all, prompts too
         row = dict(step=step + 1, loss=C.all_sum([nll])[0] / n_tok, tokens=int(n_tok), seq_tokens=int(n_seq),
                    lr=lr, grad_norm=gn, tokens_per_s=n_seq / dt, time=dt)
         C.log_metrics(args, rank, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
-        checkpoint.save(args, policy, opt, step, rank)
+        checkpoint.save(args, policy, opt, step, rank)  # only at --save-every steps and after the last
     report_rejected(rejected, len(items))  # again at the end, where it is seen
     C.print0(f"done: {args.out} (metrics in {args.out}/metrics.jsonl); GRPO starts from it with --model {args.out}")
     C.teardown()
@@ -286,7 +295,7 @@ def reflect_main(args):
     policy = C.load_policy(args.model, seed=args.seed, device=device)
     kept, counts = reflect(policy, records, args.tools, C.episode_cfg(args, policy), args.samples, args.temperature,
                            args.seed, **C.filters(args))
-    if rank == 0:
+    if rank == 0:  # run_episodes returns every rank's results on every rank: one writer
         D.write_jsonl(kept, args.to)
     total = sum(counts.values())
     rejected = ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "kept") or "none"
