@@ -57,7 +57,7 @@ def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not 1 <= k <= n:
         raise ValueError(f"pass@{k} needs 1 <= k <= n = {n}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # 1 - P(k of the n, drawn unreplaced, all fail)
 
 
 def _mean(xs):
@@ -77,20 +77,22 @@ COVERAGE_BINS = ("no zoom", "zoom missed gt", "gt <50% in zoom", "gt 50-99% in z
 def coverage_bin(t):
     """A trajectory's bin by the share of the item's bbox inside its best successful zoom (rewards.coverage)."""
     s = t["coverage_inside"]
+    # 1 - 1e-9: a box wholly inside the zoom may come out a rounding step below 1 (float arithmetic)
     return COVERAGE_BINS[0 if not t["n_zooms"] else 1 if s <= 0 else 2 if s < 0.5 else 3 if s < 1 - 1e-9 else 4]
 
 
 def summarize(items, bench=None, samples=1):
     """Aggregates of a list of items (evaluate's second output). Skipped items (an "error") count apart."""
     ok = [it for it in items if "error" not in it]
-    acc, per_cat = aggregate(ok, bench)
+    acc, per_cat = aggregate(ok, bench)  # of each item's pass_rate: its mean score over its samples
     s = dict(metric=METRIC.get(next((it.get("type") for it in ok), None), "accuracy"),
              accuracy=acc, per_category=per_cat, items=len(ok), skipped=len(items) - len(ok))
     if samples > 1:  # avg@k is `accuracy` (mean score over samples); pass@k counts score >= 0.5 as correct
         s["pass@k"] = {str(k): aggregate(ok, bench, lambda it, k=k: pass_at_k(samples, it["n_correct"], k))[0]
-                       for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})}
+                       for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})}  # 2^i, and n
         s["avg@k"] = acc
     ts = [t for it in ok for t in [it] + it.get("other_samples", [])]  # every sample: the item holds sample 0
+    # accuracy with and without a successful tool call, per sample: does looking again go with right answers?
     used, unused = [t for t in ts if t["used_tool"]], [t for t in ts if not t["used_tool"]]
     calls = sum(t["n_calls"] for t in ts)
     s.update(tool_use=_mean(t["used_tool"] for t in ts), calls_per_item=_mean(t["n_calls"] for t in ts),
@@ -100,9 +102,10 @@ def summarize(items, bench=None, samples=1):
              acc_without_tool_use=_mean(t["score"] for t in unused), n_without_tool_use=len(unused),
              tokens_per_item=_mean(t["n_sampled"] for t in ts), wait_rate=_mean(t["n_waits"] > 0 for t in ts),
              stops=dict(Counter(t["stop"] for t in ts)))
+    # where the model looked (VLM-R3's accuracy-by-localisation): samples of items with a ground-truth bbox only
     located = [t for t in ts if t.get("coverage_inside") is not None]
     if located:
-        zoomed = [t for t in located if t["n_zooms"]]
+        zoomed = [t for t in located if t["n_zooms"]]  # the means are over samples that zoomed; the bins take all
         s["coverage"] = dict(
             mean_iou=_mean(t["coverage_iou"] for t in zoomed), mean_inside=_mean(t["coverage_inside"] for t in zoomed),
             bins={b: dict(n=len(g), accuracy=_mean(t["score"] for t in g))
@@ -122,12 +125,12 @@ def score_episode(ep, record):
     cut = ep["truncated"] or ep["cut"]
     score, why = (R.accuracy(text, record, extract, cut) if record.get("answer") is not None
                   else (None, "no answer given: not scored"))
-    pred = V.prediction(text, record, extract)
+    pred = V.prediction(text, record, extract)  # what the page and items.jsonl show as the answer
     calls = ep["calls"]
-    cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)
+    cov_iou, cov_inside = R.coverage(T.trajectory(ep), record)  # (None, None) without a bbox in the record
     return dict(prediction=pred, score=score, why=why, turns=ep["turns"], calls=calls, stop=ep["stop"],
                 n_calls=len(calls), n_failed=sum(not c["ok"] for c in calls), n_sampled=ep["n_sampled"],
-                n_waits=R.rethinker_waits(text),
+                n_waits=R.rethinker_waits(text),  # VL-Rethinker's count: 'wait,', 'wait a', 'alternatively'
                 used_tool=any(c["ok"] for c in calls), n_zooms=sum(c["ok"] and c["zoom"] for c in calls),
                 coverage_iou=cov_iou, coverage_inside=cov_inside)
 
@@ -144,7 +147,7 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
 
     def finish(ep, record):
         t = score_episode(ep, record)
-        i, j = ep["item"]
+        i, j = ep["item"]  # (item, sample), set by run_episodes
         if view_dir is not None and j == 0:  # while the episode is alive: its originals and every image it was shown
             t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", f"item{i:05d}", view_originals))
         return t
@@ -159,8 +162,9 @@ def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.
         if i in errors:
             item["error"] = errors[i]
         else:
-            ss = [done[(i, j)] for j in range(samples)]
+            ss = [done[(i, j)] for j in range(samples)]  # score_episode's dict for each sample
             scores = [t["score"] for t in ss]
+            # the item's row is its sample 0, plus its scores; pass_rate: avg@k's per-item value; n_correct: pass@k's c
             item.update(ss[0], scores=scores, pass_rate=sum(scores) / samples,
                         n_correct=sum(x >= R.CORRECT for x in scores))
             if samples > 1:
@@ -184,7 +188,7 @@ def results_table(runs):
 
     def row(label, f):
         rows.append((label, [f(runs[n]) for n in names]))
-    first = runs[names[0]]
+    first = runs[names[0]]  # the metric's name and the pass@k rows are the first setting's (all share them)
     row(first["metric"], lambda s: _pct(s["accuracy"]))
     for c in sorted({c for s in runs.values() for c in s["per_category"]}):
         row(f"  {c}", lambda s, c=c: _pct(s["per_category"].get(c)))
@@ -220,14 +224,16 @@ STEP_METRICS = {  # --metrics: a value of each step of grpo.py's metrics.jsonl, 
 def metrics_table(folders, names, every=5):
     """GRPO runs' metrics.jsonl side by side: each metric's mean over each `every` steps, a column per metric and run
     (a folder with no GRPO steps, e.g. an SFT run, has none)."""
+    # a GRPO row is known by nonzero_groups (SFT's rows lack it); {folder: [row per step]}
     logs = {f: [r for r in C.read_metrics(os.path.join(f, "metrics.jsonl")) if "nonzero_groups" in r] for f in folders}
-    cols = [(n, f) for n in names for f in folders if logs[f]]
+    cols = [(n, f) for n in names for f in folders if logs[f]]  # (metric, run): a column each
     if not cols:
         return "(no GRPO metrics in " + ", ".join(folders) + ")"
     rows = ["| steps | " + " | ".join(f"{STEP_METRICS[n][0]}, {f}" for n, f in cols) + " |",
             "| --- |" + " --- |" * len(cols)]
     last = max(len(v) for v in logs.values())
     for a in range(0, last, every):
+        # a run shorter than the longest, or steps without the metric (None), give "-"
         cells = [_pct(_mean(v for v in map(STEP_METRICS[n][1], logs[f][a:a + every]) if v is not None))
                  for n, f in cols]
         rows.append(f"| {a + 1}-{min(a + every, last)} | " + " | ".join(cells) + " |")
@@ -243,6 +249,7 @@ def run_tools(folder, default):
 def write_subset(items, records, path, keep_below):
     """Hard-example mining: write the records with pass rate <= keep_below (write_jsonl) -> (kept, scored items)."""
     scored = [it for it in items if "error" not in it]
+    # the records as loaded (not the items): grpo.py --data reads them as any lookagain JSONL
     keep = [records[it["idx"]] for it in scored if it["pass_rate"] <= keep_below]
     D.write_jsonl(keep, path)
     return len(keep), len(scored)
@@ -262,7 +269,7 @@ def load_replay(path, records):
             texts[str(row["id"])] = row["turns"]
     except (ValueError, FileNotFoundError) as e:  # not a file, not UTF-8, a line that is not JSON
         raise SystemExit(f"--replay {e}") from None
-    ids = [str(r.get("id")) for r in records]
+    ids = [str(r.get("id")) for r in records]  # as strings: a number and its digits name one item
     twice = sorted({k for k in ids if ids.count(k) > 1} & set(texts))
     if twice:  # one line of the file for two items: which one did the model answer?
         raise SystemExit(f"--replay {path}: the data has several items with the id {twice[0]!r}: give them ids of "
@@ -274,7 +281,7 @@ def load_replay(path, records):
     return scripts, [k for k in ids if k not in texts]
 
 
-def _git_commit():
+def _git_commit():  # results.json records the code that made it; None outside a git checkout
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -318,6 +325,7 @@ def get_args(argv=None):
     p.add_argument("--question", help="the question about --image")
     p.add_argument("--answer", help="--question's answer, to score it (default: not scored)")
     args = C.parse_args(p, argv, "eval")
+    # each check below stops the run before any model loads
     args.out = args.out or ("runs/ask" if args.question else "runs/eval")
     if (args.image is None) != (args.question is None):
         p.error("--image and --question go together")
@@ -333,7 +341,7 @@ def get_args(argv=None):
         p.error(f"--metrics: unknown {sorted(set(args.metrics) - set(STEP_METRICS))}; known: {', '.join(STEP_METRICS)}")
     C.check_flags(args, ge=dict(limit=1, samples=1, batch_size=1, temperature=0, frames=1, every=1), gt=dict(top_p=0),
                   le=dict(top_p=1, min_p=1))
-    if args.temperature is None:
+    if args.temperature is None:  # 0.0 stands for greedy from here on (main, ask)
         args.temperature = 0.0 if args.samples == 1 else 1.0
     if args.temperature == 0 and args.samples > 1:
         p.error("--samples > 1 needs sampling (--temperature > 0): greedy gives identical samples")
@@ -352,7 +360,7 @@ def ask(policy, args, tools, cfg):
         print(f"image {k}: {path}, {im.width}x{im.height} px, shown at {v['img'].width}x{v['img'].height}")
     print(f"--- user\n{dialects.question_text(record)}")
     greedy = args.temperature == 0
-    if not greedy:
+    if not greedy:  # seeded as run_episodes seeds item 0, sample 0
         T.seed_episode(ep, policy.device, args.seed, 0, 0)
     T.rollout(policy, [ep], temperature=args.temperature if not greedy else 1.0, greedy=greedy, **C.filters(args),
               on_turn=lambda e: print(V.turn_text(e), flush=True))
@@ -378,7 +386,7 @@ def main(argv=None):
         policy = C.load_policy(name, seed=args.seed, device=device)
         return ask(policy, args, tools, C.episode_cfg(args, policy))
     bench = args.bench or (None if tasks.task_name(args.data) else "jsonl")
-    bad = [] if args.skip_bad else None
+    bad = [] if args.skip_bad else None  # the loaders append the rows they skip; None: a bad row raises
     try:  # a synthetic task's held-out items are the same 200 whatever --seed (the seeds' tables compare)
         records = tasks.dataset(args.data, "test") if bench is None else B.load(
             bench, args.data, args.images, args.split, args.shuffle_seed, args.frames, args.scorer, args.fix, bad)
@@ -388,7 +396,7 @@ def main(argv=None):
     scripts, missing = load_replay(args.replay, records) if args.replay else (None, [])
     if scripts is not None:  # only the items the file has are scored; the rest are reported
         records = [records[i] for i in sorted(scripts)]
-        scripts = {k: scripts[i] for k, i in enumerate(sorted(scripts))}
+        scripts = {k: scripts[i] for k, i in enumerate(sorted(scripts))}  # re-keyed by the items' new indices
     if not records:
         raise SystemExit(f"{args.data}: no items to evaluate")
     # settings: (column label, model, tools); the demo's: SFT and GRPO with tools, GRPO with tools off (first look only)
@@ -401,17 +409,17 @@ def main(argv=None):
     if args.runs:  # runs side by side, each with its own tools; the tools-off column first
         settings = [(f"{run} ({','.join(ts) or 'none'})", run, ts)
                     for run in args.runs for ts in [run_tools(run, tools)]]
-        settings = [(f"{args.runs[-1]} (tools off)", args.runs[-1], [])] * args.baseline + settings
+        settings = [(f"{args.runs[-1]} (tools off)", args.runs[-1], [])] * args.baseline + settings  # [] or one
         name = " vs ".join(args.runs)
     if not args.print_prompt:
         C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or args.data} "
                  f"({len(records)} items) on {world} process(es), {device}")
     greedy = args.temperature == 0
-    runs, all_items, policies = {}, {}, {}
+    runs, all_items, policies = {}, {}, {}  # by setting label: summary, items; by model name: the loaded policy
     for label, model_name, ts in settings:
         if model_name not in policies:
             policies[model_name] = C.load_policy(model_name, seed=args.seed, device=device)
-        policy = policies[model_name]
+        policy = policies[model_name]  # a model in two settings (tools on and off) loads once
         cfg = C.episode_cfg(args, policy)  # the pixel budgets: the flags', else this model's processor's
         first_prompt = M.chat_text(policy, T.new_episode(policy, records[0], ts, **cfg)["messages"])
         if args.print_prompt:  # what the first model call sees, as a chat template prints it
@@ -423,11 +431,12 @@ def main(argv=None):
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
                                   scripts=scripts, view_dir=args.out, view_originals=label == settings[0][0])
+        # skipped: the items run_episodes skipped plus the rows B.load dropped before any rollout
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            dialect=cfg["dialect"], first_prompt=first_prompt, missing=len(missing),
                            pixels={k: v for k, v in cfg.items() if k.endswith("pixels")})
         all_items[label] = items
-    if rank == 0:
+    if rank == 0:  # run_episodes gave every rank every result: one writer
         os.makedirs(args.out, exist_ok=True)
         table = (f"{name} on {f'{bench} ({args.data})' if bench else args.data}, {len(records)} items, "
                  f"{'greedy' if greedy else f'{args.samples} samples at T={args.temperature}'}"
@@ -438,6 +447,7 @@ def main(argv=None):
             table += "\n\n" + metrics_table(args.runs or [name], args.metrics, args.every)
         subset = None
         if args.write_subset:
+            # mined on the first setting's results: the table's first column
             kept, of = write_subset(all_items[next(iter(runs))], records, args.write_subset, args.keep_below)
             subset = dict(path=args.write_subset, keep_below=args.keep_below, kept=kept, of=of,
                           setting=next(iter(runs)))
