@@ -47,8 +47,8 @@ def add_common_flags(p, model="tiny", out="runs/x", steps=10):
                    "(default: the synthetic task's, tasks.TASKS; zoom_in for a JSONL file)")
     T.add_episode_flags(p)
     # the model
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--grad-ckpt", action="store_true")  # recompute activations in backward: a 7B's memory for time
+    p.add_argument("--freeze-vision", action="store_true")  # the ViT and its merger (recipes.py)
     # each paper's settings in one flag (RECIPES); an explicit flag wins
     p.add_argument("--recipe", choices=list(RECIPES), help="a method's settings, as its released code runs it")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
@@ -60,7 +60,7 @@ def add_optim_flags(p, lr, warmup, schedule):
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--lr-min-ratio", type=float, default=0.0, help="the cosine schedule ends at this share of --lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-betas", type=betas, default=(0.9, 0.95), help="beta1,beta2")
+    p.add_argument("--adam-betas", type=betas, default=(0.9, 0.95), help="beta1,beta2")  # nanoGPT's; recipes set theirs
     p.add_argument("--warmup", type=float, default=warmup, help="warmup steps, or a share of --steps when below 1")
     p.add_argument("--schedule", default=schedule, choices=["cosine", "constant"])
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -68,7 +68,7 @@ def add_optim_flags(p, lr, warmup, schedule):
 
 def betas(s):
     b = tuple(float(x) for x in s.split(","))
-    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):  # beta 1 would stop the moving average (and 1 - beta^t = 0)
         raise argparse.ArgumentTypeError(f"{s!r}: two numbers in [0, 1), e.g. 0.9,0.999")
     return b
 
@@ -85,11 +85,12 @@ def parse_args(p, argv, script):
         recipe = RECIPES[args.recipe]
         # a recipe speaks its method's own format (dialects.py) where there is one
         own = dict(dialect=args.recipe) if args.recipe in dialects.DIALECTS else {}
+        # later dicts win: the script's own settings (e.g. eval's sampling) over the method's shared ones
         for k, v in {**own, **recipe["all"], **recipe.get(script, {})}.items():
-            if hasattr(args, k) and getattr(typed, k) is unset:
+            if hasattr(args, k) and getattr(typed, k) is unset:  # hasattr: a setting of a flag this script lacks
                 setattr(args, k, v)
     try:
-        args.tools = args.tools or tasks.default_tools(args.data)
+        args.tools = args.tools or tasks.default_tools(args.data)  # a string still: each script parses it (parse_tools)
     except ValueError as e:  # an unknown synthetic:<task>
         raise SystemExit(f"--data: {e}") from None
     if args.print_config:
@@ -99,6 +100,7 @@ def parse_args(p, argv, script):
 
 
 # the allowed ranges of the number flags (those a script has), checked by check_flags
+# 28 * 28: one unit of Qwen2.5-VL's resize (14 px patches merged 2 x 2); a smaller budget leaves no image
 AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 28, view_min_pixels=28 * 28,
                 crop_min_pixels=28 * 28, zoom_window=1, max_turns=1,
                 max_images=1, max_turn_tokens=1, max_tokens=1, lr=0, weight_decay=0, warmup=0, grad_clip=0,
@@ -108,10 +110,11 @@ AT_LEAST = dict(steps=1, seed=0, view_max_pixels=28 * 28, crop_max_pixels=28 * 2
 def check_flags(args, ge=None, gt=None, le=None):
     """One-line SystemExit, before anything loads, for a flag out of its range (ge: >=, added to AT_LEAST; gt: >;
     le: <=; each {dest: bound}), --device cuda without a GPU, a bad --resume (also resolves `auto`)."""
+    # a script's own bounds override AT_LEAST's for the same flag
     for bounds, op, sign in (({**AT_LEAST, **(ge or {})}, operator.ge, ">="), (gt or {}, operator.gt, ">"),
                              (le or {}, operator.le, "<=")):
         for k, b in bounds.items():
-            v = getattr(args, k, None)
+            v = getattr(args, k, None)  # None: a flag the script does not have, or an optional one left unset
             if v is not None and not op(v, b):  # NaN fails every comparison, so it is caught too
                 raise SystemExit(f"--{k.replace('_', '-')} must be {sign} {b}, got {v}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -130,12 +133,12 @@ def add_filter_flags(p):
     p.add_argument("--min-p", type=float, default=0.0, help="then drop tokens below min-p x top probability (0: off)")
 
 
-def filters(args):
+def filters(args):  # the keyword arguments of tools.rollout and common.run_episodes
     return dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
 
 
 def parse_tools(s):
-    tools = [] if s in ("none", "") else s.split(",")
+    tools = [] if s in ("none", "") else s.split(",")  # []: no tools, the model answers at first look
     unknown = [t for t in tools if t not in T.TOOLS]
     if unknown:
         raise SystemExit(f"--tools: unknown tool(s) {unknown}; available: {', '.join(T.TOOLS)}, or none")
@@ -146,7 +149,7 @@ def episode_cfg(args, policy_or_improc):
     """The episode's settings (tools.DEFAULTS' keys) from the flags, the resize unit and the pixel budgets they leave
     open from the model's image processor (tools.settings), and the model family they are of (run.json records them).
     A budget below the model's minimum: one line, SystemExit."""
-    improc = getattr(policy_or_improc, "improc", policy_or_improc)
+    improc = getattr(policy_or_improc, "improc", policy_or_improc)  # a policy, or a bare image processor
     try:
         cfg = T.settings(improc, **{k: getattr(args, k) for k in T.DEFAULTS})
     except ValueError as e:
@@ -160,11 +163,12 @@ def episode_cfg(args, policy_or_improc):
 def setup(args):
     """Start torch.distributed under torchrun: NCCL for CUDA tensors, gloo for CPU ones (NCCL has no CPU
     collectives, and the metric sums and gathers reduce CPU values). -> (rank, world, device)"""
+    # torchrun sets these; a plain `python x.py` is rank 0 of 1 and never starts torch.distributed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local)  # before init: NCCL binds each rank to its current device
         dev = f"cuda:{local}"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if dev.startswith("cuda") else "gloo")
@@ -177,7 +181,7 @@ def teardown():
 
 
 def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0:  # from the environment: callable before setup() and after teardown()
         print(*a, **k, flush=True)
 
 
@@ -189,7 +193,7 @@ def progress_bar(*a, quiet=False, **k):
 
 def all_sum(x, device="cpu"):
     """Sum a float (or a list of floats) over ranks."""
-    t = torch.tensor(x, dtype=torch.float64, device=device)
+    t = torch.tensor(x, dtype=torch.float64, device=device)  # float64: token counts stay exact past 2^24
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -200,13 +204,13 @@ def gather(obj):
     if not dist.is_initialized():
         return [obj]
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
+    dist.all_gather_object(parts, obj)  # pickles: for lists and dicts of any length, not for large tensors
     return parts
 
 
 def mean_over_ranks(pairs):
     """{name: (sum, count)} of this rank -> {name: sum over ranks / count over ranks, None where no count}."""
-    names = sorted(pairs)
+    names = sorted(pairs)  # one order on every rank: the sums line up name for name
     totals = all_sum([float(pairs[n][0]) for n in names] + [float(pairs[n][1]) for n in names])  # one collective
     return {n: (s / c if c else None) for n, s, c in zip(names, totals, totals[len(names):])}
 
@@ -219,6 +223,7 @@ def tiny_corpus():
     lines = [dialects.system_prompt({t: T.TOOLS[t] for t in ts}, compact)
              for ts in (list(T.TOOLS), ["zoom_in"], ["zoom_point"], ["draw_box", "draw_line"], [])
              for compact in (False, True)]
+    # the texts a rollout shows or the demonstrations write: the BPE merges them into few tokens, short sequences
     lines += [dialects.RESULT.format(i=i, w=w, h=h, j=j) for i in range(10) for j in range(3)
               for w, h in [(112, 112), (224, 224), (56, 84)]]
     lines += [" ".join(str(n) for n in range(k, k + 50)) for k in range(0, 2000, 50)]
@@ -257,11 +262,12 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
         raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     episodes = [(i, j) for i in range(len(records)) for j in range(samples)]
+    # fixed batches, dealt round robin: a batch's padding (and so its numbers) does not depend on the world size
     batches = [episodes[b:b + batch_size] for b in range(0, len(episodes), batch_size)]
     mine = range(rank, len(batches), world)
-    training = policy.model.training
+    training = policy.model.training  # grpo.py --eval-every calls this mid-training: restored at the end
     policy.model.eval()
-    done, errors = {}, {}
+    done, errors = {}, {}  # {(i, j): finish's result}, {i: message}
 
     def bad(i, e):
         msg = f"{records[i].get('source', records[i].get('id'))}: {e}"
@@ -274,7 +280,7 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
         eps = []
         for i in dict.fromkeys(i for i, _ in batches[b]):  # the items of this batch, in order
             js = [j for ii, j in batches[b] if ii == i]
-            if i in errors:
+            if i in errors:  # an item already skipped in an earlier batch (its other samples)
                 continue
             try:  # an item's samples share one loaded and encoded image
                 group = T.new_group(policy, records[i], tools, len(js), **cfg)
@@ -329,15 +335,15 @@ def start_run(args, rank, device, shard=False):
         raise SystemExit(f"--resume {args.resume}: its model files are damaged ({str(e)[:300]})") from None
     if shard:  # before the optimizer: it must hold the sharded parameters
         M.shard(policy)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    params = [p for p in policy.model.parameters() if p.requires_grad]  # --freeze-vision leaves the tower out
     opt = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
     if args.resume:
         checkpoint.restore(policy, opt, state, args.resume)
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:
-        checkpoint.forget_after(args.out, state["step"])
+        checkpoint.forget_after(args.out, state["step"])  # so --resume auto cannot later pick a step of the old run
         path = os.path.join(args.out, "metrics.jsonl")
-        rows = read_metrics(path) if state["step"] else []
+        rows = read_metrics(path) if state["step"] else []  # the rows after the resumed step are dropped: re-run
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= state["step"])
     return policy, opt, state
@@ -363,8 +369,9 @@ def write_config(args, rank, **extra):
 
 def set_lr(opt, step, args):
     """Linear warmup (--warmup), then constant or cosine from --lr down to --lr-min-ratio x --lr."""
-    warmup = round(args.warmup * args.steps) if args.warmup < 1 else args.warmup
-    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+    warmup = round(args.warmup * args.steps) if args.warmup < 1 else args.warmup  # 0.03: 3% of --steps (warmup_ratio)
+    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))  # 1 -> 0 over the rest
+    # step + 1: the first step already trains, at lr / warmup
     lr = (args.lr * (step + 1) / warmup if step < warmup else args.lr if args.schedule == "constant"
           else args.lr * (args.lr_min_ratio + (1 - args.lr_min_ratio) * cos))
     for g in opt.param_groups:
