@@ -42,17 +42,20 @@ def synthetic_layout(rng, size=896, grid=3, side=24, colours=DEMO_COLOURS, decoy
     """One item's random draws (no pixels yet): a square of a random colour near each cell's centre, around it `decoys`
     squares of other colours 88-108 px away (outside even the widest tight zoom on the square, +-48 px; inside a zoom
     on its cell, +-112 px), the cell asked."""
-    cell = size / grid
-    squares, around = [], []
+    cell = size / grid  # ~299 px at the defaults
+    squares, around = [], []  # (x, y, colour) of the asked-about squares, row by row; of the decoys
     for gy in range(grid):
         for gx in range(grid):
+            # +-4 px: not a fixed point, yet well inside a tight zoom (+-48 px) on the cell's centre
             x, y = (gx + 0.5) * cell + rng.uniform(-4, 4), (gy + 0.5) * cell + rng.uniform(-4, 4)
             c = colours[rng.integers(len(colours))]
             squares.append((x, y, c))
+            # decoys take other colours, so an answer read off a decoy is wrong, never right by chance
             others, a0 = [k for k in colours if k != c], rng.uniform(0, 2 * np.pi)
             for k in range(decoys):  # evenly spread in angle: they never touch each other
                 a, r = a0 + 2 * np.pi * k / decoys, rng.uniform(88, 108)
                 around.append((x + r * np.cos(a), y + r * np.sin(a), others[rng.integers(len(others))]))
+    # target: the index into PLACES and squares of the cell asked; noise_seed: the background, drawn when needed
     return dict(size=size, side=side, squares=squares, decoys=around, target=int(rng.integers(grid * grid)),
                 noise_seed=int(rng.integers(2**31)))
 
@@ -60,7 +63,7 @@ def synthetic_layout(rng, size=896, grid=3, side=24, colours=DEMO_COLOURS, decoy
 def draw_synthetic(lay):  # grey noise, the decoys, the squares
     size, side = lay["size"], lay["side"]
     img = np.random.default_rng(lay["noise_seed"]).normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
-    for x, y, c in lay.get("decoys", []) + lay["squares"]:
+    for x, y, c in lay.get("decoys", []) + lay["squares"]:  # squares last: drawn over any decoy they meet
         img[int(y - side / 2):int(y + side / 2), int(x - side / 2):int(x + side / 2)] = COLOURS[c]
     return Image.fromarray(img)
 
@@ -70,9 +73,11 @@ def synthetic(n, seed=0, layout=synthetic_layout, **kw):
     layout, kw: the draws (tasks.py's variants: fewer colours, no decoys, ...); a layout's "record" joins the record."""
     out = []
     for i in range(n):
-        lay = layout(np.random.default_rng([seed, i]), **kw)
+        lay = layout(np.random.default_rng([seed, i]), **kw)  # item i's own generator: items are independent
         x, y, colour = lay["squares"][lay["target"]]
         h = lay["side"] / 2
+        # image: drawn on demand (partial), so 2000 items hold draws, not 896 x 896 x 3 bytes each;
+        # bbox: the target square in original pixels (rewards.coverage, eval.py's coverage bins)
         out.append(dict(id=f"syn{seed}-{i}", image=partial(draw_synthetic, lay),
                         question=QUESTION.format(place=PLACES[lay["target"]]), answer=colour, type="text",
                         bbox=[round(x - h, 1), round(y - h, 1), round(x + h, 1), round(y + h, 1)],
@@ -87,7 +92,7 @@ def write_jsonl(records, path):
     with open(path, "w") as f:
         for r in records:
             img = r["image"]() if callable(r["image"]) else r["image"]
-            if isinstance(img, Image.Image):
+            if isinstance(img, Image.Image):  # a path (or a list of them) is written as it is
                 rel = os.path.join("images", f"{r['id']}.png")
                 img.save(os.path.join(folder, rel))
                 img = rel
@@ -113,6 +118,7 @@ def validate(r, where):
     ans = r.get("answer")
     if not (isinstance(ans, str) or (isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans))):
         bad("'answer' must be a string or a non-empty list of strings")
+    # a path from a file; an image or a function from a loader (a parquet benchmark, the synthetic tasks)
     imgs = r.get("image") if isinstance(r.get("image"), list) else [r.get("image")]
     if not imgs or not all(isinstance(i, (str, Image.Image)) or callable(i) for i in imgs):
         bad("'image' must be a path or a non-empty list of paths")
@@ -127,10 +133,10 @@ def validate(r, where):
     if b is not None and not (is_box(b) and b[0] < b[2] and b[1] < b[3]):
         bad("'bbox' must be [x1, y1, x2, y2], finite numbers with x1 < x2 and y1 < y2")
     p = r.get("precision")
-    if p is not None and (isinstance(p, bool) or p not in range(16)):
+    if p is not None and (isinstance(p, bool) or p not in range(16)):  # a float64 holds about 15 significant digits
         bad(f"'precision' must be a number of decimals (0 to 15), got {str(p)[:20]!r}")
     try:  # can the record be scored at all (e.g. a multiple-choice answer that is none of the options)?
-        accuracy("", {"type": "text", **r})
+        accuracy("", {"type": "text", **r})  # an empty response: scores 0, or raises for a broken record
     except ValueError as e:
         bad(str(e))
 
@@ -166,7 +172,7 @@ def load_jsonl(path, bad=None):
     for where, r in jsonl_rows(path, bad):
         try:
             validate(r, where)
-            r.setdefault("id", where)
+            r.setdefault("id", where)  # "file:line": rejections and items.jsonl can still name the record
             r.setdefault("type", "text")
             paths = r["image"] if isinstance(r["image"], list) else [r["image"]]
             r["image"] = [os.path.join(folder, p) for p in paths]  # an absolute p stays as it is
@@ -194,7 +200,7 @@ def open_image(src, draft=False):
         w, h = im.size
         if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
             raise ValueError(f"{w}x{h} is over the limits ({MAX_PIXELS} pixels, aspect {MAX_ASPECT})")
-        if draft:
+        if draft:  # JPEG decodes at 1/2, 1/4 or 1/8 scale for little cost; other formats ignore it
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
         im.load()  # decode now: a truncated file fails here, not in the middle of a run
         if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the camera was turned
@@ -203,6 +209,7 @@ def open_image(src, draft=False):
             a = np.asarray(im, dtype=np.float64)  # scaled, not clipped: a 16-bit PNG would turn white
             a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
             im = Image.fromarray(np.rint(a.clip(0, 255)).astype(np.uint8))
+        # transparency over white, as a viewer shows it (a plain convert would show the hidden pixels' colours)
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         return im.convert("RGB")
@@ -220,7 +227,7 @@ def check_image(path, where):
         st = os.stat(path)
     except OSError:
         raise FileNotFoundError(f"{where}: image {path} not found") from None
-    key = (path, st.st_size, st.st_mtime_ns)
+    key = (path, st.st_size, st.st_mtime_ns)  # a file replaced on disk is checked again
     if key not in _checked:
         try:
             open_image(path, draft=True)
@@ -243,6 +250,7 @@ def load_images(record):
 def dataset(spec, split="train", n=None, seed=0):
     """--data: "synthetic" (n items; the test split uses a disjoint seed) or a JSONL path."""
     if spec == "synthetic":
+        # test items from seed 10_000 + seed: never among the training items of any seed below 10_000
         return synthetic(n or (2000 if split == "train" else 200), seed=seed if split == "train" else 10_000 + seed)
     return load_jsonl(spec)[:n or None]
 
@@ -279,13 +287,13 @@ def open_bytes(raw):
 def resolve_data(spec):
     """--data as given (a file or folder), or a dataset hub id (org/name) through the Hugging Face cache, offline
     first, as --model's are (model.hub_snapshot); else FileNotFoundError with one line saying why."""
-    if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")):
+    if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")):  # a path, or not org/name
         return spec
     import model  # (it imports torch and transformers: only a hub id needs them)
     return model.hub_snapshot(spec, f"--data {spec}: no such file or folder", "dataset", error=FileNotFoundError)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # records in file order: one read per row group
 def _row_group(path, group, column):
     import pyarrow.parquet as pq
     return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
