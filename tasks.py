@@ -42,6 +42,7 @@ def on_loose_place(record):
 def view_frame(record, view_max_pixels):
     """(view width / original width, view height / original height) of the record's first image."""
     W, H = D.load_images(record)[0].size
+    # the view as tools.new_episode sizes it: a demonstration's boxes are in the pixels the model is shown
     vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
     return vw, vh, vw / W, vh / H
 
@@ -68,7 +69,7 @@ def demo_zoom(record, rng, tools=("zoom_in",), view_max_pixels=112 * 112, noise=
     cx, cy = (x1 + x2) / 2 * sx, (y1 + y2) / 2 * sy  # the square's centre and half side, view pixels
     s = (x2 - x1) / 2 * sx
     half = max(half, math.ceil(s + noise))  # a tight box holds the square whatever the jitter
-    j = rng.integers(-noise, noise + 1, size=4) if noise > 0 else np.zeros(4, int)
+    j = rng.integers(-noise, noise + 1, size=4) if noise > 0 else np.zeros(4, int)  # jitter of x1, y1, x2, y2
     first = f"<think>Zoom in on the {place(record)}.</think>"
     if lazy and lazy_on(record) and rng.random() < lazy:
         if not (wait and rng.random() < wait):
@@ -77,7 +78,7 @@ def demo_zoom(record, rng, tools=("zoom_in",), view_max_pixels=112 * 112, noise=
     if "zoom_in" not in tools:
         if "zoom_point" not in tools:
             raise ValueError(f"demo_zoom zooms with zoom_in or zoom_point; tools {list(tools)} have neither")
-        point = [min(max(round(cx + j[0] / 2), 0), vw), min(max(round(cy + j[1] / 2), 0), vh)]
+        point = [min(max(round(cx + j[0] / 2), 0), vw), min(max(round(cy + j[1] / 2), 0), vh)]  # j / 2: a centre
         return [first + dialects.render_call("zoom_point", {"image_index": 0, "point_2d": point}),
                 answer("I see the square.", record)]
     h = loose_half if loose and loose_on(record) and rng.random() < loose else half
@@ -87,9 +88,9 @@ def demo_zoom(record, rng, tools=("zoom_in",), view_max_pixels=112 * 112, noise=
     if rng.random() < correct:  # shift just far enough that the square is out
         (dx, dy), need = [((1, 0), cx + s - box[0]), ((-1, 0), box[2] - cx + s),
                           ((0, 1), cy + s - box[1]), ((0, -1), box[3] - cy + s)][rng.integers(4)]
-        d = math.floor(need) + 1
+        d = math.floor(need) + 1  # the least whole shift that puts the square out
         off = [box[0] + dx * d, box[1] + dy * d, box[2] + dx * d, box[3] + dy * d]
-        size = box[2] - box[0] if dx else box[3] - box[1]
+        size = box[2] - box[0] if dx else box[3] - box[1]  # the box's extent along the shift
         if d < size and off[0] >= 0 and off[1] >= 0 and off[2] <= vw and off[3] <= vh:  # still overlapping
             turns[0] += zoom_call(off)
             turns.append("<think>The square is not in view. Look again.</think>")
@@ -108,7 +109,7 @@ def glance_layout(rng, share=0.3, side=64, **kw):
     """data.synthetic_layout, and on `share` of the items every square one colour, `side` px, no decoys: the answer is
     the colour of the whole first view, no zoom needed (the record says so: "glance")."""
     lay = D.synthetic_layout(rng, **kw)
-    if rng.random() < share:
+    if rng.random() < share:  # drawn after the base layout: the other items are data.synthetic's own
         colour = lay["squares"][lay["target"]][2]
         lay.update(side=side, squares=[(x, y, colour) for x, y, _ in lay["squares"]], decoys=[],
                    record=dict(glance=True))
@@ -137,8 +138,8 @@ def boxes_layout(rng, size=112, n=4, lo=24, hi=40, gap=4, margin=8):
         if all(a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
                for i, a in enumerate(boxes) for b in boxes[i + 1:]):
             break
-    colours = [BOX_COLOURS[k] for k in rng.permutation(len(BOX_COLOURS))[:n]]
-    k = int(rng.integers(n))
+    colours = [BOX_COLOURS[k] for k in rng.permutation(len(BOX_COLOURS))[:n]]  # distinct: one right answer
+    k = int(rng.integers(n))  # the box the question's point is in
     x1, y1, x2, y2 = boxes[k]
     point = (int(rng.integers(x1 + margin, x2 - margin + 1)), int(rng.integers(y1 + margin, y2 - margin + 1)))
     return dict(size=size, boxes=boxes, colours=colours, target=k, point=point, noise_seed=int(rng.integers(2**31)))
@@ -170,8 +171,8 @@ def demo_boxes(record, rng, tools=("draw_line",), view_max_pixels=112 * 112, **_
     if not tools:
         return [answer("I can see the boxes.", record)]
     vw, vh, sx, sy = view_frame(record, view_max_pixels)
-    x, y = (int(v) for v in record["question"].rsplit("(", 1)[1].rstrip(")?").split(", "))
-    x, y = round(x * sx), round(y * sy)
+    x, y = (int(v) for v in record["question"].rsplit("(", 1)[1].rstrip(")?").split(", "))  # the (x, y) it names
+    x, y = round(x * sx), round(y * sy)  # to view pixels (the same at the 112 px default)
     if "draw_line" in tools:
         call = dialects.render_call("draw_line", {"image_index": 0, "lines": [
             {"start_point_2d": [vw // 2, vh // 2], "end_point_2d": [x, y], "label": ""}]})
@@ -215,6 +216,7 @@ def dataset(spec, split="train", n=None, seed=0):
     if name is None:
         return D.dataset(spec, split, n=n, seed=seed)
     n = n or (2000 if split == "train" else 200)
+    # as data.dataset: test items from seed 10_000 + seed, never among the training items of a smaller seed
     return TASKS[name]["make"](n, seed=seed if split == "train" else 10_000 + seed)
 
 
@@ -222,7 +224,9 @@ def demonstrations(spec, n, seed, tools, view_max_pixels, **habits):
     """n items (record, turns, where) of the task's train split, turns made at replay by its demonstrator with the
     task's habits (a habit given here, not None, wins)."""
     task = TASKS[task_name(spec)]
-    kw = {**task["habits"], **{k: v for k, v in habits.items() if v is not None}}
+    kw = {**task["habits"], **{k: v for k, v in habits.items() if v is not None}}  # None: the flag was not given
+    # a partial, called by sft.prepare once the record's images are read; [seed, i, 1]: a stream apart from the
+    # item's own [seed, i], so the habits' draws do not change the image
     return [(r, partial(task["demo"], rng=np.random.default_rng([seed, i, 1]), tools=tools,
                         view_max_pixels=view_max_pixels, **kw), f"demo {r['id']}")
             for i, r in enumerate(dataset(spec, "train", n=n, seed=seed))]
@@ -236,6 +240,7 @@ def default_tools(spec):
 
 def corpus():
     """The tasks' own text, for the tiny tokenizer (common.tiny_corpus): questions, demonstrators' phrases, calls."""
+    # the question at a spread of coordinates, as the tiny tokenizer will meet it
     lines = [BOXES_QUESTION.format(x=x, y=y) for x in range(0, 112, 7) for y in range(0, 112, 13)]
     lines += [LOOKED + WAIT, answer("I see the box the mark is in.", dict(answer="green")),
               "<think>Mark the point.</think> <think>The square is not in view. Look again.</think>"]
