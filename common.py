@@ -3,7 +3,8 @@ common.py: the plumbing sft.py, grpo.py and eval.py share, and nothing more (no 
 script). Top to bottom: 1. flags (the shared ones, --recipe, all ranges checked before anything loads); 2. processes
 (torchrun, print0, sums and gathers over ranks); 3. the policy (load_policy) and run_episodes (a dataset rolled out over
 ranks: eval.py, sft.py --reflect, grpo.py --eval-every); 4. the training skeleton of sft.py and grpo.py (start_run,
-set_lr, log_metrics, save_run) and its checkpoints (written aside, marked whole last; --resume auto finds the newest).
+set_lr, log_metrics; checkpoint.save writes its checkpoints aside and marks them whole last, and --resume auto
+finds the newest whole one).
 """
 import argparse
 import json
@@ -316,7 +317,7 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
 #       lr = set_lr(opt, step, args)
 #       ... the step ...
 #       log_metrics(args, rank, row)
-#       save_run(args, policy, opt, step, rank, **what else to resume)
+#       checkpoint.save(args, policy, opt, step, rank, **what else to resume)   # every --save-every, and at the end
 
 
 def start_run(args, rank, device, shard=False):

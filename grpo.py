@@ -573,7 +573,6 @@ def main(argv=None):
         if nan_run >= args.max_nan:
             raise SystemExit(f"stopping: {nan_run} steps in a row had a non-finite loss or gradient (lr {lr:g})")
         checkpoint.save(args, policy, opt, step, rank, store=store, nan_run=nan_run)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     C.print0(f"done: {args.out} (metrics in {metrics_path})")
     if rank == 0 and V.plot_curves(metrics_path, curves):
         page = os.path.join(args.out, "view.html")
