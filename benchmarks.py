@@ -391,7 +391,8 @@ def _image_at(root, rel, where, bad):
 
 def load_mathverse(path, o, bad=None):
     """MathVerse (testmini, 788 x 5 versions): testmini.parquet (images inside), or testmini.json with images/ in
-    --images or next to it; category: the problem version; scored by VL-Rethinker's rule (no judge: README)."""
+    --images or next to it; category: the problem version; scored by VL-Rethinker's rule (no judge:
+    docs/benchmarks.md)."""
     def make(row, where, f):
         img = row["image"] if callable(row["image"]) else _image_at(o["images"] or os.path.dirname(f), row["image"],
                                                                     where, bad)
@@ -458,7 +459,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_vsibench(path, o, bad=None):
     """VSI-Bench (5,130): its parquet and a folder of each scene's frames, --images/<dataset>/<scene_name>/*.jpg
-    (default frames/ next to the parquet; README: the ffmpeg line), --frames of them sampled as the reference does."""
+    (default frames/ next to the parquet; docs/benchmarks.md: the ffmpeg line), --frames of them sampled as the
+    reference does."""
     def make(row, where, f):
         folder = os.path.join(o["images"] or os.path.join(os.path.dirname(f), "frames"), row["dataset"],
                               row["scene_name"])

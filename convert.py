@@ -54,7 +54,7 @@ EXT = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # PIL's format -> the file's
 def hub_folder(name, patterns):
     """A hub dataset id -> its snapshot folder, found as --model's are (model.hub_snapshot: the cache first)."""
     if patterns is None:  # (VLM-R3's data is on ModelScope: the file must be given)
-        raise SystemExit(f"{name}: no such file or folder (this format is not on the Hugging Face hub: see README)")
+        raise SystemExit(f"{name}: no such file or folder (this format is not on the Hugging Face hub: docs/data.md)")
     import model  # (it imports torch: only a hub id needs it)
     return model.hub_snapshot(name, f"{name}: no such file or folder", "dataset", patterns)
 

@@ -14,8 +14,8 @@ Runs side by side (each with the tools it was trained with), and their GRPO metr
     torchrun --standalone --nproc_per_node=8 eval.py --model runs/r3 --bench hrbench --data hr_bench_8k.tsv \
         --samples 8 --out runs/ev-hr8k
 --recipe vlm_r3 | vl_rethinker | vilasr | groundlight | deepeyes: a method's evaluation settings (pixel budgets,
-sampling, limits; README); else pixel budgets are the model processor's (Qwen2.5-VL: 3136 to 12845056 px).
-Hard-example mining (Groundlight's, TextVQA without tools; commands in the README): --samples 8 --keep-below 0.5
+sampling, limits; docs/recipes.md); else pixel budgets are the model processor's (Qwen2.5-VL: 3136 to 12845056 px).
+Hard-example mining (Groundlight's, TextVQA without tools; commands in docs/recipes.md): --samples 8 --keep-below 0.5
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
 
 --out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
@@ -294,14 +294,15 @@ def get_args(argv=None):
     C.add_common_flags(p, model="demo", out=None)
     p.add_argument("--bench", choices=B.BENCHMARKS, help="--data's benchmark (default: synthetic, or lookagain JSONL)")
     p.add_argument("--images", default=None, help="image folder of TextVQA, DocVQA, MathVista, ScienceQA if elsewhere")
-    p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see README)")
+    p.add_argument("--split", default=None, help="the benchmark's split (default: its own, see docs/benchmarks.md)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--shuffle-seed", type=int, default=0, help="V*: seed of the option order (-1: V*'s own, the "
                    "answer first, as some published numbers were measured)")
     p.add_argument("--frames", type=int, default=None, help="frames sampled per video (VSI-Bench: 32, the reference's)")
     p.add_argument("--scorer", choices=R.TYPES, default=None,
                    help="score with another record type's scorer (rethinker: VL-Rethinker's, behind its numbers)")
-    p.add_argument("--fix", action="store_true", help="the official scorers' named fixes (README; never the default)")
+    p.add_argument("--fix", action="store_true",
+                   help="the official scorers' named fixes (docs/benchmarks.md; never the default)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows and unreadable images")
     p.add_argument("--samples", type=int, default=1, help="samples per item: pass@k and avg@k for k <= samples")
     p.add_argument("--temperature", type=float, help="default: greedy with --samples 1, else 1.0; 0 forces greedy")

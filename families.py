@@ -52,9 +52,9 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)  # (
 # processor of a model built here (a folder brings its own); header: the assistant turn's opening, the chat
 # template's generation prompt (Qwen3.5's opens a <think> block); kv_turns: the rollout keeps each row's cache across
 # its tool turns (Qwen3.5's linear-attention state cannot take the padding that stacking rows' caches puts between a
-# row's cached past and its new tokens: such a family prefills each turn whole; see README); published: model.save
-# writes the published folder layout (config, preprocessor) that transformers 4.5x and vLLM read, else transformers'
-# own; max_length: the published tokenizer's model_max_length; tiny: a toy model's fields.
+# row's cached past and its new tokens: such a family prefills each turn whole; see docs/models.md); published:
+# model.save writes the published folder layout (config, preprocessor) that transformers 4.5x and vLLM read, else
+# transformers' own; max_length: the published tokenizer's model_max_length; tiny: a toy model's fields.
 FAMILIES = {
     # tiny's ViT: windows of 112 px (8 patches of 14, the published window_size) with block 1 of 2 full attention (the
     # 3B: every 8th); its decoder's M-RoPE [4, 6, 6] as the 3B's [16, 24, 24]

@@ -346,7 +346,7 @@ def get_args(argv=None):
     p.add_argument("--rethink-temperature", type=float, default=0.9, help="sampling temperature of the continuation")
     p.add_argument("--aux-nll", type=float, default=0.0,
                    help="VL-Rethinker's auxiliary NLL (0.05) on positive-advantage samples that rethink")
-    # optimisation (README: each loss flag's TRL name)
+    # optimisation (docs/recipes.md: each loss flag's TRL name)
     p.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"],
                    help="dr_grpo's constant is --max-tokens, the sampled-token budget")
     p.add_argument("--eps-low", type=float, default=0.2)

@@ -5,10 +5,10 @@ for what they call in sympy, math_verify and latex2sympy2 (none of which lookaga
   2. math_verify    mv_extract (parse's answer) and mv_equal (verify), approximated as the research notes propose
   3. scorers        rethinker_score (MathVerse's default, VL-Rethinker's handle_boxed), mathvision_score, emma_score
 
-Where the stand-ins can differ from the libraries (README lists it): identities that need simplify (sin^2 + cos^2,
-factored polynomials), equations equal only once solved, inequalities vs intervals, matrices, complex numbers,
-functions, calculus, unusual macros, math_verify's joining of several boxes and its full priority order. Every scorer
-is a function of (model output text, record) -> (value, why): model text never raises.
+Where the stand-ins can differ from the libraries (docs/benchmarks.md lists it): identities that need simplify
+(sin^2 + cos^2, factored polynomials), equations equal only once solved, inequalities vs intervals, matrices, complex
+numbers, functions, calculus, unusual macros, math_verify's joining of several boxes and its full priority order.
+Every scorer is a function of (model output text, record) -> (value, why): model text never raises.
 """
 import math
 import re

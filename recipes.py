@@ -2,7 +2,7 @@
 recipes.py: each paper's settings as its released code runs them, one table. `--recipe NAME` (common.parse_args)
 fills every flag the command line did not give from RECIPES[NAME]["all"] and the script's own part ("grpo", "sft",
 "eval"); a script takes the keys it has flags for. Where a paper and its released code disagree, the code wins: a
-user reproducing a paper runs the code (docs/methods.md says where they differ). README's recipe table names the
+user reproducing a paper runs the code (docs/methods.md says where they differ). docs/recipes.md's table names the
 file each value comes from. Pixel budgets are in Qwen2.5-VL's units of 28 x 28 = 784 px.
 """
 

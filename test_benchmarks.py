@@ -25,8 +25,7 @@ from conftest import (EMMA_CASES, EMMA_OPTION_CASES, EMMA_ROW, MATHVERSE_ROW, MA
 
 
 # Every vector (the tables in conftest.py, which test_benchmarks_replay.py replays too) was worked out by hand from
-# the official scorer's code (the research notes' tables); the quirks each one pins are named in README's
-# "Benchmarks" section.
+# the official scorer's code (the research notes' tables); the quirks each one pins are named in docs/benchmarks.md.
 
 
 @pytest.mark.parametrize("text,gold,want", RETHINKER_CASES)

@@ -25,7 +25,7 @@ from conftest import (CFG, GRPO_TINY, HERE, VILASR_OBS, VILASR_SAID, VILASR_SYST
                       write_zip)
 
 
-# Each fixture is written here in its published schema (data cards, the methods' loaders; docs: README "Converting
+# Each fixture is written here in its published schema (data cards, the methods' loaders; docs/data.md: "Converting
 # the released data"), quirks included; the values are made up. Records are compared with hand-written ones, each
 # image by the bytes of its file; each converted file then runs one step of grpo.py (or sft.py) on the tiny model.
 

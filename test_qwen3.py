@@ -435,7 +435,7 @@ def test_qwen3_checkpoints_reload_exactly(qwen3_cache, qwen3, qwen35, tmp_path):
     """model.save on each family: transformers reloads it with the logits of the policy's weights rounded to bf16 (a
     forward with images and explicit M-RoPE positions), and load() with the same image processor. Qwen3-VL's is the
     published folder layout (config.json field for field and in order, preprocessor, tensor names); Qwen3-VL-MoE's
-    and Qwen3.5's are transformers' own (README)."""
+    and Qwen3.5's are transformers' own (docs/models.md)."""
     import transformers
     from safetensors import safe_open
     for repo in (QWEN3_REPO, QWEN3_MOE_REPO, QWEN35_REPO):

@@ -120,7 +120,7 @@ def test_run_metrics_fresh_for_a_new_run_one_run_after_a_resume(tmp_path):
 
 def test_run_recipes_set_each_papers_settings(capsys):
     """--recipe resolves to the values of each method's released code, written out here from docs/methods.md (and the
-    files README's recipe table names), one script at a time; a flag given explicitly wins."""
+    files docs/recipes.md's table names), one script at a time; a flag given explicitly wins."""
     want = {
         ("vlm_r3", "grpo"): {"tools": "zoom_in", "preset": "vlm_r3", "group-size": 5, "prompts": 8, "lr": 1e-6,
                              "schedule": "constant", "beta": 0.0, "eps-low": 0.2, "eps-high": 0.28, "temperature": 1.0,
