@@ -4,6 +4,8 @@ test_tasks.py: the synthetic tasks' generators and ground truth, demonstrators, 
     python -m pytest -q test_tasks.py
 """
 import json
+import os
+import re
 import shlex
 import shutil
 
@@ -153,31 +155,26 @@ def test_tasks_eval_metrics_table_by_blocks_of_steps(tmp_path):
     assert E.run_tools(runs[2], ["zoom_in"]) == ["zoom_point"] and E.run_tools(runs[1], ["zoom_in"]) == ["zoom_in"]
 
 
-# README's commands: the CPU demo, then each mechanism after it; runs/ is a temporary folder here and each script
-# runs at a tiny size (TINY, appended: a flag given later wins). Every command must run end to end in seconds.
-DEMO = "python sft.py && python grpo.py && python eval.py"
-MECHANISMS = {
-    "keypoint": "python sft.py --model runs/sft --steps 400 --out runs/box-sft && python sft.py --model runs/sft "
-                "--tools zoom_point --steps 400 --out runs/point-sft && python grpo.py --model runs/box-sft --out "
-                "runs/box && python grpo.py --model runs/point-sft --tools zoom_point --out runs/point && "
-                "python eval.py --runs runs/box-sft runs/box runs/point-sft runs/point --out runs/keypoint",
-    "drawing": "python sft.py --model runs/sft --data synthetic:boxes --tools none --steps 400 "
-               "--out runs/boxes-off-sft && python sft.py --model runs/sft --data synthetic:boxes --steps 400 "
-               "--out runs/boxes-draw-sft && python grpo.py --model runs/boxes-off-sft --data synthetic:boxes "
-               "--tools none --preset vilasr --out runs/boxes-off && python grpo.py --model runs/boxes-draw-sft "
-               "--data synthetic:boxes --preset vilasr --out runs/boxes-draw && python eval.py --data synthetic:boxes "
-               "--runs runs/boxes-off-sft runs/boxes-off runs/boxes-draw-sft runs/boxes-draw --out runs/drawing",
-    "ssr": "python grpo.py --ssr --out runs/ssr && python eval.py --runs runs/sft runs/grpo runs/ssr "
-           "--metrics zero_groups,accuracy --out runs/ssr-eval",
-    "rethink": "python grpo.py --preset vl_rethinker --out runs/rt-off && python grpo.py --preset vl_rethinker "
-               "--rethink --out runs/rt-on && python eval.py --runs runs/sft runs/rt-off runs/rt-on "
-               "--metrics self_waits,accuracy --out runs/rethink",
-    "region": "python sft.py --model runs/sft --data synthetic:glance --steps 400 --out runs/glance-sft && "
-              "python grpo.py --model runs/glance-sft --data synthetic:glance --weights '{\"region_valid\": 0}' "
-              "--out runs/glance-off && python grpo.py --model runs/glance-sft --data synthetic:glance "
-              "--out runs/glance-on && python eval.py --data synthetic:glance --runs runs/glance-sft runs/glance-off "
-              "runs/glance-on --metrics tool_use,coverage_iou --out runs/region",
-}
+# README's commands, read from README itself (so they stay true): the CPU demo (its first line), then each mechanism
+# after it ("Each mechanism at work": a "# name: ..." comment, then the command, continued with "\"); runs/ is a
+# temporary folder here and each script runs at a tiny size (TINY, appended: a flag given later wins). Every command
+# must run end to end in seconds.
+def readme_commands():
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    demo = re.search(r"&& (python sft\.py && python grpo\.py && python eval\.py) +#", text).group(1)
+    block = text.split("## Each mechanism at work")[1].split("```bash\n")[1].split("```")[0]
+    commands, name, part = {}, None, ""
+    for line in block.splitlines():
+        if line.startswith("# "):
+            name = line[2:].split()[0]
+            continue
+        part += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            commands[name], part = " ".join(part.split()), ""
+    return demo, commands
+
+
+DEMO, MECHANISMS = readme_commands()
 TINY = {"sft.py": ["--steps", "1", "--n-items", "4", "--batch-size", "2"],
         "grpo.py": ["--steps", "2", "--prompts", "2", "--group-size", "2", "--max-turn-tokens", "24", "--max-tokens",
                     "48", "--micro-batch", "4"],
@@ -203,6 +200,15 @@ def demo_runs(tmp_path_factory):
         run_command(DEMO, folder, mp)
     torch.set_num_threads(n)
     return folder
+
+
+def test_tasks_readme_shows_every_mechanism():
+    """README's "Each mechanism at work" has one command for each mechanism the issue names, and each command ends in
+    an eval.py that writes its table to a folder of its own."""
+    assert DEMO == "python sft.py && python grpo.py && python eval.py"
+    assert set(MECHANISMS) == {"drawing", "keypoint", "ssr", "rethink", "region"}
+    outs = [shlex.split(c)[-1] for c in MECHANISMS.values()]
+    assert all(c.split("&&")[-1].split()[1] == "eval.py" for c in MECHANISMS.values()) and len(set(outs)) == 5
 
 
 def test_tasks_demo_command_runs_end_to_end(demo_runs):
