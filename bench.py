@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 
 import common as C
-import data as D
 import model as M
+import tasks
 import tools as T
 from kernel import fused_logprobs
 
@@ -127,7 +127,7 @@ def rollout_bench(a, device):
         label = f"{name} (published widths, random weights), {arch['text']['num_hidden_layers']} layers"
     policy = C.load_policy(name, device=device, arch=arch)
     policy.model.eval()  # no dropout: the paths must sample the same tokens
-    records = D.dataset("synthetic", "test")[:a.prompts]  # the demo's generated items: nothing to download
+    records = tasks.dataset("synthetic", "test")[:a.prompts]  # the demo's generated items: nothing to download
     # the scripts' default episode (the demo's limits), with this run's pixel and token budgets
     cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([]), policy),
                view_max_pixels=a.pixels, crop_max_pixels=a.pixels, max_turn_tokens=a.max_new)

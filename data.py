@@ -247,11 +247,8 @@ def load_images(record):
         raise type(e)(f"record {record.get('id')}: {e}") from None
 
 
-def dataset(spec, split="train", n=None, seed=0):
-    """--data: "synthetic" (n items; the test split uses a disjoint seed) or a JSONL path."""
-    if spec == "synthetic":
-        # test items from seed 10_000 + seed: never among the training items of any seed below 10_000
-        return synthetic(n or (2000 if split == "train" else 200), seed=seed if split == "train" else 10_000 + seed)
+def dataset(spec, n=None):
+    """--data as a JSONL path: its first n records (the synthetic tasks: tasks.dataset)."""
     return load_jsonl(spec)[:n or None]
 
 

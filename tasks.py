@@ -40,7 +40,7 @@ def on_loose_place(record):
 
 
 def view_frame(record, view_max_pixels):
-    """(view width / original width, view height / original height) of the record's first image."""
+    """The view of the record's first image: (width, height) in view pixels, then (view / original) in x and y."""
     W, H = D.load_images(record)[0].size
     # the view as tools.new_episode sizes it: a demonstration's boxes are in the pixels the model is shown
     vh, vw = T.smart_resize(H, W, min_pixels=M.QWEN_MIN_PIXELS, max_pixels=view_max_pixels)
@@ -214,9 +214,9 @@ def dataset(spec, split="train", n=None, seed=0):
     JSONL file's (data.dataset)."""
     name = task_name(spec)
     if name is None:
-        return D.dataset(spec, split, n=n, seed=seed)
+        return D.dataset(spec, n=n)
     n = n or (2000 if split == "train" else 200)
-    # as data.dataset: test items from seed 10_000 + seed, never among the training items of a smaller seed
+    # test items from seed 10_000 + seed: never among the training items of any seed below 10_000
     return TASKS[name]["make"](n, seed=seed if split == "train" else 10_000 + seed)
 
 

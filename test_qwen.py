@@ -17,6 +17,7 @@ import dialects
 import eval as E
 import grpo as G
 import model as M
+import tasks
 import sft
 import tools as T
 from conftest import (CFG, DEEPEYES_PROMPT, DIALECT_CASES, GROUNDLIGHT_PROMPT, PUBLISHED_CONFIG, PUBLISHED_PREPROCESSOR,
@@ -207,7 +208,7 @@ def test_qwen_eval_on_a_hub_id_sees_qwens_view(offline_hub, qwen, tmp_path, two_
     assert res["settings"]["pixels"] == dict(view_min_pixels=3136, view_max_pixels=12845056, crop_min_pixels=3136,
                                              crop_max_pixels=12845056, zoom_window=400)
     assert json.loads(open(tmp_path / "items.jsonl").readline())["n_calls"] >= 0
-    ep = T.new_episode(qwen, D.dataset("synthetic", "test")[0], ["zoom_in"],
+    ep = T.new_episode(qwen, tasks.dataset("synthetic", "test")[0], ["zoom_in"],
                        **C.episode_cfg(E.get_args(SMALL_RUN), qwen))
     assert ep["images"][0]["img"].size == (896, 896) and ep["seq"].count(qwen.image_pad) == 1024
     with pytest.raises(SystemExit, match="--view-max-pixels 784: below the model's minimum of 3136"):
