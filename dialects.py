@@ -13,6 +13,7 @@ episode (tools.py) and a few values:
     observe(ep, calls, final) -> messages after the assistant message (closed), or parts inline in it; the next prefill
     answer(text)       -> the final answer of a transcript (the text of its turns), for scoring
     trained_text       harness text inside the assistant message is trained too (VLM-R3)
+    trained_eos        the end-of-turn token the model samples is trained (RL; False: ViLaSR's, sft.py trains it)
 A request (what read() asks tools.run_tool to run): name and arguments as the model wrote them, tool (a tools.TOOLS
 row) and args (checked, in lookagain's frame: image_index, pixels of that image as shown), or error. Adding a dialect
 is adding one entry (and its test); docs/dialects.md's table says what each reproduces.
@@ -213,10 +214,6 @@ def _literal(s):
         raise ValueError(f"not a literal ({type(e).__name__})") from None
 
 
-def _box(v, what="bbox_2d"):
-    return _check("box", v, what)  # 4 finite numbers, |v| <= 1e6, as floats
-
-
 def request(name, arguments, tool=None, args=None, error=None, **extra):
     """What a dialect's read() asks tools.run_tool to run (see the module docstring)."""
     return dict(name=name, arguments=arguments, tool=tool if error is None else None, args=args, error=error, **extra)
@@ -311,7 +308,7 @@ def deepeyes_read(ep, text, reason):
     try:
         call = _literal(body)  # their eval(), without running code
         name, args = call["name"], call["arguments"]  # the name is not checked, the label ignored (theirs)
-        box = _box(args["bbox_2d"])
+        box = _check("box", args["bbox_2d"], "bbox_2d")  # 4 finite numbers, as floats
         x1, y1 = to_view(ep, 0, box[0], box[1], "original")  # always the question's image, in original px
         x2, y2 = to_view(ep, 0, box[2], box[3], "original")
         return dict(calls=[request(name, args, "zoom_in", dict(image_index=0, bbox_2d=[x1, y1, x2, y2]))])
@@ -369,7 +366,7 @@ def vlm_r3_read(ep, text, reason):
     try:
         if not op["bbox_2d"]:  # _crop_and_save_region's `if not bbox`: None, silent (no key: their KeyError)
             return dict(tail=tail + fence, calls=[request("crop", op, error="empty box", silent=True)])
-        x1, y1, x2, y2 = _box(op["bbox_2d"])
+        x1, y1, x2, y2 = _check("box", op["bbox_2d"], "bbox_2d")
         x1, y1 = max(0, int(x1 * W / w)), max(0, int(y1 * H / h))  # bbox_transform's int(): truncated
         x2, y2 = min(W - 1, int(x2 * W / w)), min(H - 1, int(y2 * H / h))  # clamped as get_img_crop
     except (ValueError, KeyError, TypeError) as e:  # their exception path (a missing key, a wrong length)
@@ -643,7 +640,7 @@ def mini_o3_read(ep, text, reason):
         box, source = _literal(m.group(1)), m.group(2)  # their eval(), without running code
         if not (isinstance(box, list) and len(box) == 4):
             raise ValueError("")  # a bare assert: its message is empty
-        box = _box(box)
+        box = _check("box", box, "bbox_2d")
         k = 0 if source == "original_image" else re.match("observation_([0-9]*)", source)
         if k is None:
             raise ValueError(f"The 'source' argument \"{source}\" does not match the pattern 'observation_([0-9]*)'.")
@@ -755,6 +752,7 @@ DIALECTS = {
                    checkpoints="lh-hyr/VLM-R3-7b-rl-v1"),
     "vilasr": dict(prompt=vilasr_prompt, prefill="", stops=(), keep_stop=True, read=vilasr_read,
                    observe=vilasr_observe, answer=last_answer, errors_end=True,  # a failed call ends it, never shown
+                   trained_eos=False,  # its RL mask (_get_multi_turn_mask) zeroes every <|im_end|>
                    checkpoints="AntResearchNLP/ViLaSR, ViLaSR-cold-start"),
     "groundlight": dict(prompt=groundlight_prompt, prefill="\n<think> Let me think step by step.", split_prefill=True,
                         stops=("</tool>", "</answer>"), keep_stop=True, read=groundlight_read,
@@ -766,4 +764,4 @@ DIALECTS = {
                            checkpoints="TIGER-Lab/PixelReasoner-RL-v1, -WarmStart"),  # max_calls: the 5th not run
 }
 for _d in DIALECTS.values():  # the defaults an entry may leave out
-    _d.setdefault("trained_text", False)
+    _d.update({**dict(trained_text=False, trained_eos=True), **_d})

@@ -325,11 +325,12 @@ def _chunks(policy, messages, trained_text=False):
                 yield "text", "\n", False
 
 
-def render(policy, messages, images, trained_text=False):
+def render(policy, messages, images, trained_text=False, trained_eos=True):
     """A conversation -> (ids, mask, logps), one value each per token. images: the encoded images (each image part
     becomes <|vision_start|> + n x <|image_pad|> + <|vision_end|>). Harness text is tokenised in maximal runs, as a
     chat template's output is (BPE merges across the pieces of a run), so a prompt equals the processor's token for
-    token. mask: 1 on sampled tokens (and trained harness text), 0 elsewhere; logps: the sampler's, 0 elsewhere."""
+    token. mask: 1 on sampled tokens (and trained harness text), 0 elsewhere, and 0 on a sampled end-of-turn token
+    without trained_eos (ViLaSR's RL mask); logps: the sampler's, 0 elsewhere."""
     ids_, mask, logps, run = [], [], [], ["", False]  # run: harness text not yet tokenised, and whether it is trained
 
     def flush():  # a run ends at an image, a sampled part or a change of `trained`: BPE merges never cross those
@@ -348,7 +349,8 @@ def render(policy, messages, images, trained_text=False):
             t = image_ids(policy, images[x[0]])
             ids_.extend(t), mask.extend([0] * len(t)), logps.extend([0.0] * len(t))
         else:
-            ids_.extend(x[0]["ids"]), mask.extend([1] * len(x[0]["ids"])), logps.extend(x[0]["logps"])
+            ids_.extend(x[0]["ids"]), logps.extend(x[0]["logps"])
+            mask.extend([int(trained_eos or t not in policy.eos) for t in x[0]["ids"]])
     flush()
     return ids_, mask, logps
 

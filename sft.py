@@ -114,8 +114,12 @@ def prepare(policy, items, tools, cfg, rank=0, world=1, enc_budget=2**30):
             # while they fit, then keep PIL images and encode them again per batch (train())
             enc_budget -= sum(e["pixels"].nbytes for e in encs)
             views = encs if enc_budget >= 0 else [v["img"] for v in ep["images"]]
+            # SFT trains the end of each turn even where a dialect's RL mask does not (ViLaSR's: its cold start,
+            # LLaMA-Factory's qwen2_vl template, trains "<|im_end|>\n" after each assistant turn)
+            mask = ep["mask"] if ep["dialect"]["trained_eos"] else M.render(policy, ep["messages"], encs,
+                                                                          ep["dialect"]["trained_text"])[1]
             # seq: the token ids; mask: 1 on the tokens that carry loss (the assistant's); views: one per image
-            kept.append(dict(seq=ep["seq"], mask=ep["mask"], views=views))
+            kept.append(dict(seq=ep["seq"], mask=mask, views=views))
     return kept, [r for part in C.gather(rejected) for r in part]  # every rank reports the same rejections
 
 

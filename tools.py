@@ -359,8 +359,9 @@ def new_episode(policy, record, tools=("zoom_in",), **cfg):
 
 def render(policy, ep):
     """The episode's conversation as token ids (seq, mask, logp), its images encoded; returns the episode."""
+    d = ep["dialect"]
     ep["seq"], ep["mask"], ep["logp"] = M.render(policy, ep["messages"], episode_images(policy, ep),
-                                                 ep["dialect"]["trained_text"])
+                                                 d["trained_text"], d["trained_eos"])
     return ep
 
 
