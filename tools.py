@@ -478,13 +478,16 @@ def _act(policy, ep, new_ids, logps, reason):
         msg["closed"] = True  # Groundlight: a prefill is an assistant message of its own
         msg = dict(role="assistant", parts=[], closed=False)
         ep["messages"].append(msg)
-    msg["parts"] += [dict(ids=new_ids, logps=logps)] + ([rest] if rest else [])
+    msg["parts"] += [dict(ids=new_ids, logps=logps)] + ([rest] if rest and not ep["guide"] else [])
     ep["n_sampled"] += len(new_ids)
     if ep["guide"]:  # a regex-shaped step: free text, then the pattern's next tag where the model writes a "<"
         if reason not in ("stop", "eos"):
             return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}[reason])
         tag = ep["guide"].pop(0)
-        msg["parts"].append(tag)
+        # Groundlight's grammar-constrained sampler has the model write the tag (and what the cut split): trained as
+        # all it writes (its completion mask); not sampled here, so log-prob 0.0 (as rethink.py's trigger)
+        forced = M.ids(policy, rest + tag)
+        msg["parts"].append(dict(ids=forced, logps=[0.0] * len(forced)))
         if ep["guided"]:  # the step's first piece opened its turn; the rest of the step is that one model call
             ep["turns"][-1] += text + rest + tag
         else:
