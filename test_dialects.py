@@ -16,10 +16,11 @@ import dialects
 import eval as E
 import grpo as G
 import model as M
+import rethink
 import sft
 import tools as T
-from conftest import (DEEPEYES_PROMPT, DIALECT_CASES, GROUNDLIGHT_PROMPT, VILASR_OBS, VILASR_SAID, VILASR_SYSTEM, VLIR,
-                      _check_replay, _config, _replayed, image_bytes, write_files, write_zip)
+from conftest import (DEEPEYES_PROMPT, DIALECT_CASES, DIALECT_SIZES, GROUNDLIGHT_PROMPT, VILASR_OBS, VILASR_SAID,
+                      VILASR_SYSTEM, VLIR, _check_replay, _config, _replayed, image_bytes, write_files, write_zip)
 
 
 # The released strings below were copied by hand from each released harness at the commit docs/dialects.md names
@@ -94,6 +95,13 @@ MINI_O3_SYSTEM = (
     "efers to the image that you zoom in and could be either 'original_image' or 'observation_i'. Once the final an"
     'swer is confirmed, put it within <answer> and </answer>.')
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+MINI_O3_AFTER_ZOOM = (
+    "<|im_end|>\n<|im_start|>user\nAfter the above Action 0, here is the the zoom-in image (Observation 1):\n" + IMG
+    + ".\nContinue your reasoning process inside <think> and </think>. If needed, you can continue to zoom in on the "
+    "original image or any of the observations, by outputting <grounding> and </grounding> as before. If the final "
+    "answer is confirmed, put your final answer inside <answer> and </answer>.<|im_end|>\n<|im_start|>assistant\n")
+PIXEL_REASONER_AFTER_ZOOM = ("\n<|im_start|>user\n\nHere is the cropped image (Image Size: 532x392):" + IMG
+                             + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def _prompt(policy, tmp_path, dialect, question, size, options=None, **cfg):
@@ -190,16 +198,24 @@ def test_dialects_vl_rethinker_has_no_tools_and_reads_boxed(policy, tmp_path, on
     assert (b["prediction"], b["score"]) == ("70", 1.0)
 
 
-def _after_first_call(policy, tmp_path, dialect, text):
-    """The prompt of the second model call: the first call's text read, run and answered by the dialect."""
+def _episode(policy, tmp_path, dialect, texts):
+    """An episode of one 1120 x 840 image (shown at 560 x 420) in the dialect (its recipe's settings), `texts` its
+    model calls, each read, run and answered by the dialect -> (the episode, the length of its prompt in tokens)."""
     Image.new("RGB", (1120, 840), (200, 200, 200)).save(tmp_path / "f.png")
     rec = dict(id="f", image=[str(tmp_path / "f.png")], question="Q?", answer="A", type="multiple_choice",
                options=["white", "black"])
-    args = E.get_args(["--recipe", dialect, "--view-max-pixels", "235200", "--view-min-pixels", "3136",
-                       "--crop-max-pixels", str(16384 * 784)])
+    args = E.get_args(["--recipe", dialect] * (dialect != "lookagain") + [
+        "--view-max-pixels", "235200", "--view-min-pixels", "3136", "--crop-max-pixels", str(16384 * 784)])
     ep = T.new_episode(policy, rec, ["zoom_in", "zoom_point", "draw_box"], **C.episode_cfg(args, policy))
-    ep["script"] = [text]
-    T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+    n_prompt, ep["script"] = len(ep["seq"]), list(texts)
+    while ep["stop"] is None and ep["script"]:  # (a regex-shaped step puts what follows a forced tag back)
+        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+    return ep, n_prompt
+
+
+def _after_first_call(policy, tmp_path, dialect, text):
+    """The prompt of the second model call: the first call's text read, run and answered by the dialect."""
+    ep, _ = _episode(policy, tmp_path, dialect, [text])
     return M.chat_text(policy, ep["messages"]), ep
 
 
@@ -219,15 +235,9 @@ def test_dialects_observations_are_the_released_harnesses(policy, tmp_path):
     got, _ = _after_first_call(policy, tmp_path, "vilasr", call)
     assert got.endswith(call + VILASR_OBSERVATION.replace("width: 672, height: 504", "width: 560, height: 420"))
     got, _ = _after_first_call(policy, tmp_path, "mini_o3", DIALECT_CASES["mini_o3"]["a"][0])
-    assert got.endswith("</grounding><|im_end|>\n<|im_start|>user\nAfter the above Action 0, here is the the zoom-in "
-                        "image (Observation 1):\n" + IMG + ".\nContinue your reasoning process inside <think> and "
-                        "</think>. If needed, you can continue to zoom in on the original image or any of the "
-                        "observations, by outputting <grounding> and </grounding> as before. If the final answer is "
-                        "confirmed, put your final answer inside <answer> and </answer>.<|im_end|>\n<|im_start|>"
-                        "assistant\n")
+    assert got.endswith("</grounding>" + MINI_O3_AFTER_ZOOM)
     got, _ = _after_first_call(policy, tmp_path, "pixel_reasoner", DIALECT_CASES["pixel_reasoner"]["a"][0])
-    assert got.endswith("</tool_call><|im_end|>\n<|im_start|>user\n\nHere is the cropped image (Image Size: "
-                        "532x392):" + IMG + "<|im_end|>\n<|im_start|>assistant\n")
+    assert got.endswith("</tool_call><|im_end|>" + PIXEL_REASONER_AFTER_ZOOM)
     # VLM-R3: the crop inside the assistant turn, after the "]}\n" its harness writes back, then "\n"
     got, ep = _after_first_call(policy, tmp_path, "vlm_r3", DIALECT_CASES["vlm_r3"]["a"][0])
     assert got.endswith('<|im_start|>assistant\n<think> To see the shirt, focus on the woman.\n\n{"bbox_2d": '
@@ -274,24 +284,81 @@ def test_dialects_vlm_r3_prompt_ends_in_newline_after_any_call(policy, tmp_path)
         assert M.chat_text(policy, ep["messages"]).endswith(end[:-1] + "<answer>A</answer>\n<|im_end|>")
 
 
-def test_dialects_observation_tokens_masked_as_each_dialect_masks_them(policy, tmp_path):
-    """Trained tokens: what the model wrote (lookagain, DeepEyes: the observation turns are not); VLM-R3 trains the
-    text its harness writes into the assistant turn too (vllm_rgrpo_trainer.py masks only the vision tokens)."""
-    im_end = policy.tok.convert_tokens_to_ids("<|im_end|>")
-    for dialect in ("deepeyes", "vlm_r3"):
-        _, ep = _after_first_call(policy, tmp_path, dialect, DIALECT_CASES[dialect]["a"][0])
-        ep["script"] = [DIALECT_CASES[dialect]["a"][1]]
-        T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
-        trained = [t for t, m in zip(ep["seq"], ep["mask"]) if m]
-        pads = [m for t, m in zip(ep["seq"], ep["mask"]) if t in (policy.image_pad, policy.vision_start)]
-        assert len(pads) > 10 and not any(pads)  # no vision token is ever trained
-        if dialect == "deepeyes":
-            assert trained == (M.ids(policy, DIALECT_CASES[dialect]["a"][0]) + [im_end]
-                               + M.ids(policy, DIALECT_CASES[dialect]["a"][1]) + [im_end])
-        else:  # the model's text up to "]}", the "]}\n" written back, the answer up to "</answer>", "</answer>\n"
-            turn = DIALECT_CASES[dialect]["a"][0]
-            assert policy.tok.decode(trained) == (turn[:turn.index("]}")] + "]}\n" + "<answer>A" + "</answer>\n"
-                                                  + "<|im_end|>")
+def _runs(policy, ep, start):
+    """The episode's tokens from `start` on as (trained, text) runs: a run ends where the mask changes; an image's
+    <|image_pad|> tokens read as one."""
+    runs = []
+    for t, m in zip(ep["seq"][start:], ep["mask"][start:]):
+        if not runs or runs[-1][0] != m:
+            runs.append((m, []))
+        if not (t == policy.image_pad and runs[-1][1][-1:] == [t]):
+            runs[-1][1].append(t)
+    return [(bool(m), policy.tok.decode(ts)) for m, ts in runs]
+
+
+def test_dialects_each_dialect_trains_the_tokens_its_released_trainer_trains(policy, tmp_path, one_thread):
+    """A call, its observation, an answer (VL-Rethinker: an answer, "Wait" forced, a continuation), replayed in each
+    dialect: the tokens after the prompt split into trained and untrained as each released RL trainer splits them,
+    written out by hand from its code (cited per dialect; <|im_end|> is the Qwen2.5-VL tokenizer's eos_token, and
+    vLLM's output token ids end with it when a call ends there, but not at a stop string)."""
+    case, end = {d: c["a"] for d, c in DIALECT_CASES.items()}, "<|im_end|>"
+    vilasr_obs = VILASR_OBSERVATION.replace("width: 672, height: 504", "width: 560, height: 420")  # image 2 as shown
+    want = {
+        # lookagain (ours; no released trainer): what the policy sampled and nothing the harness wrote, as TRL's
+        # GRPO trains completion tokens only; a call that stops at </tool_call> or </answer> has no <|im_end|> of
+        # its own (the harness closes the turn), so none is trained
+        "lookagain": [(True, case["lookagain"][0]), (False, end + "\n<|im_start|>user\n<tool_response>\n" + IMG
+                      + "Image 1 ({}x{}), from image 0.\n</tool_response>".format(*DIALECT_SIZES["lookagain"]) + end
+                      + "\n<|im_start|>assistant\n"), (True, case["lookagain"][1]), (False, end)],
+        # DeepEyes (verl/workers/agent/parallel_env.py:217-218, 253-254): 1 on vLLM's output ids, its <|im_end|>
+        # included (no custom stop: ppo_trainer.yaml custom_stop []), 0 on the observation, which starts at "\n"
+        # (visual_toolbox_v2.py:103)
+        "deepeyes": [(True, case["deepeyes"][0] + end), (False, DEEPEYES_AFTER_ZOOM.split("</tool_call>" + end)[1]),
+                     (True, case["deepeyes"][1] + end)],
+        # VLM-R3 (src/r1-v/.../vllm_rgrpo_trainer.py:1025, 1237-1243): the whole assistant message as the chat
+        # template renders it, harness text included, less the vision tokens; the "]}" stop is not kept, "]}\n"
+        # and "</answer>\n" are its harness's. (Its completion also trains the template's "\n" after the last
+        # <|im_end|>; our sequence ends at <|im_end|>.)
+        "vlm_r3": [(True, case["vlm_r3"][0][:case["vlm_r3"][0].index("]}")] + "]}\n"), (False, IMG),
+                   (True, "<answer>A</answer>\n" + end)],
+        # ViLaSR (verl/workers/rollout/vllm_rollout/vllm_rollout_spmd_video.py:393-437, dp_actor.py:251): 1 from
+        # the response's start, 0 from each <|im_end|> (itself included) to the next "<|im_start|>assistant\n"
+        # (excluded): the model's text only, no <|im_end|>, not even the final eos_token its rollout appends (:809)
+        "vilasr": [(True, case["vilasr"][0]), (False, vilasr_obs), (True, case["vilasr"][1]), (False, end)],
+        # Groundlight (r1_vlm environments/multistep_vision_env.py:116-118; trl fork qwen_grpo_trainer.py:1168): 1
+        # on each step's output ids (stopped at </tool>, kept; the guided step's tags are sampled under its regex),
+        # 0 on the env response, its "<think>" bootstrap included; the first prefill is in the prompt. Not
+        # reproduced: its step 2 re-renders the prefill as a closed message of its own, so the 1s of step 1 land 5
+        # tokens early (on "<|im_end|>\n<|im_start|>assistant\n", off its last 5 tokens): a misalignment, not a rule
+        "groundlight": [(False, end + "\n<|im_start|>assistant\n"), (True, case["groundlight"][0]),
+                        (False, GROUNDLIGHT_AFTER_ZOOM.split("</tool>")[1] + end + "\n<|im_start|>assistant\n"),
+                        (True, case["groundlight"][1]), (False, end)],
+        # Mini-o3 (verl/workers/rollout/vllm_rollout/vllm_async_engine.py:692, 545, 559; dp_actor.py:310-312 with
+        # use_multi_turn_response_mask=True, its README:143): 1 on the output ids (a call stops at </grounding>,
+        # kept: no <|im_end|>; the answer ends at its eos), 0 on the "<|im_end|>\n<|im_start|>user..." it appends
+        "mini_o3": [(True, case["mini_o3"][0]), (False, MINI_O3_AFTER_ZOOM), (True, case["mini_o3"][1] + end)],
+        # Pixel-Reasoner (curiosity_driven_rl/.../experience_maker.py:2613, 2631, 2695-2704): 1 on each assistant
+        # text with its <|im_end|>, 0 on the user turns. Not reproduced: its token mask goes through OpenRLHF's
+        # one-token shift (action_mask[:, max_input_len-1:-1], actor.py:282-285 reads it as the mask of the token
+        # after), so there the first token of each turn is untrained and the "\n<|im_start|>" after each
+        # <|im_end|> (and the blank video's <|vision_start|> after the last) is trained: an off-by-one, not a rule
+        "pixel_reasoner": [(True, case["pixel_reasoner"][0] + end), (False, PIXEL_REASONER_AFTER_ZOOM),
+                           (True, case["pixel_reasoner"][1] + end)],
+        # VL-Rethinker (openrlhf/trainer/ppo_utils/experience_maker.py:1565-1566, 1914-1942, 2057-2058): OpenRLHF
+        # trains every output token up to its eos; a forced rethink's output is the first answer without its eos,
+        # the trigger and the continuation: the trigger is trained too
+        "vl_rethinker": [(True, "So x = \\boxed{60}." + "\n\nWait" + ", 180 - 110 = 70. \\boxed{70}" + end)],
+    }
+    for dialect, runs in want.items():
+        if dialect == "vl_rethinker":
+            ep, n_prompt = _episode(policy, tmp_path, dialect, ["So x = \\boxed{60}."])
+            ep = rethink.rethink_episode(policy, ep, "\n\nWait", truncate=False)
+            ep["script"] = [", 180 - 110 = 70. \\boxed{70}"]
+            T.advance(policy, ep, *T.script_call(policy, ep, 10_000))
+        else:
+            ep, n_prompt = _episode(policy, tmp_path, dialect, case[dialect])
+        assert ep["stop"] == "answer" and not any(ep["mask"][:n_prompt]), dialect  # the prompt: never trained
+        assert _runs(policy, ep, n_prompt) == runs, dialect
 
 
 def test_dialects_bad_input_one_line_nothing_written(policy, tmp_path, capsys):
