@@ -367,15 +367,16 @@ DIALECT_CASES = {
 }
 
 
-def _replayed(tmp_path, model, dialect, extra=()):
-    """eval.py --replay of DIALECT_CASES[dialect] on `model` -> (items by id, the out folder)."""
+def _replayed(tmp_path, model, dialect, extra=(), case=None):
+    """eval.py --replay of DIALECT_CASES[dialect] (or `case`: its items a and b) on `model` -> (items by id, the out
+    folder)."""
     img = Image.new("RGB", (1120, 840), (200, 200, 200))
     ImageDraw.Draw(img).rectangle([400, 250, 700, 600], fill=(250, 250, 250))
     img.save(tmp_path / "shirt.png")
     recs = [dict(id=k, image="shirt.png", question="What is the color of the woman's shirt?", answer="A",
                  type="multiple_choice", options=["white", "black", "red", "blue"]) for k in "ab"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    case = DIALECT_CASES[dialect]
+    case = case or DIALECT_CASES[dialect]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(dict(id=k, turns=case[k])) + "\n" for k in "ab"))
     out = tmp_path / f"ev-{dialect}"
     E.main(["--model", model, "--dialect", dialect, "--data", str(tmp_path / "d.jsonl"), "--replay",

@@ -183,6 +183,25 @@ def test_dialects_transcripts_replayed_end_to_end(policy, tmp_path, dialect, one
     assert results["settings"]["dialect"] == dialect and results["settings"]["replay"].endswith("r.jsonl")
 
 
+def test_dialects_mini_o3_zooms_into_an_observation(policy, tmp_path, one_thread):
+    """Mini-o3's "source": "observation_1" is the image its first call returned, the crop as cut (280 x 210 px of
+    the original from (280, 210)): the box, normalized to it, is int()-truncated and clamped to w - 1, h - 1 there
+    (function_tools.py prepare_grounding_inputs_multi_turn), then placed in the original by the crop's corner."""
+    a = [DIALECT_CASES["mini_o3"]["a"][0],
+         '<think>Closer.</think> <grounding>{"bbox_2d": [0.33, 0.41, 0.77, 1.0], "source": "observation_1"}'
+         '</grounding>',
+         DIALECT_CASES["mini_o3"]["a"][1]]
+    items, _ = _replayed(tmp_path, "tiny", "mini_o3", ["--recipe", "mini_o3", "--samples", "1", "--temperature", "0"],
+                         case=dict(a=a, b=DIALECT_CASES["mini_o3"]["b"]))
+    first, second = items["a"]["calls"]
+    assert (first["region"], first["image"]) == ([280, 210, 560, 420], 0) and items["a"]["score"] == 1.0
+    # int(0.33 * 280) = int(92.4) = 92, int(0.41 * 210) = int(86.1) = 86, int(0.77 * 280) = int(215.6) = 215,
+    # int(1.0 * 210) = 210 clamped to 209; + (280, 210)
+    assert second["image"] == 1 and second["region"] == pytest.approx([372, 296, 495, 419], abs=0.01)
+    # 123 x 123 px, under its 40,000 px minimum: x 200 / 123 = 200 x 200, ceiled to 28s (smart_resize)
+    assert second["ok"] and second["size"] == [224, 224]
+
+
 def test_dialects_vl_rethinker_has_no_tools_and_reads_boxed(policy, tmp_path, one_thread):
     (tmp_path / "d.jsonl").write_text(json.dumps(dict(id="a", image="x.png", question="Q?", answer="70",
                                                       type="number")) + "\n" + json.dumps(dict(
