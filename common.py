@@ -252,13 +252,14 @@ def dataset(args, split="train", n=None):
 
 def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, temperature=1.0, top_p=1.0,
                  seed=0, batch_size=16, desc="rollout", skip_bad=False, progress=True, top_k=0, min_p=0.0,
-                 scripts=None):
+                 scripts=None, then=None):
     """Roll out every record `samples` times (tools=[]: off), each episode reduced by finish(episode, record) to a
     small picklable result; sample j of item i draws from its own generator, seeded from (seed, i, j). Episodes
     (i, j), in order, are cut into fixed batches, batch b on rank b % world, so a sharded run returns an unsharded
     one's results bit for bit. A record whose image cannot be read or that finish() rejects with ValueError raises
     ValueError naming it (skip_bad: goes to `errors`). scripts: {i: the texts of item i's model calls} to replay
-    instead of sampling (eval.py --replay). -> ({(i, j): result}, {i: message}), on every rank."""
+    instead of sampling (eval.py --replay). then(episodes) -> more episodes, rolled out alike after each batch and
+    before finish (eval.py --force-wait: continuations). -> ({(i, j): result}, {i: message}), on every rank."""
     if greedy and samples > 1:
         raise ValueError(f"samples={samples} with greedy decoding gives {samples} identical answers: sample instead")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -295,8 +296,11 @@ def run_episodes(policy, records, tools, cfg, finish, samples=1, greedy=True, te
                 if scripts is not None:
                     ep["script"] = list(scripts[i])
                 eps.append((i, j, ep))
-        T.rollout(policy, [ep for _, _, ep in eps], temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
-                  min_p=min_p, scripted=scripts is not None)
+        sampling = dict(temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, min_p=min_p,
+                        scripted=scripts is not None)
+        T.rollout(policy, [ep for _, _, ep in eps], **sampling)
+        if then is not None:  # (called on every rank: sharded ranks roll out together, even an empty batch)
+            T.rollout(policy, then([ep for _, _, ep in eps]), **sampling)
         for i, j, ep in eps:
             try:
                 done[(i, j)] = finish(ep, records[i])

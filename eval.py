@@ -17,6 +17,8 @@ Runs side by side (each with the tools it was trained with), and their GRPO metr
 sampling, limits; docs/recipes.md); else pixel budgets are the model processor's (Qwen2.5-VL: 3136 to 12845056 px).
 Hard-example mining (Groundlight's, TextVQA without tools; commands in docs/recipes.md): --samples 8 --keep-below 0.5
 --write-subset hard.jsonl writes the items the model gets wrong, as lookagain JSONL for grpo.py --data.
+--force-wait: VL-Rethinker's "Wait" continuation at evaluation (rethink.py); two more rows: its oracle upper bound (a
+continuation counts only where it is right, as theirs) and the honest score (the continuation's answer replaces).
 
 --out gets results.md (the table printed), results.json (every setting: model, pixel budgets, tools, prompts, seeds,
 sampling, limits; the aggregates), items.jsonl (per item and setting: prediction, score, turns, calls, stop, coverage),
@@ -42,6 +44,7 @@ import common as C
 import data as D
 import dialects
 import model as M
+import rethink
 import rewards as R
 import tasks
 import tools as T
@@ -102,6 +105,13 @@ def summarize(items, bench=None, samples=1):
              acc_without_tool_use=_mean(t["score"] for t in unused), n_without_tool_use=len(unused),
              tokens_per_item=_mean(t["n_sampled"] for t in ts), wait_rate=_mean(t["n_waits"] > 0 for t in ts),
              stops=dict(Counter(t["stop"] for t in ts)))
+    fw = [t["force_wait"] for t in ts if "force_wait" in t]
+    if fw and len(fw) == len(ts):  # --force-wait (force_wait_scores): each score by the benchmark's own rule
+        def by(k):
+            return lambda it: _mean(t["force_wait"][k] for t in [it] + it.get("other_samples", []))
+        s["force_wait"] = dict(oracle_upper_bound=aggregate(ok, bench, by("oracle"))[0],
+                               continuation_replaces=aggregate(ok, bench, by("replaces"))[0],
+                               continued=sum(f["continued"] for f in fw), kept_by_oracle=sum(f["kept"] for f in fw))
     # where the model looked (VLM-R3's accuracy-by-localisation): samples of items with a ground-truth bbox only
     located = [t for t in ts if t.get("coverage_inside") is not None]
     if located:
@@ -135,24 +145,41 @@ def score_episode(ep, record):
                 coverage_iou=cov_iou, coverage_inside=cov_inside)
 
 
+def force_wait_scores(ep, record, first):
+    """--force-wait: one sample's scores after VL-Rethinker's "Wait" continuation (rethink.eval_continuations).
+    oracle, theirs (experience_maker.py:2018, 1303): the continuation replaces the first answer only if it is right,
+    which only the gold answer can tell: an upper bound. replaces, the honest one: a continuation that passes the checks
+    that do not read its answer (rethink.continuation_ok) replaces the first answer, right or wrong."""
+    w = ep.get("wait")
+    if w is None:  # not continued (no answer, or over half the budget): the first answer stands
+        return dict(continued=False, kept=False, oracle=first, replaces=first)
+    t, ok = score_episode(w, record), rethink.continuation_ok(w)
+    kept = ok and t["score"] >= R.CORRECT
+    return dict(continued=True, ok=ok, kept=kept, turns=w["turns"], prediction=t["prediction"], score=t["score"],
+                oracle=t["score"] if kept else first, replaces=t["score"] if ok else first)
+
+
 def evaluate(policy, records, tools, cfg, samples=1, greedy=True, temperature=1.0, top_p=1.0, seed=0,
              batch_size=16, desc="eval", bench=None, skip_bad=False, progress=True, top_k=0, min_p=0.0, scripts=None,
-             view_dir=None, view_originals=True):
+             view_dir=None, view_originals=True, force_wait=False):
     """Roll out every record `samples` times (common.run_episodes; tools=[]: tools off; cfg: common.episode_cfg), score,
     aggregate -> (summary, items[i]: records[i]'s result). skip_bad: a bad image or record skips its item (counted).
     scripts: {i: texts} replayed instead of sampled (--replay). view_dir: each item's first sample also saves its
     images there (view.save_images), named by desc and item, the originals by item alone (view_originals=False: a
-    setting before this one saved them)."""
+    setting before this one saved them). force_wait: each answered sample also continued after "Wait" (--force-wait)."""
     t0 = time.time()
 
     def finish(ep, record):
         t = score_episode(ep, record)
+        if force_wait and t["score"] is not None:
+            t["force_wait"] = force_wait_scores(ep, record, t["score"])
         i, j = ep["item"]  # (item, sample), set by run_episodes
         if view_dir is not None and j == 0:  # while the episode is alive: its originals and every image it was shown
             t.update(V.save_images(ep, view_dir, f"{V.slug(desc)}-{i:05d}", f"item{i:05d}", view_originals))
         return t
+    then = (lambda eps: rethink.eval_continuations(policy, eps, seed)) if force_wait else None
     done, errors = C.run_episodes(policy, records, tools, cfg, finish, samples, greedy, temperature,
-                                  top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p, scripts)
+                                  top_p, seed, batch_size, desc, skip_bad, progress, top_k, min_p, scripts, then)
     items = []
     for i, r in enumerate(records):
         item = dict(idx=i, id=r.get("id"), category=r.get("category"), question=r["question"],
@@ -194,6 +221,12 @@ def results_table(runs):
         row(f"  {c}", lambda s, c=c: _pct(s["per_category"].get(c)))
     for k in first.get("pass@k", {}):
         row(f"pass@{k}", lambda s, k=k: _pct(s.get("pass@k", {}).get(k)))
+    if any("force_wait" in s for s in runs.values()):  # --force-wait: its oracle's row says it is an upper bound
+        for label, k in (("force-wait (oracle upper bound)", "oracle_upper_bound"),
+                         ("force-wait, continuation replaces", "continuation_replaces")):
+            row(label, lambda s, k=k: _pct((s.get("force_wait") or {}).get(k)))
+        row("force-wait: continued (kept by the oracle)", lambda s: "{continued} ({kept_by_oracle})".format(
+            **s["force_wait"]) if "force_wait" in s else "-")
     row("items (skipped)", lambda s: f"{s['items']} ({s['skipped']})")
     row("tool use %", lambda s: _pct(s["tool_use"]))
     row("calls / item", lambda s: "-" if s["calls_per_item"] is None else f"{s['calls_per_item']:.2f}")
@@ -314,6 +347,9 @@ def get_args(argv=None):
     p.add_argument("--metrics", default=None, help=f"comma-separated ({', '.join(STEP_METRICS)}): a table of the "
                    "runs' metrics.jsonl, the mean of each --every steps")
     p.add_argument("--every", type=int, default=5, help="--metrics: steps per row")
+    p.add_argument("--force-wait", action="store_true", help="VL-Rethinker's force_append_wait_eval: each answered "
+                   "response cut back (p 0.5), \"\\n\\nWait\" appended, continued; rows for its oracle upper bound "
+                   "(kept only if right) and for the continuation's answer replacing the first")
     p.add_argument("--keep-below", type=float, default=None, help="--write-subset keeps items with pass rate <= this")
     p.add_argument("--write-subset", default=None, help="lookagain JSONL of the kept (hard) items")
     # checking a format and re-scoring transcripts without a GPU
@@ -333,6 +369,8 @@ def get_args(argv=None):
     for path in args.image or []:
         if not os.path.isfile(path):
             p.error(f"--image {path}: no such file")
+    if args.force_wait and args.question:
+        p.error("--force-wait scores a benchmark's items: not with --question")
     if (args.keep_below is None) != (args.write_subset is None):
         p.error("--keep-below and --write-subset go together")
     if args.bench not in (None, "jsonl") and tasks.task_name(args.data):
@@ -431,7 +469,8 @@ def main(argv=None):
         summary, items = evaluate(policy, records, ts, cfg, samples=args.samples, greedy=greedy, seed=args.seed,
                                   temperature=args.temperature if not greedy else 1.0, **C.filters(args),
                                   batch_size=args.batch_size, desc=label, bench=bench, skip_bad=args.skip_bad,
-                                  scripts=scripts, view_dir=args.out, view_originals=label == settings[0][0])
+                                  scripts=scripts, view_dir=args.out, view_originals=label == settings[0][0],
+                                  force_wait=args.force_wait)
         # skipped: the items run_episodes skipped plus the rows B.load dropped before any rollout
         runs[label] = dict(summary, skipped=summary["skipped"] + len(bad or []), tools=ts, model=model_name,
                            dialect=cfg["dialect"], first_prompt=first_prompt, missing=len(missing),

@@ -21,7 +21,12 @@ What it does, each GRPO step, after the rollouts are scored:
 Usage (in grpo.py):
     n_kept = forced_rethinking(policy, groups, scores, rng, score=..., max_tokens=..., prob=0.65, truncate=0.5,
                                temperature=0.9, max_turn_tokens=..., top_p=..., top_k=..., min_p=...)
+
+At evaluation (eval.py --force-wait, their force_append_wait_eval): every candidate is continued after "\n\nWait";
+eval_continuations() makes the continuations, continuation_ok() holds the checks that do not read the answer.
 """
+import random
+
 import model as M
 import rewards as R
 import tools as T
@@ -34,6 +39,44 @@ EASY_GROUP = 0.7     # a group with more than this share right: its wrong respon
 MIN_NEW_TOKENS = 30  # a continuation must write more than this many tokens (and fewer than half the budget)
 MAX_PER_GROUP = 2    # continuations kept per group
 MAX_WAITS = 4        # self-reflections allowed in a kept continuation, the trigger's own "Wait" included
+
+
+def candidate(ep, max_tokens):
+    """A response VL-Rethinker continues: it ended in an answer (their eos) within maxtoken - 1024 tokens, here half
+    the budget (1024 of its 2048)."""
+    return ep["stop"] == "answer" and ep["n_sampled"] <= max_tokens // 2
+
+
+def long_enough(ep, max_tokens):
+    """A continuation wrote more than MIN_NEW_TOKENS and fewer than half the budget new tokens (their 1024 > n > 30)."""
+    return MIN_NEW_TOKENS < ep["n_sampled"] - ep["rethink_from"][1] < max_tokens // 2
+
+
+def few_waits(ep):
+    """At most MAX_WAITS self-reflections in the continuation's text, + 1 for the trigger's own (their 1 + nw1 + nw2 +
+    nalt <= 4)."""
+    return 1 + R.rethinker_waits("".join(ep["turns"][ep["rethink_from"][0]:])) <= MAX_WAITS
+
+
+def continuation_ok(ep):
+    """eval.py --force-wait: the checks on a continuation that do not read its answer (experience_maker.py:2013,
+    2042); their oracle adds one that does: it is kept only if right (:2018)."""
+    return long_enough(ep, ep["cfg"]["max_tokens"]) and few_waits(ep)
+
+
+def eval_continuations(policy, episodes, seed):
+    """VL-Rethinker's force_append_wait_eval (experience_maker.py:1866, 1914-1942): each candidate is cut back with
+    probability 0.5 (their coin is thrown at evaluation too; here seeded by (seed, item, sample)), "\n\nWait" (their
+    trigger 0 at evaluation) is appended and the turn goes on, sampled as the first was. -> the continuations to roll
+    out; each is at its episode's ep["wait"] too. A replayed episode's next text is its continuation."""
+    out = []
+    for ep in episodes:
+        if candidate(ep, ep["cfg"]["max_tokens"]):
+            coin = random.Random("{}/{}/{}".format(seed, *ep["item"])).random() < 0.5
+            ep["wait"] = rethink_episode(policy, ep, TRIGGERS[0], coin)
+            ep["wait"]["script"] = list(ep.get("script") or [])  # (copy_episode shares the list)
+            out.append(ep["wait"])
+    return out
 
 
 def pick_trigger(correct, rng):
@@ -90,8 +133,7 @@ def forced_rethinking(policy, groups, scores, rng, score, max_tokens, prob, trun
         right = [s[1]["accuracy"] >= R.CORRECT for s in scores[gi]]
         easy = sum(right) / len(right) > EASY_GROUP
         for ei, ep in enumerate(g):
-            # VL-Rethinker: a response that ended (its eos) within maxtoken - 1024 tokens, half its 2048
-            if ep["stop"] != "answer" or ep["n_sampled"] > max_tokens // 2 or (easy and not right[ei]):
+            if not candidate(ep, max_tokens) or (easy and not right[ei]):
                 continue
             if rng.random() < prob:  # (VL-Rethinker skips a candidate with probability 0.35: prob 0.65)
                 trigger = pick_trigger(right[ei], rng)
@@ -103,14 +145,11 @@ def forced_rethinking(policy, groups, scores, rng, score, max_tokens, prob, trun
     kept, slots = 0, {}
     for gi, ei, ep in todo:
         total, comp = score(ep)
-        k, n0 = ep["rethink_from"]
         # VL-Rethinker's checks: right, 30 < new tokens < 1024 (half its 2048), a slot left in the group
-        if (comp["accuracy"] < R.CORRECT or not MIN_NEW_TOKENS < ep["n_sampled"] - n0 < max_tokens // 2
-                or slots.get(gi, 0) >= MAX_PER_GROUP):
+        if comp["accuracy"] < R.CORRECT or not long_enough(ep, max_tokens) or slots.get(gi, 0) >= MAX_PER_GROUP:
             continue
         slots[gi] = slots.get(gi, 0) + 1  # taken even if the wait count below drops it (its q2cnt)
-        # waits counted in the continuation's text only, + 1 for the trigger's own (its 1 + nw1 + nw2 + nalt)
-        if 1 + R.rethinker_waits("".join(ep["turns"][k:])) <= MAX_WAITS:
+        if few_waits(ep):
             # in place: the group's advantages, computed after this, see the continuation, not the original
             groups[gi][ei], scores[gi][ei] = ep, (total, comp)
             kept += 1

@@ -217,6 +217,47 @@ def test_dialects_vl_rethinker_has_no_tools_and_reads_boxed(policy, tmp_path, on
     assert (b["prediction"], b["score"]) == ("70", 1.0)
 
 
+def test_dialects_vl_rethinker_force_wait_at_eval_is_an_oracle_upper_bound(policy, tmp_path, capsys, one_thread):
+    """eval.py --force-wait, replayed: an answered response goes on after "\n\nWait" (its next text in the file). As
+    VL-Rethinker's force_append_wait_eval, a continuation is kept only where it is right (experience_maker.py:2018:
+    an oracle, the upper-bound row); the honest row takes each continuation that passes the checks that do not read
+    its answer (more than 30 new tokens: :2013). Gold 70; the first answer, then the continuation:
+        a: 60, then 70    first wrong, oracle right, honest right
+        b: 70, then 60    first right, oracle right (the wrong one dropped), honest wrong
+        c: 60, then 70 in 18 tokens    too short: first wrong, oracle wrong, honest wrong
+        d: 70, and no continuation in the file (it writes nothing: too short): right, right, right
+        e: 60, then 70    as a
+    -> accuracy 2/5, oracle upper bound 4/5, continuation replaces 3/5; 5 continued, 2 kept by the oracle."""
+    check = ", let me check the sum again. The two angles lie on a straight line, so together they make 180 degrees; "
+    right, wrong = check + "180 - 110 = 70, not 60. So x = \\boxed{70}", check + "I take 180 - 120 = 60. \\boxed{60}"
+    first = {"60": "x + 110 = 180, so x = \\boxed{60}.", "70": "x + 110 = 180, so x = \\boxed{70}."}
+    turns = dict(a=[first["60"], right], b=[first["70"], wrong], c=[first["60"], ", 180 - 110 = 70. \\boxed{70}"],
+                 d=[first["70"]], e=[first["60"], right])
+    Image.new("RGB", (640, 480)).save(tmp_path / "x.png")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(id=k, image="x.png", question="Q?", answer="70",
+                                                              type="number")) + "\n" for k in turns))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(dict(id=k, turns=t)) + "\n" for k, t in turns.items()))
+    argv = ["--model", "tiny", "--recipe", "vl_rethinker", "--data", str(tmp_path / "d.jsonl"), "--replay",
+            str(tmp_path / "r.jsonl"), "--device", "cpu", "--out", str(tmp_path / "ev")]
+    E.main(argv + ["--force-wait"])
+    items = {it["id"]: it for it in map(json.loads, open(tmp_path / "ev" / "items.jsonl"))}
+    assert [items[k]["score"] for k in "abcde"] == [0, 1, 0, 1, 0]  # the first answers
+    fw = {k: items[k]["force_wait"] for k in "abcde"}
+    assert [fw[k]["prediction"] for k in "abce"] == ["70", "60", "70", "70"]  # (d's: what its first cut left)
+    assert [fw[k]["ok"] for k in "abcde"] == [True, True, False, False, True]
+    assert [(fw[k]["oracle"], fw[k]["replaces"]) for k in "abcde"] == [(1, 1), (1, 0), (0, 0), (1, 1), (1, 1)]
+    assert fw["a"]["turns"][-1] == right and fw["a"]["turns"][-2].endswith("\n\nWait")  # cut back or not: a coin
+    (run,) = json.load(open(tmp_path / "ev" / "results.json"))["runs"].values()
+    assert run["accuracy"] == 0.4 and run["force_wait"] == dict(oracle_upper_bound=0.8, continuation_replaces=0.6,
+                                                                continued=5, kept_by_oracle=2)
+    table = open(tmp_path / "ev" / "results.md").read()
+    assert ("| force-wait (oracle upper bound) | 80.0 |" in table and "| force-wait, continuation replaces | 60.0 |"
+            in table and "| force-wait: continued (kept by the oracle) | 5 (2) |" in table)
+    with pytest.raises(SystemExit) as e:  # a benchmark's items, not one question
+        E.main(["--model", "tiny", "--force-wait", "--image", str(tmp_path / "x.png"), "--question", "Q?"])
+    assert e.value.code == 2 and "--force-wait scores a benchmark's items" in capsys.readouterr().err
+
+
 def _episode(policy, tmp_path, dialect, texts):
     """An episode of one 1120 x 840 image (shown at 560 x 420) in the dialect (its recipe's settings), `texts` its
     model calls, each read, run and answered by the dialect -> (the episode, the length of its prompt in tokens)."""
