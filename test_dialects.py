@@ -4,6 +4,8 @@ test_dialects.py: each released checkpoint's own format (dialects.py).
     python -m pytest -q test_dialects.py
 """
 import json
+import os
+import shlex
 
 import numpy as np
 import pytest
@@ -419,6 +421,16 @@ def test_dialects_each_dialect_trains_the_tokens_its_released_trainer_trains(pol
             ep, n_prompt = _episode(policy, tmp_path, dialect, case[dialect])
         assert ep["stop"] == "answer" and not any(ep["mask"][:n_prompt]), dialect  # the prompt: never trained
         assert _runs(policy, ep, n_prompt) == runs, dialect
+
+
+def test_dialects_readme_commands_name_what_exists():
+    """README's command for each released checkpoint parses: its recipe (and so its dialect), benchmark and flags
+    exist (the weights and benchmark files are not on this machine: parsing is what can be checked here)."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    block = text.split("## Released checkpoints, in their own formats")[1].split("```bash\n")[1].split("```")[0]
+    lines = [line.split("  #")[0] for line in block.splitlines() if line.startswith("python eval.py")]
+    recipes = [E.get_args(shlex.split(line)[2:]).recipe for line in lines]
+    assert set(recipes) == set(dialects.DIALECTS) - {"lookagain", "groundlight"}  # the released checkpoints
 
 
 def test_dialects_bad_input_one_line_nothing_written(policy, tmp_path, capsys):
