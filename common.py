@@ -82,7 +82,9 @@ def parse_args(p, argv, script):
         # into a namespace that already holds a marker for every flag; argparse fills in defaults only for the
         # attributes a namespace lacks, so whatever is not the marker afterwards was given on the command line
         unset = object()
-        typed = p.parse_args(argv, namespace=argparse.Namespace(**{a.dest: unset for a in p._actions}))
+        # (not on an `append` flag, --image: argparse appends to what the namespace holds; no recipe sets one)
+        marked = {a.dest: unset for a in p._actions if not isinstance(a, argparse._AppendAction)}
+        typed = p.parse_args(argv, namespace=argparse.Namespace(**marked))
         recipe = RECIPES[args.recipe]
         # a recipe speaks its method's own format (dialects.py) where there is one
         own = dict(dialect=args.recipe) if args.recipe in dialects.DIALECTS else {}

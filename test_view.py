@@ -223,6 +223,9 @@ def test_view_ask_one_question_prints_the_conversation(tmp_path, monkeypatch, ca
     assert line["score"] is None and line["prediction"] == "blue" and len(line["images"]) == 2
     assert Image.open(out / line["images"][1]["file"]).size == (112, 84)
     assert (out / "view.html").read_text().count('class="item"') == 1
+    # a recipe with --image (an append flag) takes the recipe's settings and the images given
+    args = E.get_args(["--recipe", "deepeyes", "--image", str(img), "--image", str(img), "--question", "q?"])
+    assert args.image == [str(img)] * 2 and (args.max_turns, args.temperature, args.dialect) == (11, 0.0, "deepeyes")
     for argv, msg in ((["--question", "q?"], "--image and --question go together"),
                       (["--image", str(tmp_path / "nope.png"), "--question", "q?"], "nope.png: no such file")):
         with pytest.raises(SystemExit):
