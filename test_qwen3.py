@@ -308,6 +308,39 @@ def test_qwen3_random_models_have_the_published_widths(tmp_path):
         C.load_policy(str(tmp_path))
 
 
+# Qwen/Qwen3.5-9B's published config.json fields (as a public test copies its text and vision parts, with the total_size
+# of the checkpoint's index: 19,306,216,416 bytes; mtp_num_hidden_layers 1), by where transformers keeps them
+QWEN3_5_9B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                       num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                       linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320,
+                       rms_norm_eps=1e-6, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8)
+QWEN3_5_9B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                         out_hidden_size=4096, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def test_qwen3_5_random_9b_has_the_published_widths():
+    """--model random-qwen3.5-9b: the published config's widths, depth and rotary (a quarter of head_dim 256, M-RoPE
+    [11, 11, 10] interleaved, theta 1e7), untied, built on the meta device: the parameters the published checkpoint
+    holds, less the multi-token-prediction layer transformers does not build."""
+    tok = M.tiny_tokenizer(C.tiny_corpus())
+    cfg = M.tiny_config(tok, **M.RANDOM["random-qwen3.5-9b"])
+    for k, v in QWEN3_5_9B_TEXT.items():
+        assert getattr(cfg.text_config, k) == v, k
+    for k, v in QWEN3_5_9B_VISION.items():
+        assert getattr(cfg.vision_config, k) == v, k
+    rope = cfg.text_config.rope_parameters
+    assert {k: rope[k] for k in ("mrope_section", "mrope_interleaved", "partial_rotary_factor", "rope_theta")} == \
+        dict(mrope_section=[11, 11, 10], mrope_interleaved=True, partial_rotary_factor=0.25, rope_theta=1e7)
+    assert cfg.tie_word_embeddings is False
+    with torch.device("meta"):
+        n = sum(p.numel() for p in M.FAMILIES["qwen3_5"]["cls"](cfg).parameters())
+    # the checkpoint's 19,306,216,416 bytes at 2 a parameter, less its MTP layer (counted by hand: one full-attention
+    # layer, q_proj 4096 x 8192 with its output gate, k_proj and v_proj 4096 x 1024, o_proj 4096 x 4096, q/k norms
+    # 256 each, MLP 3 x 4096 x 12288, 2 norms of 4096; its fc 8192 x 4096 and 3 norms of 4096: 243,290,624); the
+    # 3,840 left over would be 24 x (32 + 128): each linear-attention layer's A_log and norm stored in fp32
+    assert abs(n - (19_306_216_416 // 2 - 243_290_624)) <= 3840, n
+
+
 def test_qwen3_zoom_arithmetic_in_32_px_units():
     """The tools resize in the family's unit: smart_resize at factor 32 is transformers' own Qwen2-VL rule, and a
     zoom on a Qwen3-VL is cut and sized in 32 px units (hand-worked below)."""
