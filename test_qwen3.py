@@ -6,6 +6,8 @@ snapshot.
 """
 import json
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -14,12 +16,14 @@ from PIL import Image
 import common as C
 import data as D
 import dialects
+import eval as E
 import grpo as G
 import model as M
 import sft
 import tools as T
-from conftest import (CFG, SMALL_RUN, TINY_CFG, _dump, assert_positions_match_transformers, bf16_logits, blank_episode,
-                      cache_repo, cached_equals_uncached, go_offline, qwen_vocab, scripted_zooms, zoom_episodes)
+from conftest import (CFG, DIALECT_CASES, SMALL_RUN, TINY_CFG, _check_replay, _dump, _replayed,
+                      assert_positions_match_transformers, bf16_logits, blank_episode, cache_repo,
+                      cached_equals_uncached, go_offline, qwen_vocab, scripted_zooms, zoom_episodes)
 
 
 # The published config.json fields (Qwen/Qwen3-VL-8B-Instruct's as copied in NVIDIA TensorRT-LLM's Qwen3-VL test,
@@ -576,3 +580,66 @@ def test_qwen3_grpo_and_sft_steps_on_hub_ids(repos, qwen3_cache, request, tmp_pa
             G.main(["--model", QWEN3_REPO] + SMALL_RUN[2:] + ["--view-max-pixels", "12544",
                                                               "--out", str(tmp_path / "x")])
 
+
+def test_qwen3_eval_and_bench_on_a_snapshot_folder(qwen3_cache, qwen3, tmp_path, two_threads, monkeypatch, capsys):
+    """eval.py on a Qwen3-VL folder scores synthetic items and results.json names the family and its budget; bench.py
+    --rollout on it defaults to the model's minimum budget (65536 px; its 112 x 112 default is below it), and its
+    paths, transformers' generate among them, sample the same tokens; a recipe's budget below the minimum (VLM-R3's
+    eval: 32 x 784 px, Qwen2.5-VL's units) is refused with the flags that fix it (docs/models.md)."""
+    import bench
+    folder = qwen3_cache[1][QWEN3_REPO]
+    E.main(["--model", folder] + SMALL_RUN[2:] + ["--data", "synthetic", "--limit", "2", "--view-max-pixels", "65536",
+                                                  "--crop-max-pixels", "65536", "--out", str(tmp_path)])
+    res = json.load(open(tmp_path / "results.json"))
+    assert (res["settings"]["family"], res["settings"]["pixels"]["view_min_pixels"]) == ("qwen3_vl", 65536)
+    (run,) = res["runs"].values()
+    items = [json.loads(line) for line in open(tmp_path / "items.jsonl")]
+    assert (run["items"], run["skipped"]) == (2, 0) and [it["score"] in (0.0, 1.0) for it in items] == [True, True]
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--rollout", "--model", folder, "--device", "cpu", "--prompts", "1",
+                                      "--group", "2", "--max-new", "4", "--reps", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| single turn", "| multi-turn"))]
+    assert "images of <= 65536 px" in out and [r[1] for r in rows] == ["generate", "uncached", "engine"] + \
+        ["uncached", "engine"] and {r[-1] for r in rows} == {"2/2 |"}, out
+    with pytest.raises(SystemExit, match=re.escape(
+            "--view-min-pixels 25088, --crop-min-pixels 25088: below the model's minimum of 65536 px; pass "
+            "--view-min-pixels 65536 --crop-min-pixels 65536")):
+        C.episode_cfg(E.get_args(["--model", folder, "--recipe", "vlm_r3"]), qwen3)
+
+
+# The dialects' transcripts (conftest's DIALECT_CASES) on Qwen3-VL: item a's call worked out by hand at factor 32. The
+# 1120 x 840 image in a 196608 px view: smart_resize's beta = sqrt(940800 / 196608) = 2.1875 exactly, 840 / 2.1875 =
+# 384 = 12 x 32 and 1120 / 2.1875 = 512 = 16 x 32, so one scale, 2.1875 original px a view px (Qwen2.5-VL's 235200 px,
+# 560 x 420, is no multiple of 32: 544 x 416, two scales). The view's least pixels 65536 (the shared flags' 3136 is
+# below Qwen3-VL's minimum), and for VLM-R3 and Mini-o3 the crop's too (their recipes' 25088 and 40000 are below it).
+# (region of the original, [w, h] returned):
+QWEN3_DIALECT = {
+    # [100, 50, 300, 200] x 2.1875 = 437.5 x 328.125 px, r = (200 / 512) * (150 / 384) = 0.152587890625 of the image:
+    # zoomed x(2 - (r - 0.125) / 0.375) = x1.926432; int(842.81) = 842, int(632.11) = 632 -> round(26.31) = 26,
+    # round(19.75) = 20 units
+    "lookagain": ([218.75, 109.375, 656.25, 437.5], [832, 640]),
+    # int(218.75), int(109.375), int(656.25) + 1, int(437.5) + 1: 439 x 329 px, r = 144431 / 940800 = 0.153519,
+    # x1.923948: int(844.61) = 844, int(632.98) = 632 -> 26.375 and 19.75 units, rounded: 26, 20
+    "vlm_r3": ([218, 109, 657, 438], [832, 640]),
+    "deepeyes": ([200, 100, 600, 400], [384, 288]),  # 400 x 300 as cut: 12.5 -> 12 (banker's), 9.375 -> 9 units
+    "vilasr": ([0, 0, 1120, 840], [512, 384]),  # drawn on the whole image, as shown
+    "groundlight": ([360, 220, 760, 620], [1120, 1120]),  # the 400 px window at max(1120, 840, 400): 35 units
+    # 280 x 210: 8.75 -> 9, 6.5625 -> 7 units, 288 x 224 = 64512 px under 65536: x sqrt(65536 / 58800) = x1.05573,
+    # ceiled: 295.6 / 32 -> 10, 221.7 / 32 -> 7
+    "mini_o3": ([280, 210, 560, 420], [320, 224]),
+    # [0.2, 0.2, 0.6, 0.6] of 512 x 384, x 2.1875; 448 x 336 (14 and 10.5 -> 10 units: 143360 px) under its
+    # 200704 px minimum: x sqrt(200704 / 150528) = x1.154701, ceiled: 517.3 / 32 -> 17, 388.0 / 32 -> 13
+    "pixel_reasoner": ([224, 168, 672, 504], [544, 416]),
+}
+
+
+@pytest.mark.parametrize("dialect", list(DIALECT_CASES))
+def test_qwen3_every_dialect_replayed(dialect, qwen3_cache, tmp_path, two_threads):
+    """test_qwen_every_dialect_replayed_with_qwens_vocabulary's transcripts through a Qwen3-VL folder (Qwen3's BPE,
+    32 px units): the same calls parse, answers score, malformed calls fail; the regions and sizes are Qwen3-VL's."""
+    low = ["--crop-min-pixels", "65536"] if dialect in ("vlm_r3", "mini_o3") else []
+    extra = ([] if dialect == "lookagain" else ["--recipe", dialect]) + ["--view-max-pixels", "196608",
+                                                                         "--view-min-pixels", "65536"] + low
+    items, _ = _replayed(tmp_path, qwen3_cache[1][QWEN3_REPO], dialect, extra)
+    _check_replay(items, dialect, *QWEN3_DIALECT[dialect])
