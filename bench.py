@@ -128,9 +128,13 @@ def rollout_bench(a, device):
     policy = C.load_policy(name, device=device, arch=arch)
     policy.model.eval()  # no dropout: the paths must sample the same tokens
     records = tasks.dataset("synthetic", "test")[:a.prompts]  # the demo's generated items: nothing to download
-    # the scripts' default episode (the demo's limits), with this run's pixel and token budgets
-    cfg = dict(C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([]), policy),
-               view_max_pixels=a.pixels, crop_max_pixels=a.pixels, max_turn_tokens=a.max_new)
+    # the scripts' default episode (the demo's limits), with this run's pixel and token budgets: --pixels, else
+    # 112 x 112 px or the model's minimum where that is more (a Qwen3-VL folder's processor: 65536 px)
+    cfg = C.episode_cfg(C.add_common_flags(argparse.ArgumentParser()).parse_args([]), policy)
+    pixels = a.pixels or max(112 * 112, cfg["view_min_pixels"])
+    if pixels < cfg["view_min_pixels"]:
+        raise SystemExit(f"--pixels {pixels}: below the model's minimum of {cfg['view_min_pixels']} px")
+    cfg = dict(cfg, view_max_pixels=pixels, crop_max_pixels=pixels, max_turn_tokens=a.max_new)
 
     def episodes(turns):
         eps = [ep for r in records for ep in T.new_group(policy, r, ["zoom_in"], a.group, **dict(cfg, max_turns=turns))]
@@ -176,7 +180,7 @@ def rollout_bench(a, device):
     print(f"# {label or name} on {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{policy.model.dtype}, {a.prompts} prompts x {a.group}, at most {a.max_new} new tokens a turn, images of "
-          f"<= {a.pixels} px; multi-turn: {sum(len(ep['turns']) for ep in eps) / len(eps):.2f} turns and "
+          f"<= {pixels} px; multi-turn: {sum(len(ep['turns']) for ep in eps) / len(eps):.2f} turns and "
           f"{sum(len(ep['images']) for ep in eps) / len(eps):.2f} images a trajectory; best of {a.reps}")
     print("| setting | path | time s | tokens | tokens/s | speed | prefill/token | rows/token | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -268,7 +272,8 @@ def main():
     p.add_argument("--prompts", type=int, default=8, help="--rollout: prompts, each in a group of --group episodes")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=96, help="--rollout: new tokens a turn at most")
-    p.add_argument("--pixels", type=int, default=112 * 112, help="--rollout: pixel budget of an image (view and zoom)")
+    p.add_argument("--pixels", type=int, help="--rollout: pixel budget of an image, view and zoom (default: 112 x 112, "
+                   "or the model's minimum where that is more)")
     p.add_argument("--convert", action="store_true", help="benchmark convert.py instead (see 3. above)")
     p.add_argument("--gb", type=float, nargs="+", default=[0.25, 2.0], help="--convert: parquet sizes")
     p.add_argument("--work", default="runs/bench-convert", help="--convert: where the parquet and output go")

@@ -121,12 +121,14 @@ def zoom_episodes(policy, groups=((0, 2), (6, 1), (2, 2)), **cfg):
     return eps
 
 
-def cached_equals_uncached(policy, monkeypatch, stop="7"):
+def cached_equals_uncached(policy, monkeypatch, stop="7", calls=3, modes=(True, False), **episodes):
     """Keeping each episode's cache across its tool turns (and sharing a group's prompt) samples exactly
     what prefilling every turn's whole conversation again samples: greedy token for token, and sampled
     (per-episode generators) too, with the same log-probs; multi-turn, tool images, rows of different lengths.
-    And the grouped K/V attention of sampling on CPU (model.grouped_sdpa) samples what transformers' sdpa does."""
-    scripted_zooms(monkeypatch, policy, stop)
+    And the grouped K/V attention of sampling on CPU (model.grouped_sdpa) samples what transformers' sdpa does.
+    calls: tool calls an episode makes; modes: greedy (True), sampled (False); episodes: zoom_episodes' keywords (a
+    model at real widths runs fewer and smaller: its uncached path prefills every image again every turn)."""
+    scripted_zooms(monkeypatch, policy, stop, calls)
     grouped = []  # the attention calls that took K/V grouped, with a padding mask
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -134,11 +136,12 @@ def cached_equals_uncached(policy, monkeypatch, stop="7"):
         grouped.append(k.get("enable_gqa") and k.get("attn_mask") is not None)
         return sdpa(*a, **k)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
-    for greedy in (True, False):
-        runs = [T.rollout(policy, zoom_episodes(policy), greedy=greedy, reuse_cache=r) for r in (True, False)]
+    for greedy in modes:
+        runs = [T.rollout(policy, zoom_episodes(policy, **episodes), greedy=greedy, reuse_cache=r)
+                for r in (True, False)]
         policy.model.set_attn_implementation("sdpa")  # transformers' own: K/V repeated per head under a mask
         try:
-            runs.append(T.rollout(policy, zoom_episodes(policy), greedy=greedy))
+            runs.append(T.rollout(policy, zoom_episodes(policy, **episodes), greedy=greedy))
         finally:
             policy.model.set_attn_implementation("grouped_sdpa")
         for a, b, c in zip(*runs):
@@ -146,7 +149,7 @@ def cached_equals_uncached(policy, monkeypatch, stop="7"):
             assert np.allclose(a["logp"], b["logp"], atol=1e-5, equal_nan=True)
             assert np.allclose(a["logp"], c["logp"], atol=1e-6, equal_nan=True)
         assert any(grouped)
-        assert all(len(ep["images"]) == 4 for ep in runs[0])  # three tool turns, each with its image
+        assert all(len(ep["images"]) == calls + 1 for ep in runs[0])  # each tool turn with its image
         assert len({len(ep["seq"]) for ep in runs[0]}) > 1    # episodes of different lengths
         assert greedy or len({ep["n_sampled"] for ep in runs[0]}) > 1   # (sampled: turns of different lengths too)
 
@@ -396,11 +399,12 @@ DIALECT_SIZES = dict(lookagain=[784, 588], vlm_r3=[784, 588], deepeyes=[392, 308
                      groundlight=[1120, 1120], mini_o3=[280, 224], pixel_reasoner=[532, 392])
 
 
-def _check_replay(items, dialect):
+def _check_replay(items, dialect, region=None, size=None):
+    """region, size: item a's call where they are not Qwen2.5-VL's (DIALECT_CASES, DIALECT_SIZES): test_qwen3.py's."""
     case, a, b = DIALECT_CASES[dialect], *(items[k] for k in "ab")
     assert (a["stop"], a["score"], a["prediction"]) == ("answer", 1.0, "A"), (dialect, a["stop"], a["turns"])
-    assert a["calls"][0]["ok"] and a["calls"][0]["region"] == pytest.approx(case["region"], abs=0.01), dialect
-    assert a["calls"][0]["size"] == DIALECT_SIZES[dialect], dialect
+    assert a["calls"][0]["ok"] and a["calls"][0]["region"] == pytest.approx(region or case["region"], abs=0.01), dialect
+    assert a["calls"][0]["size"] == (size or DIALECT_SIZES[dialect]), dialect
     assert not b["calls"][0]["ok"] and b["calls"][0]["error"] and b["stop"] == case["b_stop"], (dialect, b["stop"])
 
 

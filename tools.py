@@ -301,10 +301,13 @@ def settings(improc, **cfg):
     factor = improc.patch_size * improc.merge_size
     lo = max((2 * factor) ** 2, improc.size["shortest_edge"])
     hi = max(lo, improc.size["longest_edge"])
-    for k in ("view_max_pixels", "crop_max_pixels", "view_min_pixels", "crop_min_pixels"):
-        if cfg[k] is not None and cfg[k] < lo:
-            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]}: below the model's minimum of {lo} px (at least "
-                             f"{2 * factor} x {2 * factor})")
+    keys = ("view_max_pixels", "crop_max_pixels", "view_min_pixels", "crop_min_pixels")
+    low = [k for k in keys if cfg[k] is not None and cfg[k] < lo]
+    if low:  # all at once, with the flags that fix them (a recipe's budgets are Qwen2.5-VL's: docs/models.md)
+        flag = lambda k: "--" + k.replace("_", "-")
+        raise ValueError(", ".join(f"{flag(k)} {cfg[k]}" for k in low) + f": below the model's minimum of {lo} px; "
+                         "pass " + " ".join(f"{flag(k)} {lo}" for k in low) + " (or more)")
+    for k in keys:
         cfg[k] = cfg[k] or (hi if "max" in k else lo)
     for k in ("view", "crop"):
         if cfg[f"{k}_min_pixels"] > cfg[f"{k}_max_pixels"]:
