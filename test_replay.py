@@ -47,6 +47,20 @@ def test_replay_ssr_draws_proportional_to_abs_adv_pow_alpha(alpha):
         assert abs(counts[i] / n - p) < 4 * (p * (1 - p) / n) ** 0.5
 
 
+@pytest.mark.parametrize("advs, alpha", [([1e-3, -2e-3, 1.5e-3], 200.0), ([10.0, -9.0, 5.0], 400.0)])
+def test_replay_ssr_extreme_alpha_keeps_the_law(advs, alpha):
+    # |A|^alpha underflows to 0 for all three (1e-3^200) or overflows to inf (10^400) in float64; the law itself is
+    # fine: P(i) = exp(alpha log|A_i| - logsumexp_j alpha log|A_j|), worked in log space here
+    logw = [alpha * np.log(abs(a)) for a in advs]
+    probs = {i: float(np.exp(v - np.logaddexp.reduce(logw))) for i, v in enumerate(logw)}
+    big = max(probs, key=probs.get)
+    assert probs[big] > 1 - 1e-9  # 2^-200 and (2/1.5)^-200 next to 1; (9/10)^400 = 5e-19 and (1/2)^400
+    rng, store = np.random.default_rng(0), new_store(10)
+    store["items"].append({"id": 99, "adv": 5.0, "group": "old"})
+    counts = Counter(s["id"] for _ in range(200) for s in ssr(_mk(advs), store, 3, alpha=alpha, rng=rng))
+    assert counts == Counter({big: 600})
+
+
 def test_replay_store_fill_proportional_to_abs_adv_plus_1e4():
     store = new_store(3)
     store["items"].extend([{"id": 0, "adv": 0.1}, {"id": 1, "adv": -0.3}, {"id": 2, "adv": 0.6}])
