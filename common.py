@@ -241,6 +241,9 @@ def tiny_corpus():
 
 def load_policy(name="tiny", **kw):
     """model.load(name, ...), the one way scripts and tests load a policy."""
+    if os.path.isfile(os.path.join(name, "run.json")) and checkpoint._marker(name) is None:  # a run of ours, unsaved
+        raise SystemExit(f"--model {name}: its run has not saved a whole model yet (no {checkpoint.MARKER}: still "
+                         f"training, or stopped before or while saving); wait for it, or take one of its step<N>")
     return M.load(name, corpus=tiny_corpus() if name in M.RANDOM else None, **kw)
 
 

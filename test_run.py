@@ -274,3 +274,18 @@ def test_run_final_checkpoint_replaced_safely(tmp_path, monkeypatch):
     assert "no checkpoint.json" in checkpoint.checkpoint_problem(str(out))
     assert checkpoint.find_checkpoint(str(out)) == str(out / "step4.tmp")
     assert (out / "model.safetensors").read_bytes() == b"new!" and (out / "trainer.pt").read_bytes() == b"old"
+
+
+def test_run_model_from_an_unsaved_run_says_so(tmp_path):
+    """--model runs/sft while sft.py still trains (run.json written, no model yet), or after a save was stopped:
+    one line saying so, not transformers' complaint about a missing preprocessor_config.json."""
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # a save stopped midway
+    with pytest.raises(SystemExit, match="its run has not saved a whole model yet"):
+        C.load_policy(str(run))
+    (run / checkpoint.MARKER).write_text('{"step": 3, "files": {}}')  # marked whole: the check lets it through
+    (run / "config.json").unlink()
+    with pytest.raises(SystemExit, match="no readable config.json"):
+        C.load_policy(str(run))
