@@ -252,10 +252,23 @@ def r_tool_success(traj, record, acc):
     return ok / len(calls), f"{ok}/{len(calls)} calls succeeded"
 
 
+def _deepeyes_long(traj):  # vl_agent.py:255-258: an answer of 1000+ characters is judged 0 (and a format error)
+    return len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000
+
+
+def r_accuracy_deepeyes(traj, record, acc):
+    """DeepEyes' accuracy term (vl_agent.py compute_score): the judged accuracy (rule-based here: acc), set to 0 for
+    an answer of 1000+ characters (:255-257, against hacking the judge); the answer is their slice after the last
+    <answer>, so a response without one is measured whole."""
+    if _deepeyes_long(traj):
+        return 0.0, "answer of 1000+ characters (judged 0)"
+    return acc, "accuracy"
+
+
 def r_tool_bonus(traj, record, acc):
     """DeepEyes (vl_agent.py:255-261): 1 only when the judged accuracy is above 0.5 (strictly: a graded 0.5 is not),
     the answer is under 1000 characters (else judged 0) and at least one tool call succeeded (an image came back)."""
-    if len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000:
+    if _deepeyes_long(traj):
         return 0.0, "answer of 1000+ characters (judged 0)"
     if acc > 0.5 and any(c.get("ok") for c in _calls(traj)):
         return 1.0, "correct with a successful tool call"
@@ -431,8 +444,8 @@ PRESETS = {
     "vilasr": {"vilasr": 1.0},  # the gated 0.5 acc + 0.5 format, accuracy already inside
     # hard min(1, matches / 3) + soft, graded format 0.1; tool success logged at weight 0 (their training code)
     "groundlight": {"vqa_hard": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
-    # 0.8 acc + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
-    "deepeyes": {"accuracy": 0.8, "format_deepeyes": 0.2, "tool_bonus": 1.2},
+    # 0.8 acc (0 for a 1000+ char answer) + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
+    "deepeyes": {"accuracy_deepeyes": 0.8, "format_deepeyes": 0.2, "tool_bonus": 1.2},
 }
 
 

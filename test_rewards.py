@@ -300,6 +300,27 @@ def test_rewards_deepeyes_terms_native():
     assert r_tool_bonus(long, RW_MC, 1.0)[0] == 0.0 and r_format_deepeyes(long, RW_MC, 1.0)[0] == -1.0
 
 
+@pytest.mark.parametrize("dialect", ["deepeyes", None])
+def test_rewards_deepeyes_long_answer_scores_zero(dialect):
+    """vl_agent.py:255-257: `if len(answer_text) >= 1000: acc_reward = 0.0; is_format_error = True`, then (:261, :266)
+    0.8 acc + 0.2 x (-1) + 1.2 x (call and acc > 0.5). 'B. ' and 996 or 997 x's chooses B (correct for RW_MC):
+    999 characters: 0.8 x 1 + 0 + 1.2 x 1 = 2.0; 1000: 0.8 x 0 - 0.2 + 1.2 x 0 = -0.2 (the shared accuracy, 1, is
+    still logged). Without an <answer> their slice is the whole response: '<think>' + 990 x's + '</think>B' is 1006
+    characters, so -0.2 though after </think> it reads B (no call: no tool bonus either way)."""
+    call = '<think>a</think><tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 30, 40]}}' \
+        '</tool_call>'
+
+    def total(answer_turn, calls=(_rw_call(),)):
+        turns = [call, answer_turn] if calls else [answer_turn]
+        return reward({"turns": turns, "calls": list(calls), "dialect": dialect}, RW_MC, "deepeyes")
+    got, comp, _ = total("<think>b</think><answer>B. " + "x" * 996 + "</answer>")
+    assert got == pytest.approx(2.0) and comp["accuracy_deepeyes"] == 1.0
+    got, comp, _ = total("<think>b</think><answer>B. " + "x" * 997 + "</answer>")
+    assert got == pytest.approx(-0.2) and comp["accuracy"] == 1.0 and comp["accuracy_deepeyes"] == 0.0
+    got, comp, _ = total("<think>" + "x" * 990 + "</think>B", calls=())
+    assert got == pytest.approx(-0.2) and comp["accuracy"] == 1.0 and comp["accuracy_deepeyes"] == 0.0
+
+
 def test_rewards_region_terms():
     # VLM-R3's code: 0.5 when every box parses and there is one, gated on a fully correct answer
     assert r_region_valid(RW_GOOD, RW_MC, 1.0)[0] == 0.5
