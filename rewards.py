@@ -387,26 +387,37 @@ def r_rethink(traj, record, acc):
 
 
 _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")  # gcot.py's first number: 3.5, -2, .5; '1,000' reads as 1
+VILASR_QT = ("multiple choice", "numerical", "regression", "free-form")  # their RL rows' question_type, lower-cased
+_VILASR_OURS = {"multiple_choice": "multiple choice", "number": "numerical", "mra": "numerical"}  # ours -> theirs
+
+
+def _vilasr_type(record):
+    """The question_type gcot.py would be given: a row of theirs keeps its own as written (convert.py vilasr_rl; their
+    reward compares it case-sensitively, gcot_reward.py:59 passes it raw), any other record's type mapped to theirs."""
+    qt = record.get("question_type")
+    return qt if isinstance(qt, str) and qt.lower() in VILASR_QT else _VILASR_OURS.get(record.get("type"))
 
 
 def vilasr_accuracy(traj, record, acc):
     """ViLaSR's accuracy (gcot.py accuracy_reward, :190-267) of the last turn's first <answer>...</answer>, else that
-    whole turn: multiple choice by stripped ==, number and mra by MRA of the first numbers (strict '<', in float32:
-    scorers.mra32); other types (none in their data): acc."""
+    whole turn, by question type (_vilasr_type): multiple choice by stripped ==, numerical and regression by MRA of
+    the first numbers (strict '<', in float32: scorers.mra32); any other type 0 (:262-263), their data's free-form
+    (convert.py's text) and every type of ours but multiple_choice, number and mra among them."""
     last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
     ans = _between(last, "<answer>", "</answer>")  # their extract_answer: the first, stripped, else all of it
     ans = last.strip() if ans is None else ans
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
-    if record.get("type") == "multiple_choice":  # the whole string: '(B)' or 'B. left' is wrong for B
+    qt = _vilasr_type(record)
+    if qt == "multiple choice":  # the whole string: '(B)' or 'B. left' is wrong for B
         return float(ans == str(gold).strip())
-    if record.get("type") in ("number", "mra"):  # convert.py maps numerical and regression to mra: both MRA here
+    if qt in ("numerical", "regression"):  # convert.py maps both to mra: both MRA here
         p, g = _FIRST_NUMBER.search(ans), _FIRST_NUMBER.search(str(gold))
         if p is None or g is None:
             return 0.0
         # relative error < 1 - theta, theta 0.5..0.95, in float32 as gcot.py's torch (1e-8: a gold of 0): on a
         # boundary 12 for 10 scores 0.6 (float64 would give 0.7), 15 for 10 scores 0 (float64: 0.1)
         return mra32(float(p.group()), float(g.group()), strict=True)
-    return acc
+    return 0.0  # gcot.py:262-263 `else: reward = 0.0`: a free-form row earns nothing, its format gated off with it
 
 
 def r_vilasr(traj, record, acc, beta=0.0):

@@ -479,6 +479,32 @@ def test_rewards_vilasr_format_native():
     assert r_vilasr({"turns": [call, answer], "calls": [], "dialect": "vilasr"}, rec, 0.0)[0] == 1.0
 
 
+def test_rewards_vilasr_question_types():
+    """gcot.py accuracy_reward (:253-263) scores 'multiple choice' by ==, 'regression' and 'numerical' by MRA, any
+    other question_type 0; gcot_compute_score (:286) is then 0 (accuracy alone: format is gated off). Each case below
+    is well formed (format 1) with an answer the shared accuracy scores 1, so only the type decides."""
+    call, answer = DIALECT_CASES["vilasr"]["a"]  # the answer: "<answer> A </answer>", read as "A"
+
+    def score(last=answer, **record):
+        t = {"turns": [call, last], "calls": [], "dialect": "vilasr"}
+        return R.vilasr_accuracy(t, record, 1.0), reward(t, record, "vilasr")[0]
+    # their rows as convert.py vilasr_rl writes them: free-form as text, question_type kept as written
+    assert score(type="text", answer="A", question_type="free-form") == (0.0, 0.0)  # shared accuracy: 1
+    assert accuracy(answer, {"type": "text", "answer": "A"})[0] == 1.0
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="multiple choice") == (1.0, 1.0)
+    # 9 for 10: relative error 0.1 passes theta 0.50..0.90 and fails 0.95 (test above): MRA 0.9, 0.5 x 0.9 + 0.5 x 1
+    nine = answer.replace(" A ", " 9 ")
+    assert score(nine, type="mra", answer="10", question_type="regression") == pytest.approx((0.9, 0.95))
+    assert score(nine, type="text", answer="9", question_type="free-form") == (0.0, 0.0)
+    # their == is case-sensitive: "Multiple Choice" is no type it knows (convert.py reads it lower-cased)
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="Multiple Choice") == (0, 0)
+    # records not of theirs, by our type: multiple_choice, number and mra as theirs, the others unknown: 0
+    assert score(type="multiple_choice", options=["x", "y"], answer="A") == (1.0, 1.0)
+    assert score(type="vqa", answer=["A"] * 10) == (0.0, 0.0)
+    # a benchmark's own question_type (MMMU's "multiple-choice") is none of theirs: our type decides
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="multiple-choice")[0] == 1.0
+
+
 def test_rewards_groundlight_hard_score():
     # min(1, matches / 3) over the 10 answers, not the leave-one-out VQA accuracy (2 matches: 2/3 vs 0.6)
     rec = {"id": 3, "question": "brand?", "type": "vqa", "answer": ["coke"] * 2 + ["pepsi"] * 8}
