@@ -401,8 +401,10 @@ def _vilasr_type(record):
 def vilasr_accuracy(traj, record, acc):
     """ViLaSR's accuracy (gcot.py accuracy_reward, :190-267) of the last turn's first <answer>...</answer>, else that
     whole turn, by question type (_vilasr_type): multiple choice by stripped ==, numerical and regression by MRA of
-    the first numbers (strict '<', in float32: scorers.mra32); any other type 0 (:262-263), their data's free-form
-    (convert.py's text) and every type of ours but multiple_choice, number and mra among them."""
+    the first numbers (strict '<', in float32: scorers.mra32); any other question_type of a row of theirs 0
+    (:262-263), free-form among them. A record of ours with no question_type and another type (text, vqa: the
+    synthetic tasks, our benchmarks) is in no data of theirs: the shared accuracy `acc`, so their preset still
+    trains on it (README's drawing command: --preset vilasr on synthetic:boxes)."""
     last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
     ans = _between(last, "<answer>", "</answer>")  # their extract_answer: the first, stripped, else all of it
     ans = last.strip() if ans is None else ans
@@ -417,6 +419,8 @@ def vilasr_accuracy(traj, record, acc):
         # relative error < 1 - theta, theta 0.5..0.95, in float32 as gcot.py's torch (1e-8: a gold of 0): on a
         # boundary 12 for 10 scores 0.6 (float64 would give 0.7), 15 for 10 scores 0 (float64: 0.1)
         return mra32(float(p.group()), float(g.group()), strict=True)
+    if record.get("question_type") is None:  # ours, of a type their reward has no rule for
+        return acc
     return 0.0  # gcot.py:262-263 `else: reward = 0.0`: a free-form row earns nothing, its format gated off with it
 
 

@@ -498,9 +498,12 @@ def test_rewards_vilasr_question_types():
     assert score(nine, type="text", answer="9", question_type="free-form") == (0.0, 0.0)
     # their == is case-sensitive: "Multiple Choice" is no type it knows (convert.py reads it lower-cased)
     assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="Multiple Choice") == (0, 0)
-    # records not of theirs, by our type: multiple_choice, number and mra as theirs, the others unknown: 0
+    # records not of theirs, by our type: multiple_choice, number and mra as theirs; the others (text, vqa: no
+    # rule of theirs, no row of theirs) the shared accuracy, passed in as 1.0 here and 0.0 below
     assert score(type="multiple_choice", options=["x", "y"], answer="A") == (1.0, 1.0)
-    assert score(type="vqa", answer=["A"] * 10) == (0.0, 0.0)
+    assert score(type="vqa", answer=["A"] * 10) == (1.0, 1.0)
+    t = {"turns": [call, answer], "calls": [], "dialect": "vilasr"}
+    assert R.vilasr_accuracy(t, {"type": "text", "answer": "B"}, 0.0) == 0.0
     # a benchmark's own question_type (MMMU's "multiple-choice") is none of theirs: our type decides
     assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="multiple-choice")[0] == 1.0
 
