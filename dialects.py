@@ -324,8 +324,8 @@ def deepeyes_observe(ep, calls, final):
 
 # -----------------------------------------------------------------------------
 # VLM-R3 (justgogorunrun/VLM-R3@841adca, src/model/r3_vllm.py): a bare {"bbox_2d": [...]} in the reasoning, in pixels
-# of the question's image as shown; generation stops at "]}" (not kept: the harness writes "]}\n" back) and the crop
-# goes INTO the assistant turn, which goes on. No system message (Qwen's default applies).
+# of the question's image as shown; a call stops at "]}" (not kept: "]}\n" is written back); the crop goes INTO the
+# assistant turn as the next call starts (:249-263): none after the last allowed one. No system prompt (Qwen's applies).
 
 R3_PROMPT = ('\nYou need to first think about the reasoning process in your mind, and then provide the answer. When '
              'thinking, you should call the "crop" tool (format: {"bbox_2d": [x1, y1, x2, y2]}) to focus on the key '
@@ -749,7 +749,7 @@ DIALECTS = {
                      checkpoints="ChenShawn/DeepEyes-7B"),
     "vlm_r3": dict(prompt=vlm_r3_prompt, prefill="", stops=("]}", "]\n}", "] }", "</answer>"), keep_stop=False,
                    read=vlm_r3_read, observe=vlm_r3_observe, answer=vlm_r3_answer, trained_text=True,  # its RL mask
-                   checkpoints="lh-hyr/VLM-R3-7b-rl-v1"),
+                   checkpoints="lh-hyr/VLM-R3-7b-rl-v1", last_call_runs=False),  # at most max_turns - 1 crops
     "vilasr": dict(prompt=vilasr_prompt, prefill="", stops=(), keep_stop=True, read=vilasr_read,
                    observe=vilasr_observe, answer=last_answer, errors_end=True,  # a failed call ends it, never shown
                    trained_eos=False,  # its RL mask (_get_multi_turn_mask) zeroes every <|im_end|>

@@ -252,10 +252,23 @@ def r_tool_success(traj, record, acc):
     return ok / len(calls), f"{ok}/{len(calls)} calls succeeded"
 
 
+def _deepeyes_long(traj):  # vl_agent.py:255-258: an answer of 1000+ characters is judged 0 (and a format error)
+    return len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000
+
+
+def r_accuracy_deepeyes(traj, record, acc):
+    """DeepEyes' accuracy term (vl_agent.py compute_score): the judged accuracy (rule-based here: acc), set to 0 for
+    an answer of 1000+ characters (:255-257, against hacking the judge); the answer is their slice after the last
+    <answer>, so a response without one is measured whole."""
+    if _deepeyes_long(traj):
+        return 0.0, "answer of 1000+ characters (judged 0)"
+    return acc, "accuracy"
+
+
 def r_tool_bonus(traj, record, acc):
     """DeepEyes (vl_agent.py:255-261): 1 only when the judged accuracy is above 0.5 (strictly: a graded 0.5 is not),
     the answer is under 1000 characters (else judged 0) and at least one tool call succeeded (an image came back)."""
-    if len(_deepeyes_answer(_deepeyes_text(traj))) >= 1000:
+    if _deepeyes_long(traj):
         return 0.0, "answer of 1000+ characters (judged 0)"
     if acc > 0.5 and any(c.get("ok") for c in _calls(traj)):
         return 1.0, "correct with a successful tool call"
@@ -374,26 +387,41 @@ def r_rethink(traj, record, acc):
 
 
 _FIRST_NUMBER = re.compile(r"[-+]?\d*\.?\d+")  # gcot.py's first number: 3.5, -2, .5; '1,000' reads as 1
+VILASR_QT = ("multiple choice", "numerical", "regression", "free-form")  # their RL rows' question_type, lower-cased
+_VILASR_OURS = {"multiple_choice": "multiple choice", "number": "numerical", "mra": "numerical"}  # ours -> theirs
+
+
+def _vilasr_type(record):
+    """The question_type gcot.py would be given: a row of theirs keeps its own as written (convert.py vilasr_rl; their
+    reward compares it case-sensitively, gcot_reward.py:59 passes it raw), any other record's type mapped to theirs."""
+    qt = record.get("question_type")
+    return qt if isinstance(qt, str) and qt.lower() in VILASR_QT else _VILASR_OURS.get(record.get("type"))
 
 
 def vilasr_accuracy(traj, record, acc):
     """ViLaSR's accuracy (gcot.py accuracy_reward, :190-267) of the last turn's first <answer>...</answer>, else that
-    whole turn: multiple choice by stripped ==, number and mra by MRA of the first numbers (strict '<', in float32:
-    scorers.mra32); other types (none in their data): acc."""
+    whole turn, by question type (_vilasr_type): multiple choice by stripped ==, numerical and regression by MRA of
+    the first numbers (strict '<', in float32: scorers.mra32); any other question_type of a row of theirs 0
+    (:262-263), free-form among them. A record of ours with no question_type and another type (text, vqa: the
+    synthetic tasks, our benchmarks) is in no data of theirs: the shared accuracy `acc`, so their preset still
+    trains on it (README's drawing command: --preset vilasr on synthetic:boxes)."""
     last = (_turns(traj) or [""])[-1]  # theirs scores the last assistant message only
     ans = _between(last, "<answer>", "</answer>")  # their extract_answer: the first, stripped, else all of it
     ans = last.strip() if ans is None else ans
     gold = record["answer"][0] if isinstance(record["answer"], list) else record["answer"]
-    if record.get("type") == "multiple_choice":  # the whole string: '(B)' or 'B. left' is wrong for B
+    qt = _vilasr_type(record)
+    if qt == "multiple choice":  # the whole string: '(B)' or 'B. left' is wrong for B
         return float(ans == str(gold).strip())
-    if record.get("type") in ("number", "mra"):  # convert.py maps numerical and regression to mra: both MRA here
+    if qt in ("numerical", "regression"):  # convert.py maps both to mra: both MRA here
         p, g = _FIRST_NUMBER.search(ans), _FIRST_NUMBER.search(str(gold))
         if p is None or g is None:
             return 0.0
         # relative error < 1 - theta, theta 0.5..0.95, in float32 as gcot.py's torch (1e-8: a gold of 0): on a
         # boundary 12 for 10 scores 0.6 (float64 would give 0.7), 15 for 10 scores 0 (float64: 0.1)
         return mra32(float(p.group()), float(g.group()), strict=True)
-    return acc
+    if record.get("question_type") is None:  # ours, of a type their reward has no rule for
+        return acc
+    return 0.0  # gcot.py:262-263 `else: reward = 0.0`: a free-form row earns nothing, its format gated off with it
 
 
 def r_vilasr(traj, record, acc, beta=0.0):
@@ -431,8 +459,8 @@ PRESETS = {
     "vilasr": {"vilasr": 1.0},  # the gated 0.5 acc + 0.5 format, accuracy already inside
     # hard min(1, matches / 3) + soft, graded format 0.1; tool success logged at weight 0 (their training code)
     "groundlight": {"vqa_hard": 0.5, "soft": 0.5, "format_groundlight": 0.1, "tool_success": 0.0},
-    # 0.8 acc + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
-    "deepeyes": {"accuracy": 0.8, "format_deepeyes": 0.2, "tool_bonus": 1.2},
+    # 0.8 acc (0 for a 1000+ char answer) + 0.2 x (-1 on format error) + 1.2 x (correct and a tool call succeeded)
+    "deepeyes": {"accuracy_deepeyes": 0.8, "format_deepeyes": 0.2, "tool_bonus": 1.2},
 }
 
 

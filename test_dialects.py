@@ -332,6 +332,26 @@ def test_dialects_vlm_r3_harness_text_after_failed_boxes(policy, tmp_path):
         assert len(ep["images"]) == 2 and [c["ok"] for c in ep["calls"]] == [True, False]
 
 
+def test_dialects_vlm_r3_no_crop_after_the_last_allowed_call(policy, tmp_path, one_thread):
+    """r3_vllm.py process(): `while iterations < max_iterations` (:249), the crop of a call added to the messages only
+    at the top of the next iteration (:253-263), so a call in the last one is cropped to a file but never shown: at
+    most max_iterations - 1 crops (7 of 8). Worked from their loop at max_iterations 2: a's second call and b's only
+    one (b's first call parses nothing) come last: "]}\n" written after them (:329-330), no crop, the loop ends (no
+    answer). At 3, a's second crop is shown and its answer read."""
+    call = DIALECT_CASES["vlm_r3"]["a"][0]
+    again = '<think> Closer.\n{"bbox_2d": [150, 80, 250, 180]}'
+    case = dict(a=[call, again, "<answer>A</answer>"], b=["Hmm [1, 2]}", again, "<answer>A</answer>"])
+    items, _ = _replayed(tmp_path, "tiny", "vlm_r3", ["--recipe", "vlm_r3", "--max-turns", "2"], case=case)
+    a, b = items["a"], items["b"]
+    assert (a["stop"], len(a["turns"]), [c["ok"] for c in a["calls"]]) == ("max_turns", 2, [True])
+    assert a["calls"][0]["region"] == pytest.approx(DIALECT_CASES["vlm_r3"]["region"], abs=0.01)
+    assert a["turns"][1] == again + "\n" and a["score"] == 0.0  # the stop "]}" cut, "]}\n" written back
+    assert (b["stop"], b["turns"], b["calls"]) == ("max_turns", ["Hmm [1, 2", again + "\n"], [])
+    items, _ = _replayed(tmp_path, "tiny", "vlm_r3", ["--recipe", "vlm_r3", "--max-turns", "3"], case=case)
+    a = items["a"]
+    assert (a["stop"], a["score"], [c["ok"] for c in a["calls"]]) == ("answer", 1.0, [True, True])
+
+
 def test_dialects_vlm_r3_prompt_ends_in_newline_after_any_call(policy, tmp_path):
     """r3_vllm.py renders the conversation again for each call and cuts its closing <|im_end|>\\n to "\\n": every
     call after the first sees its message so far then "\\n", whatever came last (a crop, the harness's text, the

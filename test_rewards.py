@@ -300,6 +300,27 @@ def test_rewards_deepeyes_terms_native():
     assert r_tool_bonus(long, RW_MC, 1.0)[0] == 0.0 and r_format_deepeyes(long, RW_MC, 1.0)[0] == -1.0
 
 
+@pytest.mark.parametrize("dialect", ["deepeyes", None])
+def test_rewards_deepeyes_long_answer_scores_zero(dialect):
+    """vl_agent.py:255-257: `if len(answer_text) >= 1000: acc_reward = 0.0; is_format_error = True`, then (:261, :266)
+    0.8 acc + 0.2 x (-1) + 1.2 x (call and acc > 0.5). 'B. ' and 996 or 997 x's chooses B (correct for RW_MC):
+    999 characters: 0.8 x 1 + 0 + 1.2 x 1 = 2.0; 1000: 0.8 x 0 - 0.2 + 1.2 x 0 = -0.2 (the shared accuracy, 1, is
+    still logged). Without an <answer> their slice is the whole response: '<think>' + 990 x's + '</think>B' is 1006
+    characters, so -0.2 though after </think> it reads B (no call: no tool bonus either way)."""
+    call = '<think>a</think><tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 30, 40]}}' \
+        '</tool_call>'
+
+    def total(answer_turn, calls=(_rw_call(),)):
+        turns = [call, answer_turn] if calls else [answer_turn]
+        return reward({"turns": turns, "calls": list(calls), "dialect": dialect}, RW_MC, "deepeyes")
+    got, comp, _ = total("<think>b</think><answer>B. " + "x" * 996 + "</answer>")
+    assert got == pytest.approx(2.0) and comp["accuracy_deepeyes"] == 1.0
+    got, comp, _ = total("<think>b</think><answer>B. " + "x" * 997 + "</answer>")
+    assert got == pytest.approx(-0.2) and comp["accuracy"] == 1.0 and comp["accuracy_deepeyes"] == 0.0
+    got, comp, _ = total("<think>" + "x" * 990 + "</think>B", calls=())
+    assert got == pytest.approx(-0.2) and comp["accuracy"] == 1.0 and comp["accuracy_deepeyes"] == 0.0
+
+
 def test_rewards_region_terms():
     # VLM-R3's code: 0.5 when every box parses and there is one, gated on a fully correct answer
     assert r_region_valid(RW_GOOD, RW_MC, 1.0)[0] == 0.5
@@ -456,6 +477,35 @@ def test_rewards_vilasr_format_native():
     # the whole reward: 0.5 x accuracy + 0.5 x format, accuracy of the last turn's answer (the gold exactly)
     rec = {**RW_MC, "answer": "A"}
     assert r_vilasr({"turns": [call, answer], "calls": [], "dialect": "vilasr"}, rec, 0.0)[0] == 1.0
+
+
+def test_rewards_vilasr_question_types():
+    """gcot.py accuracy_reward (:253-263) scores 'multiple choice' by ==, 'regression' and 'numerical' by MRA, any
+    other question_type 0; gcot_compute_score (:286) is then 0 (accuracy alone: format is gated off). Each case below
+    is well formed (format 1) with an answer the shared accuracy scores 1, so only the type decides."""
+    call, answer = DIALECT_CASES["vilasr"]["a"]  # the answer: "<answer> A </answer>", read as "A"
+
+    def score(last=answer, **record):
+        t = {"turns": [call, last], "calls": [], "dialect": "vilasr"}
+        return R.vilasr_accuracy(t, record, 1.0), reward(t, record, "vilasr")[0]
+    # their rows as convert.py vilasr_rl writes them: free-form as text, question_type kept as written
+    assert score(type="text", answer="A", question_type="free-form") == (0.0, 0.0)  # shared accuracy: 1
+    assert accuracy(answer, {"type": "text", "answer": "A"})[0] == 1.0
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="multiple choice") == (1.0, 1.0)
+    # 9 for 10: relative error 0.1 passes theta 0.50..0.90 and fails 0.95 (test above): MRA 0.9, 0.5 x 0.9 + 0.5 x 1
+    nine = answer.replace(" A ", " 9 ")
+    assert score(nine, type="mra", answer="10", question_type="regression") == pytest.approx((0.9, 0.95))
+    assert score(nine, type="text", answer="9", question_type="free-form") == (0.0, 0.0)
+    # their == is case-sensitive: "Multiple Choice" is no type it knows (convert.py reads it lower-cased)
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="Multiple Choice") == (0, 0)
+    # records not of theirs, by our type: multiple_choice, number and mra as theirs; the others (text, vqa: no
+    # rule of theirs, no row of theirs) the shared accuracy, passed in as 1.0 here and 0.0 below
+    assert score(type="multiple_choice", options=["x", "y"], answer="A") == (1.0, 1.0)
+    assert score(type="vqa", answer=["A"] * 10) == (1.0, 1.0)
+    t = {"turns": [call, answer], "calls": [], "dialect": "vilasr"}
+    assert R.vilasr_accuracy(t, {"type": "text", "answer": "B"}, 0.0) == 0.0
+    # a benchmark's own question_type (MMMU's "multiple-choice") is none of theirs: our type decides
+    assert score(type="multiple_choice", options=["x", "y"], answer="A", question_type="multiple-choice")[0] == 1.0
 
 
 def test_rewards_groundlight_hard_score():

@@ -463,7 +463,8 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
         tool_error     a call failed where the dialect (ViLaSR, DeepEyes) or --stop-on error ends the episode
         max_images     a call when the episode holds --max-images images already
         max_calls      a call past the dialect's cap (Pixel-Reasoner: 4)
-        max_turns      the turn after a call was the last allowed one"""
+        max_turns      the turn after a call was the last allowed one (a dialect with last_call_runs False: that
+                       turn's call is not run)"""
     _act(policy, ep, new_ids, list(logps) if logps is not None else [0.0] * len(new_ids), reason)
     return render(policy, ep)
 
@@ -471,9 +472,9 @@ def advance(policy, ep, new_ids, logps=None, reason="eos"):
 def _act(policy, ep, new_ids, logps, reason):
     # The order decides the stop reason when several apply: the dialect's reading first (its own end, then an answer;
     # where it reads an answer in a turn cut at its cap, that is "answer" and ep["cut"] says it was cut), then a turn
-    # with nothing to run, then the environment's stops (repeat, max_images, max_calls), checked before any call runs
-    # so a refused call adds no image and no record, then a failed call, and the turn and token caps only once the
-    # observation is in the conversation.
+    # with nothing to run, then the environment's stops (the turn cap where the dialect runs no call in the last
+    # allowed model call, repeat, max_images, max_calls), checked before any call runs so a refused call adds no image
+    # and no record, then a failed call, and the turn and token caps only once the observation is in the conversation.
     d, cfg, msg = ep["dialect"], ep["cfg"], ep["messages"][-1]
     new_ids, logps, text, rest = _cut(policy, ep, new_ids, logps, reason)
     ep["cut"] = reason == "length"
@@ -514,6 +515,8 @@ def _act(policy, ep, new_ids, logps, reason):
             return _go_on(ep)
         return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}.get(reason, "no_action"))
     # the environment's own stops, before anything runs
+    if not d.get("last_call_runs", True) and len(ep["turns"]) >= cfg["max_turns"]:
+        return _stop(ep, "max_turns")  # VLM-R3: a crop is shown as the next call starts, and none follows the last
     if "repeat" in cfg["stop_on"] and any(c["error"] is None and any(
             p["name"] == c["name"] and p["arguments"] == c["arguments"] for p in ep["calls"]) for c in calls):
         return _stop(ep, "repeat")
