@@ -21,7 +21,7 @@ import grpo as G
 import model as M
 import sft
 import tools as T
-from conftest import (CFG, DIALECT_CASES, SMALL_RUN, TINY_CFG, _check_replay, _dump, _replayed,
+from conftest import (CFG, DIALECT_CASES, SMALL_RUN, TINY_CFG, _check_replay, _dump, _master, _replayed,
                       assert_positions_match_transformers, bf16_logits, blank_episode, cache_repo,
                       cached_equals_uncached, go_offline, qwen_vocab, scripted_zooms, zoom_episodes)
 
@@ -643,3 +643,30 @@ def test_qwen3_every_dialect_replayed(dialect, qwen3_cache, tmp_path, two_thread
                                                                          "--view-min-pixels", "65536"] + low
     items, _ = _replayed(tmp_path, qwen3_cache[1][QWEN3_REPO], dialect, extra)
     _check_replay(items, dialect, *QWEN3_DIALECT[dialect])
+
+
+def test_qwen3_fsdp2_on_two_processes_equals_one(qwen3_cache, tmp_path):
+    """grpo.py --fsdp on a Qwen3-VL folder, 2 CPU processes (FSDP2 units: model.language_model.layers, as for
+    Qwen2.5-VL), against 1 process on the same global batch: the same fp32 weights after a step, the same loss."""
+    import subprocess
+    folder = qwen3_cache[1][QWEN3_REPO]
+    args = ["--model", folder] + SMALL_RUN[2:] + ["--view-max-pixels", "65536", "--crop-max-pixels", "65536",
+                                                  "--steps", "1", "--prompts", "2", "--group-size", "2", "--lr", "1e-3",
+                                                  "--warmup", "1", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(name, launcher, extra=()):
+        r = subprocess.run([*launcher, "grpo.py", *args, *extra, "--out", str(tmp_path / name)], env=env, cwd=here,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return _master(tmp_path / name / "step1"), json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+    w1, r1 = run("one", [sys.executable])
+    w2, r2 = run("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                 ["--fsdp"])
+    assert w1.keys() == w2.keys() and (tmp_path / "fsdp" / "step1" / "trainer_rank1.pt").exists()  # sharded Adam
+    # Adam's first step is ~lr * g / |g|: an element whose gradient is rounding noise (summed in another order over
+    # 2 ranks) can move by up to lr; allow lr / 10 there, 1e-6 elsewhere (test_grpo's two-process test)
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-4, (diff.max(), (diff > 1e-6).sum())
+    assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
