@@ -14,6 +14,7 @@ episode (tools.py) and a few values:
     answer(text)       -> the final answer of a transcript (the text of its turns), for scoring
     trained_text       harness text inside the assistant message is trained too (VLM-R3)
     trained_eos        the end-of-turn token the model samples is trained (RL; False: ViLaSR's, sft.py trains it)
+    last_call_runs     the last allowed model call's call runs (False: VLM-R3's); optional: errors_end, max_calls
 A request (what read() asks tools.run_tool to run): name and arguments as the model wrote them, tool (a tools.TOOLS
 row) and args (checked, in lookagain's frame: image_index, pixels of that image as shown), or error. Adding a dialect
 is adding one entry (and its test); docs/dialects.md's table says what each reproduces.
@@ -763,5 +764,4 @@ DIALECTS = {
                            read=pixel_reasoner_read, observe=pixel_reasoner_observe, answer=boxed_answer, max_calls=4,
                            checkpoints="TIGER-Lab/PixelReasoner-RL-v1, -WarmStart"),  # max_calls: the 5th not run
 }
-for _d in DIALECTS.values():  # the defaults an entry may leave out
-    _d.update({**dict(trained_text=False, trained_eos=True), **_d})
+DIALECTS = {k: {"trained_text": False, "trained_eos": True, "last_call_runs": True, **d} for k, d in DIALECTS.items()}

@@ -515,7 +515,7 @@ def _act(policy, ep, new_ids, logps, reason):
             return _go_on(ep)
         return _stop(ep, {"length": "max_tokens", "invalid": "invalid_token"}.get(reason, "no_action"))
     # the environment's own stops, before anything runs
-    if not d.get("last_call_runs", True) and len(ep["turns"]) >= cfg["max_turns"]:
+    if not d["last_call_runs"] and len(ep["turns"]) >= cfg["max_turns"]:
         return _stop(ep, "max_turns")  # VLM-R3: a crop is shown as the next call starts, and none follows the last
     if "repeat" in cfg["stop_on"] and any(c["error"] is None and any(
             p["name"] == c["name"] and p["arguments"] == c["arguments"] for p in ep["calls"]) for c in calls):
