@@ -234,6 +234,7 @@ def tiny_corpus():
               for c in D.COLOURS for p in D.PLACES]
     lines += [dialects.render_call("zoom_in", {"image_index": i, "bbox_2d": [0, 0, 28, 28]}) for i in range(3)]
     lines += [dialects.render_call("zoom_point", {"image_index": i, "point_2d": [14, 14]}) for i in range(3)]
+    lines += ["system", "user", "assistant"] * 8  # the chat frame's role words, each one token (no leading space)
     lines += ["Error: invalid JSON, unknown tool, missing argument, out of range, degenerate box.",
               "Wait, does it seem right? Wait, let's double check. Wait, there might be a mistake."]
     return (lines + tasks.corpus()) * 4
