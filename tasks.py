@@ -147,7 +147,7 @@ def boxes_layout(rng, size=112, n=4, lo=24, hi=40, gap=4, margin=8):
 
 def draw_boxes(lay):
     size = lay["size"]
-    img = np.random.default_rng(lay["noise_seed"]).normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    img = D.grey_noise(lay["noise_seed"], size)
     for (x1, y1, x2, y2), c in zip(lay["boxes"], lay["colours"]):
         img[y1:y2, x1:x2] = D.COLOURS[c]
     return Image.fromarray(img)
