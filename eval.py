@@ -29,6 +29,7 @@ Determinism (common.run_episodes): fixed batches (--batch-size), a generator per
 shards compute an unsharded run's batches, padding included; items.jsonl is bit-identical at any world size, greedy too.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -453,6 +454,8 @@ def main(argv=None):
     if not args.print_prompt:
         C.print0(f"evaluating {', '.join(sorted({s[1] for s in settings}))} on {bench or args.data} "
                  f"({len(records)} items) on {world} process(es), {device}")
+    if len(settings) > 1:  # a synthetic item's image, drawn on demand, is drawn once for all settings (2.4 MB each)
+        records = [dict(r, image=functools.cache(r["image"])) if callable(r["image"]) else r for r in records]
     greedy = args.temperature == 0
     runs, all_items, policies = {}, {}, {}  # by setting label: summary, items; by model name: the loaded policy
     for label, model_name, ts in settings:

@@ -380,9 +380,10 @@ def mrope_positions(seq, grids, policy, start=0):
     i, nxt, k = 0, start, 0
     while i < len(seq):
         # invariant: nxt is the position the next token gets, k the index of the next image's grid
-        if not is_img[i]:
-            pos[:, i] = nxt
-            nxt, i = nxt + 1, i + 1
+        if not is_img[i]:  # a run of text tokens counts up by one (filled at once: one fill a token was ~5% of SFT)
+            j = next((j for j in range(i, len(seq)) if is_img[j]), len(seq))
+            pos[:, i:j] = torch.arange(nxt, nxt + j - i)
+            nxt, i = nxt + j - i, j
             continue
         t, h, w = (int(g) for g in grids[k])
         h, w = h // policy.merge, w // policy.merge  # the grid counts patches; a token is merge x merge of them
