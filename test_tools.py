@@ -399,5 +399,6 @@ def test_tools_group_prompt_prefilled_once_finished_rows_leave_the_batch(policy,
     assert [r for r, L in passes[1:k]] == decode_rows(n1) and all(L == 1 for _, L in passes[1:k])
     # turn 2: each row's sequence now, minus what its cache holds (the prompt, all its sampled tokens but the last)
     blocks = [s2 - (s1 + m - 1) for s1, m, s2 in zip(lens1, n1, lens2)]
-    assert passes[k] == (5, max(blocks)) and max(blocks) < min(lens1) < min(lens2)
+    # (and less than prefilling each row's whole conversation again)
+    assert passes[k] == (5, max(blocks)) and min(lens1) < min(lens2) and max(blocks) < min(lens2)
     assert [r for r, _ in passes[k + 1:]] == decode_rows(n2)
