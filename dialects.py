@@ -35,13 +35,11 @@ JSON_TYPES = {"integer": {"type": "integer"}, "box": NUMBERS, "point": NUMBERS, 
 
 def system_prompt(tools, compact=False, boxed=False):
     """Qwen2.5's function-calling system prompt for the enabled tools (tools: {name: its row of tools.TOOLS}; boxed:
-    the question asks for \\boxed{} as VL-Rethinker's does). compact (toy models): the tools' signatures alone, one
-    line: a random 2M-parameter model did not learn to copy a word from the question behind the ~300-token tool prompt
-    in 300 steps, and did in 100 without; and every token of the prompt costs an SFT step time (the demo's sequences
-    are ~20% shorter without the instruction, which a toy learns from its demonstrations anyway)."""
+    the question asks for \\boxed{} as VL-Rethinker's does). compact (toy models): the tools' signatures alone (a toy
+    learns fast behind a short prompt, and SFT's step time follows the tokens: the demo's sequences are 20% shorter)."""
     if compact:
-        return ("Tools: " + "; ".join(f"{n}({', '.join(t['params'])})" for n, t in tools.items()) + "."
-                if tools else "No tools.")
+        return "Tools: " + "; ".join(f"{n}({', '.join(t['params'])})" for n, t in tools.items()) + "." if tools else \
+            "No tools."
     s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
                                           "or give the final answer inside <answer></answer>.")
     if not tools:
