@@ -100,8 +100,8 @@ def ssr(samples, store, size, alpha=1.0, rng=None, extend_first=True):
         # (|A| / max |A|)^alpha: the same law, but a large alpha neither underflows every weight to 0 (|A| 1e-3,
         # alpha 200) nor overflows one to inf (|A| 10, alpha 400), which would leave no probabilities to draw by
         top = max(abs(float(s["adv"])) for s in cur)
-        batch = [dict(s, replayed=False) for s in _draw(cur, [(abs(float(s["adv"])) / top) ** alpha for s in cur], k,
-                                                        rng)]
+        weights = [(abs(float(s["adv"])) / top) ** alpha for s in cur]
+        batch = [dict(s, replayed=False) for s in _draw(cur, weights, k, rng)]
     need = size - len(batch)
     if need > 0:
         # step 3: whole passes over the store while it is smaller than what is missing, (need - 1) // len(old) of

@@ -54,13 +54,13 @@ def test_data_synthetic_reproducible_and_balanced():
     assert min(counts) > 25 and max(counts) < 75 and sum(counts) == 300  # 6 colours, 50 each expected
 
 
-
 def test_data_grey_noise_is_numpys_clipped_normal_noise():
     # the in-place background against numpy's own formula (the pixels every synthetic item was drawn with)
     for seed in (0, 7, 2**31 - 1):
         want = np.random.default_rng(seed).normal(128, 10, (40, 40, 3)).clip(0, 255).astype(np.uint8)
         got = D.grey_noise(seed, 40)
         assert got.dtype == np.uint8 and np.array_equal(got, want)
+
 
 def test_data_jsonl_roundtrip_and_errors(tmp_path):
     path = str(tmp_path / "d.jsonl")
