@@ -9,6 +9,7 @@ import torch
 
 import common as C
 import data as D
+import dialects
 import model as M
 import tools as T
 from conftest import assert_positions_match_transformers, bf16_logits, scripted_zooms, zoom_episodes
@@ -124,6 +125,17 @@ def test_model_tokenizer_special_tokens_and_roundtrip(policy):
         assert len(M.ids(policy, t)) == 1, t
     s = 'héllo 😀 <tool_call>{"a": [1, 2]}</tool_call>'
     assert policy.tok.decode(M.ids(policy, s)) == s
+
+
+def test_model_toy_prompt_is_the_tools_signatures_and_its_frame_words_one_token(policy):
+    # a toy model's system prompt, written out by hand, and the chat frame's role words one token each (no leading
+    # space: they follow <|im_start|>), so that the demo's sequences stay short
+    assert dialects.system_prompt({"zoom_in": T.TOOLS["zoom_in"]}, compact=True) == \
+        "Tools: zoom_in(image_index, bbox_2d)."
+    assert dialects.system_prompt({}, compact=True) == "No tools."
+    assert policy.toy
+    for role in ("system", "user", "assistant"):
+        assert len(M.ids(policy, role)) == 1 and len(M.ids(policy, f"<|im_start|>{role}\n")) == 3, role
 
 
 def test_model_checkpoint_roundtrip(policy, tmp_path):
