@@ -5,7 +5,8 @@ How GRPO departs from PPO: there is no value network. For each prompt the policy
 (here: multi-turn episodes with tool calls and the images they return), a rule scores each (rewards.py), and a
 trajectory's advantage is its reward minus its group's mean (optionally divided by the group's std): the group is the
 baseline. Every trained token of a trajectory gets its advantage; the loss is PPO's clipped surrogate per token,
-usually without a KL penalty, averaged in one of four ways (loss_weights). Only sampled tokens are trained.
+plus a small KL penalty to the starting policy (DeepSeekMath's 0.04; the recipes set their papers', mostly 0),
+averaged in one of four ways (loss_weights). Only sampled tokens are trained.
 
 CPU demo (tiny model, synthetic task, starting from the SFT demo checkpoint runs/sft when present):
     python grpo.py
@@ -357,7 +358,9 @@ def get_args(argv=None):
                    help="importance ratio per token, or per sequence (GSPO: exp of the mean log-ratio)")
     p.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="policy loss only on the top share of a micro-batch's trained tokens by entropy (0.2: '80/20')")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight (k3) to the initial policy; 0 loads no reference")
+    # 0.04: DeepSeekMath's GRPO; on the demo it keeps the zooms the reward does not speak to where SFT left them
+    # (docs/demo.md); the recipes set their papers' (most 0: no reference loaded)
+    p.add_argument("--beta", type=float, default=0.04, help="KL weight (k3) to the initial policy; 0 loads no reference")
     p.add_argument("--ref-sync-every", type=int, default=0,
                    help="every N steps move the reference to the policy (TRL's ref_model_sync_steps; Groundlight: 64)")
     p.add_argument("--ref-sync-alpha", type=float, default=0.9,

@@ -261,8 +261,9 @@ def _text_samples(policy, prompt_lens, old_noise=0.7, seed=0):
 
 
 def _update_grads(policy, samples, flags, ref=None):
-    """grpo.update on `samples` with these flags -> (its metrics, each optimizer step's gradients)."""
-    args = G.get_args(GRPO_TINY + ["--grad-clip", "1e9"] + flags)
+    """grpo.update on `samples` with these flags -> (its metrics, each optimizer step's gradients); no KL term
+    unless the flags give --beta (and `ref`)."""
+    args = G.get_args(GRPO_TINY + ["--grad-clip", "1e9", "--beta", "0"] + flags)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = _StepGrads(params)
     opt.zero_grad()
