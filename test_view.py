@@ -246,8 +246,10 @@ def test_view_curves_and_results_pictures(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text("")
     assert V.plot_curves(str(path), str(tmp_path / "a.png")) is None and not drawn   # no rows: no picture
-    rows = [dict(step=1, reward=0.5, accuracy=0.5, tool_use=None, response_tokens=30, kl=0.0, entropy=2, clip_frac=0),
-            dict(step=2, reward=1.0, accuracy=1.0, tool_use=1.0, response_tokens=20, kl=0.1, entropy=1, clip_frac=0.5)]
+    rows = [dict(step=1, reward=0.5, accuracy=0.5, tool_use=None, response_tokens=30, kl_ref=0.0, entropy=2,
+                 clip_frac=0),
+            dict(step=2, reward=1.0, accuracy=1.0, tool_use=1.0, response_tokens=20, kl_ref=0.1, entropy=1,
+                 clip_frac=0.5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "rew')   # a line torn by a kill
     png = V.plot_curves(str(path), str(tmp_path / "curves.png"))
     raw = [(x, y) for x, y, k in drawn if "label" not in k]
@@ -269,6 +271,8 @@ def test_view_grpo_samples_rollouts_and_reports_to_tensorboard(tmp_path):
     G.main(GRPO_TINY + ["--steps", "2", "--view-every", "1", "--view-groups", "1", "--report-to", "tensorboard",
                         "--out", str(tmp_path)])
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # every curve curves.png draws is a key grpo.py writes (eval_* only with --eval-every)
+    assert {k for _, keys in V.CURVES for k in keys if not k.startswith("eval_")} <= set(metrics[0])
     for step in (1, 2):
         lines = [json.loads(line) for line in open(tmp_path / "rollouts" / f"step{step}.jsonl")]
         assert [(it["step"], it["group"], it["member"]) for it in lines] == [(step, 0, 0), (step, 0, 1)]

@@ -463,9 +463,10 @@ def _pyplot():
         return None
 
 
-# (panel title, metrics.jsonl keys): the 2 x 3 panels of curves.png; eval_* keys come from --eval-every
+# (panel title, metrics.jsonl keys): the 2 x 3 panels of curves.png; eval_* keys come from --eval-every; kl_ref (to
+# the reference, what --beta penalises) from --beta > 0; kl_old (to the sampling policy) is 0 with one PPO epoch
 CURVES = [("reward", ["reward"]), ("accuracy", ["accuracy", "eval_accuracy"]), ("tool-use rate", ["tool_use"]),
-          ("response length, tokens", ["response_tokens"]), ("KL / entropy", ["kl", "entropy"]),
+          ("response length, tokens", ["response_tokens"]), ("KL / entropy", ["kl_ref", "kl_old", "entropy"]),
           ("clip fraction", ["clip_frac"])]
 
 
