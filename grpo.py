@@ -360,7 +360,7 @@ def get_args(argv=None):
                    help="policy loss only on the top share of a micro-batch's trained tokens by entropy (0.2: '80/20')")
     # 0.04: DeepSeekMath's GRPO; on the demo it keeps the zooms the reward does not speak to where SFT left them
     # (docs/demo.md); the recipes set their papers' (most 0: no reference loaded)
-    p.add_argument("--beta", type=float, default=0.04, help="KL weight (k3) to the initial policy; 0 loads no reference")
+    p.add_argument("--beta", type=float, default=0.04, help="KL weight (k3) to the initial policy; 0: no reference")
     p.add_argument("--ref-sync-every", type=int, default=0,
                    help="every N steps move the reference to the policy (TRL's ref_model_sync_steps; Groundlight: 64)")
     p.add_argument("--ref-sync-alpha", type=float, default=0.9,
