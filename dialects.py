@@ -38,8 +38,8 @@ def system_prompt(tools, compact=False, boxed=False):
     the question asks for \\boxed{} as VL-Rethinker's does). compact (toy models): the tools' signatures alone (a toy
     learns fast behind a short prompt, and SFT's step time follows the tokens: the demo's sequences are 20% shorter)."""
     if compact:
-        return "Tools: " + "; ".join(f"{n}({', '.join(t['params'])})" for n, t in tools.items()) + "." if tools else \
-            "No tools."
+        sigs = "; ".join(f"{n}({', '.join(t['params'])})" for n, t in tools.items())
+        return f"Tools: {sigs}." if tools else "No tools."
     s = "You are a helpful assistant." + ("" if boxed else " Think inside <think></think>, then either call a tool "
                                           "or give the final answer inside <answer></answer>.")
     if not tools:
